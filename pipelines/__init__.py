@@ -1,0 +1,35 @@
+"""batch-infer's driver side: config, planning, scheduling, commit, the API and the CLI.
+
+    >>> import pipelines
+    >>> report = pipelines.run(model="m.pt", input="features/", output="preds/")  # doctest: +SKIP
+"""
+
+from pipelines.config import JobConfig
+from pipelines.errors import (
+    BatchInferError,
+    ClusterConnectError,
+    ConfigError,
+    InputError,
+    LockHeldError,
+    ModelError,
+    OutputConflictError,
+    ResourceError,
+)
+from pipelines.job import Plan, plan, run
+from pipelines.report import RunReport
+
+__all__ = [
+    "BatchInferError",
+    "ClusterConnectError",
+    "ConfigError",
+    "InputError",
+    "JobConfig",
+    "LockHeldError",
+    "ModelError",
+    "OutputConflictError",
+    "Plan",
+    "ResourceError",
+    "RunReport",
+    "plan",
+    "run",
+]

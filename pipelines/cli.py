@@ -1,0 +1,185 @@
+"""`batch-infer` (also `python -m pipelines`): run, plan, status, demo.
+
+The CLI only builds a `JobConfig` and calls the Python API. Exit codes:
+0 success (also "nothing to do"), 1 some shards failed, 2 invalid config,
+input or model, 3 the output is locked by another run, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from pipelines.config import JobConfig, read_yaml
+from pipelines.errors import BatchInferError, ConfigError
+
+_BOOL_KEYS = {"keep_features", "overwrite"}
+_LIST_KEYS = {"features", "passthrough"}
+EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INVALID, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.command, getattr(args, "verbose", False))
+    try:
+        return int(args.handler(args))
+    except BatchInferError as exc:
+        print(f"batch-infer: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("batch-infer: interrupted; committed shards are kept, rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batch-infer", description="Run PyTorch MLPs over Parquet on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a job (resumes: committed shards are skipped)")
+    _add_job_arguments(run)
+    run.add_argument("--report", metavar="PATH", help="write the run report as JSON to PATH")
+    run.add_argument("--json", action="store_true", help="print the run report as JSON on stdout, and nothing else")
+    run.add_argument("--timeline", metavar="PATH", help="write a Chrome-trace JSON of shard spans per replica")
+    run.set_defaults(handler=_run)
+
+    plan = commands.add_parser("plan", help="validate and print the shard plan; writes nothing")
+    _add_job_arguments(plan)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(handler=_plan)
+
+    status = commands.add_parser("status", help="summarise an output's manifest")
+    status.add_argument("output", help="output directory or URI")
+    status.add_argument("--json", action="store_true", help="print the summary as JSON")
+    status.set_defaults(handler=_status)
+
+    demo = commands.add_parser("demo", help="make demo data and a model, run, print a summary")
+    demo.add_argument("--rows", type=int, default=1_000_000, help="rows of demo features (default 1000000)")
+    demo.add_argument("--dir", default=".batch-infer-demo", help="where to put data, model and predictions")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="job YAML file (flags and --set override its keys)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a config key; VALUE is parsed as YAML (--set features=[a, b])")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    keys = parser.add_argument_group("config keys (see README)")
+    for key in JobConfig.keys():
+        flag = "--" + key.replace("_", "-")
+        if key in _BOOL_KEYS:
+            keys.add_argument(flag, dest=f"key_{key}", action=argparse.BooleanOptionalAction, default=None)
+        elif key in _LIST_KEYS:
+            keys.add_argument(flag, dest=f"key_{key}", metavar="A,B,...", default=None,
+                              type=lambda v: [p.strip() for p in v.split(",") if p.strip()])
+        else:
+            keys.add_argument(flag, dest=f"key_{key}", metavar="VALUE", default=None)
+
+
+def build_config(args: argparse.Namespace) -> JobConfig:
+    """File < --set < flags, then one validation."""
+    values: dict[str, Any] = read_yaml(args.config) if args.config else {}
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: VALUE is not valid YAML ({exc})") from exc
+    for key in JobConfig.keys():
+        value = getattr(args, f"key_{key}")
+        if value is not None:
+            values[key] = value
+    return JobConfig.from_dict(values, source=args.config or "flags")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.job import run
+
+    report = run(build_config(args), timeline=args.timeline, progress=not args.json)
+    if args.report:
+        with open(args.report, "w") as handle:
+            handle.write(report.to_json() + "\n")
+    if args.json:
+        print(report.to_json())
+    else:
+        print(report.summary())
+    return EXIT_OK if report.succeeded else EXIT_FAILED_SHARDS
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pipelines.job import plan
+
+    p = plan(build_config(args))
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=2))
+        return EXIT_OK
+    info = p.to_dict()
+    print(f"model: {p.config.model} (sha256 {p.model.sha256[:12]}..., layers {info['model']['layers']})")
+    print(f"features ({len(p.columns.features)}): {', '.join(p.columns.features)}")
+    print(f"passthrough: {', '.join(p.columns.passthrough) or '(none)'}")
+    print(f"{info['files']} file(s), {info['shards_total']} shard(s): {info['shards_todo']} to run "
+          f"({info['rows_todo']:,} rows), {info['shards_skipped']} already committed")
+    for shard in info["shards"]:
+        line = f"  [{shard['status']}] {shard['id']}  rows={shard['rows_in']}  -> {shard['output']}"
+        print(line + (f"  ({shard['error']})" if shard["error"] else ""))
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipelines.commit import SUCCESS, load_manifest
+    from pipelines.storage import resolve
+
+    output = resolve(args.output)
+    manifest = load_manifest(output)
+    if manifest is None:
+        raise ConfigError(f"no batch-infer manifest at {args.output!r} (nothing has been committed there)")
+    counts: dict[str, int] = {}
+    for shard in manifest["shards"]:
+        counts[shard["status"]] = counts.get(shard["status"], 0) + 1
+    success = output.fs.get_file_info(output.join(SUCCESS)).type.name == "File"
+    summary = {
+        "output": args.output, "complete": success, "updated_at": manifest.get("updated_at"),
+        "model_sha256": manifest["model"]["sha256"], "layers": manifest["model"]["layers"],
+        "shards": len(manifest["shards"]), "by_status": counts,
+        "rows_in": manifest["rows_in"], "rows_out": manifest["rows_out"], "rows_rejected": manifest["rows_rejected"],
+        "errors": [{"shard": s["id"], "error": s["error"]} for s in manifest["shards"] if s["status"] == "failed"],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    state = "complete (_SUCCESS present)" if success else "incomplete (no _SUCCESS)"
+    print(f"{args.output}: {state}, last updated {summary['updated_at']}")
+    print(f"model sha256 {summary['model_sha256'][:12]}..., layers {summary['layers']}")
+    print(f"shards: {summary['shards']} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
+    print(f"rows: {summary['rows_in']:,} in, {summary['rows_out']:,} out, {summary['rows_rejected']:,} rejected")
+    for error in summary["errors"][:10]:
+        print(f"  failed {error['shard']}: {error['error']}")
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(rows=args.rows, directory=args.dir)
+
+
+def _configure_logging(command: str, verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    for name in ("pipelines", "workers"):
+        log = logging.getLogger(name)
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

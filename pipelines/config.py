@@ -1,0 +1,209 @@
+"""The job configuration: one frozen dataclass, validated once, passed down.
+
+The YAML file, the CLI flags and the Python API all build a `JobConfig` through
+`JobConfig.from_dict`, which refuses unknown keys (with a did-you-mean hint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.errors import ConfigError
+
+ACTIVATIONS = ("sigmoid", "relu", "tanh", "none")
+OUTPUT_ACTIVATIONS = (*ACTIVATIONS, "softmax")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+INVALID_ROWS = ("quarantine", "fail", "keep")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """Everything one batch-infer job needs; see SPEC "Config keys".
+
+    Example:
+        >>> cfg = JobConfig.from_dict({"model": "m.pt", "input": "in/", "output": "out/"})
+        >>> cfg.invalid_rows
+        'quarantine'
+    """
+
+    model: str
+    input: str
+    output: str
+    features: tuple[str, ...] | None = None
+    passthrough: tuple[str, ...] | None = None
+    keep_features: bool = False
+    prediction_column: str = "prediction"
+    activation: str = "sigmoid"
+    output_activation: str = "sigmoid"
+    batch_size: int | None = None
+    replicas: int | None = None  # None means "auto"
+    gpus_per_replica: float | None = None  # None means "1 when the cluster has GPUs"
+    cpus_per_replica: float = 1.0
+    precision: str = "fp32"
+    shard_rows: int | None = None
+    max_attempts: int = 3
+    invalid_rows: str = "quarantine"
+    overwrite: bool = False
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("model", "input", "output"):
+            value = getattr(self, key)
+            if not isinstance(value, (str, Path)) or not str(value).strip():
+                raise ConfigError(f"config key {key!r} is required: give a path or URI")
+            object.__setattr__(self, key, str(value).strip())
+        object.__setattr__(self, "features", _names("features", self.features))
+        object.__setattr__(self, "passthrough", _names("passthrough", self.passthrough))
+        if self.passthrough is not None and self.features is not None:
+            both = sorted(set(self.passthrough) & set(self.features))
+            if both:
+                raise ConfigError(f"columns {both} are listed in both 'features' and 'passthrough'")
+        for key in ("keep_features", "overwrite"):
+            object.__setattr__(self, key, _bool(key, getattr(self, key)))
+        if not isinstance(self.prediction_column, str) or not self.prediction_column:
+            raise ConfigError("'prediction_column' must be a non-empty column name")
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("invalid_rows", self.invalid_rows, INVALID_ROWS)
+        object.__setattr__(self, "batch_size", _positive_int("batch_size", self.batch_size, auto=True))
+        object.__setattr__(self, "replicas", _positive_int("replicas", self.replicas, auto=True))
+        object.__setattr__(self, "shard_rows", _positive_int("shard_rows", self.shard_rows, auto=True))
+        object.__setattr__(self, "max_attempts", _positive_int("max_attempts", self.max_attempts))
+        gpus = self.gpus_per_replica
+        if not (gpus is None or (isinstance(gpus, str) and gpus == "auto")):
+            gpus = _positive_float("gpus_per_replica", gpus, allow_zero=True)
+            if gpus > 1 and gpus != int(gpus):
+                raise ConfigError(f"'gpus_per_replica' above 1 must be a whole number, got {gpus}")
+        else:
+            gpus = None
+        object.__setattr__(self, "gpus_per_replica", gpus)
+        object.__setattr__(self, "cpus_per_replica", _positive_float("cpus_per_replica", self.cpus_per_replica))
+        if self.address is not None:
+            if not isinstance(self.address, str) or not self.address.strip():
+                raise ConfigError("'address' must be 'auto', 'host:port' or 'ray://host:10001'")
+            object.__setattr__(self, "address", self.address.strip())
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The config keys, in SPEC order."""
+        return tuple(field.name for field in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> JobConfig:
+        """Build a config from a mapping, refusing unknown keys.
+
+        Example:
+            >>> JobConfig.from_dict({"model": "m.pt", "input": "i", "output": "o", "batch_size": 4096}).batch_size
+            4096
+        """
+        known = set(cls.keys())
+        unknown = [key for key in values if key not in known]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ConfigError(
+                f"unknown config key(s) in {source}: {', '.join(hints)}; valid keys are {', '.join(cls.keys())}"
+            )
+        missing = [key for key in ("model", "input", "output") if values.get(key) in (None, "")]
+        if missing:
+            raise ConfigError(f"missing required config key(s) in {source}: {', '.join(missing)}")
+        try:
+            return cls(**dict(values))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> JobConfig:
+        """Read a YAML job file; `overrides` (flags, --set) win over the file.
+
+        Example:
+            >>> cfg = JobConfig.from_yaml("job.yaml", {"overwrite": True})  # doctest: +SKIP
+        """
+        return cls.from_dict({**read_yaml(path), **(overrides or {})}, source=str(path))
+
+    def replace(self, **changes: Any) -> JobConfig:
+        """A copy with some keys changed (validated again)."""
+        return JobConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values, as they would be written in YAML."""
+        out = dataclasses.asdict(self)
+        for key in ("features", "passthrough"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Load a YAML mapping, with errors that name the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _names(key: str, value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key!r} must be a list of column names (or a glob such as 'f*'), got {value!r}")
+    if not value:
+        raise ConfigError(f"{key!r} is empty; leave it out to use the default")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key!r} lists a column twice: {list(value)}")
+    return tuple(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return value.lower() in ("true", "yes", "1")
+    raise ConfigError(f"{key!r} must be true or false, got {value!r}")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key!r} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive_int(key: str, value: Any, *, auto: bool = False) -> int | None:
+    if auto and (value is None or value == "auto"):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or 'auto'" if auto else ""
+        raise ConfigError(f"{key!r} must be a positive whole number{extra}, got {value!r}")
+    return value
+
+
+def _positive_float(key: str, value: Any, *, allow_zero: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        raise ConfigError(f"{key!r} must be a positive number, got {value!r}")
+    return number

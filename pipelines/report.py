@@ -1,0 +1,107 @@
+"""The run report (`--json`, `--report`, the return value of `run`) and driver progress."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What one run did. Row counts and shard counts are for this run only.
+
+    `status` is "succeeded" when no shard failed (including "nothing to do").
+    """
+
+    status: str
+    output: str
+    shards_total: int
+    shards_done: int
+    shards_skipped: int
+    shards_failed: int
+    rows_in: int
+    rows_out: int
+    rows_rejected: int
+    seconds: float
+    rows_per_second: float
+    errors: list[dict[str, Any]]
+    replicas: list[dict[str, Any]]
+    complete: bool = False  # _SUCCESS written: every shard of the output is committed
+    startup_seconds: float | None = None  # run start -> first committed shard
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        """One paragraph for people (printed at the end of `batch-infer run`)."""
+        text = (
+            f"batch-infer {self.status}: {self.shards_done} shard(s) done, {self.shards_skipped} already committed, "
+            f"{self.shards_failed} failed, of {self.shards_total}. Rows: {self.rows_in:,} in, {self.rows_out:,} out, "
+            f"{self.rows_rejected:,} rejected, in {self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s) on "
+            f"{len(self.replicas)} replica(s). Output: {self.output}"
+            + (" (complete, _SUCCESS written)." if self.complete else " (incomplete: no _SUCCESS).")
+        )
+        for error in self.errors[:5]:
+            text += f"\n  failed {error['shard']}: {error['error']}"
+        if len(self.errors) > 5:
+            text += f"\n  ... and {len(self.errors) - 5} more failed shard(s); see the report or _manifest.json"
+        return text
+
+
+class Progress:
+    """One driver progress bar (rows, rows/s, shards done/failed).
+
+    On a terminal it is a tqdm bar on stderr; otherwise (cron, CI, logs) it logs
+    a plain line every `interval` seconds. `enabled=False` silences it.
+    """
+
+    def __init__(self, total_rows: int, total_shards: int, *, enabled: bool = True, stream: TextIO | None = None,
+                 interval: float = 10.0) -> None:
+        self.stream = stream or sys.stderr
+        self.total_rows, self.total_shards = total_rows, total_shards
+        self.rows = self.done = self.failed = 0
+        self.started = time.monotonic()
+        self.interval = interval
+        self._last_log = self.started
+        self._bar = None
+        self.enabled = enabled and total_shards > 0
+        if self.enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_rows, unit="row", unit_scale=True, file=self.stream, desc="batch-infer",
+                             dynamic_ncols=True)
+
+    def update(self, rows: int, failed: bool) -> None:
+        self.rows += rows
+        self.done += not failed
+        self.failed += failed
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(rows)
+            self._bar.set_postfix(shards=f"{self.done}/{self.total_shards}", failed=self.failed, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last_log >= self.interval or self.done + self.failed == self.total_shards:
+            self._last_log = now
+            elapsed = max(now - self.started, 1e-9)
+            logger.info("progress: %d/%d shards (%d failed), %d/%d rows, %.0f rows/s", self.done + self.failed,
+                        self.total_shards, self.failed, self.rows, self.total_rows, self.rows / elapsed)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,198 @@
+"""Model files: safe loading, shape checks, and the MLP forward pass.
+
+A model is a `state_dict` (`.pt`/`.pth`, loaded with `weights_only=True`) or a
+`.safetensors` file of an `nn.Sequential` whose weighted layers are
+`nn.Linear`. Activations hold no weights; they come from the job config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import re
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipelines.errors import ModelError
+from pipelines.storage import read_bytes, resolve
+
+_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the driver needs to know about a model: identity and shapes."""
+
+    uri: str
+    sha256: str
+    layers: tuple[tuple[int, int, bool], ...]  # (in_features, out_features, has_bias) per Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.layers[0][0]
+
+    @property
+    def out_features(self) -> int:
+        return self.layers[-1][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "sha256": self.sha256,
+            "layers": [[n_in, n_out] for n_in, n_out, _ in self.layers],
+            "bias": [bias for _, _, bias in self.layers],
+        }
+
+
+def read_model(uri: str) -> tuple[bytes, ModelSpec, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Read, check and hash a model file.
+
+    Returns the raw bytes, the spec and the (weight, bias) pairs in layer order.
+
+    Example:
+        >>> _, spec, _ = read_model("model.pt")  # doctest: +SKIP
+        >>> spec.layers
+        ((2, 3, False), (3, 1, False))
+    """
+    location = resolve(uri)
+    try:
+        data = read_bytes(location.fs, location.path)
+    except OSError as exc:
+        raise ModelError(f"cannot read model {uri!r}: {exc}") from exc
+    if data is None:
+        raise ModelError(f"model file {uri!r} does not exist")
+    layers = parse_layers(data, uri)
+    shapes = tuple((int(w.shape[1]), int(w.shape[0]), b is not None) for w, b in layers)
+    return data, ModelSpec(uri, hashlib.sha256(data).hexdigest(), shapes), layers
+
+
+def inspect_model(uri: str) -> ModelSpec:
+    """The spec of a model file (what the driver validates against)."""
+    return read_model(uri)[1]
+
+
+def parse_layers(data: bytes, name: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(weight, bias) per Linear layer, in order, with shapes checked to chain."""
+    if name.endswith(".safetensors") or _looks_like_safetensors(data):
+        tensors, keys = _load_safetensors(data, name)
+    else:
+        tensors = _load_state_dict(data, name)
+        keys = list(tensors)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key in keys:
+        prefix, _, kind = key.rpartition(".")
+        if kind not in ("weight", "bias"):
+            raise ModelError(
+                f"model {name!r} holds tensor {key!r}: only nn.Linear layers (weight, bias) are supported"
+            )
+        groups.setdefault(prefix, {})[kind] = tensors[key]
+    if not groups:
+        raise ModelError(f"model {name!r} holds no layers")
+    layers: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for index, (prefix, group) in enumerate(groups.items()):
+        weight, bias = group.get("weight"), group.get("bias")
+        label = f"layer {index} ({prefix or 'root'!r})"
+        if weight is None or weight.dim() != 2:
+            raise ModelError(f"model {name!r}: {label} needs a 2-D 'weight' (out_features, in_features)")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ModelError(
+                f"model {name!r}: {label} bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
+            )
+        if layers and layers[-1][0].shape[0] != weight.shape[1]:
+            raise ModelError(
+                f"model {name!r}: {label} takes {weight.shape[1]} inputs but the layer before it "
+                f"gives {layers[-1][0].shape[0]} outputs; layer shapes must chain"
+            )
+        if not weight.is_floating_point():
+            raise ModelError(f"model {name!r}: {label} weight has dtype {weight.dtype}, expected a float type")
+        layers.append((weight.float(), None if bias is None else bias.float()))
+    return layers
+
+
+def _load_state_dict(data: bytes, name: str) -> Mapping[str, torch.Tensor]:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ModelError(
+            f"model {name!r} needs pickle code to load, which batch-infer refuses (it never executes "
+            f"code from a model file). Save the weights instead: torch.save(model.state_dict(), path). "
+            f"Detail: {str(exc).splitlines()[0]}"
+        ) from exc
+    except Exception as exc:  # torch raises many types for a file that isn't a checkpoint
+        raise ModelError(f"model {name!r} is not a readable PyTorch state_dict or safetensors file: {exc}") from exc
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(
+            f"model {name!r} holds a {type(obj).__name__}, not a state_dict of tensors; "
+            f"save it with torch.save(model.state_dict(), path)"
+        )
+    return obj
+
+
+def _looks_like_safetensors(data: bytes) -> bool:
+    if len(data) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", data[:8])
+    return 0 < header_len <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _load_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    from safetensors.torch import load as load_safetensors
+
+    try:
+        tensors = load_safetensors(data)
+    except Exception as exc:
+        raise ModelError(f"model {name!r} is not a readable safetensors file: {exc}") from exc
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    keys = [key for key in header if key != "__metadata__"]
+    # safetensors does not keep insertion order; nn.Sequential keys ("0.weight",
+    # "2.weight", "10.weight") are put back in order by their numeric parts.
+    keys.sort(key=lambda key: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key.rpartition(".")[0])])
+    return tensors, keys
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sigmoid": torch.sigmoid,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "none": lambda x: x,
+    "softmax": lambda x: torch.softmax(x, dim=-1),
+}
+
+
+class MLP:
+    """The forward pass: Linear layers with the configured activations.
+
+    Example:
+        >>> mlp = MLP([(torch.ones(1, 2), None)], "sigmoid", "none", torch.device("cpu"), "fp32")
+        >>> mlp(torch.zeros(4, 2)).shape
+        torch.Size([4, 1])
+    """
+
+    def __init__(
+        self,
+        layers: list[tuple[torch.Tensor, torch.Tensor | None]],
+        activation: str,
+        output_activation: str,
+        device: torch.device,
+        precision: str,
+    ) -> None:
+        self.dtype = _DTYPES[precision]
+        self.device = device
+        self.layers = [
+            (w.to(device, self.dtype).contiguous(), None if b is None else b.to(device, self.dtype))
+            for w, b in layers
+        ]
+        self.activations = [_ACTIVATIONS[activation]] * (len(layers) - 1) + [_ACTIVATIONS[output_activation]]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, in_features) -> (rows, out_features) float32."""
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        for (weight, bias), act in zip(self.layers, self.activations):
+            x = act(torch.nn.functional.linear(x, weight, bias))
+        return x.float()

@@ -1,0 +1,138 @@
+"""Reading one shard: row groups -> record batches -> a float32 feature matrix.
+
+Decoding runs one batch ahead in a background thread (pyarrow releases the
+GIL while it decodes), so the next batch is ready when the forward pass of the
+current one finishes.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.errors import ShardDataError
+from pipelines.storage import Location
+
+_DONE = object()
+
+
+@dataclass
+class Batch:
+    """One decoded record batch and where it sits in its file."""
+
+    data: pa.RecordBatch
+    row_group: int
+    first_row: int  # index in the file of the batch's first row
+
+
+def open_parquet(location: Location, path: str, uri: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(location.fs.open_input_file(path), pre_buffer=not location.is_local)
+    except Exception as exc:
+        raise ShardDataError(f"cannot open {uri} as Parquet: {exc}") from exc
+
+
+def iter_batches(
+    parquet: pq.ParquetFile,
+    row_groups: tuple[int, int],
+    columns: Sequence[str],
+    batch_size: int,
+    uri: str,
+    *,
+    use_threads: bool = False,
+) -> Iterator[Batch]:
+    """Record batches of at most `batch_size` rows, row group by row group, in order."""
+    meta = parquet.metadata
+    first_row = sum(meta.row_group(i).num_rows for i in range(row_groups[0]))
+    for rg in range(*row_groups):
+        try:
+            batches = parquet.iter_batches(
+                batch_size=batch_size, row_groups=[rg], columns=list(columns), use_threads=use_threads
+            )
+            for data in batches:
+                yield Batch(data, rg, first_row)
+                first_row += data.num_rows
+        except ShardDataError:
+            raise
+        except Exception as exc:  # ArrowInvalid, OSError, ... from a corrupt or truncated file
+            raise ShardDataError(f"cannot decode {uri}, row group {rg}: {exc}") from exc
+
+
+def prefetch(items: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+    """Run `items` in a background thread, `depth` batches ahead."""
+    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, raised there
+            slots.put(exc)
+
+    thread = threading.Thread(target=produce, name="batch-infer-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
+
+
+def feature_matrix(batch: pa.RecordBatch, features: Sequence[str], list_column: bool, width: int) -> np.ndarray:
+    """The batch's features as a (rows, width) float32 array; nulls become NaN.
+
+    Columns are stacked into one (width, rows) buffer with a single copy each;
+    the result is its transpose, a column-major view that matmul consumes as is.
+    """
+    rows = batch.num_rows
+    if list_column:
+        column = batch.column(features[0])
+        values = column.values.slice(column.offset * width, rows * width)
+        matrix = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(rows, width)
+        if column.null_count:
+            matrix = matrix.copy()
+            matrix[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
+        return matrix
+    buffer = np.empty((width, rows), dtype=np.float32)  # (features, rows), row-major
+    for i, name in enumerate(features):
+        buffer[i] = batch.column(name).to_numpy(zero_copy_only=False)
+    return buffer.T
+
+
+def invalid_rows(matrix: np.ndarray) -> np.ndarray | None:
+    """Boolean mask of rows holding a NaN, inf or null feature; None when all are finite."""
+    # One cheap pass first: a row's sum is finite unless a value is non-finite (or it overflows).
+    sums = matrix.T.sum(axis=0) if not matrix.flags.c_contiguous else matrix.sum(axis=1)
+    if np.isfinite(sums).all():
+        return None
+    bad = ~np.isfinite(matrix).all(axis=1)
+    return bad if bad.any() else None
+
+
+def describe_invalid(matrix: np.ndarray, bad: np.ndarray, features: Sequence[str], list_column: bool) -> list[str]:
+    """A reason per bad row, naming the first offending feature."""
+    offending = np.argmax(~np.isfinite(matrix[bad]), axis=1)
+    if list_column:
+        return [f"null, NaN or inf in feature {features[0]!r}[{i}]" for i in offending]
+    return [f"null, NaN or inf in feature {features[i]!r}" for i in offending]

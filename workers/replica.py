@@ -1,0 +1,203 @@
+"""The `Replica` actor: one model replica that reads, predicts and writes shards.
+
+The driver creates it with `ray.remote(Replica).options(num_cpus=..., num_gpus=...)`
+and sends it `process(task)` calls; each call reads one shard from storage,
+runs batched forward passes and commits one output file. Only small dicts of
+metadata cross the process boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import logging
+import os
+import resource
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipelines.errors import ModelError, ShardDataError
+from pipelines.storage import resolve
+from workers.model import MLP, read_model
+from workers.reader import describe_invalid, feature_matrix, invalid_rows, iter_batches, open_parquet, prefetch
+from workers.writer import ShardWriter, output_schema, prediction_array, prediction_type
+
+logger = logging.getLogger(__name__)
+
+_CPU_BATCH_BYTES = 16 << 20  # feature bytes per forward pass on CPU
+_GPU_BATCH_ROWS = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaJob:
+    """What every replica of a run needs to know (sent once, at start-up)."""
+
+    model: str
+    model_sha256: str
+    input: str  # input URI as configured (its filesystem options included)
+    output: str  # output root URI
+    features: tuple[str, ...]
+    passthrough: tuple[str, ...]
+    list_column: bool
+    width: int
+    prediction_column: str
+    keep_features: bool
+    activation: str = "sigmoid"
+    output_activation: str = "sigmoid"
+    precision: str = "fp32"
+    batch_size: int | None = None
+    invalid_rows: str = "quarantine"
+    cpus: float = 1.0
+    rejected_dir: str = "_rejected"
+
+
+class State(enum.Enum):
+    READY = "ready"
+    CLOSED = "closed"
+
+
+def default_batch_size(width: int, on_gpu: bool) -> int:
+    """Rows per forward pass when the config leaves it to the system."""
+    if on_gpu:
+        return _GPU_BATCH_ROWS
+    return max(4096, min(262_144, _CPU_BATCH_BYTES // (4 * max(1, width))))
+
+
+class Replica:
+    """Holds one model replica; `process` turns a shard into one committed output file."""
+
+    def __init__(self, index: int, job: ReplicaJob) -> None:
+        import ray  # the actor runs inside Ray; imported here so the class is usable without it
+
+        self.index = index
+        self.job = job
+        threads = max(1, int(job.cpus))
+        torch.set_num_threads(threads)
+        pa.set_cpu_count(threads)
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        self.device = torch.device("cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and job.precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        _, spec, layers = read_model(job.model)
+        if spec.sha256 != job.model_sha256:
+            raise ModelError(f"model {job.model!r} changed since the run was planned (sha256 {spec.sha256[:12]}...)")
+        self.mlp = MLP(layers, job.activation, job.output_activation, self.device, job.precision)
+        self.batch_size = job.batch_size or default_batch_size(job.width, self.device.type == "cuda")
+        self.source = resolve(job.input)
+        self.output = resolve(job.output)
+        self.node = ray.get_runtime_context().get_node_id()
+        self.host = socket.gethostname()
+        self.shards = 0
+        self.rows = 0
+        self.busy_seconds = 0.0
+        self.state = State.READY
+        logger.info("[replica %d] ready on %s (%s), batch_size=%d", index, self.host, self.device, self.batch_size)
+
+    def info(self) -> dict[str, Any]:
+        """Where this replica runs (also a readiness probe: returns once the model is loaded)."""
+        return {"index": self.index, "node": self.node, "host": self.host, "pid": os.getpid(),
+                "device": str(self.device), "gpu_ids": self.gpu_ids, "batch_size": self.batch_size}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for the run report."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        return {**self.info(), "shards": self.shards, "rows": self.rows,
+                "busy_seconds": round(self.busy_seconds, 3), "peak_rss_bytes": peak}
+
+    def close(self) -> None:
+        self.state = State.CLOSED
+        self.mlp = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def process(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Read, predict and commit one shard; returns its metadata record.
+
+        Data problems (unreadable file, schema mismatch, invalid rows with
+        `invalid_rows: fail`) come back as `status: failed` with the file named;
+        an exception escaping here is a bug or an infrastructure failure.
+        """
+        if self.state is not State.READY:
+            raise RuntimeError(f"replica {self.index} is {self.state.value}")
+        started = time.time()
+        result: dict[str, Any] = {"id": task["id"], "replica": self.index, "started": started,
+                                  "rows_in": task["rows_in"], "rows_out": 0, "rows_rejected": 0,
+                                  "output": task["output"], "rejected_output": None}
+        try:
+            result.update(self._run(task))
+            result["status"] = "committed"
+            self.shards += 1
+            self.rows += task["rows_in"]
+        except ShardDataError as exc:
+            result.update(status="failed", error=str(exc))
+        finished = time.time()
+        self.busy_seconds += finished - started
+        result["finished"] = finished
+        return result
+
+    def _run(self, task: dict[str, Any]) -> dict[str, Any]:
+        job, uri = self.job, task["input"]
+        parquet = open_parquet(self.source, task["path"], uri)
+        schema = parquet.schema_arrow
+        columns = list(dict.fromkeys([*job.passthrough, *job.features]))
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise ShardDataError(f"{uri}: missing column(s) {missing}")
+        written = [*job.passthrough, *(job.features if job.keep_features else ())]
+        out_schema = output_schema(schema, written, [pa.field(job.prediction_column, prediction_type(self.outputs))])
+        rejected_rel = f"{job.rejected_dir}/{task['output']}"
+        rejected_schema = output_schema(schema, columns, [pa.field("reason", pa.string())])
+        rejected: ShardWriter | None = None
+        rows_out = rows_rejected = 0
+        batches = prefetch(iter_batches(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri,
+                                        use_threads=job.cpus >= 2))
+        with contextlib.closing(batches), contextlib.ExitStack() as commits:
+            writer = commits.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema))
+            for batch in batches:
+                data = batch.data
+                matrix = feature_matrix(data, job.features, job.list_column, job.width)
+                bad = None if job.invalid_rows == "keep" else invalid_rows(matrix)
+                if bad is not None:
+                    reasons = describe_invalid(matrix, bad, job.features, job.list_column)
+                    if job.invalid_rows == "fail":
+                        row = batch.first_row + int(np.argmax(bad))
+                        raise ShardDataError(
+                            f"{uri}: row {row} (row group {batch.row_group}): {reasons[0]} (invalid_rows: fail)"
+                        )
+                    if rejected is None:
+                        rejected = commits.enter_context(
+                            ShardWriter(self.output, self.output.join(rejected_rel), rejected_schema)
+                        )
+                    bad_rows = data.filter(pa.array(bad)).select(columns)
+                    rejected.write(pa.RecordBatch.from_arrays(
+                        [*bad_rows.columns, pa.array(reasons, pa.string())], schema=rejected_schema))
+                    rows_rejected += len(reasons)
+                    data, matrix = data.filter(pa.array(~bad)), matrix[~bad]
+                predictions = self._forward(matrix)
+                arrays = [data.column(name) for name in written]
+                writer.write(pa.RecordBatch.from_arrays([*arrays, prediction_array(predictions)], schema=out_schema))
+                rows_out += data.num_rows
+        return {"rows_out": rows_out, "rows_rejected": rows_rejected,
+                "rejected_output": rejected_rel if rejected is not None else None}
+
+    @property
+    def outputs(self) -> int:
+        return int(self.mlp.layers[-1][0].shape[0])
+
+    def _forward(self, matrix: np.ndarray) -> np.ndarray:
+        """(rows, width) float32 -> (rows, outputs) float32."""
+        with torch.inference_mode():
+            return self.mlp(torch.from_numpy(matrix)).cpu().numpy()
+
+
+def replica_report(stats: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The report's `replicas` list, in replica order."""
+    keys = ("node", "device", "gpu_ids", "shards", "rows", "busy_seconds", "peak_rss_bytes")
+    return [{key: s[key] for key in keys} for s in sorted(stats, key=lambda s: s["index"])]
