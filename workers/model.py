@@ -115,13 +115,15 @@ def parse_layers(data: bytes, name: str) -> list[tuple[torch.Tensor, torch.Tenso
 
 
 def _load_state_dict(data: bytes, name: str) -> Mapping[str, torch.Tensor]:
+    if not data.startswith((b"PK", b"\x80")):  # neither a torch zip archive nor a legacy pickle stream
+        raise ModelError(f"model {name!r} is not a readable PyTorch state_dict or safetensors file")
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelError(
             f"model {name!r} needs pickle code to load, which batch-infer refuses (it never executes "
             f"code from a model file). Save the weights instead: torch.save(model.state_dict(), path). "
-            f"Detail: {str(exc).splitlines()[0]}"
+            f"Detail: {_unsupported_global(exc)}"
         ) from exc
     except Exception as exc:  # torch raises many types for a file that isn't a checkpoint
         raise ModelError(f"model {name!r} is not a readable PyTorch state_dict or safetensors file: {exc}") from exc
@@ -131,6 +133,11 @@ def _load_state_dict(data: bytes, name: str) -> Mapping[str, torch.Tensor]:
             f"save it with torch.save(model.state_dict(), path)"
         )
     return obj
+
+
+def _unsupported_global(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
 
 
 def _looks_like_safetensors(data: bytes) -> bool:

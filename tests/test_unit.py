@@ -1,0 +1,241 @@
+"""Pure unit tests: config, planning, naming, reconcile, model loading. No Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import golden_model, save_mlp
+
+import pipelines
+import workers
+from pipelines.commit import COMMITTED, reconcile
+from pipelines.config import JobConfig
+from pipelines.errors import ConfigError, InputError, ModelError
+from pipelines.plan import InputFile, make_shards, output_name, resolve_columns, split_row_groups
+from pipelines.storage import list_files, resolve, static_prefix
+from workers.model import MLP, parse_layers, read_model
+from workers.reader import feature_matrix, invalid_rows
+
+BASE = {"model": "m.pt", "input": "in/", "output": "out/"}
+
+
+# --- public surface -------------------------------------------------------------------------------
+
+def test_exported_members() -> None:
+    assert pipelines.__all__ == sorted(pipelines.__all__)
+    assert set(pipelines.__all__) >= {"BatchInferError", "JobConfig", "plan", "run"}
+    assert workers.__all__ == sorted(workers.__all__)
+    for name in pipelines.__all__:
+        assert hasattr(pipelines, name)
+    assert issubclass(pipelines.LockHeldError, pipelines.BatchInferError)
+    assert pipelines.LockHeldError.exit_code == 3 and pipelines.ConfigError.exit_code == 2
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+def test_unknown_config_key_is_refused_with_a_hint() -> None:
+    with pytest.raises(ConfigError, match=r"'batchsize' \(did you mean 'batch_size'\?\)"):
+        JobConfig.from_dict({**BASE, "batchsize": 10})
+
+
+def test_run_refuses_unknown_keyword() -> None:
+    with pytest.raises(ConfigError, match="unknown config key"):
+        pipelines.run(**BASE, replica=2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": ""}, "model"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": "many"}, "batch_size"),
+        ({"replicas": -1}, "replicas"),
+        ({"activation": "gelu"}, "activation"),
+        ({"output_activation": "swish"}, "output_activation"),
+        ({"precision": "fp8"}, "precision"),
+        ({"invalid_rows": "drop"}, "invalid_rows"),
+        ({"cpus_per_replica": 0}, "cpus_per_replica"),
+        ({"gpus_per_replica": 1.5}, "gpus_per_replica"),
+        ({"overwrite": "perhaps"}, "overwrite"),
+        ({"features": ["a", "a"]}, "features"),
+        ({"features": ["a"], "passthrough": ["a"]}, "both"),
+    ],
+)
+def test_invalid_values_name_the_key(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        JobConfig.from_dict({**BASE, **change})
+
+
+def test_config_defaults_and_normalisation() -> None:
+    cfg = JobConfig.from_dict({**BASE, "features": "f0, f1", "replicas": "auto", "batch_size": "4096",
+                               "cpus_per_replica": "0.5", "overwrite": "true"})
+    assert cfg.features == ("f0", "f1")
+    assert cfg.replicas is None and cfg.batch_size == 4096 and cfg.cpus_per_replica == 0.5 and cfg.overwrite
+    assert (cfg.prediction_column, cfg.activation, cfg.invalid_rows, cfg.max_attempts) == (
+        "prediction", "sigmoid", "quarantine", 3)
+    assert JobConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_from_yaml_overrides_win(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("model: m.pt\ninput: in/\noutput: out/\nbatch_size: 100\n")
+    assert JobConfig.from_yaml(job, {"batch_size": 7}).batch_size == 7
+    job.write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        JobConfig.from_yaml(job)
+
+
+# --- planning -------------------------------------------------------------------------------------
+
+def test_split_row_groups_keeps_whole_groups() -> None:
+    assert split_row_groups([400, 400, 400, 100], 800) == [(0, 2), (2, 4)]
+    assert split_row_groups([10] * 5, 1) == [(i, i + 1) for i in range(5)]
+    assert split_row_groups([10] * 5, 10**9) == [(0, 5)]
+    assert split_row_groups([], 100) == [(0, 0)]
+    spans = split_row_groups([7, 3, 9, 1, 12, 5], 10)
+    assert [i for a, b in spans for i in range(a, b)] == list(range(6))  # contiguous, complete
+
+
+def test_output_names_mirror_input_and_sort_in_input_order() -> None:
+    assert output_name("day=2024-01-01/part-0.parquet", 3) == "day=2024-01-01/part-0-00003.parquet"
+    assert output_name("data", 0) == "data-00000.parquet"
+    rels = ["day=01/part-0001.parquet", "day=01/part-0002.parquet", "day=02/part-0001.parquet"]
+    names = [output_name(rel, rg) for rel in rels for rg in (0, 2, 10)]
+    assert names == sorted(names)
+
+
+def _file(rel: str, rows: tuple[int, ...], fingerprint: str = "v1") -> InputFile:
+    return InputFile(f"/in/{rel}", rel, f"/in/{rel}", fingerprint, rows, pa.schema([("f0", pa.float32())]))
+
+
+def test_shard_ids_derive_from_input_not_scheduling() -> None:
+    shards = make_shards([_file("a.parquet", (5, 5, 5)), _file("b.parquet", (2,))], shard_rows=10)
+    assert [s.id for s in shards] == ["a.parquet:0-2", "a.parquet:2-3", "b.parquet:0-1"]
+    assert [s.rows_in for s in shards] == [10, 5, 2]
+    assert [s.output for s in shards] == ["a-00000.parquet", "a-00002.parquet", "b-00000.parquet"]
+    reused = make_shards([_file("a.parquet", (5, 5, 5))], shard_rows=1, reuse={("a.parquet", "v1"): [(0, 3)]})
+    assert [s.row_groups for s in reused] == [(0, 3)]
+
+
+def test_resolve_columns_defaults_and_errors() -> None:
+    schema = pa.schema([("id", pa.int64()), ("name", pa.string()), ("f0", pa.float32()), ("f1", pa.float64())])
+    cols = resolve_columns(schema, JobConfig.from_dict(BASE), 2, "x.parquet")
+    assert cols.features == ("f0", "f1") and cols.passthrough == ("id", "name")
+    assert cols.written == ["id", "name", "prediction"]
+    cols = resolve_columns(schema, JobConfig.from_dict({**BASE, "features": ["f*"], "passthrough": ["id"],
+                                                         "keep_features": True}), 2, "x.parquet")
+    assert cols.passthrough == ("id",) and cols.written == ["id", "f0", "f1", "prediction"]
+    with pytest.raises(InputError, match=r"expects 3 input features, but x.parquet gives 2 feature columns \(f0, f1\)"):
+        resolve_columns(schema, JobConfig.from_dict(BASE), 3, "x.parquet")
+    with pytest.raises(InputError, match="'nope' not found"):
+        resolve_columns(schema, JobConfig.from_dict({**BASE, "features": ["nope"]}), 1, "x.parquet")
+    with pytest.raises(ConfigError, match="prediction_column 'name'"):
+        resolve_columns(schema, JobConfig.from_dict({**BASE, "prediction_column": "name"}), 2, "x.parquet")
+
+
+def test_resolve_columns_fixed_size_list() -> None:
+    schema = pa.schema([("id", pa.int64()), ("emb", pa.list_(pa.float32(), 4))])
+    cols = resolve_columns(schema, JobConfig.from_dict({**BASE, "features": ["emb"]}), 4, "x")
+    assert cols.list_column and cols.features == ("emb",) and cols.passthrough == ("id",)
+    assert resolve_columns(schema, JobConfig.from_dict(BASE), 4, "x").list_column  # found by default too
+
+
+def test_reconcile_skips_only_committed_present_unchanged() -> None:
+    shards = make_shards([_file("a.parquet", (5, 5)), _file("b.parquet", (5,))], shard_rows=5)
+    entry = {"id": "a.parquet:0-1", "rel": "a.parquet", "fingerprint": "v1", "row_groups": [0, 1],
+             "status": COMMITTED, "output": "a-00000.parquet", "rejected_output": None}
+    previous = {"shards": [entry, {**entry, "id": "a.parquet:1-2", "row_groups": [1, 2], "output": "a-00001.parquet"}]}
+    result = reconcile(shards, previous, {"a-00000.parquet"}, overwrite=False)  # a-00001 was deleted by hand
+    assert [s.id for s in result.skipped] == ["a.parquet:0-1"]
+    assert [s.id for s in result.todo] == ["a.parquet:1-2", "b.parquet:0-1"]
+    assert reconcile(shards, previous, {"a-00000.parquet", "a-00001.parquet"}, overwrite=True).skipped == []
+    changed = make_shards([_file("a.parquet", (5, 5), "v2")], shard_rows=5)
+    assert reconcile(changed, previous, {"a-00000.parquet", "a-00001.parquet"}, overwrite=False).skipped == []
+
+
+# --- storage --------------------------------------------------------------------------------------
+
+def test_listing_recurses_sorts_and_skips_hidden(tmp_path: Path) -> None:
+    for rel in ["b/2.parquet", "a/1.parquet", "a/_SUCCESS", "a/.1.parquet.crc", "_tmp/x.parquet", "c.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    base, infos = list_files(resolve(str(tmp_path)))
+    assert base == str(tmp_path)
+    assert [Path(i.path).relative_to(tmp_path).as_posix() for i in infos] == ["a/1.parquet", "b/2.parquet", "c.txt"]
+    _, globbed = list_files(resolve(str(tmp_path / "*" / "*.parquet")))
+    assert [Path(i.path).name for i in globbed] == ["1.parquet", "2.parquet"]
+    assert static_prefix("/d/day=*/x.parquet") == "/d"
+
+
+# --- model ----------------------------------------------------------------------------------------
+
+def test_golden_model_forward(tmp_path: Path) -> None:
+    _, spec, layers = read_model(str(golden_model(tmp_path / "g.pt")))
+    assert spec.layers == ((2, 3, False), (3, 1, False))
+    out = MLP(layers, "sigmoid", "sigmoid", torch.device("cpu"), "fp32")(torch.tensor([[1.0, 2.0]]))
+    assert out.item() == pytest.approx(0.7757198, abs=1e-7)
+
+
+def test_safetensors_model_matches_state_dict(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    model = save_mlp(tmp_path / "m.pt", [4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 2], seed=3)  # 11 layers: "10.weight" sorts
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "m.safetensors")
+    a = read_model(str(tmp_path / "m.pt"))
+    b = read_model(str(tmp_path / "m.safetensors"))
+    assert a[1].layers == b[1].layers
+    for (wa, ba), (wb, bb) in zip(a[2], b[2]):
+        assert torch.equal(wa, wb) and torch.equal(ba, bb)
+
+
+def test_model_refusals(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 1)), whole)  # pickled module, not a state_dict
+    with pytest.raises(ModelError, match="needs pickle code"):
+        read_model(str(whole))
+    bad = {"0.weight": torch.ones(4, 2), "2.weight": torch.ones(1, 3)}
+    buf = io.BytesIO()
+    torch.save(bad, buf)
+    with pytest.raises(ModelError, match="takes 3 inputs but the layer before it gives 4"):
+        parse_layers(buf.getvalue(), "bad.pt")
+    norm = io.BytesIO()
+    torch.save({"0.weight": torch.ones(2, 2), "1.running_mean": torch.ones(2)}, norm)
+    with pytest.raises(ModelError, match="only nn.Linear"):
+        parse_layers(norm.getvalue(), "norm.pt")
+    with pytest.raises(ModelError, match="does not exist"):
+        read_model(str(tmp_path / "missing.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="not a readable"):
+        read_model(str(tmp_path / "junk.pt"))
+
+
+# --- replica data path (no actor) ------------------------------------------------------------------
+
+def test_feature_matrix_and_invalid_rows() -> None:
+    batch = pa.record_batch({"a": pa.array([1.0, None, 3.0], pa.float32()),
+                             "b": pa.array([4.0, 5.0, float("inf")], pa.float64())})
+    matrix = feature_matrix(batch, ["a", "b"], False, 2)
+    assert matrix.shape == (3, 2) and matrix.dtype == np.float32
+    assert matrix[0].tolist() == [1.0, 4.0]
+    assert invalid_rows(matrix).tolist() == [False, True, True]
+    assert invalid_rows(matrix[:1]) is None
+    lists = pa.record_batch({"e": pa.FixedSizeListArray.from_arrays(pa.array([1, 2, 3, 4, 5, 6], pa.float32()), 2)})
+    assert feature_matrix(lists.slice(1), ["e"], True, 2).tolist() == [[3.0, 4.0], [5.0, 6.0]]
+
+
+def test_plan_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "x": pa.array([1.0, 2.0], pa.float32()),
+                             "y": pa.array([0.5, 0.5], pa.float32())}), tmp_path / "in" / "p.parquet")
+    golden_model(tmp_path / "g.pt")
+    p = pipelines.plan(model=str(tmp_path / "g.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    assert [s.id for s in p.todo] == ["p.parquet:0-1"] and p.columns.features == ("x", "y")
+    assert not (tmp_path / "out").exists()
+    assert json.loads(json.dumps(p.to_dict()))["shards"][0]["status"] == "run"
