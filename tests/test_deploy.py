@@ -1,0 +1,386 @@
+"""The deployment files: cluster.yaml through Ray's own launcher code, the KubeRay and cron examples.
+
+Pure tests: no cluster, no cloud account, no network (a fixture makes every socket connect fail).
+`ray up` starts with `prepare_config` (merge the provider's defaults, fill per-type worker
+counts) and then `validate_config` (the launcher's JSON schema plus cross-field checks); only
+after those does it import the cloud provider and call AWS, which this file never does.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shlex
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+WRAPPER = DEPLOY / "cron" / "run-batch-infer.sh"
+
+# SPEC "Config keys".
+SPEC_KEYS = {
+    "model", "input", "output", "features", "passthrough", "keep_features", "prediction_column",
+    "activation", "output_activation", "batch_size", "replicas", "gpus_per_replica",
+    "cpus_per_replica", "precision", "shard_rows", "max_attempts", "invalid_rows", "overwrite",
+    "address",
+}  # fmt: skip
+GPU_INSTANCE_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p4d", "p4de", "p5", "p5e", "p5en", "p6-b200")
+RAY_PORTS = {6379, 8265, 10001}
+
+# Names of settings that hold secrets, and secret values wherever they appear (comments included).
+SECRET_NAME = re.compile(r"(?i)(secret|passw(or)?d|api_?key|access_?key|private_?key|(^|_)token$|credentials?$)")
+SECRET_VALUES = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "literal Ray token": re.compile(r"\bRAY_AUTH_TOKEN=\S"),
+    "literal AWS secret": re.compile(r"(?i)aws_secret_access_key\s*[=:]\s*\S"),
+    "literal password": re.compile(r"(?i)\bpassw(or)?d\s*[=:]\s*\S"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"test_deploy must not reach the network: connect{args[1:]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def ray_up_config(raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What `ray up` builds before it talks to the cloud: prepare first, then validate."""
+    config = prepare_config(copy.deepcopy(raw if raw is not None else load(ROOT / "cluster.yaml")))
+    validate_config(config)
+    return config
+
+
+def ray_pin() -> str:
+    pins = re.findall(r"(?m)^ray==(\S+)$", (ROOT / "constraints.txt").read_text())
+    assert len(pins) == 1, "constraints.txt should pin ray exactly once"
+    return pins[0]
+
+
+def find_secrets(tree: Any, text: str = "") -> list[str]:
+    """Where a config holds a secret: settings named like one with a literal value, or secret-shaped text."""
+    found = [f"{label} in the text" for label, pattern in SECRET_VALUES.items() if pattern.search(text)]
+
+    def is_reference(value: Any) -> bool:  # a path to a key file, not the key
+        return value in (None, "") or (isinstance(value, str) and value.startswith(("~", "/", "./")))
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            # Kubernetes env entries: {name: AWS_SECRET_ACCESS_KEY, value: ...} must use valueFrom.
+            name = node.get("name")
+            if isinstance(name, str) and SECRET_NAME.search(name) and not is_reference(node.get("value")):
+                found.append(f"{where}: env {name} has a literal value")
+            for key, value in node.items():
+                key_s = str(key)
+                if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_s) and SECRET_NAME.search(key_s):
+                    if not is_reference(value):
+                        found.append(f"{where}.{key_s} holds a literal value")
+                walk(value, f"{where}.{key_s}")
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}[{i}]")
+        elif isinstance(node, str):
+            found.extend(f"{where}: {label}" for label, pattern in SECRET_VALUES.items() if pattern.search(node))
+
+    walk(tree, "")
+    return found
+
+
+# --- cluster.yaml -----------------------------------------------------------------------------
+
+
+def test_cluster_yaml_passes_ray_up_prepare_and_validate() -> None:
+    config = ray_up_config()
+
+    assert config["provider"]["type"] == "aws"
+    assert config["head_node_type"] in config["available_node_types"]
+
+
+def test_gpu_worker_type_declares_its_gpus_and_the_head_has_none() -> None:
+    config = ray_up_config()
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    workers = {name: spec for name, spec in types.items() if name != config["head_node_type"]}
+
+    for name, spec in workers.items():
+        family = spec["node_config"]["InstanceType"].split(".")[0]
+        declared = spec["resources"].get("GPU", 0)
+        if family in GPU_INSTANCE_FAMILIES:
+            assert declared >= 1, f"{name} is a {family} GPU instance but declares GPU: {declared}"
+        else:
+            assert declared == 0, f"{name} declares GPU: {declared} on a {family} instance"
+    assert any(spec["resources"].get("GPU", 0) >= 1 for spec in workers.values()), "no GPU worker type"
+    # Replicas must not land on the head: no GPUs there, and CPU 0 keeps CPU replicas off it too.
+    assert head["resources"].get("GPU", 0) == 0
+    assert head["resources"].get("CPU") == 0
+
+
+def test_worker_counts_are_consistent() -> None:
+    config = ray_up_config()
+    types = config["available_node_types"]
+
+    assert types[config["head_node_type"]]["max_workers"] == 0  # filled in by prepare_config
+    for name, spec in types.items():
+        assert 0 <= spec["min_workers"] <= spec["max_workers"] <= config["max_workers"], name
+    assert sum(spec["min_workers"] for spec in types.values()) <= config["max_workers"]
+
+
+def test_validate_config_rejects_more_min_workers_than_max_workers() -> None:
+    raw = load(ROOT / "cluster.yaml")
+    raw["available_node_types"]["gpu_worker"]["min_workers"] = raw["max_workers"] + 1
+
+    with pytest.raises(ValueError, match="max_workers"):
+        ray_up_config(raw)
+
+
+def test_every_node_installs_batch_infer_from_the_mounted_repo() -> None:
+    config = ray_up_config()
+    mounts = config["file_mounts"]
+
+    for remote in ("pyproject.toml", "constraints.txt", "pipelines", "workers"):
+        assert f"~/batch-infer/{remote}" in mounts, f"file_mounts lacks ~/batch-infer/{remote}"
+    for remote, local in mounts.items():
+        if remote.startswith("~/batch-infer/"):
+            assert (ROOT / local).exists(), f"file_mounts source {local} is not in the repository"
+    # prepare_config prepends setup_commands to both per-role lists; each role must end up installing.
+    for role in ("head_setup_commands", "worker_setup_commands"):
+        assert any(
+            "pip install" in cmd and "-c ~/batch-infer/constraints.txt ~/batch-infer" in cmd
+            for cmd in config[role]
+        ), f"{role} does not install batch-infer with the pinned constraints"
+    # The autoscaler on the head launches workers through boto3.
+    assert any("boto3" in cmd for cmd in config["head_setup_commands"])
+
+
+def test_head_keeps_the_dashboard_private_and_every_node_uses_token_auth() -> None:
+    config = ray_up_config()
+    head_start = " ; ".join(config["head_start_ray_commands"])
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+
+    # Ray's default head command binds the dashboard to 0.0.0.0; ours must replace it.
+    assert "--dashboard-host=127.0.0.1" in head_start
+    assert "0.0.0.0" not in head_start
+    assert len(starts) == 2
+    for cmd in starts:
+        assert "RAY_AUTH_MODE=token" in cmd, f"ray start without token auth: {cmd}"
+    assert "~/.ray/auth_token" in config["file_mounts"], "the token file is not copied to the nodes"
+    for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
+        ports = set(range(rule.get("FromPort", 0), rule.get("ToPort", 65535) + 1))
+        public = any(r.get("CidrIp") == "0.0.0.0/0" for r in rule.get("IpRanges", []))
+        assert not (public and ports & RAY_PORTS), f"security group opens Ray ports to the internet: {rule}"
+
+
+def test_cluster_yaml_holds_no_secrets() -> None:
+    path = ROOT / "cluster.yaml"
+
+    assert find_secrets(load(path), path.read_text()) == []
+
+
+def test_secret_scan_finds_planted_secrets() -> None:
+    raw = load(ROOT / "cluster.yaml")
+    raw["provider"]["aws_secret_access_key"] = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    raw["auth"]["ssh_private_key"] = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA\n"
+    raw["setup_commands"].append("echo export RAY_AUTH_TOKEN=abc123 >> ~/.bashrc")
+    env = [{"name": "AWS_ACCESS_KEY_ID", "value": "AKIAIOSFODNN7EXAMPLE"}]
+
+    found = find_secrets({**raw, "env": env})
+
+    assert any("aws_secret_access_key" in f for f in found)
+    assert any("ssh_private_key" in f for f in found)
+    assert any("literal Ray token" in f for f in found)
+    assert any("AWS_ACCESS_KEY_ID" in f for f in found)
+    assert find_secrets({}, "key: AKIAIOSFODNN7EXAMPLE") == ["AWS access key id in the text"]
+
+
+# --- KubeRay ----------------------------------------------------------------------------------
+
+
+def kuberay() -> tuple[dict[str, Any], dict[str, Any]]:
+    return load(DEPLOY / "kuberay" / "rayjob.yaml"), load(DEPLOY / "kuberay" / "job-configmap.yaml")
+
+
+def containers(group: dict[str, Any]) -> list[dict[str, Any]]:
+    return group["template"]["spec"]["containers"]
+
+
+def test_rayjob_runs_batch_infer_on_the_mounted_configmap_and_shuts_down() -> None:
+    job, configmap = kuberay()
+    spec = job["spec"]
+    head = spec["rayClusterSpec"]["headGroupSpec"]
+
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert spec["shutdownAfterJobFinishes"] is True
+    argv = shlex.split(spec["entrypoint"])
+    if argv[:2] == ["batch-infer", "run"]:
+        config_path = argv[2]
+    else:
+        assert argv[:4] == ["python", "-m", "pipelines", "run"], f"unexpected entrypoint {argv}"
+        config_path = argv[4]
+    # The driver runs on the head pod: the job file must be there, from this ConfigMap.
+    volumes = {v["name"]: v for v in head["template"]["spec"].get("volumes", [])}
+    mounted = [
+        m for c in containers(head) for m in c.get("volumeMounts", [])
+        if config_path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]  # fmt: skip
+    assert mounted, f"{config_path} is not under any volumeMount of the head container"
+    source = volumes[mounted[0]["name"]]["configMap"]
+    assert source["name"] == configmap["metadata"]["name"]
+    assert Path(config_path).name in configmap["data"]
+
+
+def test_rayjob_gpu_worker_group_requests_nvidia_gpus() -> None:
+    job, _ = kuberay()
+    cluster = job["spec"]["rayClusterSpec"]
+
+    gpu_groups = [
+        g for g in cluster["workerGroupSpecs"]
+        if any(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1 for c in containers(g))
+    ]  # fmt: skip
+    assert gpu_groups, "no worker group has nvidia.com/gpu in its limits"
+    for group in gpu_groups:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in containers(cluster["headGroupSpec"]))
+
+
+def test_rayjob_is_private_authenticated_and_on_the_pinned_ray() -> None:
+    job, configmap = kuberay()
+    cluster = job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    images = {c["image"] for g in [head, *cluster["workerGroupSpecs"]] for c in containers(g)}
+    dockerfile = (DEPLOY / "kuberay" / "Dockerfile").read_text()
+
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert head.get("enableIngress") is not True
+    assert cluster["authOptions"]["mode"] == "token"
+    assert len(images) == 1, f"head and workers must run one image (same Ray, same Python): {images}"
+    assert cluster["rayVersion"] == ray_pin()
+    assert re.search(rf"(?m)^FROM rayproject/ray:{re.escape(ray_pin())}-py3\d+-gpu\b", dockerfile)
+    for path, tree in (("rayjob.yaml", job), ("job-configmap.yaml", configmap)):
+        text = (DEPLOY / "kuberay" / path).read_text()
+        assert find_secrets(tree, text) == [], path
+
+
+def test_configmap_job_file_uses_spec_config_keys() -> None:
+    _, configmap = kuberay()
+    job = yaml.safe_load(configmap["data"]["job.yaml"])
+
+    assert {"model", "input", "output"} <= set(job)
+    assert set(job) <= SPEC_KEYS, f"not SPEC config keys: {sorted(set(job) - SPEC_KEYS)}"
+    assert find_secrets(job) == []
+
+
+def test_configmap_job_file_builds_a_job_config() -> None:
+    config = pytest.importorskip("pipelines.config")
+    _, configmap = kuberay()
+
+    cfg = config.JobConfig.from_dict(yaml.safe_load(configmap["data"]["job.yaml"]), source="job-configmap.yaml")
+
+    assert cfg.replicas == 2 and cfg.gpus_per_replica == 1
+
+
+# --- cron ---------------------------------------------------------------------------------------
+
+
+def test_cron_wrapper_is_strict_valid_bash() -> None:
+    text = WRAPPER.read_text()
+
+    assert os.access(WRAPPER, os.X_OK), "run-batch-infer.sh is not executable"
+    assert re.search(r"(?m)^set -euo pipefail$", text)
+    subprocess.run(["bash", "-n", str(WRAPPER)], check=True)
+
+
+def test_crontab_runs_the_wrapper_hourly() -> None:
+    lines = [
+        line for line in (DEPLOY / "cron" / "batch-infer.cron").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#") and not re.match(r"^[A-Z_]+=", line)
+    ]  # fmt: skip
+
+    assert len(lines) == 1, lines
+    minute, hour, day, month, weekday, user, command = lines[0].split(None, 6)
+    assert minute.isdigit() and 0 <= int(minute) <= 59
+    assert (hour, day, month, weekday) == ("*", "*", "*", "*")
+    assert re.fullmatch(r"[a-z_][a-z0-9_-]*", user), "cron.d lines name the user in field six"
+    assert Path(shlex.split(command)[0]).name == WRAPPER.name
+    assert "%" not in command, "cron turns % into a newline"
+
+
+@pytest.fixture
+def fake_install(tmp_path: Path) -> dict[str, str]:
+    """A venv whose `batch-infer` records its arguments and RAY_ADDRESS and exits with $FAKE_RC."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "activate").write_text(f'PATH="{bin_dir}:$PATH"; export PATH\n')
+    fake = bin_dir / "batch-infer"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'printf "%s\\n" "$@" > "$FAKE_OUT/args"\n'
+        'printf "%s" "${RAY_ADDRESS-<unset>}" > "$FAKE_OUT/ray_address"\n'
+        'exit "$FAKE_RC"\n'
+    )
+    fake.chmod(0o755)
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "BATCH_INFER_VENV": str(tmp_path / "venv"),
+        "BATCH_INFER_CONFIG": str(tmp_path / "job.yaml"),
+        "BATCH_INFER_ENV_FILE": str(tmp_path / "env"),  # absent unless a test writes it
+        "FAKE_OUT": str(tmp_path),
+        "FAKE_RC": "0",
+    }
+
+
+@pytest.mark.parametrize(
+    ("batch_infer_rc", "wrapper_rc"),
+    [(0, 0), (1, 1), (2, 2), (3, 0), (130, 130)],
+    ids=["ok", "shards-failed", "config-error", "lock-held", "interrupted"],
+)
+def test_cron_wrapper_maps_exit_codes(fake_install: dict[str, str], batch_infer_rc: int, wrapper_rc: int) -> None:
+    env = {**fake_install, "FAKE_RC": str(batch_infer_rc)}
+
+    result = subprocess.run(["bash", str(WRAPPER)], env=env, capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == wrapper_rc, result.stdout + result.stderr
+    out = Path(env["FAKE_OUT"])
+    assert (out / "args").read_text().split() == ["run", env["BATCH_INFER_CONFIG"]]
+    assert (out / "ray_address").read_text() == "<unset>"
+    if batch_infer_rc == 3:
+        assert "another run holds the output's lock" in result.stdout
+
+
+@pytest.mark.parametrize("where", ["environment", "env-file"])
+def test_cron_wrapper_passes_ray_address(fake_install: dict[str, str], where: str) -> None:
+    env = dict(fake_install)
+    if where == "environment":
+        env["RAY_ADDRESS"] = "10.0.0.5:6379"
+    else:
+        Path(env["BATCH_INFER_ENV_FILE"]).write_text("RAY_ADDRESS=10.0.0.5:6379\n")
+
+    result = subprocess.run(["bash", str(WRAPPER)], env=env, capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (Path(env["FAKE_OUT"]) / "ray_address").read_text() == "10.0.0.5:6379"
+
+
+def test_cron_wrapper_without_its_virtualenv_is_a_config_error(fake_install: dict[str, str]) -> None:
+    env = {**fake_install, "BATCH_INFER_VENV": fake_install["HOME"] + "/no-such-venv"}
+
+    result = subprocess.run(["bash", str(WRAPPER)], env=env, capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert not (Path(env["FAKE_OUT"]) / "args").exists()
