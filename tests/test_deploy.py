@@ -286,10 +286,11 @@ def test_configmap_job_file_uses_spec_config_keys() -> None:
 
 
 def test_configmap_job_file_builds_a_job_config() -> None:
-    config = pytest.importorskip("pipelines.config")
+    from pipelines import JobConfig
+
     _, configmap = kuberay()
 
-    cfg = config.JobConfig.from_dict(yaml.safe_load(configmap["data"]["job.yaml"]), source="job-configmap.yaml")
+    cfg = JobConfig.from_dict(yaml.safe_load(configmap["data"]["job.yaml"]), source="job-configmap.yaml")
 
     assert cfg.replicas == 2 and cfg.gpus_per_replica == 1
 
