@@ -23,8 +23,9 @@ from pipelines.errors import ClusterConnectError, ResourceError
 logger = logging.getLogger(__name__)
 
 _TOKEN_HINT = (
-    "Ray 2.60 clusters started with `ray start --head` require token authentication: set "
-    "RAY_AUTH_MODE=token in this shell (the token is in ~/.ray/auth_token on the head, or set RAY_AUTH_TOKEN)."
+    "If the cluster uses token authentication (Ray 2.60 turns it on for clusters it starts), set "
+    "RAY_AUTH_MODE=token in this shell; the token is read from ~/.ray/auth_token (copy it from the head) "
+    "or from RAY_AUTH_TOKEN."
 )
 
 
@@ -45,10 +46,12 @@ def connect(cfg: JobConfig) -> Iterator[str]:
             where = "embedded local Ray"
     except Exception as exc:  # ConnectionError, RuntimeError, ... depending on what failed
         text = str(exc)
-        hint = _TOKEN_HINT if address and ("auth" in text.lower() or "token" in text.lower()) else (
-            "check the address, that the cluster is up, and that this Ray version matches the cluster's."
-        )
-        raise ClusterConnectError(f"cannot connect to Ray at {address or 'a new local instance'}: {text.strip()}. {hint}") from exc
+        hint = "Check the address, that the cluster is up, and that this Ray version matches the cluster's."
+        if address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            hint += " " + _TOKEN_HINT
+        raise ClusterConnectError(
+            f"cannot connect to Ray at {address or 'a new local instance'}: {text.strip().rstrip('.')}. {hint}"
+        ) from exc
     try:
         yield where
     finally:

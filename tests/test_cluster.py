@@ -1,0 +1,137 @@
+"""A real `ray start --head` on 127.0.0.1: `--address`, token auth, and `ray job submit`.
+
+The head is started here, in its own process group, and stopped by that group
+id alone (never `ray stop`, which would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, cli, read_output, save_mlp, write_files
+
+pytestmark = pytest.mark.cluster
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Head:
+    def __init__(self, gcs: int, dashboard: int, process: subprocess.Popen[bytes]) -> None:
+        self.address = f"127.0.0.1:{gcs}"
+        self.dashboard = f"http://127.0.0.1:{dashboard}"
+        self.process = process
+
+
+@pytest.fixture(scope="module")
+def head() -> Iterator[Head]:
+    gcs, dash, agent, agent_grpc, client, metrics, env_agent, node_mgr, obj_mgr = _free_ports(9)
+    low = 40000 + (os.getpid() % 200) * 100
+    temp = tempfile.mkdtemp(prefix="bi-ray-", dir="/tmp")
+    # As with an activated venv: the head (and so the job driver) finds `batch-infer` and `python` on PATH.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(RAY).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+         f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+         f"--min-worker-port={low}", f"--max-worker-port={low + 99}", f"--temp-dir={temp}",
+         "--disable-usage-stats"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2):
+                    break
+            except urllib.error.HTTPError:  # 401 without a token: the dashboard is up
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("ray start --head did not come up") from None
+                time.sleep(1)
+        yield Head(gcs, dash, process)
+    finally:
+        _stop_group(process)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the head's process group (the daemons it started share it), then SIGKILL what is left."""
+    group = process.pid  # start_new_session: the group id is the `ray start` pid
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                process.wait(timeout=5)
+                return
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def job(tmp_path: Path) -> list[str]:
+    write_files(tmp_path / "in", [300, 200], features=4, row_group_size=100)
+    save_mlp(tmp_path / "m.pt", [4, 8, 1])
+    return ["--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--cpus-per-replica", "0.5",
+            "--shard-rows", "100"]
+
+
+def test_run_against_ray_start_head(head: Head, job: list[str], tmp_path: Path) -> None:
+    result = cli("run", *job, "--output", str(tmp_path / "out"), "--address", head.address, "--json",
+                 env={"RAY_AUTH_MODE": "token"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["status"] == "succeeded" and report["rows_out"] == 500 and report["shards_done"] == 5
+    assert read_output(tmp_path / "out")["id"].to_pylist() == list(range(500))
+
+
+def test_missing_token_is_a_clear_message_not_a_trace(head: Head, job: list[str], tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    result = subprocess.run([sys.executable, "-m", "pipelines", "run", *job, "--output", str(tmp_path / "out"),
+                             "--address", head.address], capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 2
+    assert "RAY_AUTH_MODE=token" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
+
+
+def test_ray_job_submit(head: Head, job: list[str], tmp_path: Path) -> None:
+    command = [RAY, "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
+               "batch-infer", "run", *job, "--output", str(tmp_path / "out")]
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    for _ in range(10):  # the job agent can lag the dashboard by a few seconds after start-up
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+        if "No available agent" not in result.stderr + result.stdout:
+            break
+        time.sleep(3)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "batch-infer succeeded" in result.stdout
+    assert read_output(tmp_path / "out")["id"].to_pylist() == list(range(500))
