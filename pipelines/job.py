@@ -9,7 +9,6 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.cluster import cluster_totals, connect, size_replicas
 from pipelines.commit import (
     COMMITTED,
     FAILED,
@@ -112,7 +111,9 @@ def run(
         >>> report.status, report.rows_out
         ('succeeded', 1000000)
     """
-    from workers.replica import ReplicaJob, replica_report  # torch is imported only where it is used
+    # Ray and torch are imported where they are used: `plan`, `status` and exit-2 paths stay light.
+    from pipelines.cluster import cluster_totals, connect, size_replicas
+    from workers.replica import ReplicaJob, replica_report
 
     cfg = _config(config, options)
     started = time.perf_counter()

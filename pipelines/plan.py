@@ -214,9 +214,8 @@ def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) 
 
 def check_file(f: InputFile, columns: Columns) -> str | None:
     """Why this file can't be processed with these columns, or None when it fits."""
-    if f.error is not None:
-        return f.error
-    assert f.schema is not None
+    if f.error is not None or f.schema is None:
+        return f.error or f"{f.uri}: no schema"
     names = set(f.schema.names)
     missing = [n for n in columns.read if n not in names]
     if missing:
