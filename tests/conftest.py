@@ -75,7 +75,7 @@ def feature_table(ids: np.ndarray, features: int, seed: int) -> pa.Table:
     """id (int64), name (string), f00.. (float32)."""
     rng = np.random.default_rng(seed)
     columns: dict[str, pa.Array] = {"id": pa.array(ids.astype(np.int64)),
-                                    "name": pa.array([f"row-{i}" for i in ids])}
+                                    "name": pa.array([f"row-{i}" for i in ids], pa.string())}
     values = rng.standard_normal((len(ids), features)).astype(np.float32)
     for j in range(features):
         columns[f"f{j:02d}"] = pa.array(values[:, j])

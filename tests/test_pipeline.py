@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import TEST_REPLICA, feature_table, golden_model, output_files, read_output, reference, save_mlp, write_files
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 import pipelines
@@ -181,7 +181,9 @@ def test_lock_held_by_a_live_run(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "_LOCK").exists()
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(rows=[0, 1], row_group_size=1, shard_rows=1, batch_size=1)  # an empty file among others
 @given(
     rows=st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=3),
     row_group_size=st.integers(min_value=1, max_value=150),
