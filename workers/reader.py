@@ -99,11 +99,14 @@ def prefetch(items: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
         thread.join()
 
 
-def feature_matrix(batch: pa.RecordBatch, features: Sequence[str], list_column: bool, width: int) -> np.ndarray:
+def feature_matrix(
+    batch: pa.RecordBatch, features: Sequence[str], list_column: bool, width: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """The batch's features as a (rows, width) float32 array; nulls become NaN.
 
-    Columns are stacked into one (width, rows) buffer with a single copy each;
-    the result is its transpose, a column-major view that matmul consumes as is.
+    Columns are stacked into one (width, rows) buffer (`out` when given, reused
+    across batches) with a single copy each; the result is its transpose, a
+    column-major view that matmul consumes as is.
     """
     rows = batch.num_rows
     if list_column:
@@ -114,7 +117,7 @@ def feature_matrix(batch: pa.RecordBatch, features: Sequence[str], list_column: 
             matrix = matrix.copy()
             matrix[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
         return matrix
-    buffer = np.empty((width, rows), dtype=np.float32)  # (features, rows), row-major
+    buffer = np.empty((width, rows), dtype=np.float32) if out is None else out  # (features, rows), row-major
     for i, name in enumerate(features):
         buffer[i] = batch.column(name).to_numpy(zero_copy_only=False)
     return buffer.T

@@ -16,7 +16,7 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ import torch
 
 from pipelines.errors import ModelError, ShardDataError
 from pipelines.storage import resolve
+from workers.device import Forward
 from workers.model import MLP, read_model
 from workers.reader import describe_invalid, feature_matrix, invalid_rows, iter_batches, open_parquet, prefetch
 from workers.writer import ShardWriter, output_schema, prediction_array, prediction_type
@@ -90,6 +91,7 @@ class Replica:
             raise ModelError(f"model {job.model!r} changed since the run was planned (sha256 {spec.sha256[:12]}...)")
         self.mlp = MLP(layers, job.activation, job.output_activation, self.device, job.precision)
         self.batch_size = job.batch_size or default_batch_size(job.width, self.device.type == "cuda")
+        self.forward = Forward(self.mlp, job.width, self.batch_size, self.device)
         self.source = resolve(job.input)
         self.output = resolve(job.output)
         self.node = ray.get_runtime_context().get_node_id()
@@ -113,7 +115,7 @@ class Replica:
 
     def close(self) -> None:
         self.state = State.CLOSED
-        self.mlp = None  # type: ignore[assignment]
+        self.mlp = self.forward = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -158,11 +160,20 @@ class Replica:
         rows_out = rows_rejected = 0
         batches = prefetch(iter_batches(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri,
                                         use_threads=job.cpus >= 2))
+        forward = self.forward
+        pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with contextlib.closing(batches), contextlib.ExitStack() as commits:
             writer = commits.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema))
+
+            def write(data: pa.RecordBatch, result: Callable[[], np.ndarray]) -> int:
+                arrays = [data.column(name) for name in written]
+                writer.write(pa.RecordBatch.from_arrays([*arrays, prediction_array(result())], schema=out_schema))
+                return data.num_rows
+
             for batch in batches:
                 data = batch.data
-                matrix = feature_matrix(data, job.features, job.list_column, job.width)
+                out = None if job.list_column else forward.buffer(data.num_rows)
+                matrix = feature_matrix(data, job.features, job.list_column, job.width, out)
                 bad = None if job.invalid_rows == "keep" else invalid_rows(matrix)
                 if bad is not None:
                     reasons = describe_invalid(matrix, bad, job.features, job.list_column)
@@ -180,21 +191,18 @@ class Replica:
                         [*bad_rows.columns, pa.array(reasons, pa.string())], schema=rejected_schema))
                     rows_rejected += len(reasons)
                     data, matrix = data.filter(pa.array(~bad)), matrix[~bad]
-                predictions = self._forward(matrix)
-                arrays = [data.column(name) for name in written]
-                writer.write(pa.RecordBatch.from_arrays([*arrays, prediction_array(predictions)], schema=out_schema))
-                rows_out += data.num_rows
+                handle = forward.submit(matrix)  # on GPU this returns at once; collected one batch later
+                if pending is not None:
+                    rows_out += write(*pending)
+                pending = (data, handle)
+            if pending is not None:
+                rows_out += write(*pending)
         return {"rows_out": rows_out, "rows_rejected": rows_rejected,
                 "rejected_output": rejected_rel if rejected is not None else None}
 
     @property
     def outputs(self) -> int:
-        return int(self.mlp.layers[-1][0].shape[0])
-
-    def _forward(self, matrix: np.ndarray) -> np.ndarray:
-        """(rows, width) float32 -> (rows, outputs) float32."""
-        with torch.inference_mode():
-            return self.mlp(torch.from_numpy(matrix)).cpu().numpy()
+        return self.forward.outputs
 
 
 def replica_report(stats: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -2,7 +2,7 @@
 
 The file appears under its final name whole or not at all
 (`pipelines.storage.atomic_sink`): temp + rename locally, one PUT on object
-stores. Float columns skip dictionary encoding; compression is snappy.
+stores. Only string-like columns are dictionary-encoded; compression is snappy.
 """
 
 from __future__ import annotations
@@ -55,12 +55,13 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         sink = self._stack.enter_context(atomic_sink(self.location.fs, self.path))
-        no_dictionary = {f.name for f in self.schema if _is_float(f.type)}
+        # Dictionary encoding pays off for repeated strings; on floats and unique ids it
+        # only costs time (measured: it doubled the write time of an id + prediction file).
         self._writer = pq.ParquetWriter(
             sink,
             self.schema,
             compression="snappy",
-            use_dictionary=[f.name for f in self.schema if f.name not in no_dictionary],
+            use_dictionary=[f.name for f in self.schema if _wants_dictionary(f.type)],
         )
         return self
 
@@ -78,8 +79,6 @@ class ShardWriter:
         self._stack.__exit__(kind, exc, tb)
 
 
-def _is_float(kind: pa.DataType) -> bool:
-    if pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind):
-        return _is_float(kind.value_type)
-    return pa.types.is_floating(kind)
-
+def _wants_dictionary(kind: pa.DataType) -> bool:
+    return (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_dictionary(kind))
