@@ -1,0 +1,131 @@
+"""Measurements that need a process of their own, each with a fresh embedded Ray.
+
+- ``memory_check``: batch-infer at 1x and 4x rows; replica and driver peak RSS.
+- ``process_times``: one whole-process run per system and workload, plus the
+  time until its first output file appears (``batch-infer run``'s start-up).
+
+Children run from the repository root without ``RAY_ADDRESS``; their stderr goes
+to a ``.log`` file next to their output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import systems
+from benchmarks.data import OUT, Workload
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
+
+
+def memory_check(small: Workload, big: Workload, sets: list[str]) -> None:
+    """Replica peak RSS must not grow with input size: 4x rows within 1.2x memory."""
+    measured = {}
+    for workload in (small, big):
+        output = OUT / "memory" / workload.name
+        shutil.rmtree(output, ignore_errors=True)
+        cmd = [sys.executable, "-m", "benchmarks.systems", "batch-infer", *_paths(workload, output), *_set_flags(sets)]
+        print(f"memory   batch-infer {workload.rows:,} rows (own process)", file=sys.stderr, flush=True)
+        with _child_log(output) as log:
+            done = subprocess.run(
+                cmd, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=log, text=True, check=False
+            )
+        _check(done.returncode, cmd, log.name)
+        line = json.loads(done.stdout.strip().splitlines()[-1])
+        peak = max(r["peak_rss_bytes"] for r in line["details"]["replicas"])
+        measured[workload.name] = {
+            "rows": workload.rows,
+            "replica_peak_rss_bytes": peak,
+            "driver_peak_rss_bytes": line["driver_peak_rss_bytes"],
+            "driver_peak_rss_growth_bytes": line["driver_peak_rss_growth_bytes"],
+        }
+    one, four = measured[small.name], measured[big.name]
+    ratio = four["replica_peak_rss_bytes"] / one["replica_peak_rss_bytes"]
+    print(
+        f"memory: max replica peak RSS {_mib(one['replica_peak_rss_bytes'])} at {one['rows']:,} rows, "
+        f"{_mib(four['replica_peak_rss_bytes'])} at {four['rows']:,} rows: ratio {ratio:.2f} (target <= 1.2)"
+    )
+    print(
+        f"memory: driver peak RSS {_mib(one['driver_peak_rss_bytes'])} at 1x, {_mib(four['driver_peak_rss_bytes'])} "
+        f"at 4x; growth above its RSS just before pipelines.run: "
+        f"{_mib(one['driver_peak_rss_growth_bytes'])} at 1x, {_mib(four['driver_peak_rss_growth_bytes'])} at 4x"
+    )
+    print(json.dumps({"metric": "memory", "1x": one, "4x": four, "replica_peak_rss_ratio": round(ratio, 3)}))
+
+
+def process_times(chosen: list[Workload], names: list[str], sets: list[str]) -> list[dict[str, Any]]:
+    """One whole-process run per system and workload: interpreter start, imports, Ray start, work, exit."""
+    timings = [launch(w, name, sets) for w in chosen for name in names]
+    print(f"\nwhole-process times (1 run each)\n{'workload':9} {'system':12} {'seconds':>9} {'first output s':>15}")
+    for t in timings:
+        print(f"{t['workload']:9} {t['system']:12} {t['seconds']:>9.2f} {t['first_output_seconds']:>15.2f}")
+    for t in timings:
+        print(json.dumps({"metric": "process", **t}))
+    return timings
+
+
+def launch(workload: Workload, name: str, sets: list[str]) -> dict[str, Any]:
+    """Run one system as its own process; also note when its first output file appears."""
+    output = OUT / "process" / workload.name / name
+    shutil.rmtree(output, ignore_errors=True)
+    if name == "batch-infer":
+        cmd = [sys.executable, "-m", "pipelines", "run", *_paths(workload, output), "--overwrite", *_set_flags(sets)]
+    else:
+        cmd = [sys.executable, "-m", "benchmarks.systems", name, *_paths(workload, output)]
+    print(f"process  {name:12} {workload.name}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    first = None
+    with (
+        _child_log(output) as log,
+        subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=subprocess.DEVNULL, stderr=log) as proc,
+    ):
+        while proc.poll() is None:
+            if first is None and systems.output_files(output):
+                first = time.perf_counter() - start
+            time.sleep(0.02)
+    seconds = time.perf_counter() - start
+    _check(proc.returncode, cmd, log.name)
+    first = first if first is not None else seconds  # finished between two polls
+    return {
+        "workload": workload.name,
+        "system": name,
+        "rows": workload.rows,
+        "seconds": round(seconds, 3),
+        "first_output_seconds": round(first, 3),
+    }
+
+
+def _child_log(output: Path) -> Any:
+    """A child's stderr goes to OUTPUT.log next to its output directory."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return open(output.with_name(output.name + ".log"), "w")
+
+
+def _check(returncode: int, cmd: list[str], log: str) -> None:
+    if returncode != 0:
+        tail = "".join(Path(log).read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"{' '.join(cmd)} exited {returncode}; stderr in {log}:\n{tail}")
+
+
+def _paths(workload: Workload, output: Path) -> list[str]:
+    return ["--model", str(workload.model), "--input", str(workload.input), "--output", str(output)]
+
+
+def _set_flags(sets: list[str]) -> list[str]:
+    return [arg for kv in sets for arg in ("--set", kv)]
+
+
+def _child_env() -> dict[str, str]:
+    """Children start their own embedded Ray: never inherit a cluster address."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
