@@ -163,10 +163,11 @@ def _load_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], 
     return tensors, keys
 
 
+# In place: each layer's output is a fresh tensor, so no extra allocation per activation.
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "sigmoid": torch.sigmoid,
-    "relu": torch.relu,
-    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid_,
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
     "none": lambda x: x,
     "softmax": lambda x: torch.softmax(x, dim=-1),
 }
@@ -203,3 +204,8 @@ class MLP:
         for (weight, bias), act in zip(self.layers, self.activations):
             x = act(torch.nn.functional.linear(x, weight, bias))
         return x.float()
+
+    @property
+    def widest(self) -> int:
+        """The widest layer output (sizes the CPU chunk that keeps activations in cache)."""
+        return max(int(weight.shape[0]) for weight, _ in self.layers)
