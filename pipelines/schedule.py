@@ -105,6 +105,8 @@ class Scheduler:
                     self._lost(entry.slot, entry.shard, exc, pending, attempts, on_result)
                     continue
                 except ray.exceptions.RayTaskError as exc:  # a bug in the replica code, not a data error
+                    if isinstance(getattr(exc, "cause", None), ModelError):
+                        raise exc.cause from None  # the replica could not load the model: the whole job stops
                     if entry.shard is None:
                         raise
                     on_result(entry.shard, _failure(entry.shard, attempts, f"replica error: {_last_line(exc)}"))

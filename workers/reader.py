@@ -64,39 +64,56 @@ def iter_batches(
             raise ShardDataError(f"cannot decode {uri}, row group {rg}: {exc}") from exc
 
 
-def prefetch(items: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
-    """Run `items` in a background thread, `depth` batches ahead."""
-    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
+class prefetch:  # noqa: N801 - used like a generator function
+    """Run `items` in a background thread, `depth` batches ahead, starting at once.
 
-    def produce() -> None:
+    Decoding begins when this is created, not on first iteration, so it overlaps
+    whatever the caller does next (e.g. waiting for the model to load). Always
+    `close()` it (it is a context manager too) to stop the thread.
+    """
+
+    def __init__(self, items: Iterator[Batch], depth: int = 2) -> None:
+        self._slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="batch-infer-decode", daemon=True)
+        self._thread.start()
+
+    def _produce(self, items: Iterator[Batch]) -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not self._put(item):
                     return
-            slots.put(_DONE)
+            self._put(_DONE)
         except BaseException as exc:  # handed to the consumer, raised there
-            slots.put(exc)
+            self._put(exc)
 
-    thread = threading.Thread(target=produce, name="batch-infer-decode", daemon=True)
-    thread.start()
-    try:
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Batch]:
         while True:
-            item = slots.get()
+            item = self._slots.get()
             if item is _DONE:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        thread.join()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def feature_matrix(

@@ -19,16 +19,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipelines.errors import ModelError, ShardDataError
 from pipelines.storage import resolve
-from workers.device import Forward
-from workers.model import MLP, read_model
 from workers.reader import describe_invalid, feature_matrix, invalid_rows, iter_batches, open_parquet, prefetch
 from workers.writer import ShardWriter, output_schema, prediction_array, prediction_type
+
+if TYPE_CHECKING:
+    from workers.device import Forward
 
 logger = logging.getLogger(__name__)
 
@@ -79,33 +82,56 @@ class Replica:
 
         self.index = index
         self.job = job
-        threads = max(1, int(job.cpus))
-        torch.set_num_threads(threads)
-        pa.set_cpu_count(threads)
+        pa.set_cpu_count(max(1, int(job.cpus)))
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        self.device = torch.device("cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda" and job.precision == "tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
-        _, spec, layers = read_model(job.model)
-        if spec.sha256 != job.model_sha256:
-            raise ModelError(f"model {job.model!r} changed since the run was planned (sha256 {spec.sha256[:12]}...)")
-        self.mlp = MLP(layers, job.activation, job.output_activation, self.device, job.precision)
-        self.batch_size = job.batch_size or default_batch_size(job.width, self.device.type == "cuda")
-        self.forward = Forward(self.mlp, job.width, self.batch_size, self.device)
+        self.batch_size = job.batch_size or default_batch_size(job.width, bool(self.gpu_ids))
         self.source = resolve(job.input)
         self.output = resolve(job.output)
         self.node = ray.get_runtime_context().get_node_id()
         self.host = socket.gethostname()
+        self.device = "cuda" if self.gpu_ids else "cpu"  # confirmed once torch is loaded
         self.shards = 0
         self.rows = 0
         self.busy_seconds = 0.0
+        # Importing torch and loading the model take ~1 s; they run in the background so
+        # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
+        self._model: Future[Forward] = self._loader.submit(self._load)
+        self._loader.shutdown(wait=False)
         self.state = State.READY
-        logger.info("[replica %d] ready on %s (%s), batch_size=%d", index, self.host, self.device, self.batch_size)
+
+    def _load(self) -> Forward:
+        import torch
+
+        from workers.device import Forward
+        from workers.model import MLP, read_model
+
+        job = self.job
+        torch.set_num_threads(max(1, int(job.cpus)))
+        device = torch.device("cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu")
+        if self.gpu_ids and device.type != "cuda":
+            logger.warning("[replica %d] assigned GPU(s) %s but CUDA is not available; using the CPU",
+                           self.index, self.gpu_ids)
+        if device.type == "cuda" and job.precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        _, spec, layers = read_model(job.model)
+        if spec.sha256 != job.model_sha256:
+            raise ModelError(f"model {job.model!r} changed since the run was planned (sha256 {spec.sha256[:12]}...)")
+        mlp = MLP(layers, job.activation, job.output_activation, device, job.precision)
+        self.device = str(device)
+        logger.info("[replica %d] model loaded on %s (%s), batch_size=%d", self.index, self.host, device,
+                    self.batch_size)
+        return Forward(mlp, job.width, self.batch_size, device)
+
+    @property
+    def forward(self) -> Forward:
+        """The loaded model (waits for the background load; raises its error)."""
+        return self._model.result()
 
     def info(self) -> dict[str, Any]:
-        """Where this replica runs (also a readiness probe: returns once the model is loaded)."""
+        """Where this replica runs (a readiness probe: the actor is up; the model may still be loading)."""
         return {"index": self.index, "node": self.node, "host": self.host, "pid": os.getpid(),
-                "device": str(self.device), "gpu_ids": self.gpu_ids, "batch_size": self.batch_size}
+                "device": self.device, "gpu_ids": self.gpu_ids, "batch_size": self.batch_size}
 
     def stats(self) -> dict[str, Any]:
         """Counters for the run report."""
@@ -115,8 +141,9 @@ class Replica:
 
     def close(self) -> None:
         self.state = State.CLOSED
-        self.mlp = self.forward = None  # type: ignore[assignment]
-        if self.device.type == "cuda":
+        if self._model.done() and self._model.exception() is None and self.device.startswith("cuda"):
+            import torch
+
             torch.cuda.empty_cache()
 
     def process(self, task: dict[str, Any]) -> dict[str, Any]:
@@ -153,16 +180,17 @@ class Replica:
         if missing:
             raise ShardDataError(f"{uri}: missing column(s) {missing}")
         written = [*job.passthrough, *(job.features if job.keep_features else ())]
-        out_schema = output_schema(schema, written, [pa.field(job.prediction_column, prediction_type(self.outputs))])
         rejected_rel = f"{job.rejected_dir}/{task['output']}"
         rejected_schema = output_schema(schema, columns, [pa.field("reason", pa.string())])
         rejected: ShardWriter | None = None
         rows_out = rows_rejected = 0
         batches = prefetch(iter_batches(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri,
                                         use_threads=job.cpus >= 2))
-        forward = self.forward
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
-        with contextlib.closing(batches), contextlib.ExitStack() as commits:
+        with batches, contextlib.ExitStack() as commits:
+            forward = self.forward  # the first shard's batches decode while the model loads
+            prediction = pa.field(job.prediction_column, prediction_type(forward.outputs))
+            out_schema = output_schema(schema, written, [prediction])
             writer = commits.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema))
 
             def write(data: pa.RecordBatch, result: Callable[[], np.ndarray]) -> int:
@@ -199,10 +227,6 @@ class Replica:
                 rows_out += write(*pending)
         return {"rows_out": rows_out, "rows_rejected": rows_rejected,
                 "rejected_output": rejected_rel if rejected is not None else None}
-
-    @property
-    def outputs(self) -> int:
-        return self.forward.outputs
 
 
 def replica_report(stats: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
