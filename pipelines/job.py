@@ -61,6 +61,7 @@ class Plan:
         return sum(s.rows_in for s in self.todo)
 
     def to_dict(self) -> dict[str, Any]:
+        skipped = {s.id for s in self.skipped}
         return {
             "model": self.model.to_dict(),
             "features": list(self.columns.features),
@@ -73,7 +74,7 @@ class Plan:
             "shards": [
                 {"id": s.id, "input": s.input, "row_groups": list(s.row_groups), "rows_in": s.rows_in,
                  "output": self.output.display(self.output.join(s.output)),
-                 "status": "skip" if s in self.skipped else ("fail" if s.error else "run"), "error": s.error}
+                 "status": "skip" if s.id in skipped else ("fail" if s.error else "run"), "error": s.error}
                 for s in self.shards
             ],
         }

@@ -13,7 +13,6 @@ from scheduling, so a retried or resumed shard writes the same file.
 from __future__ import annotations
 
 import fnmatch
-import posixpath
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -240,10 +239,3 @@ def _is_float_list(kind: pa.DataType) -> bool:
 def _short(names: Sequence[str]) -> str:
     return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"
 
-
-def describe(shards: Sequence[Shard], output_root: str) -> list[str]:
-    """Human-readable plan lines (for `batch-infer plan`)."""
-    return [
-        f"{s.id}  rows={s.rows_in}  -> {posixpath.join(output_root, s.output)}" + (f"  ERROR: {s.error}" if s.error else "")
-        for s in shards
-    ]

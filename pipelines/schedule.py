@@ -42,7 +42,6 @@ class _Slot:
     actor: Any
     ready: bool = False
     alive: bool = True
-    started_at: float = field(default_factory=time.monotonic)
     tasks: set[Any] = field(default_factory=set)  # ObjectRefs of shards in flight
 
 
@@ -78,7 +77,6 @@ class Scheduler:
         self._refs: dict[Any, _Ref] = {}
         self._respawns_left = resources.count * max_attempts
         self._stats: dict[int, dict[str, Any]] = {}
-        self.replicas_started = 0
 
     def run(self, shards: Sequence[Shard], on_result: Callable[[Shard, dict[str, Any]], None]) -> list[dict[str, Any]]:
         """Process every shard; calls `on_result(shard, record)` as each finishes. Returns replica stats."""
@@ -134,7 +132,6 @@ class Scheduler:
         slot = _Slot(index, actor)
         self._slots.append(slot)
         self._refs[actor.info.remote()] = _Ref(slot, None)
-        self.replicas_started += 1
 
     def _dispatch(self, pending: collections.deque[Shard], attempts: collections.Counter[str]) -> None:
         for slot in self._slots:
