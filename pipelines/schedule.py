@@ -76,7 +76,6 @@ class Scheduler:
         self._slots: list[_Slot] = []
         self._refs: dict[Any, _Ref] = {}
         self._respawns_left = resources.count * max_attempts
-        self._stats: dict[int, dict[str, Any]] = {}
 
     def run(self, shards: Sequence[Shard], on_result: Callable[[Shard, dict[str, Any]], None]) -> list[dict[str, Any]]:
         """Process every shard; calls `on_result(shard, record)` as each finishes. Returns replica stats."""

@@ -17,10 +17,8 @@ import resource
 import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
-
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
