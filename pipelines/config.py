@@ -49,6 +49,7 @@ class JobConfig:
     precision: str = "fp32"
     shard_rows: int | None = None
     max_attempts: int = 3
+    shard_timeout: float | None = None  # seconds; None means "chosen by the system"
     invalid_rows: str = "quarantine"
     overwrite: bool = False
     address: str | None = None
@@ -77,6 +78,10 @@ class JobConfig:
         object.__setattr__(self, "replicas", _positive_int("replicas", self.replicas, auto=True))
         object.__setattr__(self, "shard_rows", _positive_int("shard_rows", self.shard_rows, auto=True))
         object.__setattr__(self, "max_attempts", _positive_int("max_attempts", self.max_attempts))
+        if self.shard_timeout is not None and self.shard_timeout != "auto":
+            object.__setattr__(self, "shard_timeout", _positive_float("shard_timeout", self.shard_timeout))
+        else:
+            object.__setattr__(self, "shard_timeout", None)
         gpus = self.gpus_per_replica
         if not (gpus is None or (isinstance(gpus, str) and gpus == "auto")):
             gpus = _positive_float("gpus_per_replica", gpus, allow_zero=True)

@@ -15,7 +15,10 @@ with ``invalid_rows: fail``) are not exceptions at the API surface: they are
 recorded in the run report and the manifest, and the run exits 1.
 
 `ShardDataError` is raised inside a replica for such a shard; it is not part of
-the public tree, since it never escapes `run`.
+the public tree, since it never escapes `run`. Neither is `StorageError`: a
+storage operation that kept failing with a transient error (throttling,
+timeouts, 5xx) after its retries. It is an infrastructure failure, not a data
+error: the shard is retried (up to `max_attempts`), never recorded as bad data.
 """
 
 from __future__ import annotations
@@ -61,4 +64,11 @@ class ShardDataError(Exception):
     """A data problem confined to one shard (not retried; the shard fails).
 
     The message names the input file and, where known, the column and row group.
+    """
+
+
+class StorageError(Exception):
+    """A storage operation that kept failing with a transient error after its retries.
+
+    Infrastructure, not data: the shard holding it is retried like one whose replica died.
     """
