@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import os
 import posixpath
 import uuid
@@ -143,34 +144,114 @@ def existing_files(fs: pafs.FileSystem, root: str) -> set[str]:
     return {info.path for info in _walk(fs, root)}
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_name(path: str) -> str:
+    """A hidden, unique temporary name next to `path` (`.name.<hex>.tmp`)."""
+    parent, name = posixpath.split(path)
+    return posixpath.join(parent, f".{name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+
+
+def is_temp(path: str) -> bool:
+    """Whether a path is one of our temporary files (left behind only by a killed attempt)."""
+    name = posixpath.basename(path)
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+class _Hashing:
+    """A write-only file object that hashes (sha256) and counts what passes through it."""
+
+    def __init__(self, sink: pa.NativeFile) -> None:
+        self.sink = sink
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.sink.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class StagedFile:
+    """A file written under a hidden temporary name, then published under its final path whole.
+
+    Every byte is hashed on the way out, so the commit record can carry the
+    file's size and sha256 before the file becomes visible. Local files and
+    HDFS publish by rename; object stores stream a (multipart) upload to the
+    temporary key and publish with a server-side move. A staged file that is
+    discarded, or whose writer is killed, leaves only a hidden `.tmp` name
+    behind, which readers skip and a complete run sweeps away.
+
+    Example:
+        >>> staged = StagedFile(fs, "/out/part-0-00000.parquet")  # doctest: +SKIP
+        >>> staged.stream.write(b"...")
+        >>> size, sha256 = staged.finish()
+        >>> staged.publish()
+    """
+
+    def __init__(self, fs: pafs.FileSystem, path: str) -> None:
+        self.fs = fs
+        self.path = path
+        self.tmp = temp_name(path)
+        parent = posixpath.dirname(path)
+        if isinstance(fs, pafs.LocalFileSystem):
+            os.makedirs(parent, exist_ok=True)
+        else:
+            with contextlib.suppress(OSError):
+                fs.create_dir(parent, recursive=True)
+        self._raw = fs.open_output_stream(self.tmp)
+        self._hashing = _Hashing(self._raw)
+        self.stream = pa.PythonFile(self._hashing, mode="w")
+        self.size = 0
+        self.sha256 = ""
+
+    def finish(self) -> tuple[int, str]:
+        """Complete the temporary file; returns (size in bytes, sha256 hex)."""
+        self.stream.close()
+        self._raw.close()
+        self.size, self.sha256 = self._hashing.size, self._hashing.sha256.hexdigest()
+        return self.size, self.sha256
+
+    def publish(self) -> None:
+        """Move the finished temporary file to its final path (replacing what was there)."""
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            os.replace(self.tmp, self.path)
+        else:
+            self.fs.move(self.tmp, self.path)
+
+    def discard(self) -> None:
+        """Drop the temporary file (after a failure); never raises."""
+        with contextlib.suppress(Exception):
+            if not self._raw.closed:
+                self._raw.close()
+        with contextlib.suppress(Exception):
+            self.fs.delete_file(self.tmp)
+
+
 @contextlib.contextmanager
 def atomic_sink(fs: pafs.FileSystem, path: str) -> Iterator[pa.NativeFile]:
-    """A stream whose content appears at `path` whole, or not at all.
-
-    Local files: written under a hidden temporary name, then renamed over
-    `path`. Object stores: buffered in memory and written with one PUT, so no
-    reader ever sees a partial object.
-    """
-    parent = posixpath.dirname(path)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(parent, recursive=True)
-        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with fs.open_output_stream(tmp) as stream:
-                yield stream
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    else:
-        buffer = pa.BufferOutputStream()
-        yield buffer
-        data = buffer.getvalue()
-        with contextlib.suppress(OSError):
-            fs.create_dir(parent, recursive=True)
-        with fs.open_output_stream(path) as stream:
-            stream.write(data)
+    """A stream whose content appears at `path` whole, or not at all (see `StagedFile`)."""
+    staged = StagedFile(fs, path)
+    try:
+        yield staged.stream
+        staged.finish()
+        staged.publish()
+    except BaseException:
+        staged.discard()
+        raise
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
