@@ -1,31 +1,45 @@
-"""The output's committed state: `_manifest.json`, resume decisions and `_SUCCESS`.
+"""The output's committed state: `_manifest.json` + `_journal/`, resume decisions and `_SUCCESS`.
 
-Replicas put their files in place; the driver records them here. The manifest
-is rewritten atomically as shards commit (at most once per `flush_seconds`),
-so a crash loses at most the last few records, never a file's content: resume
-redoes such shards under the same names with the same bytes.
+The truth about an output is its manifest with its journal applied (`State`):
+every data file under the output is described by exactly one shard entry
+(with its rows, size and sha256) or is on the way out (`retiring`). Replicas
+record their commits in the journal before they publish; the driver records
+confirmations and failures there as they arrive, and rewrites the manifest once
+per run (compaction). `_SUCCESS` is written last, only when the output mirrors
+the current input: every planned shard committed, rows reconciled, and every
+file of an older input version or of a vanished input deleted.
+
+    >>> state = State.load(resolve("preds/"))  # doctest: +SKIP
+    >>> sorted(state.files)[:1]
+    ['part-0000-00000.parquet']
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.config import JobConfig
 from pipelines.errors import OutputConflictError
-from pipelines.plan import Columns, Shard
-from pipelines.storage import Location, delete_file, read_bytes, write_bytes_atomic
+from pipelines.journal import Journal, SegmentWriter, clear_journal, read_journal
+from pipelines.plan import Columns, Shard, Span
+from pipelines.storage import Location, delete_file, existing_files, read_bytes, relative_to, sweep_temps, write_bytes_atomic
 
-FORMAT = "batch-infer/manifest/1"
+logger = logging.getLogger(__name__)
+
+FORMAT = "batch-infer/manifest/2"
+_READABLE_FORMATS = ("batch-infer/manifest/1", FORMAT)
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 REJECTED_DIR = "_rejected"
 
-COMMITTED, FAILED, PENDING = "committed", "failed", "pending"
+COMMITTED, FAILED, PENDING, SUPERSEDED = "committed", "failed", "pending", "superseded"
 
 
 def prediction_settings(cfg: JobConfig, columns: Columns) -> dict[str, Any]:
@@ -42,8 +56,32 @@ def prediction_settings(cfg: JobConfig, columns: Columns) -> dict[str, Any]:
     }
 
 
+def shard_entry(shard: Shard) -> dict[str, Any]:
+    """A shard's manifest entry before it has run."""
+    return {
+        "id": shard.id,
+        "input": shard.input,
+        "rel": shard.rel,
+        "fingerprint": shard.fingerprint,
+        "file_row_groups": shard.file_row_groups,
+        "row_groups": list(shard.row_groups),
+        "rows_in": shard.rows_in,
+        "rows_out": 0,
+        "rows_rejected": 0,
+        "output": shard.output,
+        "bytes": None,
+        "sha256": None,
+        "rejected_output": None,
+        "rejected_bytes": None,
+        "rejected_sha256": None,
+        "status": PENDING,
+        "attempts": 0,
+        "error": shard.error,
+    }
+
+
 def load_manifest(output: Location) -> dict[str, Any] | None:
-    """The committed manifest of an output, or None for a new output."""
+    """The manifest of an output as last compacted, or None for a new output."""
     data = read_bytes(output.fs, output.join(MANIFEST))
     if data is None:
         return None
@@ -54,7 +92,7 @@ def load_manifest(output: Location) -> dict[str, Any] | None:
             f"{output.display(output.join(MANIFEST))} is not valid JSON ({exc}); "
             f"fix or remove it, or run with overwrite to recompute everything"
         ) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") not in _READABLE_FORMATS:
         raise OutputConflictError(
             f"{output.display(output.join(MANIFEST))} is not a batch-infer manifest ({FORMAT}); "
             f"choose another output or run with overwrite"
@@ -62,29 +100,186 @@ def load_manifest(output: Location) -> dict[str, Any] | None:
     return manifest
 
 
-def check_compatible(previous: Mapping[str, Any], sha256: str, settings: Mapping[str, Any], where: str) -> None:
-    """Refuse to mix outputs of different models or prediction settings (exit 2)."""
-    problems = []
-    if previous["model"]["sha256"] != sha256:
-        problems.append(f"model sha256 {previous['model']['sha256'][:12]}... -> {sha256[:12]}...")
-    old = previous.get("settings", {})
-    for key, value in settings.items():
-        if old.get(key) != value:
-            problems.append(f"{key}: {old.get(key)!r} -> {value!r}")
-    if problems:
-        raise OutputConflictError(
-            f"{where} holds predictions made with a different model or config ({'; '.join(problems)}); "
-            f"set overwrite to recompute everything, or write to a new output"
-        )
+@dataclass
+class State:
+    """An output's committed state: its manifest with the journal applied."""
+
+    header: dict[str, Any] = field(default_factory=dict)  # model, config, settings, columns, source
+    generation: int = 0
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # output path -> entry whose file it is
+    others: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard id -> entry with no file
+    retiring: set[str] = field(default_factory=set)  # files no entry describes: deleted when a run completes
+    journal: Journal = field(default_factory=Journal)
+    found: bool = False  # a manifest or a journal exists
+
+    @classmethod
+    def load(cls, output: Location) -> State:
+        """Read the manifest and apply the journal (reading the files of unconfirmed commits)."""
+        manifest = load_manifest(output)
+        state = cls(found=manifest is not None)
+        if manifest is not None:
+            state.header = {k: manifest.get(k) for k in ("model", "config", "settings", "columns", "source")}
+            state.generation = int(manifest.get("generation", 0))
+            for entry in manifest.get("shards", []):
+                entry = {**_V1_DEFAULTS, **entry}
+                if entry["status"] in (COMMITTED, SUPERSEDED):
+                    state.files[entry["output"]] = entry
+                else:
+                    state.others[entry["id"]] = entry
+            state.retiring = set(manifest.get("retiring", []))
+        state.journal = read_journal(output, after=state.generation)
+        state.found = state.found or bool(state.journal.files)
+        state._apply(output, state.journal)
+        return state
+
+    def _apply(self, output: Location, journal: Journal) -> None:
+        for generation in sorted(journal.generations):
+            records = journal.generations[generation]
+            confirmed = set()
+            for op in records.ops:
+                if op["op"] == "confirm" and op["token"] in records.commits:
+                    self.commit({**_V1_DEFAULTS, **records.commits[op["token"]], "attempts": op["attempts"]})
+                    confirmed.add(op["token"])
+                elif op["op"] == "fail":
+                    self.fail(op["entry"])
+                elif op["op"] == "retire":
+                    for path in op["paths"]:
+                        self.retire(path)
+            for token, entry in records.commits.items():
+                if token not in confirmed:
+                    self.settle(output, {**_V1_DEFAULTS, **entry})
+
+    def settle(self, output: Location, entry: Mapping[str, Any]) -> None:
+        """A commit record nobody confirmed (its replica or the driver died): the files decide."""
+        held = self.files.get(entry["output"])
+        if held is not None and held.get("sha256") == entry.get("sha256") and held["id"] == entry["id"]:
+            return  # already described (another attempt of the same shard, same bytes)
+        published = [published_as_recorded(output, path, size, sha) for path, size, sha in _files_of(entry)]
+        if all(published):
+            self.commit(entry)
+        elif any(published):  # killed between publishing its files: neither version is whole
+            for path, _, _ in _files_of(entry):
+                self.retire(path)
+
+    def commit(self, entry: Mapping[str, Any]) -> None:
+        """A shard's files are published: its entry now describes them."""
+        entry = {**entry, "status": COMMITTED, "error": None}
+        old = self.files.get(entry["output"])
+        if old is not None and old.get("rejected_output") not in (None, entry.get("rejected_output")):
+            self.retiring.add(old["rejected_output"])  # the older version's quarantine file is stale now
+        self.files[entry["output"]] = entry
+        self.others.pop(entry["id"], None)
+        self.retiring.discard(entry["output"])
+        if entry.get("rejected_output"):
+            self.retiring.discard(entry["rejected_output"])
+
+    def fail(self, entry: Mapping[str, Any]) -> None:
+        """A shard failed (its earlier files, if any, stay as they are)."""
+        held = self.files.get(entry["output"])
+        if held is not None and held["id"] == entry["id"] and held["fingerprint"] == entry["fingerprint"]:
+            return  # another attempt committed it
+        self.others[entry["id"]] = {**entry, "status": FAILED}
+
+    def retire(self, path: str) -> None:
+        """`path` is no longer described by any entry; it is deleted when a run completes."""
+        holder = self.files.pop(path, None)
+        if holder is None:
+            holder = next((e for e in self.files.values() if e.get("rejected_output") == path), None)
+            if holder is not None:
+                self.files.pop(holder["output"])
+        for p in [path, *(p for p, _, _ in _files_of(holder or {}))]:
+            self.retiring.add(p)
+
+    def spans(self, listed: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[Span]]:
+        """(rel, fingerprint) -> committed spans, for the listed files whose committed shards cover
+        every row group (such a file needs no footer to be planned)."""
+        wanted = set(listed)
+        found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for entry in self.files.values():
+            key = (entry["rel"], entry["fingerprint"])
+            if key in wanted and entry["file_row_groups"] is not None:
+                found.setdefault(key, []).append(entry)
+        covered = {}
+        for key, entries in found.items():
+            entries.sort(key=lambda e: e["row_groups"][0])
+            total = entries[0]["file_row_groups"]
+            bounds = [tuple(e["row_groups"]) for e in entries]
+            tiles = bounds[0][0] == 0 and bounds[-1][1] == total and all(
+                a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and all(e["file_row_groups"] == total for e in entries)
+            if tiles:
+                covered[key] = [Span(e["row_groups"][0], e["row_groups"][1], e["rows_in"], e["output"]) for e in entries]
+        return covered
+
+    def partial_spans(self, listed: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[Span]]:
+        """(rel, fingerprint) -> every committed span of a listed file (checked against its footer later)."""
+        wanted = set(listed)
+        spans: dict[tuple[str, str], list[Span]] = {}
+        for entry in self.files.values():
+            key = (entry["rel"], entry["fingerprint"])
+            if key in wanted:
+                spans.setdefault(key, []).append(
+                    Span(entry["row_groups"][0], entry["row_groups"][1], entry["rows_in"], entry["output"]))
+        return spans
+
+    def claims(self, listed_rels: set[str]) -> dict[str, str]:
+        """Output names held by inputs that are still listed (a vanished input's names are free)."""
+        names = {}
+        for entry in [*self.files.values(), *self.others.values()]:
+            if entry["rel"] in listed_rels:
+                names.setdefault(entry["output"], entry["rel"])
+        return names
+
+    def check_compatible(self, sha256: str, settings: Mapping[str, Any], where: str) -> None:
+        """Refuse to mix outputs of different models or prediction settings (exit 2)."""
+        if not self.header.get("model"):
+            return
+        problems = []
+        if self.header["model"]["sha256"] != sha256:
+            problems.append(f"model sha256 {self.header['model']['sha256'][:12]}... -> {sha256[:12]}...")
+        old = self.header.get("settings") or {}
+        for key, value in settings.items():
+            if old.get(key) != value:
+                problems.append(f"{key}: {old.get(key)!r} -> {value!r}")
+        if problems:
+            raise OutputConflictError(
+                f"{where} holds predictions made with a different model or config ({'; '.join(problems)}); "
+                f"set overwrite to recompute everything, or write to a new output"
+            )
 
 
-def reusable_spans(previous: Mapping[str, Any] | None) -> dict[tuple[str, str], list[tuple[int, int]]]:
-    """(rel, fingerprint) -> row-group spans an earlier run planned for that file."""
-    spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
-    for entry in (previous or {}).get("shards", []):
-        key = (entry["rel"], entry["fingerprint"])
-        spans.setdefault(key, []).append((entry["row_groups"][0], entry["row_groups"][1]))
-    return spans
+_V1_DEFAULTS = {"file_row_groups": None, "bytes": None, "sha256": None, "rejected_bytes": None,
+                "rejected_sha256": None, "rejected_output": None, "attempts": 0, "error": None}
+
+
+def _files_of(entry: Mapping[str, Any]) -> list[tuple[str, int | None, str | None]]:
+    """(path, bytes, sha256) of each file an entry describes, the quarantine file first (published first)."""
+    files = []
+    if entry.get("rejected_output"):
+        files.append((entry["rejected_output"], entry.get("rejected_bytes"), entry.get("rejected_sha256")))
+    if entry.get("output") and entry.get("status", COMMITTED) in (COMMITTED, SUPERSEDED):
+        files.append((entry["output"], entry.get("bytes"), entry.get("sha256")))
+    return files
+
+
+def published_as_recorded(output: Location, path: str, size: int | None, sha256: str | None) -> bool:
+    """Whether the file at `path` (relative) holds exactly the recorded bytes."""
+    info = output.fs.get_file_info(output.join(path))
+    if info.type.name != "File" or (size is not None and info.size != size):
+        return False
+    if sha256 is None:
+        return True
+    return file_sha256(output, path) == sha256
+
+
+def file_sha256(output: Location, path: str) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with output.fs.open_input_stream(output.join(path)) as stream:
+            while chunk := stream.read(8 << 20):
+                digest.update(chunk)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
 
 
 @dataclass
@@ -93,117 +288,170 @@ class Reconciled:
 
     todo: list[Shard]
     skipped: list[Shard]
-    kept: list[dict[str, Any]]  # committed entries of inputs no longer listed; left as they are
-    previous: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> committed entry
-    superseded: list[str] = field(default_factory=list)  # old output paths (relative) to delete at success
+    stale: list[str]  # files of older input versions or vanished inputs: deleted when the run completes
 
 
-def reconcile(
-    shards: Sequence[Shard], previous: Mapping[str, Any] | None, existing: Iterable[str], overwrite: bool
-) -> Reconciled:
-    """Split the plan into shards to run and shards already committed.
+def reconcile(state: State, shards: Sequence[Shard], present: set[str], overwrite: bool) -> Reconciled:
+    """Split the plan into shards to run and shards already committed; find stale files.
 
-    A shard is skipped when the manifest records it committed, for the same
-    input fingerprint and row groups, and its output file is still there.
+    A shard is skipped when its output file is described by a committed entry
+    for the same input fingerprint and row groups, and the file is still there.
+    Entries whose files were deleted behind our back are dropped (their shards
+    run again).
     """
-    present = set(existing)
-    entries = list((previous or {}).get("shards", []))
-    committed = {e["id"]: e for e in entries if e["status"] == COMMITTED and e["fingerprint"]}
+    for path in [p for p in state.files if p not in present]:
+        entry = state.files.pop(path)
+        if entry.get("rejected_output") in present:
+            state.retiring.add(entry["rejected_output"])
+    for path in [p for p in state.retiring if p not in present]:
+        state.retiring.discard(path)
     result = Reconciled([], [], [])
-    planned_rels = {s.rel for s in shards}
+    planned = set()
     for shard in shards:
-        entry = None if overwrite else committed.get(shard.id)
-        if entry and entry["fingerprint"] == shard.fingerprint and entry["output"] in present:
+        entry = state.files.get(shard.output)
+        if not overwrite and entry is not None and _describes(entry, shard):
             result.skipped.append(shard)
-            result.previous[shard.id] = entry
+            planned.add(shard.output)
         else:
             result.todo.append(shard)
-    new_outputs = {s.output for s in shards}
-    for e in entries:
-        if e["rel"] not in planned_rels and not overwrite:
-            if e["status"] == COMMITTED:
-                result.kept.append(e)
-            continue
-        for path in (e.get("output"), e.get("rejected_output")):
-            if path and path not in new_outputs and e["id"] not in result.previous:
-                result.superseded.append(path)
-    result.superseded.extend((previous or {}).get("superseded", []))
-    result.superseded = sorted(set(result.superseded) - new_outputs)
+    result.stale = sorted(path for path in state.files if path not in planned)
     return result
 
 
-class Manifest:
-    """The manifest being written by this run."""
+def _describes(entry: Mapping[str, Any], shard: Shard) -> bool:
+    return (entry["id"] == shard.id and entry["fingerprint"] == shard.fingerprint
+            and tuple(entry["row_groups"]) == shard.row_groups and entry["status"] in (COMMITTED, SUPERSEDED))
+
+
+class Recorder:
+    """Records one run's outcomes: journal segments as shards finish, the manifest once at the end.
+
+    `check_lock` is called before anything is written that claims the output
+    (a journal segment, the manifest, `_SUCCESS`); it raises when the lock was lost.
+    """
 
     def __init__(
         self,
         output: Location,
+        state: State,
         *,
-        model: Mapping[str, Any],
-        config: Mapping[str, Any],
-        settings: Mapping[str, Any],
+        header: Mapping[str, Any],
         shards: Sequence[Shard],
-        reconciled: Reconciled,
+        check_lock: Callable[[], None],
         flush_seconds: float = 1.0,
     ) -> None:
         self.output = output
-        self.header = {"format": FORMAT, "model": dict(model), "config": dict(config), "settings": dict(settings)}
+        self.state = state
+        self.header = dict(header)
+        self.shards = {s.id: s for s in shards}
+        self.order = [s.id for s in shards]
+        self.generation = max(state.generation, state.journal.newest) + 1
+        self.segments = SegmentWriter(output, self.generation)
+        self.check_lock = check_lock
         self.flush_seconds = flush_seconds
-        self._last_flush = 0.0
-        self._dirty = False
-        self.kept = reconciled.kept
-        self.superseded = reconciled.superseded
-        self.entries: dict[str, dict[str, Any]] = {}
-        for shard in shards:
-            old = reconciled.previous.get(shard.id)
-            self.entries[shard.id] = dict(old) if old else _entry(shard)
+        self._last_flush = time.monotonic()
+        self._confirmed: set[str] = set()
 
-    def record(self, shard_id: str, **fields: Any) -> None:
-        """Update one shard's entry (status, rows, attempts, error) and flush when due."""
-        self.entries[shard_id].update(fields)
-        self._dirty = True
+    def committed(self, entry: Mapping[str, Any], token: str, attempts: int) -> None:
+        self.state.commit({**entry, "attempts": attempts})
+        self._confirmed.add(token)
+        self.segments.add({"op": "confirm", "token": token, "attempts": attempts})
+        self.flush()
+
+    def failed(self, shard: Shard, error: str, attempts: int) -> None:
+        entry = {**shard_entry(shard), "attempts": attempts, "error": error}
+        self.state.fail(entry)
+        self.segments.add({"op": "fail", "entry": {**entry, "status": FAILED}})
         self.flush()
 
     def flush(self, *, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or (self._dirty and now - self._last_flush >= self.flush_seconds):
-            write_bytes_atomic(self.output.fs, self.output.join(MANIFEST), json.dumps(self.to_dict(), indent=1).encode())
-            self._last_flush, self._dirty = now, False
-
-    def to_dict(self) -> dict[str, Any]:
-        shards = [*self.kept, *self.entries.values()]
-        shards.sort(key=lambda e: (e["rel"], e["row_groups"][0]))
-        done = [e for e in shards if e["status"] == COMMITTED]
-        return {
-            **self.header,
-            "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "complete": self.complete,
-            "rows_in": sum(e["rows_in"] for e in done),
-            "rows_out": sum(e["rows_out"] for e in done),
-            "rows_rejected": sum(e["rows_rejected"] for e in done),
-            "superseded": self.superseded,
-            "shards": shards,
-        }
+        if self.segments.buffer and (force or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.check_lock()
+            self.segments.flush()
+            self._last_flush = time.monotonic()
 
     @property
     def complete(self) -> bool:
-        entries = [*self.kept, *self.entries.values()]
-        return all(
-            e["status"] == COMMITTED and e["rows_in"] == e["rows_out"] + e["rows_rejected"] for e in entries
-        )
+        """Every planned shard committed with its rows reconciled, and nothing else under the output."""
+        return self._planned_complete() and len(self.state.files) == len(self.shards) and not self.state.retiring
 
     def finish(self) -> bool:
-        """Write the final manifest; on completion clean superseded files and write `_SUCCESS` last."""
+        """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
+        self._settle_unconfirmed()
+        stale = [p for p in self.state.files if not self._current(p)]
+        planned_complete = self._planned_complete()
+        if planned_complete and (stale or self.state.retiring):
+            for path in stale:
+                self.segments.add({"op": "retire", "paths": [path]})
+                self.state.retire(path)
+            self.flush(force=True)  # the journal says they go before they go
+            for path in sorted(self.state.retiring):
+                delete_file(self.output.fs, self.output.join(path))
+            self.state.retiring.clear()
         complete = self.complete
-        if complete and self.superseded:
-            live = {e[key] for e in [*self.kept, *self.entries.values()] for key in ("output", "rejected_output")}
-            for rel in set(self.superseded) - live:
-                delete_file(self.output.fs, self.output.join(rel))
-            self.superseded = []
-        self.flush(force=True)
         if complete:
+            sweep_temps(self.output.fs, self.output.path)
+        self.check_lock()
+        write_bytes_atomic(self.output.fs, self.output.join(MANIFEST), self.manifest_bytes(complete))
+        clear_journal(self.output)
+        if complete:
+            self.check_lock()
             write_bytes_atomic(self.output.fs, self.output.join(SUCCESS), b"")
         return complete
+
+    def _current(self, path: str) -> bool:
+        entry = self.state.files[path]
+        shard = self.shards.get(entry["id"])
+        return shard is not None and shard.output == path and _describes(entry, shard)
+
+    def _planned_complete(self) -> bool:
+        return all(
+            (e := self.state.files.get(s.output)) is not None and _describes(e, s) and s.error is None
+            and e["rows_in"] == e["rows_out"] + e["rows_rejected"]
+            for s in self.shards.values()
+        )
+
+    def _settle_unconfirmed(self) -> None:
+        """Commits of this run that nobody confirmed (killed attempts): the files decide."""
+        journal = read_journal(self.output, after=self.generation - 1, skip=self._confirmed)
+        records = journal.generations.get(self.generation)
+        if records is None:
+            return
+        for token, entry in records.commits.items():
+            if token not in self._confirmed:
+                self.state.settle(self.output, {**_V1_DEFAULTS, **entry})
+
+    def manifest(self, complete: bool) -> dict[str, Any]:
+        entries = []
+        for path, entry in self.state.files.items():
+            entries.append({**entry, "status": COMMITTED if self._current(path) else SUPERSEDED})
+        held = {e["id"] for e in entries if e["status"] == COMMITTED}
+        for shard_id in self.order:
+            if shard_id in held:
+                continue
+            other = self.state.others.get(shard_id)
+            shard = self.shards[shard_id]
+            if other is not None and other["fingerprint"] == shard.fingerprint:
+                entries.append(other)
+            else:
+                entries.append(shard_entry(shard))
+        entries.sort(key=lambda e: (e["rel"], e["row_groups"][0], e["status"] != COMMITTED))
+        done = [e for e in entries if e["status"] == COMMITTED]
+        return {
+            "format": FORMAT,
+            "generation": self.generation,
+            **self.header,
+            "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "complete": complete,
+            "rows_in": sum(e["rows_in"] for e in done),
+            "rows_out": sum(e["rows_out"] for e in done),
+            "rows_rejected": sum(e["rows_rejected"] for e in done),
+            "retiring": sorted(self.state.retiring),
+            "shards": entries,
+        }
+
+    def manifest_bytes(self, complete: bool) -> bytes:
+        return json.dumps(self.manifest(complete), separators=(",", ":")).encode()
 
 
 def remove_success(output: Location) -> None:
@@ -211,19 +459,6 @@ def remove_success(output: Location) -> None:
     delete_file(output.fs, output.join(SUCCESS))
 
 
-def _entry(shard: Shard) -> dict[str, Any]:
-    return {
-        "id": shard.id,
-        "input": shard.input,
-        "rel": shard.rel,
-        "fingerprint": shard.fingerprint,
-        "row_groups": list(shard.row_groups),
-        "rows_in": shard.rows_in,
-        "rows_out": 0,
-        "rows_rejected": 0,
-        "output": shard.output,
-        "rejected_output": None,
-        "status": PENDING,
-        "attempts": 0,
-        "error": None,
-    }
+def output_listing(output: Location) -> set[str]:
+    """Relative paths of every file under the output (one listing)."""
+    return {relative_to(output.path, p) for p in existing_files(output.fs, output.path)}

@@ -5,38 +5,40 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from pipelines.commit import (
     COMMITTED,
-    FAILED,
     REJECTED_DIR,
     SUCCESS,
-    Manifest,
     Reconciled,
-    check_compatible,
-    load_manifest,
+    Recorder,
+    State,
+    output_listing,
     prediction_settings,
     reconcile,
     remove_success,
-    reusable_spans,
 )
 from pipelines.config import JobConfig
 from pipelines.errors import ConfigError, InputError, OutputConflictError
+from pipelines.journal import journal_names
 from pipelines.lock import OutputLock
-from pipelines.plan import DEFAULT_SHARD_ROWS, Columns, InputFile, Shard, check_file, make_shards, resolve_columns, scan_inputs
-from pipelines.report import Progress, RunReport
-from pipelines.storage import (
-    Location,
-    existing_files,
-    overlaps,
-    relative_to,
-    resolve,
-    static_prefix,
-    write_bytes_atomic,
+from pipelines.plan import (
+    DEFAULT_SHARD_ROWS,
+    Columns,
+    InputFile,
+    Shard,
+    check_file,
+    make_shards,
+    read_schema,
+    resolve_columns,
+    scan_inputs,
 )
+from pipelines.report import Progress, RunReport
+from pipelines.storage import Location, absolute, overlaps, resolve, static_prefix, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -48,17 +50,40 @@ class Plan:
     config: JobConfig
     model: Any  # workers.model.ModelSpec
     columns: Columns
+    source: Location
     output: Location
+    base: str  # the input directory that output paths mirror
     files: list[InputFile]
     shards: list[Shard]
     todo: list[Shard]
     skipped: list[Shard]
-    previous: dict[str, Any] | None
+    state: State
     reconciled: Reconciled
+    snapshot: tuple[Any, ...]  # the output's manifest + journal as planned from
+    columns_source: list[str]  # [rel, fingerprint] of the file the columns were resolved from
 
     @property
     def rows_todo(self) -> int:
         return sum(s.rows_in for s in self.todo)
+
+    @property
+    def header(self) -> dict[str, Any]:
+        """What the manifest records about the job, beside its shards."""
+        cfg = self.config
+        return {
+            "model": {**self.model.to_dict(), "uri": absolute(cfg.model)},
+            "config": cfg.to_dict(),
+            "settings": prediction_settings(cfg, self.columns),
+            "columns": self.columns_record,
+            "source": {"input": absolute(cfg.input), "base": self.base},
+        }
+
+    @property
+    def columns_record(self) -> dict[str, Any]:
+        """How the columns were resolved, so an unchanged tick can reuse them without a footer."""
+        return {**_column_keys(self.config), "resolved_features": list(self.columns.features),
+                "resolved_passthrough": list(self.columns.passthrough), "list_column": self.columns.list_column,
+                "width": self.columns.width, "source": self.columns_source}
 
     def to_dict(self) -> dict[str, Any]:
         skipped = {s.id for s in self.skipped}
@@ -71,6 +96,7 @@ class Plan:
             "shards_todo": len(self.todo),
             "shards_skipped": len(self.skipped),
             "rows_todo": self.rows_todo,
+            "stale_files": len(self.reconciled.stale),
             "shards": [
                 {"id": s.id, "input": s.input, "row_groups": list(s.row_groups), "rows_in": s.rows_in,
                  "output": self.output.display(self.output.join(s.output)),
@@ -88,9 +114,7 @@ def plan(config: JobConfig | None = None, /, **options: Any) -> Plan:
         >>> len(p.todo), len(p.skipped)
         (16, 0)
     """
-    cfg = _config(config, options)
-    validated = _validate(cfg)
-    return _reconcile(*validated)
+    return _prepare(_config(config, options))
 
 
 def run(
@@ -118,42 +142,48 @@ def run(
 
     cfg = _config(config, options)
     started = time.perf_counter()
-    validated = _validate(cfg)
-    output = validated[3]
-    with OutputLock(output):
-        p = _reconcile(*validated)
-        manifest = Manifest(output, model={**p.model.to_dict(), "uri": cfg.model}, config=cfg.to_dict(),
-                            settings=prediction_settings(cfg, p.columns), shards=p.shards, reconciled=p.reconciled)
-        if not p.todo and _unchanged(p, manifest):
+    p = _prepare(cfg)
+    with OutputLock(p.output) as lock:
+        if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
+            p = _prepare(cfg)
+        recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check)
+        if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
-            return _report(p, manifest, [], [], time.perf_counter() - started, complete=True)
+            return _report(p, [], [], time.perf_counter() - started, complete=True)
         runnable = [s for s in p.todo if s.error is None]
         done: list[dict[str, Any]] = []
-        for shard in p.todo:
-            if shard.error is not None:
-                manifest.record(shard.id, status=FAILED, error=shard.error, attempts=0)
-                done.append({"id": shard.id, "input": shard.input, "status": FAILED, "error": shard.error})
-        remove_success(output)
-        manifest.flush(force=True)
-        stats: list[dict[str, Any]] = []
         first_commit: list[float] = []
+
+        def begin() -> None:
+            """The run's first writes, once a replica is ready (so a refused start writes nothing)."""
+            remove_success(p.output)
+            for shard in p.todo:
+                if shard.error is not None:
+                    recorder.failed(shard, shard.error, 0)
+                    done.append({"id": shard.id, "input": shard.input, "status": "failed", "error": shard.error,
+                                 "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0})
+            recorder.flush(force=True)
+
+        stats: list[dict[str, Any]] = []
         if runnable:
             job = ReplicaJob(
-                model=cfg.model, model_sha256=p.model.sha256, input=cfg.input, output=cfg.output,
-                features=p.columns.features, passthrough=p.columns.passthrough, list_column=p.columns.list_column,
-                width=p.columns.width, prediction_column=cfg.prediction_column, keep_features=cfg.keep_features,
-                activation=cfg.activation, output_activation=cfg.output_activation, precision=cfg.precision,
-                batch_size=cfg.batch_size, invalid_rows=cfg.invalid_rows, cpus=cfg.cpus_per_replica,
-                rejected_dir=REJECTED_DIR,
+                model=absolute(cfg.model), model_sha256=p.model.sha256, input=absolute(cfg.input),
+                output=absolute(cfg.output), features=p.columns.features, passthrough=p.columns.passthrough,
+                list_column=p.columns.list_column, width=p.columns.width, prediction_column=cfg.prediction_column,
+                keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
+                precision=cfg.precision, batch_size=cfg.batch_size, invalid_rows=cfg.invalid_rows,
+                cpus=cfg.cpus_per_replica, rejected_dir=REJECTED_DIR, generation=recorder.generation,
             )
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
             def on_result(shard: Shard, result: dict[str, Any]) -> None:
                 ok = result["status"] == COMMITTED
-                if ok and not first_commit:
-                    first_commit.append(time.perf_counter() - started)
-                manifest.record(shard.id, **{k: result.get(k) for k in
-                                             ("status", "rows_out", "rows_rejected", "rejected_output", "attempts", "error")})
+                if ok:
+                    if not first_commit:
+                        first_commit.append(time.perf_counter() - started)
+                    recorder.committed(result["entry"], result["token"], result["attempts"])
+                else:
+                    recorder.failed(shard, result["error"], result["attempts"])
                 done.append({**result, "input": shard.input})
                 bar.update(shard.rows_in, failed=not ok)
 
@@ -164,13 +194,16 @@ def run(
                     totals, nodes = cluster_totals()
                     resources = size_replicas(cfg, len(runnable), totals, nodes)
                     logger.info("running %d shard(s) on %d replica(s) (%s)", len(runnable), resources.count, where)
-                    stats = Scheduler(job, resources, max_attempts=cfg.max_attempts).run(runnable, on_result)
+                    scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, shard_timeout=cfg.shard_timeout)
+                    stats = scheduler.run(runnable, on_result, on_started=begin)
             finally:
                 bar.close()
-                manifest.flush(force=True)
-        complete = manifest.finish()
+                recorder.flush(force=True)
+        else:
+            begin()
+        complete = recorder.finish()
         seconds = time.perf_counter() - started
-        report = _report(p, manifest, done, replica_report(stats), seconds, complete=complete)
+        report = _report(p, done, replica_report(stats), seconds, complete=complete)
         report.startup_seconds = first_commit[0] if first_commit else None
         if timeline:
             _write_timeline(timeline, done)
@@ -185,59 +218,113 @@ def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:
     return config.replace(**options) if options else config
 
 
-def _validate(cfg: JobConfig) -> tuple[JobConfig, Any, Columns, Location, list[InputFile]]:
-    """Everything that can be checked before the lock and before Ray: model, inputs, columns, output."""
+def _prepare(cfg: JobConfig) -> Plan:
+    """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan."""
     from workers.model import inspect_model
 
-    source, output = resolve(cfg.input), resolve(cfg.output)
-    if type(source.fs) is type(output.fs) and overlaps(static_prefix(source.path), output.path):
-        raise OutputConflictError(f"output {cfg.output!r} overlaps input {cfg.input!r}; write predictions elsewhere")
-    model = inspect_model(cfg.model)
-    _, files = scan_inputs(source)
-    readable = [f for f in files if f.error is None]
-    if not readable:
-        raise InputError(f"no readable Parquet input at {cfg.input!r}: " + "; ".join(f.error or "" for f in files[:3]))
-    columns = resolve_columns(readable[0].schema, cfg, model.in_features, readable[0].uri)
+    source, output = resolve(absolute(cfg.input)), resolve(absolute(cfg.output))
+    _check_overlap(cfg, source, output)
+    model = inspect_model(absolute(cfg.model))
+    snapshot = _snapshot(output)
+    state = State.load(output)
+    listed: list[tuple[str, str]] = []
+
+    def committed(files: list[tuple[str, str]]) -> tuple[dict[Any, Any], dict[Any, Any]]:
+        listed.extend(files)
+        if cfg.overwrite:
+            return {}, {}
+        return state.spans(files), state.partial_spans(files)
+
+    base, files = scan_inputs(source, committed)
+    columns, column_source, files = _columns(cfg, model, files, state, source)
+    settings = prediction_settings(cfg, columns)
+    if not cfg.overwrite:
+        state.check_compatible(model.sha256, settings, output.uri)
     checked = [dataclasses.replace(f, error=check_file(f, columns)) for f in files]
     if all(f.error is not None for f in checked):
         raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
-    return cfg, model, columns, output, checked
+    listed_rels = {rel for rel, _ in listed}
+    shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, state.claims(listed_rels))
+    present = output_listing(output) if state.found else set()
+    reconciled = reconcile(state, shards, present, cfg.overwrite)
+    return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
+                state, reconciled, snapshot, column_source)
 
 
-def _reconcile(cfg: JobConfig, model: Any, columns: Columns, output: Location, files: list[InputFile]) -> Plan:
-    previous = load_manifest(output)
-    if previous is not None and not cfg.overwrite:
-        check_compatible(previous, model.sha256, prediction_settings(cfg, columns), output.uri)
-    reuse = {} if cfg.overwrite else reusable_spans(previous)
-    shards = make_shards(files, cfg.shard_rows or DEFAULT_SHARD_ROWS, reuse)
-    existing = {relative_to(output.path, p) for p in existing_files(output.fs, output.path)} if previous else set()
-    reconciled = reconcile(shards, previous, existing, cfg.overwrite)
-    return Plan(cfg, model, columns, output, files, shards, reconciled.todo, reconciled.skipped, previous, reconciled)
+def _check_overlap(cfg: JobConfig, source: Location, output: Location) -> None:
+    if type(source.fs) is not type(output.fs):
+        return
+    pairs = [(static_prefix(source.path), output.path)]
+    if source.is_local:  # through symlinks too: compare where the paths really lead
+        pairs.append((os.path.realpath(static_prefix(source.path)), os.path.realpath(output.path)))
+    if any(overlaps(a, b) for a, b in pairs):
+        raise OutputConflictError(f"output {cfg.output!r} overlaps input {cfg.input!r}; write predictions elsewhere")
 
 
-def _unchanged(p: Plan, manifest: Manifest) -> bool:
+def _column_keys(cfg: JobConfig) -> dict[str, Any]:
+    """The config that column resolution depends on."""
+    return {"features": list(cfg.features) if cfg.features else None,
+            "passthrough": list(cfg.passthrough) if cfg.passthrough else None,
+            "keep_features": cfg.keep_features, "prediction_column": cfg.prediction_column}
+
+
+def _columns(
+    cfg: JobConfig, model: Any, files: list[InputFile], state: State, source: Location
+) -> tuple[Columns, list[str], list[InputFile]]:
+    """Resolve features and passthrough from the first readable file in path order.
+
+    A first file planned from the manifest (committed, unchanged) needs no footer
+    when the manifest resolved the columns from that same file with the same keys.
+    """
+    recorded = state.header.get("columns") or {}
+    for index, f in enumerate(files):
+        if f.error is not None:
+            continue
+        if f.schema is None:
+            same_keys = {k: recorded.get(k) for k in _column_keys(cfg)} == _column_keys(cfg)
+            if recorded.get("source") == [f.rel, f.fingerprint] and same_keys and recorded["width"] == model.in_features:
+                columns = Columns(tuple(recorded["resolved_features"]), tuple(recorded["resolved_passthrough"]),
+                                  recorded["list_column"], recorded["width"], cfg.prediction_column,
+                                  cfg.keep_features)
+                return columns, [f.rel, f.fingerprint], files
+            read = read_schema(f, source)
+            if read.schema is None:
+                continue  # unreadable now; it stays planned from its committed shards
+            f = files[index] = read
+        return resolve_columns(f.schema, cfg, model.in_features, f.uri), [f.rel, f.fingerprint], files
+    raise InputError(f"no readable Parquet input at {cfg.input!r}: "
+                     + "; ".join(f.error or "" for f in files[:3] if f.error))
+
+
+def _snapshot(output: Location) -> tuple[Any, ...]:
+    """Cheap identity of an output's committed state (manifest + journal file names)."""
+    info = output.fs.get_file_info(output.join("_manifest.json"))
+    return (info.mtime_ns, info.size, tuple(sorted(journal_names(output))))
+
+
+def _unchanged(p: Plan) -> bool:
     """Nothing to run and nothing to record: a rerun then writes no file at all."""
-    if p.previous is None or not p.previous.get("complete"):
+    state = p.state
+    if not state.journal.empty or state.retiring or p.reconciled.stale:
         return False
-    if p.reconciled.superseded or p.output.fs.get_file_info(p.output.join(SUCCESS)).type.name != "File":
+    if any(other["id"] in {s.id for s in p.shards} for other in state.others.values()):
         return False
-    return p.previous.get("shards") == manifest.to_dict()["shards"]
+    return p.output.fs.get_file_info(p.output.join(SUCCESS)).type.name == "File"
 
 
-def _report(p: Plan, manifest: Manifest, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
+def _report(p: Plan, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
             seconds: float, *, complete: bool) -> RunReport:
     ok = [r for r in done if r["status"] == COMMITTED]
     failed = [r for r in done if r["status"] != COMMITTED]
-    rows_out = sum(r["rows_out"] for r in ok)
     return RunReport(
         status="failed" if failed else "succeeded",
         output=p.output.uri,
-        shards_total=len(p.shards) + len(manifest.kept),
+        shards_total=len(p.shards),
         shards_done=len(ok),
         shards_skipped=len(p.skipped),
         shards_failed=len(failed),
         rows_in=sum(r["rows_in"] for r in ok),
-        rows_out=rows_out,
+        rows_out=sum(r["rows_out"] for r in ok),
         rows_rejected=sum(r["rows_rejected"] for r in ok),
         seconds=round(seconds, 3),
         rows_per_second=round(sum(r["rows_in"] for r in ok) / seconds, 1) if seconds > 0 else 0.0,
@@ -261,4 +348,3 @@ def _write_timeline(path: str, results: list[dict[str, Any]]) -> None:
                for t in sorted({r["replica"] for r in spans})]
     location = resolve(path)
     write_bytes_atomic(location.fs, location.path, json.dumps({"traceEvents": events}).encode())
-

@@ -71,6 +71,12 @@ class OutputLock:
         self._thread = threading.Thread(target=self._heartbeat, name="batch-infer-lock", daemon=True)
         self._thread.start()
 
+    def check(self) -> None:
+        """Raise LockHeldError when this run no longer holds the lock."""
+        holder = self._read()
+        if holder is None or holder.get("token") != self.token:
+            raise LockHeldError(f"this run lost the lock on {self.output.uri!r}; it stops without writing more")
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -4,6 +4,10 @@ A shard is a run of whole row groups of one file, about `shard_rows` rows.
 Its id and output name derive from the input path and its row groups, never
 from scheduling, so a retried or resumed shard writes the same file.
 
+A file whose fingerprint the output already holds, committed over all its row
+groups, needs no footer: its shards are the committed ones. That keeps a cron
+tick over an unchanged 100,000-file table to a listing and the manifest.
+
     >>> split_row_groups([400, 400, 400, 100], shard_rows=800)
     [(0, 2), (2, 4)]
     >>> output_name("date=2024-01-01/part-0.parquet", 2)
@@ -13,8 +17,10 @@ from scheduling, so a retried or resumed shard writes the same file.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -29,6 +35,9 @@ DEFAULT_SHARD_ROWS = 1_000_000
 _FOOTER_THREADS = 16
 _PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 
+Fingerprints = Sequence[tuple[str, str]]  # (rel, fingerprint) of each listed file
+Committed = Callable[[Fingerprints], tuple[Mapping[tuple[str, str], Sequence["Span"]], Mapping[tuple[str, str], Sequence["Span"]]]]
+
 
 @dataclass(frozen=True)
 class InputFile:
@@ -38,9 +47,27 @@ class InputFile:
     rel: str  # path relative to the input base; mirrored under the output
     uri: str  # as shown to users
     fingerprint: str  # changes when the file is rewritten
-    row_group_rows: tuple[int, ...] = ()
+    row_group_rows: tuple[int, ...] | None = None  # from the footer; None when it was not read
     schema: pa.Schema | None = None
     error: str | None = None
+    committed: tuple[Span, ...] | None = None  # the output's committed shards of this very file (no footer read)
+
+    @property
+    def row_groups(self) -> int | None:
+        """Row groups in the file, from its footer or from the committed shards."""
+        if self.row_group_rows is not None:
+            return len(self.row_group_rows)
+        return self.committed[-1].stop if self.committed else None
+
+
+@dataclass(frozen=True)
+class Span:
+    """Row groups [first, stop) of one file that an output already holds, and under which name."""
+
+    first: int
+    stop: int
+    rows: int
+    output: str
 
 
 @dataclass(frozen=True)
@@ -77,11 +104,13 @@ class Shard:
     rows_in: int
     output: str  # relative to the output root
     error: str | None = None  # known at planning: the file can't be read or doesn't fit
+    file_row_groups: int | None = None  # row groups in the whole file (None: unknown, the file failed)
 
     def to_task(self) -> dict[str, object]:
         """The small record a replica needs (no Arrow, no tensors)."""
-        return {"id": self.id, "input": self.input, "path": self.path, "row_groups": self.row_groups,
-                "rows_in": self.rows_in, "output": self.output}
+        return {"id": self.id, "input": self.input, "path": self.path, "rel": self.rel,
+                "fingerprint": self.fingerprint, "file_row_groups": self.file_row_groups,
+                "row_groups": self.row_groups, "rows_in": self.rows_in, "output": self.output}
 
 
 def split_row_groups(rows: Sequence[int], shard_rows: int) -> list[tuple[int, int]]:
@@ -105,66 +134,142 @@ def split_row_groups(rows: Sequence[int], shard_rows: int) -> list[tuple[int, in
 
 def output_name(rel: str, first_row_group: int) -> str:
     """The output path of a shard, mirroring the input's relative path."""
-    stem = rel
+    return f"{_stem(rel)}-{first_row_group:05d}.parquet"
+
+
+def distinct_output_name(rel: str, first_row_group: int) -> str:
+    """The name used when `output_name` is taken by another input with the same stem.
+
+    `a.parquet`, `a.parq` and `a` share the stem `a`; the second to claim it gets
+    a name that also carries a hash of its full relative path.
+
+    Example:
+        >>> distinct_output_name("a.parq", 0)
+        'a-00000-4bd32b85.parquet'
+    """
+    digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
+    return f"{_stem(rel)}-{first_row_group:05d}-{digest}.parquet"
+
+
+def _stem(rel: str) -> str:
     for suffix in _PARQUET_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    return f"{stem}-{first_row_group:05d}.parquet"
+        if rel.endswith(suffix):
+            return rel[: -len(suffix)]
+    return rel
 
 
-def make_shards(
-    files: Sequence[InputFile],
-    shard_rows: int,
-    reuse: Mapping[tuple[str, str], Sequence[tuple[int, int]]] | None = None,
-) -> list[Shard]:
+def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str, str] | None = None) -> list[Shard]:
     """Shards for every file, in input order.
 
-    `reuse` maps (rel, fingerprint) to the row-group spans an earlier run
-    committed for an unchanged file, so changing `shard_rows` never splits a
-    file twice in different ways.
+    A file's committed spans (same fingerprint, from the manifest) are kept as
+    they are, so changing `shard_rows` never splits a file twice in different
+    ways; only the row groups they do not cover are split anew. `claims` maps
+    output names already taken to the input (rel) that holds them; a new shard
+    never takes a name another input holds.
     """
+    taken = dict(claims or {})
     shards = []
     for f in files:
-        spans = (reuse or {}).get((f.rel, f.fingerprint)) or split_row_groups(f.row_group_rows, shard_rows)
-        for first, stop in spans:
-            shards.append(
-                Shard(
-                    id=f"{f.rel}:{first}-{stop}",
-                    input=f.uri,
-                    path=f.path,
-                    rel=f.rel,
-                    fingerprint=f.fingerprint,
-                    row_groups=(first, stop),
-                    rows_in=sum(f.row_group_rows[first:stop]),
-                    output=output_name(f.rel, first),
-                    error=f.error,
-                )
-            )
+        if f.error is not None or (f.row_group_rows is None and f.committed is None):
+            name = _claim(taken, f.rel, 0)
+            shards.append(Shard(f"{f.rel}:0-0", f.uri, f.path, f.rel, f.fingerprint, (0, 0), 0, name,
+                                f.error or f"{f.uri}: footer not read"))
+            continue
+        total = f.row_groups
+        for first, stop, rows, name in _spans(f, shard_rows):
+            shards.append(Shard(f"{f.rel}:{first}-{stop}", f.uri, f.path, f.rel, f.fingerprint, (first, stop),
+                                rows, name or _claim(taken, f.rel, first), file_row_groups=total))
     return shards
 
 
-def scan_inputs(location: Location) -> tuple[str, list[InputFile]]:
-    """List the input files and read their footers (in parallel: footers are small reads)."""
+def _spans(f: InputFile, shard_rows: int) -> list[tuple[int, int, int, str | None]]:
+    """(first, stop, rows, committed output name or None) covering every row group of `f` once."""
+    committed = sorted(f.committed or (), key=lambda span: span.first)
+    if f.row_group_rows is None:
+        return [(c.first, c.stop, c.rows, c.output) for c in committed]
+    rows = f.row_group_rows
+    if not rows:
+        return [(0, 0, 0, next((c.output for c in committed if (c.first, c.stop) == (0, 0)), None))]
+    spans: list[tuple[int, int, int, str | None]] = []
+    cursor = 0
+    for c in committed:
+        if c.first < cursor or c.stop > len(rows) or c.first >= c.stop or sum(rows[c.first:c.stop]) != c.rows:
+            continue  # does not fit this footer: split anew
+        spans.extend(_split(rows, cursor, c.first, shard_rows))
+        spans.append((c.first, c.stop, c.rows, c.output))
+        cursor = c.stop
+    spans.extend(_split(rows, cursor, len(rows), shard_rows))
+    return spans
+
+
+def _split(rows: Sequence[int], first: int, stop: int, shard_rows: int) -> list[tuple[int, int, int, str | None]]:
+    if first >= stop:
+        return []
+    return [(first + a, first + b, sum(rows[first + a:first + b]), None)
+            for a, b in split_row_groups(rows[first:stop], shard_rows)]
+
+
+def _claim(taken: dict[str, str], rel: str, first: int) -> str:
+    name = output_name(rel, first)
+    if taken.setdefault(name, rel) != rel:
+        name = distinct_output_name(rel, first)
+        if taken.setdefault(name, rel) != rel:
+            raise InputError(f"inputs {taken[name]!r} and {rel!r} map to the same output name {name!r}; rename one")
+    return name
+
+
+def scan_inputs(location: Location, committed: Committed | None = None) -> tuple[str, list[InputFile]]:
+    """List the input files and read the footers that are needed (in parallel: footers are small reads).
+
+    `committed` is given the listed (rel, fingerprint) pairs and returns two
+    maps from the output's state: the committed spans covering ALL row groups
+    of a file (its footer is not read), and every committed span of a file
+    (reused where they fit its footer).
+    """
     base, infos = list_files(location)
     if not infos:
         raise InputError(f"no input files found at {location.uri!r}")
+    fingerprints = [(relative_to(base, i.path), f"size={i.size};mtime_ns={i.mtime_ns}") for i in infos]
+    known, partial = committed(fingerprints) if committed else ({}, {})
+    schemas: dict[str, pa.Schema] = {}  # one object per distinct schema: 100k files often share one
 
     def footer(info: pafs.FileInfo) -> InputFile:
         rel = relative_to(base, info.path)
         uri = location.display(info.path)
         fingerprint = f"size={info.size};mtime_ns={info.mtime_ns}"
+        spans = known.get((rel, fingerprint))
+        if spans:
+            return InputFile(info.path, rel, uri, fingerprint, committed=tuple(spans))
+        reusable = tuple(partial.get((rel, fingerprint), ())) or None
         try:
-            with location.fs.open_input_file(info.path) as handle:
-                meta = pq.ParquetFile(handle).metadata
-                schema = meta.schema.to_arrow_schema()
-                rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+            meta = read_footer(location.fs, info.path)
+            schema = meta.schema.to_arrow_schema().remove_metadata()
+            rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
             return InputFile(info.path, rel, uri, fingerprint, error=f"cannot read Parquet footer of {uri}: {exc}")
-        return InputFile(info.path, rel, uri, fingerprint, rows, schema)
+        return InputFile(info.path, rel, uri, fingerprint, rows, schemas.setdefault(schema.to_string(), schema),
+                         committed=reusable)
 
     with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, len(infos))) as pool:
         return base, list(pool.map(footer, infos))
+
+
+def read_footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
+    """The Parquet footer of one file."""
+    with fs.open_input_file(path) as handle:
+        return pq.ParquetFile(handle).metadata
+
+
+def read_schema(f: InputFile, location: Location) -> InputFile:
+    """`f` with its footer read (for a file planned from the manifest whose schema is needed after all)."""
+    if f.schema is not None or f.error is not None:
+        return f
+    try:
+        meta = read_footer(location.fs, f.path)
+    except Exception as exc:
+        return dataclasses.replace(f, error=f"cannot read Parquet footer of {f.uri}: {exc}")
+    rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    return dataclasses.replace(f, row_group_rows=rows, schema=meta.schema.to_arrow_schema().remove_metadata())
 
 
 def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) -> Columns:
@@ -213,8 +318,10 @@ def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) 
 
 def check_file(f: InputFile, columns: Columns) -> str | None:
     """Why this file can't be processed with these columns, or None when it fits."""
-    if f.error is not None or f.schema is None:
-        return f.error or f"{f.uri}: no schema"
+    if f.error is not None:
+        return f.error
+    if f.schema is None:
+        return None if f.committed else f"{f.uri}: no schema"
     names = set(f.schema.names)
     missing = [n for n in columns.read if n not in names]
     if missing:

@@ -66,19 +66,27 @@ class Scheduler:
         max_attempts: int,
         in_flight: int = 2,
         start_timeout: float = 300.0,
+        shard_timeout: float | None = None,
     ) -> None:
         self.job = job
         self.resources = resources
         self.max_attempts = max_attempts
         self.in_flight = in_flight
         self.start_timeout = start_timeout
+        self.shard_timeout = shard_timeout
+        self._on_started: Callable[[], None] | None = None
         self._remote = ray.remote(Replica)
         self._slots: list[_Slot] = []
         self._refs: dict[Any, _Ref] = {}
         self._respawns_left = resources.count * max_attempts
 
-    def run(self, shards: Sequence[Shard], on_result: Callable[[Shard, dict[str, Any]], None]) -> list[dict[str, Any]]:
-        """Process every shard; calls `on_result(shard, record)` as each finishes. Returns replica stats."""
+    def run(self, shards: Sequence[Shard], on_result: Callable[[Shard, dict[str, Any]], None],
+            on_started: Callable[[], None] | None = None) -> list[dict[str, Any]]:
+        """Process every shard; calls `on_result(shard, record)` as each finishes. Returns replica stats.
+
+        `on_started` is called once, when the first replica is ready, before any shard is dispatched.
+        """
+        self._on_started = on_started
         pending = collections.deque(shards)
         attempts: dict[str, int] = collections.Counter()
         begun = time.monotonic()
@@ -133,6 +141,9 @@ class Scheduler:
         self._refs[actor.info.remote()] = _Ref(slot, None)
 
     def _dispatch(self, pending: collections.deque[Shard], attempts: collections.Counter[str]) -> None:
+        if self._on_started is not None and any(slot.ready for slot in self._slots):
+            started, self._on_started = self._on_started, None
+            started()
         for slot in self._slots:
             while slot.alive and slot.ready and pending and len(slot.tasks) < self.in_flight:
                 shard = pending.popleft()

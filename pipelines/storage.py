@@ -74,6 +74,20 @@ def resolve(uri: str) -> Location:
     return Location(fs, path.rstrip("/") or "/", uri, scheme)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against this process's working directory (URIs unchanged).
+
+    Paths are resolved once, on the driver: replicas run elsewhere, in another directory.
+
+    Example:
+        >>> absolute("s3://bucket/x")
+        's3://bucket/x'
+    """
+    if "://" in uri:
+        return uri
+    return os.path.abspath(os.path.expanduser(uri))
+
+
 def has_glob(path: str) -> bool:
     return any(ch in path for ch in _GLOB_CHARS)
 
@@ -252,6 +266,14 @@ def atomic_sink(fs: pafs.FileSystem, path: str) -> Iterator[pa.NativeFile]:
     except BaseException:
         staged.discard()
         raise
+
+
+def sweep_temps(fs: pafs.FileSystem, root: str) -> int:
+    """Delete every temporary file under `root` (left by killed attempts); returns how many."""
+    temps = [info.path for info in _walk(fs, root) if is_temp(info.path)]
+    for path in temps:
+        delete_file(fs, path)
+    return len(temps)
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:

@@ -15,10 +15,18 @@ from conftest import golden_model, save_mlp
 
 import pipelines
 import workers
-from pipelines.commit import COMMITTED, reconcile
+from pipelines.commit import COMMITTED, State, reconcile, shard_entry
 from pipelines.config import JobConfig
 from pipelines.errors import ConfigError, InputError, ModelError
-from pipelines.plan import InputFile, make_shards, output_name, resolve_columns, split_row_groups
+from pipelines.plan import (
+    InputFile,
+    Span,
+    distinct_output_name,
+    make_shards,
+    output_name,
+    resolve_columns,
+    split_row_groups,
+)
 from pipelines.storage import list_files, resolve, static_prefix
 from workers.model import MLP, parse_layers, read_model
 from workers.reader import feature_matrix, invalid_rows
@@ -111,8 +119,9 @@ def test_output_names_mirror_input_and_sort_in_input_order() -> None:
     assert names == sorted(names)
 
 
-def _file(rel: str, rows: tuple[int, ...], fingerprint: str = "v1") -> InputFile:
-    return InputFile(f"/in/{rel}", rel, f"/in/{rel}", fingerprint, rows, pa.schema([("f0", pa.float32())]))
+def _file(rel: str, rows: tuple[int, ...], fingerprint: str = "v1", committed: tuple[Span, ...] | None = None) -> InputFile:
+    return InputFile(f"/in/{rel}", rel, f"/in/{rel}", fingerprint, rows, pa.schema([("f0", pa.float32())]),
+                     committed=committed)
 
 
 def test_shard_ids_derive_from_input_not_scheduling() -> None:
@@ -120,8 +129,39 @@ def test_shard_ids_derive_from_input_not_scheduling() -> None:
     assert [s.id for s in shards] == ["a.parquet:0-2", "a.parquet:2-3", "b.parquet:0-1"]
     assert [s.rows_in for s in shards] == [10, 5, 2]
     assert [s.output for s in shards] == ["a-00000.parquet", "a-00002.parquet", "b-00000.parquet"]
-    reused = make_shards([_file("a.parquet", (5, 5, 5))], shard_rows=1, reuse={("a.parquet", "v1"): [(0, 3)]})
+    assert {s.file_row_groups for s in shards[:2]} == {3}
+    reused = make_shards([_file("a.parquet", (5, 5, 5), committed=(Span(0, 3, 15, "a-00000.parquet"),))], shard_rows=1)
     assert [s.row_groups for s in reused] == [(0, 3)]
+
+
+def test_committed_spans_are_kept_and_only_gaps_split_anew() -> None:
+    spans = (Span(1, 3, 10, "a-00001.parquet"), Span(4, 5, 5, "a-00004.parquet"))
+    shards = make_shards([_file("a.parquet", (5, 5, 5, 5, 5, 5), committed=spans)], shard_rows=5)
+    assert [s.row_groups for s in shards] == [(0, 1), (1, 3), (3, 4), (4, 5), (5, 6)]
+    # a committed span that does not fit the footer (rows differ) is ignored, never trusted
+    wrong = make_shards([_file("a.parquet", (5, 5), committed=(Span(0, 2, 99, "a-00000.parquet"),))], shard_rows=5)
+    assert [s.row_groups for s in wrong] == [(0, 1), (1, 2)]
+    # planned from the manifest alone (no footer read): exactly the committed spans
+    known = InputFile("/in/a.parquet", "a.parquet", "/in/a.parquet", "v1", committed=spans[:1] + (Span(0, 1, 5, "x"),))
+    assert [s.row_groups for s in make_shards([known], shard_rows=1)] == [(0, 1), (1, 3)]
+
+
+def test_a_file_that_failed_is_one_failed_shard_never_an_empty_file() -> None:
+    bad = InputFile("/in/a.parquet", "a.parquet", "/in/a.parquet", "v1", error="cannot read footer")
+    [shard] = make_shards([bad], shard_rows=5)
+    assert shard.error == "cannot read footer" and shard.file_row_groups is None
+    empty = make_shards([_file("e.parquet", ())], shard_rows=5)
+    assert [(s.row_groups, s.rows_in, s.error, s.file_row_groups) for s in empty] == [((0, 0), 0, None, 0)]
+
+
+def test_inputs_sharing_a_stem_get_distinct_output_names() -> None:
+    files = [_file("a", (5,)), _file("a.parq", (5,)), _file("a.parquet", (5,)), _file("b.pq", (5,))]
+    names = [s.output for s in make_shards(files, shard_rows=5)]
+    assert names[0] == "a-00000.parquet" and names[3] == "b-00000.parquet"
+    assert len(set(names)) == 4 and names[1] == distinct_output_name("a.parq", 0)
+    # a name held by a listed input stays with it, whatever sorts first
+    claimed = make_shards(files, shard_rows=5, claims={"a-00000.parquet": "a.parquet"})
+    assert [s.output for s in claimed][2] == "a-00000.parquet" and claimed[0].output != "a-00000.parquet"
 
 
 def test_resolve_columns_defaults_and_errors() -> None:
@@ -147,17 +187,41 @@ def test_resolve_columns_fixed_size_list() -> None:
     assert resolve_columns(schema, JobConfig.from_dict(BASE), 4, "x").list_column  # found by default too
 
 
+def _state(*entries: dict) -> State:
+    state = State()
+    for entry in entries:
+        state.files[entry["output"]] = {**shard_entry(make_shards([_file(entry["rel"], (5, 5))], 5)[0]), **entry}
+    return state
+
+
 def test_reconcile_skips_only_committed_present_unchanged() -> None:
     shards = make_shards([_file("a.parquet", (5, 5)), _file("b.parquet", (5,))], shard_rows=5)
     entry = {"id": "a.parquet:0-1", "rel": "a.parquet", "fingerprint": "v1", "row_groups": [0, 1],
-             "status": COMMITTED, "output": "a-00000.parquet", "rejected_output": None}
-    previous = {"shards": [entry, {**entry, "id": "a.parquet:1-2", "row_groups": [1, 2], "output": "a-00001.parquet"}]}
-    result = reconcile(shards, previous, {"a-00000.parquet"}, overwrite=False)  # a-00001 was deleted by hand
+             "status": COMMITTED, "output": "a-00000.parquet"}
+    second = {**entry, "id": "a.parquet:1-2", "row_groups": [1, 2], "output": "a-00001.parquet"}
+    result = reconcile(_state(entry, second), shards, {"a-00000.parquet"}, overwrite=False)  # a-00001 deleted by hand
     assert [s.id for s in result.skipped] == ["a.parquet:0-1"]
     assert [s.id for s in result.todo] == ["a.parquet:1-2", "b.parquet:0-1"]
-    assert reconcile(shards, previous, {"a-00000.parquet", "a-00001.parquet"}, overwrite=True).skipped == []
+    both = {"a-00000.parquet", "a-00001.parquet"}
+    assert reconcile(_state(entry, second), shards, both, overwrite=True).skipped == []
     changed = make_shards([_file("a.parquet", (5, 5), "v2")], shard_rows=5)
-    assert reconcile(changed, previous, {"a-00000.parquet", "a-00001.parquet"}, overwrite=False).skipped == []
+    result = reconcile(_state(entry, second), changed, both, overwrite=False)
+    assert result.skipped == [] and result.stale == ["a-00000.parquet", "a-00001.parquet"]
+    vanished = reconcile(_state(entry), make_shards([_file("b.parquet", (5,))], 5), both, overwrite=False)
+    assert vanished.stale == ["a-00000.parquet"]  # the output mirrors the input: removed when the run completes
+
+
+def test_state_commit_retires_a_stale_quarantine_file_and_failures_keep_files() -> None:
+    entry = {"id": "a.parquet:0-1", "rel": "a.parquet", "fingerprint": "v1", "row_groups": [0, 1],
+             "status": COMMITTED, "output": "a-00000.parquet", "rejected_output": "_rejected/a-00000.parquet"}
+    state = _state(entry)
+    state.commit({**entry, "fingerprint": "v2", "rejected_output": None})
+    assert state.files["a-00000.parquet"]["fingerprint"] == "v2"
+    assert state.retiring == {"_rejected/a-00000.parquet"}
+    state.fail({**entry, "fingerprint": "v3", "status": "failed"})
+    assert state.files["a-00000.parquet"]["fingerprint"] == "v2" and state.others["a.parquet:0-1"]["status"] == "failed"
+    state.retire("a-00000.parquet")
+    assert "a-00000.parquet" not in state.files and "a-00000.parquet" in state.retiring
 
 
 # --- storage --------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import resource
 import socket
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.errors import ModelError, ShardDataError
+from pipelines.journal import write_commit
 from pipelines.storage import resolve
 from workers.reader import describe_invalid, feature_matrix, invalid_rows, iter_batches, open_parquet, prefetch
 from workers.writer import ShardWriter, output_schema, prediction_array, prediction_type
@@ -58,6 +60,7 @@ class ReplicaJob:
     invalid_rows: str = "quarantine"
     cpus: float = 1.0
     rejected_dir: str = "_rejected"
+    generation: int = 1  # of the journal records this run writes
 
 
 class State(enum.Enum):
@@ -147,9 +150,12 @@ class Replica:
     def process(self, task: dict[str, Any]) -> dict[str, Any]:
         """Read, predict and commit one shard; returns its metadata record.
 
-        Data problems (unreadable file, schema mismatch, invalid rows with
-        `invalid_rows: fail`) come back as `status: failed` with the file named;
-        an exception escaping here is a bug or an infrastructure failure.
+        The commit is recorded in the output's journal (rows, size and sha256 of
+        each file) before the files are published, so a file under its final name
+        is always described by a record. Data problems (unreadable file, schema
+        mismatch, invalid rows with `invalid_rows: fail`) come back as
+        `status: failed` with the file named; an exception escaping here is a
+        bug or an infrastructure failure.
         """
         if self.state is not State.READY:
             raise RuntimeError(f"replica {self.index} is {self.state.value}")
@@ -158,8 +164,9 @@ class Replica:
                                   "rows_in": task["rows_in"], "rows_out": 0, "rows_rejected": 0,
                                   "output": task["output"], "rejected_output": None}
         try:
-            result.update(self._run(task))
-            result["status"] = "committed"
+            entry, token = self._run(task)
+            result.update(status="committed", entry=entry, token=token, rows_out=entry["rows_out"],
+                          rows_rejected=entry["rows_rejected"], rejected_output=entry["rejected_output"])
             self.shards += 1
             self.rows += task["rows_in"]
         except ShardDataError as exc:
@@ -169,7 +176,7 @@ class Replica:
         result["finished"] = finished
         return result
 
-    def _run(self, task: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, task: dict[str, Any]) -> tuple[dict[str, Any], str]:
         job, uri = self.job, task["input"]
         parquet = open_parquet(self.source, task["path"], uri)
         schema = parquet.schema_arrow
@@ -185,11 +192,11 @@ class Replica:
         batches = prefetch(iter_batches(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri,
                                         use_threads=job.cpus >= 2))
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
-        with batches, contextlib.ExitStack() as commits:
+        with batches, contextlib.ExitStack() as files:
             forward = self.forward  # the first shard's batches decode while the model loads
             prediction = pa.field(job.prediction_column, prediction_type(forward.outputs))
             out_schema = output_schema(schema, written, [prediction])
-            writer = commits.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema))
+            writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema))
 
             def write(data: pa.RecordBatch, result: Callable[[], np.ndarray]) -> int:
                 arrays = [data.column(name) for name in written]
@@ -209,7 +216,7 @@ class Replica:
                             f"{uri}: row {row} (row group {batch.row_group}): {reasons[0]} (invalid_rows: fail)"
                         )
                     if rejected is None:
-                        rejected = commits.enter_context(
+                        rejected = files.enter_context(
                             ShardWriter(self.output, self.output.join(rejected_rel), rejected_schema)
                         )
                     bad_rows = data.filter(pa.array(bad)).select(columns)
@@ -223,8 +230,21 @@ class Replica:
                 pending = (data, handle)
             if pending is not None:
                 rows_out += write(*pending)
-        return {"rows_out": rows_out, "rows_rejected": rows_rejected,
-                "rejected_output": rejected_rel if rejected is not None else None}
+            size, sha256 = writer.finish()
+            entry = {key: task[key] for key in ("id", "input", "rel", "fingerprint", "file_row_groups", "rows_in",
+                                                "output")}
+            entry.update(row_groups=list(task["row_groups"]), rows_out=rows_out, rows_rejected=rows_rejected,
+                         bytes=size, sha256=sha256, rejected_output=None, rejected_bytes=None, rejected_sha256=None,
+                         status="committed", attempts=0, error=None)
+            if rejected is not None:
+                entry["rejected_bytes"], entry["rejected_sha256"] = rejected.finish()
+                entry["rejected_output"] = rejected_rel
+            token = uuid.uuid4().hex
+            write_commit(self.output, job.generation, token, entry)  # recorded before anything is visible
+            if rejected is not None:
+                rejected.publish()  # the quarantine file first: a record is whole once its output is in place
+            writer.publish()
+        return entry, token
 
 
 def replica_report(stats: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,8 +1,8 @@
 """Writing one shard's output file, atomically.
 
-The file appears under its final name whole or not at all
-(`pipelines.storage.atomic_sink`): temp + rename locally, one PUT on object
-stores. Only string-like columns are dictionary-encoded; compression is snappy.
+The file is written under a hidden temporary name (`pipelines.storage.StagedFile`),
+hashed on the way out, and appears under its final name whole or not at all.
+Only string-like columns are dictionary-encoded; compression is snappy.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.storage import Location, atomic_sink
+from pipelines.storage import Location, StagedFile
 
 
 def prediction_type(outputs: int) -> pa.DataType:
@@ -38,11 +38,18 @@ def output_schema(source: pa.Schema, columns: Sequence[str], extra: Sequence[pa.
 
 
 class ShardWriter:
-    """Streams record batches into one Parquet file that commits on clean exit.
+    """Streams record batches into one Parquet file, staged under a hidden temporary name.
+
+    `finish()` completes the file and returns its (size, sha256); the caller
+    records the commit, then `publish()` puts it under its final name. Leaving
+    the `with` block without publishing discards the temporary file, so no
+    reader ever sees a partial file.
 
     Example:
         >>> with ShardWriter(location, "out/part-0-00000.parquet", schema) as w:  # doctest: +SKIP
         ...     w.write(batch)
+        ...     size, sha256 = w.finish()
+        ...     w.publish()
     """
 
     def __init__(self, location: Location, path: str, schema: pa.Schema) -> None:
@@ -50,15 +57,16 @@ class ShardWriter:
         self.path = path
         self.schema = schema
         self.rows = 0
-        self._stack = contextlib.ExitStack()
+        self._staged: StagedFile | None = None
         self._writer: pq.ParquetWriter | None = None
+        self._published = False
 
     def __enter__(self) -> ShardWriter:
-        sink = self._stack.enter_context(atomic_sink(self.location.fs, self.path))
+        self._staged = StagedFile(self.location.fs, self.path)
         # Dictionary encoding pays off for repeated strings; on floats and unique ids it
         # only costs time (measured: it doubled the write time of an id + prediction file).
         self._writer = pq.ParquetWriter(
-            sink,
+            self._staged.stream,
             self.schema,
             compression="snappy",
             use_dictionary=[f.name for f in self.schema if _wants_dictionary(f.type)],
@@ -71,12 +79,28 @@ class ShardWriter:
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
 
+    def finish(self) -> tuple[int, str]:
+        """Complete the file (footer included); returns (size in bytes, sha256 hex)."""
+        if self._writer is None or self._staged is None:
+            raise RuntimeError("ShardWriter.finish called outside its `with` block")
+        self._writer.close()
+        return self._staged.finish()
+
+    def publish(self) -> None:
+        """Put the finished file under its final name (replacing an earlier version)."""
+        if self._staged is None:
+            raise RuntimeError("ShardWriter.publish called outside its `with` block")
+        self._staged.publish()
+        self._published = True
+
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._writer is not None:
-            self._writer.close()  # completes the footer; the sink commits only if no exception
-        self._stack.__exit__(kind, exc, tb)
+        if not self._published and self._staged is not None:
+            with contextlib.suppress(Exception):
+                if self._writer is not None:
+                    self._writer.close()
+            self._staged.discard()
 
 
 def _wants_dictionary(kind: pa.DataType) -> bool:

@@ -1,0 +1,155 @@
+"""The commit journal: what was committed since `_manifest.json` was last written.
+
+    OUTPUT/_journal/g000007-c-<token>.json     one shard's commit record, written by its replica
+                                               BEFORE the shard's files are published
+    OUTPUT/_journal/g000007-d-00000012.json    the driver's records since its last flush
+                                               (confirmations, failures, retirements)
+
+Recording a commit costs one small file, whatever the size of the output, so
+the driver's cost per shard stays flat from 1k to 100k shards; the manifest is
+rewritten once per run (compaction), not once per flush. Every record carries
+the generation of the manifest it follows; records of generations the manifest
+already holds are ignored, so a crash between writing the manifest and
+clearing the journal is harmless.
+
+Because a replica writes its record (rows, size and sha256 of each file) before
+it publishes, no committed file can ever be missing from manifest + journal:
+a record whose files were not (or only partly) published is recognised by
+their checksums and ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from collections.abc import Container, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from pipelines.storage import Location, delete_file, read_bytes, write_bytes_atomic
+
+JOURNAL_DIR = "_journal"
+_NAME = re.compile(r"^g(\d{6,})-([cd])-([0-9a-f]+)\.json$")
+_READ_THREADS = 16
+
+
+def commit_path(output: Location, generation: int, token: str) -> str:
+    """Where a replica writes the record of one commit attempt."""
+    return output.join(f"{JOURNAL_DIR}/g{generation:06d}-c-{token}.json")
+
+
+def write_commit(output: Location, generation: int, token: str, entry: Mapping[str, Any]) -> None:
+    """Record a shard's files (replica side), before they are published."""
+    record = {"generation": generation, "token": token, "entry": dict(entry)}
+    write_bytes_atomic(output.fs, commit_path(output, generation, token), json.dumps(record).encode())
+
+
+@dataclass
+class Generation:
+    """The records of one run (one generation)."""
+
+    commits: dict[str, dict[str, Any]] = field(default_factory=dict)  # token -> shard entry
+    ops: list[dict[str, Any]] = field(default_factory=list)  # driver records, in flush order
+
+
+@dataclass
+class Journal:
+    """The records found in an output's journal, newer than its manifest, by generation."""
+
+    generations: dict[int, Generation] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # every journal file seen (any generation)
+    newest: int = 0  # the highest generation seen (any)
+
+    @property
+    def empty(self) -> bool:
+        return not self.generations
+
+
+def read_journal(output: Location, after: int, skip: Container[str] = ()) -> Journal:
+    """Every record of a generation after `after` (the manifest's), except commits whose token is in `skip`."""
+    journal = Journal()
+    try:
+        infos = output.fs.get_file_info(pafs.FileSelector(output.join(JOURNAL_DIR), allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return journal
+    wanted = []
+    for info in sorted(infos, key=lambda i: i.path):  # segments sort by sequence within a generation
+        match = _NAME.match(posixpath.basename(info.path))
+        if info.type != pafs.FileType.File or not match:
+            continue
+        journal.files.append(info.path)
+        generation = int(match.group(1))
+        journal.newest = max(journal.newest, generation)
+        if generation > after and not (match.group(2) == "c" and match.group(3) in skip):
+            wanted.append((generation, match.group(2), info.path))
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        texts = list(pool.map(lambda item: read_bytes(output.fs, item[2]), wanted))
+    for (generation, kind, _), data in zip(wanted, texts):
+        record = _parse(data)
+        if record is None:
+            continue  # a torn record: its writer died before the files it describes were published
+        records = journal.generations.setdefault(generation, Generation())
+        if kind == "c":
+            records.commits[record["token"]] = record["entry"]
+        else:
+            records.ops.extend(record["ops"])
+    return journal
+
+
+def _parse(data: bytes | None) -> dict[str, Any] | None:
+    if not data:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class SegmentWriter:
+    """The driver's side of the journal: buffered records, written one file per flush."""
+
+    def __init__(self, output: Location, generation: int) -> None:
+        self.output = output
+        self.generation = generation
+        self.sequence = 0
+        self.buffer: list[dict[str, Any]] = []
+        self.written: list[str] = []
+
+    def add(self, op: dict[str, Any]) -> None:
+        self.buffer.append(op)
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        path = self.output.join(f"{JOURNAL_DIR}/g{self.generation:06d}-d-{self.sequence:08d}.json")
+        write_bytes_atomic(self.output.fs, path, json.dumps({"generation": self.generation, "ops": self.buffer}).encode())
+        self.sequence += 1
+        self.buffer = []
+        self.written.append(path)
+
+
+def clear_journal(output: Location, paths: Iterable[str] = ()) -> None:
+    """Delete journal files the manifest now holds (the whole directory when `paths` is empty)."""
+    paths = list(paths)
+    if not paths:
+        try:
+            output.fs.delete_dir(output.join(JOURNAL_DIR))
+        except (FileNotFoundError, OSError):
+            pass
+        return
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        list(pool.map(lambda path: delete_file(output.fs, path), paths))
+
+
+def journal_names(output: Location) -> Iterator[str]:
+    """Base names of the files in the journal directory (for tests and `verify`)."""
+    try:
+        infos = output.fs.get_file_info(pafs.FileSelector(output.join(JOURNAL_DIR), allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return iter(())
+    return (posixpath.basename(info.path) for info in infos)
