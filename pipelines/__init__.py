@@ -17,6 +17,7 @@ from pipelines.errors import (
 )
 from pipelines.job import Plan, plan, run
 from pipelines.report import RunReport
+from pipelines.verifier import VerifyReport, verify
 
 __all__ = [
     "BatchInferError",
@@ -30,6 +31,8 @@ __all__ = [
     "Plan",
     "ResourceError",
     "RunReport",
+    "VerifyReport",
     "plan",
     "run",
+    "verify",
 ]

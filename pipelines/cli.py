@@ -1,4 +1,4 @@
-"""`batch-infer` (also `python -m pipelines`): run, plan, status, demo.
+"""`batch-infer` (also `python -m pipelines`): run, plan, status, verify, demo.
 
 The CLI only builds a `JobConfig` and calls the Python API. Exit codes:
 0 success (also "nothing to do"), 1 some shards failed, 2 invalid config,
@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("output", help="output directory or URI")
     status.add_argument("--json", action="store_true", help="print the summary as JSON")
     status.set_defaults(handler=_status)
+
+    verify = commands.add_parser("verify", help="check an output against its manifest (exit 1 listing what does not hold)")
+    verify.add_argument("output", help="output directory or URI")
+    verify.add_argument("--sample", type=int, default=0, metavar="N",
+                        help="also re-read N random input rows, recompute them with the recorded model and compare")
+    verify.add_argument("--checksums", action="store_true",
+                        help="also compare every file's sha256 with the recorded one (reads whole files)")
+    verify.add_argument("--seed", type=int, default=None, help="random seed for --sample")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON on stdout, and nothing else")
+    verify.set_defaults(handler=_verify)
 
     demo = commands.add_parser("demo", help="make demo data and a model, run, print a summary")
     demo.add_argument("--rows", type=int, default=1_000_000, help="rows of demo features (default 1000000)")
@@ -143,35 +153,48 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipelines.commit import SUCCESS, load_manifest
+    from pipelines.commit import COMMITTED, MANIFEST, SUCCESS, State
     from pipelines.storage import resolve
 
     output = resolve(args.output)
-    manifest = load_manifest(output)
-    if manifest is None:
+    state = State.load(output)  # the manifest with the journal of a running or killed run applied
+    if not state.found:
         raise ConfigError(f"no batch-infer manifest at {args.output!r} (nothing has been committed there)")
+    entries = [*state.files.values(), *state.others.values()]
     counts: dict[str, int] = {}
-    for shard in manifest["shards"]:
+    for shard in entries:
         counts[shard["status"]] = counts.get(shard["status"], 0) + 1
+    done = [e for e in entries if e["status"] == COMMITTED]
     success = output.fs.get_file_info(output.join(SUCCESS)).type.name == "File"
+    model = state.header.get("model") or {"sha256": "?", "layers": []}
+    updated = output.fs.get_file_info(output.join(MANIFEST)).mtime
     summary = {
-        "output": args.output, "complete": success, "updated_at": manifest.get("updated_at"),
-        "model_sha256": manifest["model"]["sha256"], "layers": manifest["model"]["layers"],
-        "shards": len(manifest["shards"]), "by_status": counts,
-        "rows_in": manifest["rows_in"], "rows_out": manifest["rows_out"], "rows_rejected": manifest["rows_rejected"],
-        "errors": [{"shard": s["id"], "error": s["error"]} for s in manifest["shards"] if s["status"] == "failed"],
+        "output": args.output, "complete": success, "updated_at": updated.isoformat() if updated else None,
+        "model_sha256": model["sha256"], "layers": model["layers"],
+        "shards": len(entries), "by_status": counts, "journal_records": not state.journal.empty,
+        "rows_in": sum(e["rows_in"] for e in done), "rows_out": sum(e["rows_out"] for e in done),
+        "rows_rejected": sum(e["rows_rejected"] for e in done),
+        "errors": [{"shard": s["id"], "error": s["error"]} for s in entries if s["status"] == "failed"],
     }
     if args.json:
         print(json.dumps(summary, indent=2))
         return EXIT_OK
-    state = "complete (_SUCCESS present)" if success else "incomplete (no _SUCCESS)"
-    print(f"{args.output}: {state}, last updated {summary['updated_at']}")
+    label = "complete (_SUCCESS present)" if success else "incomplete (no _SUCCESS)"
+    print(f"{args.output}: {label}, last updated {summary['updated_at']}")
     print(f"model sha256 {summary['model_sha256'][:12]}..., layers {summary['layers']}")
     print(f"shards: {summary['shards']} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
     print(f"rows: {summary['rows_in']:,} in, {summary['rows_out']:,} out, {summary['rows_rejected']:,} rejected")
     for error in summary["errors"][:10]:
         print(f"  failed {error['shard']}: {error['error']}")
     return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipelines.verifier import verify
+
+    report = verify(args.output, sample=args.sample, checksums=args.checksums, seed=args.seed)
+    print(report.to_json() if args.json else report.summary())
+    return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
 
 
 def _demo(args: argparse.Namespace) -> int:

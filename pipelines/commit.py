@@ -29,7 +29,15 @@ from pipelines.config import JobConfig
 from pipelines.errors import OutputConflictError
 from pipelines.journal import Journal, SegmentWriter, clear_journal, read_journal
 from pipelines.plan import Columns, Shard, Span
-from pipelines.storage import Location, delete_file, existing_files, read_bytes, relative_to, sweep_temps, write_bytes_atomic
+from pipelines.storage import (
+    Location,
+    delete_file,
+    existing_infos,
+    read_bytes,
+    relative_to,
+    sweep_temps,
+    write_bytes_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -291,20 +299,23 @@ class Reconciled:
     stale: list[str]  # files of older input versions or vanished inputs: deleted when the run completes
 
 
-def reconcile(state: State, shards: Sequence[Shard], present: set[str], overwrite: bool) -> Reconciled:
+def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int], overwrite: bool) -> Reconciled:
     """Split the plan into shards to run and shards already committed; find stale files.
 
-    A shard is skipped when its output file is described by a committed entry
-    for the same input fingerprint and row groups, and the file is still there.
-    Entries whose files were deleted behind our back are dropped (their shards
-    run again).
+    `present` maps each file under the output to its size. A shard is skipped
+    when its output file is described by a committed entry for the same input
+    fingerprint and row groups, and the file is still there with the recorded
+    size. An entry whose file was deleted or altered behind our back is dropped
+    (what is left of it retires) and its shard runs again.
     """
-    for path in [p for p in state.files if p not in present]:
-        entry = state.files.pop(path)
-        if entry.get("rejected_output") in present:
-            state.retiring.add(entry["rejected_output"])
-    for path in [p for p in state.retiring if p not in present]:
-        state.retiring.discard(path)
+    for path in list(state.files):
+        entry = state.files[path]
+        files = _files_of(entry)
+        if all(present.get(p) is not None and (size is None or present[p] == size) for p, size, _ in files):
+            continue
+        state.files.pop(path)
+        state.retiring.update(p for p, _, _ in files if p in present)
+    state.retiring.intersection_update(present)
     result = Reconciled([], [], [])
     planned = set()
     for shard in shards:
@@ -459,6 +470,6 @@ def remove_success(output: Location) -> None:
     delete_file(output.fs, output.join(SUCCESS))
 
 
-def output_listing(output: Location) -> set[str]:
-    """Relative paths of every file under the output (one listing)."""
-    return {relative_to(output.path, p) for p in existing_files(output.fs, output.path)}
+def output_listing(output: Location) -> dict[str, int]:
+    """Relative path -> size of every file under the output (one listing)."""
+    return {relative_to(output.path, info.path): info.size for info in existing_infos(output.fs, output.path)}

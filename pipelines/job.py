@@ -245,7 +245,7 @@ def _prepare(cfg: JobConfig) -> Plan:
         raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
     listed_rels = {rel for rel, _ in listed}
     shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, state.claims(listed_rels))
-    present = output_listing(output) if state.found else set()
+    present = output_listing(output) if state.found else {}
     reconciled = reconcile(state, shards, present, cfg.overwrite)
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source)

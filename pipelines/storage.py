@@ -153,6 +153,11 @@ def overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + "/") or b.startswith(a + "/")
 
 
+def existing_infos(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    """Every file under `root` with its size (one listing)."""
+    return _walk(fs, root)
+
+
 def existing_files(fs: pafs.FileSystem, root: str) -> set[str]:
     """Paths of all files under `root` (one listing, not one request per file)."""
     return {info.path for info in _walk(fs, root)}

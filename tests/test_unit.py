@@ -199,16 +199,19 @@ def test_reconcile_skips_only_committed_present_unchanged() -> None:
     entry = {"id": "a.parquet:0-1", "rel": "a.parquet", "fingerprint": "v1", "row_groups": [0, 1],
              "status": COMMITTED, "output": "a-00000.parquet"}
     second = {**entry, "id": "a.parquet:1-2", "row_groups": [1, 2], "output": "a-00001.parquet"}
-    result = reconcile(_state(entry, second), shards, {"a-00000.parquet"}, overwrite=False)  # a-00001 deleted by hand
+    result = reconcile(_state(entry, second), shards, {"a-00000.parquet": 9}, overwrite=False)  # a-00001 deleted
     assert [s.id for s in result.skipped] == ["a.parquet:0-1"]
     assert [s.id for s in result.todo] == ["a.parquet:1-2", "b.parquet:0-1"]
-    both = {"a-00000.parquet", "a-00001.parquet"}
+    both = {"a-00000.parquet": 9, "a-00001.parquet": 9}
     assert reconcile(_state(entry, second), shards, both, overwrite=True).skipped == []
     changed = make_shards([_file("a.parquet", (5, 5), "v2")], shard_rows=5)
     result = reconcile(_state(entry, second), changed, both, overwrite=False)
     assert result.skipped == [] and result.stale == ["a-00000.parquet", "a-00001.parquet"]
     vanished = reconcile(_state(entry), make_shards([_file("b.parquet", (5,))], 5), both, overwrite=False)
     assert vanished.stale == ["a-00000.parquet"]  # the output mirrors the input: removed when the run completes
+    altered = _state({**entry, "bytes": 8}, second)
+    result = reconcile(altered, shards, both, overwrite=False)  # a-00000 is not the file that was committed
+    assert [s.id for s in result.skipped] == ["a.parquet:1-2"] and altered.retiring == {"a-00000.parquet"}
 
 
 def test_state_commit_retires_a_stale_quarantine_file_and_failures_keep_files() -> None:

@@ -1,0 +1,331 @@
+"""`batch-infer verify OUTPUT`: prove an output is what its manifest says it is.
+
+Checks, against storage, everything "the manifest is the truth" promises:
+
+- every data file under the output (quarantine files included) is described
+  by an entry of the manifest + journal, or is on its way out (`retiring`);
+- every described file exists, with the recorded size and, by its footer, the
+  recorded number of rows (with `checksums=True` also the recorded sha256);
+- each input file the output holds shards of, when it is still there unchanged,
+  is covered row group by row group, and its rows add up: `rows_in` from its
+  footer == `rows_out + rows_rejected`;
+- `_SUCCESS` only beside a complete output: every entry committed, nothing
+  superseded, failed or pending, no journal, no temporary files.
+
+With `sample=N` it also re-reads N random committed rows from the input,
+recomputes them with the recorded model and compares with the stored
+predictions (within the recorded precision's tolerance) and passthrough values.
+It reads footers and the sample, not whole files.
+
+    >>> report = verify("preds/", sample=100)  # doctest: +SKIP
+    >>> report.ok, report.problems
+    (True, [])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+import random
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.commit import COMMITTED, MANIFEST, REJECTED_DIR, SUCCESS, State, file_sha256
+from pipelines.errors import ConfigError
+from pipelines.journal import JOURNAL_DIR
+from pipelines.plan import read_footer
+from pipelines.storage import Location, existing_infos, is_hidden, is_temp, relative_to, resolve
+
+_THREADS = 16
+# Absolute and relative tolerance per precision for recomputed predictions.
+_TOLERANCE = {"fp32": (1e-5, 1e-5), "tf32": (2e-3, 2e-3), "bf16": (2e-2, 2e-2), "fp16": (2e-3, 2e-3)}
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """What `verify` checked and what does not hold. `ok` is True when `problems` is empty."""
+
+    output: str
+    ok: bool
+    problems: list[str]
+    notes: list[str]
+    files_checked: int
+    rows_on_disk: int
+    rows_out: int
+    inputs_checked: int
+    sampled: int
+    complete: bool  # _SUCCESS is present
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        state = "complete (_SUCCESS)" if self.complete else "incomplete (no _SUCCESS)"
+        head = (f"{self.output}: {'OK' if self.ok else 'PROBLEMS'}, {state}; {self.files_checked} file(s), "
+                f"{self.rows_on_disk:,} rows on disk, {self.inputs_checked} input file(s) re-checked, "
+                f"{self.sampled} row(s) recomputed")
+        lines = [head] + [f"  problem: {p}" for p in self.problems] + [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def verify(output: str, *, sample: int = 0, checksums: bool = False, seed: int | None = None) -> VerifyReport:
+    """Check an output against its manifest (and `sample` recomputed rows); raises ConfigError for a
+    path that holds no batch-infer output.
+
+    Example:
+        >>> verify("preds/").ok  # doctest: +SKIP
+        True
+    """
+    location = resolve(output)
+    state = State.load(location)
+    if not state.found:
+        raise ConfigError(f"no batch-infer manifest at {output!r} (nothing has been committed there)")
+    check = _Check(location, state)
+    check.files(checksums)
+    check.inputs()
+    check.success()
+    if sample > 0:
+        check.sample(sample, random.Random(seed))
+    return VerifyReport(output, not check.problems, check.problems, check.notes, check.files_checked,
+                        check.rows_on_disk, check.rows_out, check.inputs_checked, check.sampled, check.complete)
+
+
+class _Check:
+    def __init__(self, output: Location, state: State) -> None:
+        self.output = output
+        self.state = state
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+        self.files_checked = self.rows_on_disk = self.inputs_checked = self.sampled = 0
+        self.on_disk = {relative_to(output.path, info.path): info for info in existing_infos(output.fs, output.path)}
+        self.complete = SUCCESS in self.on_disk
+        self.rows_out = sum(e["rows_out"] for e in state.files.values() if e["status"] == COMMITTED)
+
+    def files(self, checksums: bool) -> None:
+        """Every data file described; every described file as recorded."""
+        described: dict[str, tuple[dict[str, Any], str]] = {}
+        for entry in self.state.files.values():
+            described[entry["output"]] = (entry, "out")
+            if entry.get("rejected_output"):
+                described[entry["rejected_output"]] = (entry, "rejected")
+        for path in sorted(self.on_disk):
+            if _is_data(path) and path not in described and path not in self.state.retiring:
+                self.problems.append(f"{path}: a data file no manifest entry describes")
+        todo = []
+        for path, (entry, kind) in sorted(described.items()):
+            info = self.on_disk.get(path)
+            if info is None:
+                self.problems.append(f"{path}: listed as {entry['status']} for shard {entry['id']}, but missing")
+                continue
+            size = entry.get("bytes" if kind == "out" else "rejected_bytes")
+            if size is not None and info.size != size:
+                self.problems.append(f"{path}: {info.size} bytes, the manifest recorded {size}")
+                continue
+            todo.append((path, entry, kind))
+        with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+            rows = list(pool.map(lambda item: self._rows(item[0]), todo))
+        for (path, entry, kind), found in zip(todo, rows):
+            self.files_checked += 1
+            want = entry["rows_out"] if kind == "out" else entry["rows_rejected"]
+            if isinstance(found, str):
+                self.problems.append(f"{path}: {found}")
+            elif found != want:
+                self.problems.append(f"{path}: holds {found} rows, the manifest says {want} (shard {entry['id']})")
+            elif kind == "out" and entry["status"] == COMMITTED:
+                self.rows_on_disk += found
+        if checksums:
+            self._checksums(todo)
+        if self.rows_on_disk != self.rows_out and not any("rows" in p for p in self.problems):
+            self.problems.append(f"{self.rows_on_disk} rows on disk, the manifest says rows_out={self.rows_out}")
+
+    def _rows(self, path: str) -> int | str:
+        try:
+            return int(read_footer(self.output.fs, self.output.join(path)).num_rows)
+        except Exception as exc:  # a file that is not Parquet (any more)
+            return f"unreadable Parquet footer ({exc})"
+
+    def _checksums(self, todo: Sequence[tuple[str, dict[str, Any], str]]) -> None:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            found = list(pool.map(lambda item: file_sha256(self.output, item[0]), todo))
+        for (path, entry, kind), sha in zip(todo, found):
+            want = entry.get("sha256" if kind == "out" else "rejected_sha256")
+            if want is not None and sha != want:
+                self.problems.append(f"{path}: sha256 {str(sha)[:12]}... differs from the recorded {want[:12]}...")
+
+    def inputs(self) -> None:
+        """Each unchanged input file is covered, row group by row group, and its rows add up."""
+        source_info = self.state.header.get("source") or {}
+        uri = source_info.get("input") or (self.state.header.get("config") or {}).get("input")
+        if not uri:
+            self.notes.append("the manifest does not say where its input is; input accounting not checked")
+            return
+        source = resolve(uri)
+        base = source_info.get("base") or source.path
+        by_file: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for entry in self.state.files.values():
+            if entry["status"] == COMMITTED:
+                by_file.setdefault((entry["rel"], entry["fingerprint"]), []).append(entry)
+        changed = 0
+
+        def look(key: tuple[str, str]) -> tuple[str, Any]:
+            path = posixpath.join(base, key[0])
+            info = source.fs.get_file_info(path)
+            if info.type.name != "File" or f"size={info.size};mtime_ns={info.mtime_ns}" != key[1]:
+                return "changed", None
+            try:
+                meta = read_footer(source.fs, path)
+            except Exception as exc:
+                return "unreadable", exc
+            return "ok", [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+        keys = sorted(by_file)
+        with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+            looked = list(pool.map(look, keys))
+        for key, (status, found) in zip(keys, looked):
+            if status == "changed":
+                changed += 1
+                continue
+            if status == "unreadable":
+                self.notes.append(f"input {key[0]} cannot be re-read now ({found}); its accounting not re-checked")
+                continue
+            self.inputs_checked += 1
+            self._covers(key[0], found, sorted(by_file[key], key=lambda e: e["row_groups"][0]))
+        if changed:
+            self.notes.append(f"{changed} input file(s) changed or vanished since they were committed; "
+                              f"the next run processes them")
+
+    def _covers(self, rel: str, rows: list[int], entries: list[dict[str, Any]]) -> None:
+        cursor = 0
+        for entry in entries:
+            first, stop = entry["row_groups"]
+            if first != cursor and not (first == stop == cursor):
+                self.problems.append(f"input {rel}: row groups [{cursor}, {first}) are in no committed shard")
+            want = sum(rows[first:stop])
+            if entry["rows_in"] != want:
+                self.problems.append(f"shard {entry['id']}: rows_in={entry['rows_in']}, but the input's footer "
+                                     f"has {want} rows in row groups [{first}, {stop})")
+            if entry["rows_in"] != entry["rows_out"] + entry["rows_rejected"]:
+                self.problems.append(f"shard {entry['id']}: rows_in={entry['rows_in']} != rows_out="
+                                     f"{entry['rows_out']} + rows_rejected={entry['rows_rejected']}")
+            cursor = max(cursor, stop)
+        if cursor != len(rows):
+            self.problems.append(f"input {rel}: row groups [{cursor}, {len(rows)}) are in no committed shard")
+
+    def success(self) -> None:
+        """`_SUCCESS` only beside a complete output."""
+        if not self.complete:
+            return
+        why = []
+        entries = [*self.state.files.values(), *self.state.others.values()]
+        for status in ("superseded", "failed", "pending"):
+            count = sum(e["status"] == status for e in entries)
+            if count:
+                why.append(f"{count} {status} shard(s)")
+        if self.state.retiring:
+            why.append(f"{len(self.state.retiring)} file(s) waiting to be deleted")
+        if any(p.startswith(JOURNAL_DIR + "/") for p in self.on_disk):
+            why.append("an uncompacted journal")
+        temps = [p for p in self.on_disk if is_temp(p)]
+        if temps:
+            why.append(f"{len(temps)} temporary file(s) of dead attempts (e.g. {temps[0]})")
+        if why:
+            self.problems.append("_SUCCESS is present, but the output is not complete: " + ", ".join(why))
+
+    def sample(self, count: int, rng: random.Random) -> None:
+        """Recompute `count` random committed rows from the input and compare."""
+        entries = [e for e in self.state.files.values() if e["status"] == COMMITTED and e["rows_out"] > 0]
+        if not entries:
+            self.notes.append("no committed rows to sample")
+            return
+        from workers.model import MLP, read_model
+
+        header = self.state.header
+        settings = header.get("settings") or {}
+        try:
+            _, spec, layers = read_model(header["model"]["uri"])
+        except Exception as exc:
+            self.problems.append(f"cannot load the recorded model to recompute the sample: {exc}")
+            return
+        if spec.sha256 != header["model"]["sha256"]:
+            self.problems.append(f"the model file {header['model']['uri']} changed since the run "
+                                 f"(sha256 {spec.sha256[:12]}...); the sample cannot be recomputed")
+            return
+        import torch
+
+        mlp = MLP(layers, settings.get("activation", "sigmoid"), settings.get("output_activation", "sigmoid"),
+                  torch.device("cpu"), settings.get("precision", "fp32"))
+        columns = header.get("columns") or {}
+        picks: dict[str, list[int]] = {}
+        for entry in rng.choices(entries, weights=[e["rows_out"] for e in entries], k=count):
+            picks.setdefault(entry["output"], []).append(rng.randrange(entry["rows_out"]))
+        source_info = header.get("source") or {}
+        source = resolve(source_info.get("input") or header["config"]["input"])
+        tolerance = _TOLERANCE.get(settings.get("precision", "fp32"), _TOLERANCE["fp32"])
+        for path, rows in sorted(picks.items()):
+            entry = self.state.files[path]
+            try:
+                self._sample_shard(entry, sorted(set(rows)), source, source_info.get("base") or source.path,
+                                   settings, columns, mlp, tolerance)
+            except Exception as exc:  # an input that changed or can't be read: say so, precisely
+                self.notes.append(f"shard {entry['id']}: sample not recomputed ({exc})")
+
+    def _sample_shard(self, entry: Mapping[str, Any], rows: list[int], source: Location, base: str,
+                      settings: Mapping[str, Any], columns: Mapping[str, Any], mlp: Any,
+                      tolerance: tuple[float, float]) -> None:
+        import torch
+
+        from workers.reader import feature_matrix, invalid_rows
+
+        features = list(settings["features"])
+        passthrough = list(settings["passthrough"])
+        list_column = bool(columns.get("list_column", False))
+        width = int(columns.get("width") or len(features))
+        info = source.fs.get_file_info(posixpath.join(base, entry["rel"]))
+        if f"size={info.size};mtime_ns={info.mtime_ns}" != entry["fingerprint"]:
+            raise ValueError("its input changed since it was committed")
+        with source.fs.open_input_file(posixpath.join(base, entry["rel"])) as handle:
+            table = pq.ParquetFile(handle).read_row_groups(
+                list(range(*entry["row_groups"])), columns=list(dict.fromkeys(passthrough + features)))
+        matrix = feature_matrix(table.combine_chunks().to_batches()[0], features, list_column, width) \
+            if table.num_rows else np.zeros((0, width), np.float32)
+        keep = np.ones(table.num_rows, dtype=bool)
+        if settings.get("invalid_rows") != "keep":
+            bad = invalid_rows(matrix)
+            if bad is not None:
+                keep = ~bad
+        kept = np.flatnonzero(keep)[rows]  # output row i is the i-th input row that was not quarantined
+        with torch.inference_mode():
+            want = mlp(torch.from_numpy(np.ascontiguousarray(matrix[kept]))).numpy()
+        with self.output.fs.open_input_file(self.output.join(entry["output"])) as handle:
+            stored = pq.ParquetFile(handle).read(columns=[*passthrough, settings["prediction_column"]])
+        got = stored.column(settings["prediction_column"]).take(pa.array(rows)).to_pylist()
+        got_array = np.asarray(got, dtype=np.float32).reshape(len(rows), -1)
+        atol, rtol = tolerance
+        for i, row in enumerate(rows):
+            if not np.allclose(got_array[i], want[i], atol=atol, rtol=rtol, equal_nan=True):
+                self.problems.append(f"{entry['output']} row {row}: stored prediction {got_array[i].tolist()} != "
+                                     f"recomputed {want[i].tolist()} (input {entry['rel']} row "
+                                     f"{int(kept[i])} of shard {entry['id']})")
+        for name in passthrough:
+            if stored.column(name).take(pa.array(rows)) != table.column(name).take(pa.array(kept)):
+                self.problems.append(f"{entry['output']}: passthrough column {name!r} differs from the input "
+                                     f"in the sampled rows")
+        self.sampled += len(rows)
+
+
+def _is_data(path: str) -> bool:
+    """A file readers would see as data: a visible file, or one under `_rejected/`."""
+    if path in (MANIFEST, SUCCESS, "_LOCK") or is_temp(path):
+        return False
+    if path.startswith(REJECTED_DIR + "/"):
+        return not is_hidden(path[len(REJECTED_DIR) + 1:])
+    return not is_hidden(path)
