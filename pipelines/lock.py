@@ -98,7 +98,7 @@ class OutputLock:
             self._created_dirs = _make_dirs(self.output.path)
         self._started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         try:
-            holder = self._file.create(self._data(), self._is_stale)
+            holder = self._file.create(self.token, self._data(), self._is_stale)
         except BaseException:
             self._remove_created_dirs()
             raise
@@ -158,7 +158,7 @@ class OutputLock:
                 logger.warning("the lock on %s was no longer ours at release; left it in place", self.output.uri)
         if refused:
             self._remove_created_dirs()
-        self._created_dirs = []
+        self._created_dirs = []  # a run that ended normally keeps its directory
 
     def _data(self) -> bytes:
         record = {"token": self.token, "pid": os.getpid(), "host": socket.gethostname(),
@@ -220,7 +220,7 @@ class _LocalLockFile:
         except FileNotFoundError:
             return None
 
-    def create(self, data: bytes, is_stale: Callable[[Record], bool]) -> Record | None:
+    def create(self, token: str, data: bytes, is_stale: Callable[[Record], bool]) -> Record | None:
         """Make `data` the lock if there is none or it is stale; None on success, else the live holder."""
         tmp = self._write_temp(data)
         try:
@@ -234,6 +234,8 @@ class _LocalLockFile:
                     if content is None:
                         continue  # released meanwhile: try to create it again
                     holder = _parse(content)
+                    if holder.get("token") == token:
+                        return None  # our link did happen (NFS can report EEXIST for a retried link)
                     if not is_stale(holder):
                         return holder
                     os.replace(tmp, self.path)  # take over; rivals waiting on the old inode will see ours
@@ -318,8 +320,7 @@ class _ObjectLockFile:
         data = read_bytes(self.fs, self.path)
         return None if data is None else _parse(data)
 
-    def create(self, data: bytes, is_stale: Callable[[Record], bool]) -> Record | None:
-        token = _parse(data).get("token")
+    def create(self, token: str, data: bytes, is_stale: Callable[[Record], bool]) -> Record | None:
         for _ in range(_ATTEMPTS):
             holder = self.read()
             if holder is not None:

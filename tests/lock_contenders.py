@@ -38,8 +38,8 @@ def take_over_rounds(output: str, rounds: int, barrier: Any, results: Any) -> No
         barrier.wait(BARRIER_TIMEOUT)  # released: the test checks and plants the next one
 
 
-def churn(output: str, seconds: float, ttl: float, barrier: Any, acquired: Any) -> None:
-    """Acquire, hold through a few heartbeats, release, for `seconds`; counts acquisitions in `acquired`."""
+def churn(output: str, seconds: float, ttl: float, hold: float, barrier: Any, acquired: Any) -> None:
+    """Acquire, hold `hold` seconds, release, for `seconds`; counts acquisitions in `acquired`."""
     barrier.wait(BARRIER_TIMEOUT)
     until = time.monotonic() + seconds
     while time.monotonic() < until:
@@ -50,5 +50,5 @@ def churn(output: str, seconds: float, ttl: float, barrier: Any, acquired: Any) 
             continue
         with acquired.get_lock():
             acquired.value += 1
-        time.sleep(ttl * 0.6)  # two heartbeats (every ttl / 4)
+        time.sleep(hold)
         lock.release()
