@@ -131,8 +131,8 @@ class OutputLock:
             raise LockHeldError(f"this run lost the lock on {where!r}: its heartbeat thread stopped; {_RERUN}")
         overdue = time.monotonic() - self._last_beat
         if overdue > self.ttl:
-            raise LockHeldError(f"this run lost the lock on {where!r}: its last heartbeat was {overdue:.0f} s ago "
-                                f"(TTL {self.ttl:.0f} s), so another run may have taken it over; {_RERUN}")
+            raise LockHeldError(f"this run lost the lock on {where!r}: its last heartbeat was {overdue:.1f} s ago "
+                                f"(TTL {self.ttl:g} s), so another run may have taken it over; {_RERUN}")
         holder = self._file.read()
         if holder is None:
             raise LockHeldError(f"this run lost the lock on {where!r}: {self.path} was deleted; {_RERUN}")
