@@ -129,12 +129,20 @@ def run(
             return _report(p, manifest, [], [], time.perf_counter() - started, complete=True)
         runnable = [s for s in p.todo if s.error is None]
         done: list[dict[str, Any]] = []
-        for shard in p.todo:
-            if shard.error is not None:
-                manifest.record(shard.id, status=FAILED, error=shard.error, attempts=0)
-                done.append({"id": shard.id, "input": shard.input, "status": FAILED, "error": shard.error})
-        remove_success(output)
-        manifest.flush(force=True)
+        started_writing: list[bool] = []
+
+        def start() -> None:
+            """The run's first writes; with shards to run, only once a replica is ready (exit 2 writes nothing)."""
+            started_writing.append(True)
+            for shard in p.todo:
+                if shard.error is not None:
+                    manifest.record(shard.id, status=FAILED, error=shard.error, attempts=0)
+                    done.append({"id": shard.id, "input": shard.input, "status": FAILED, "error": shard.error})
+            remove_success(output)
+            manifest.flush(force=True)
+
+        if not runnable:
+            start()
         stats: list[dict[str, Any]] = []
         first_commit: list[float] = []
         if runnable:
@@ -164,10 +172,13 @@ def run(
                     totals, nodes = cluster_totals()
                     resources = size_replicas(cfg, len(runnable), totals, nodes)
                     logger.info("running %d shard(s) on %d replica(s) (%s)", len(runnable), resources.count, where)
-                    stats = Scheduler(job, resources, max_attempts=cfg.max_attempts).run(runnable, on_result)
+                    scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts,
+                                          shard_timeout=cfg.shard_timeout)
+                    stats = scheduler.run(runnable, on_result, on_started=start)
             finally:
                 bar.close()
-                manifest.flush(force=True)
+                if started_writing:
+                    manifest.flush(force=True)
         complete = manifest.finish()
         seconds = time.perf_counter() - started
         report = _report(p, manifest, done, replica_report(stats), seconds, complete=complete)
