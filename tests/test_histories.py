@@ -27,12 +27,20 @@ import pytest
 from conftest import REPO, read_output, reference, save_mlp
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from test_failures import _busy_replica_pids
 
 import pipelines
 from pipelines.commit import MANIFEST
 
+TRACE = os.environ.get("BATCH_INFER_HISTORY_TRACE")  # set it to print each step (debugging a history)
 NAMES = ["part-0.parquet", "part-1.parquet", "part-2.parquet", "sub/part-0.parquet", "sub/deep/x.parquet"]
 JOB = {"replicas": 2, "cpus_per_replica": 0.5, "batch_size": 32}
 
@@ -56,6 +64,13 @@ class Histories(RuleBasedStateMachine):
         return {"model": str(self.root / "m.pt"), "input": str(self.root / "in"), "output": str(self.root / "out"),
                 "shard_rows": self.shard_rows, **JOB}
 
+    @initialize(rows=st.lists(st.integers(0, 240), min_size=2, max_size=3), row_group_size=st.integers(15, 120))
+    def a_committed_table(self, rows: list[int], row_group_size: int) -> None:
+        """Histories start from an output that holds something."""
+        for name, count in zip(NAMES, rows):
+            self._write(name, count, row_group_size, seed=self.next_id)
+        self._check(self._run())
+
     # --- the input changes ------------------------------------------------------------------------
 
     def _write(self, name: str, rows: int, row_group_size: int, seed: int) -> None:
@@ -77,6 +92,8 @@ class Histories(RuleBasedStateMachine):
     def add(self, data: st.DataObject, rows: int, row_group_size: int) -> None:
         name = data.draw(st.sampled_from([n for n in NAMES if n not in self.tables]))
         self._write(name, rows, row_group_size, seed=self.next_id)
+        if TRACE:
+            print(f"add {name} rows={rows}", flush=True)
 
     @precondition(lambda self: bool(self._intact()))
     @rule(data=st.data(), rows=st.integers(0, 240), row_group_size=st.integers(15, 120))
@@ -171,9 +188,13 @@ class Histories(RuleBasedStateMachine):
 
     def _run(self, overwrite: bool = False) -> pipelines.RunReport | Exception:
         try:
-            return pipelines.run(**self.job, overwrite=overwrite, progress=False)
+            result: pipelines.RunReport | Exception = pipelines.run(**self.job, overwrite=overwrite, progress=False)
         except pipelines.InputError as exc:
-            return exc
+            result = exc
+        if TRACE:
+            print(f"run overwrite={overwrite} files={sorted(self.tables)} broken={sorted(self.broken)} -> "
+                  f"{getattr(result, 'status', result)} complete={getattr(result, 'complete', None)}", flush=True)
+        return result
 
     def _check(self, result: object) -> None:
         if isinstance(result, Exception):  # the whole input is unusable: allowed only when it really is
@@ -228,14 +249,13 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 
 def _profile(examples: int, steps: int) -> settings:
-    from hypothesis import Verbosity
-    return settings(max_examples=examples, stateful_step_count=steps, deadline=None, verbosity=Verbosity.verbose,
+    return settings(max_examples=examples, stateful_step_count=steps, deadline=None, 
                     suppress_health_check=list(HealthCheck))
 
 
 @pytest.mark.usefixtures("ray_shared")
 def test_every_history_converges_and_verify_always_holds() -> None:
-    run_state_machine_as_test(Histories, settings=_profile(examples=3, steps=12))
+    run_state_machine_as_test(Histories, settings=_profile(examples=6, steps=10))
 
 
 @pytest.mark.soak
