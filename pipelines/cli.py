@@ -8,11 +8,13 @@ input or model, 3 the output is locked by another run, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import yaml
@@ -122,7 +124,9 @@ def build_config(args: argparse.Namespace) -> JobConfig:
 def _run(args: argparse.Namespace) -> int:
     from pipelines.job import run
 
-    report = run(build_config(args), timeline=args.timeline, progress=not args.json)
+    cfg = build_config(args)
+    with _stdout_to_stderr(args.json):
+        report = run(cfg, timeline=args.timeline, progress=not args.json)
     if args.report:
         with open(args.report, "w") as handle:
             handle.write(report.to_json() + "\n")
@@ -131,6 +135,24 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(report.summary())
     return EXIT_OK if report.succeeded else EXIT_FAILED_SHARDS
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(enabled: bool) -> Iterator[None]:
+    """With --json, stdout holds the report and nothing else: whatever Ray, its daemons or a replica
+    print while the job runs (they write to file descriptor 1 too) goes to stderr instead."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _plan(args: argparse.Namespace) -> int:

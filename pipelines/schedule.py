@@ -195,9 +195,10 @@ class Scheduler:
             return
         except ray.exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
-            if isinstance(cause, ModelError):
-                raise cause from None  # the replica could not load the model: the whole job stops
             shard = self._finish(slot, ref)
+            if isinstance(cause, ModelError):  # validated on the driver, unloadable here: the job stops
+                self._abort(shard, f"a replica could not load the model: {_last_line(exc)}")
+                return
             if isinstance(cause, StorageError):  # infrastructure: retry; the replica is healthy
                 logger.warning("replica %d: storage error on shard %s (attempt %d): %s",
                                slot.index, shard.id, self._attempts[shard.id], _last_line(exc))
@@ -317,6 +318,24 @@ class Scheduler:
         while self._pending:
             shard = self._pending.popleft()
             self._on_result(shard, _failure(shard, self._attempts[shard.id], f"no replica left to run it: {why}"))
+
+    def _abort(self, shard: Shard, why: str) -> None:
+        """Stop the job after it started: every shard not done fails with `why` (the run exits 1, never 2)."""
+        logger.error("stopping: %s", why)
+        failed = [shard]
+        for slot in self._slots:
+            failed += [held for _, held in slot.queue]
+            slot.queue = []
+            if slot.alive:
+                slot.alive = False
+                with contextlib.suppress(Exception):
+                    ray.kill(slot.actor, no_restart=True)
+        self._refs.clear()
+        self._probes.clear()
+        failed += list(self._pending)
+        self._pending.clear()
+        for item in failed:
+            self._on_result(item, _failure(item, self._attempts[item.id], why))
 
     def _collect_stats(self) -> list[dict[str, Any]]:
         live = [s for s in self._slots if s.alive and s.ready]

@@ -156,12 +156,13 @@ def test_no_replica_left_fails_the_rest_then_a_rerun_resumes(tmp_path: Path) -> 
     try:
         run = cli("run", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output", str(out),
                   "--shard-rows", "250", "--batch-size", "50", "--replicas", "1", "--cpus-per-replica", "0.5",
-                  "--max-attempts", "1", "--report", str(tmp_path / "report.json"), timeout=120)
+                  "--max-attempts", "1", "--report", str(tmp_path / "report.json"), "--json", timeout=120)
     finally:
         stop.set()
         thread.join()
     assert run.returncode == 1, run.stderr  # the run ended with its report: not exit 2, nothing raised
     report = json.loads((tmp_path / "report.json").read_text())
+    assert json.loads(run.stdout) == report  # Ray's "a worker died" lines went to stderr, not into the JSON
     assert report["status"] == "failed" and len(killed) >= 2
     errors = [e["error"] for e in report["errors"]]
     assert any(e.startswith("replica died on each of 1 attempt(s)") for e in errors), errors
@@ -205,10 +206,12 @@ def _test_replica() -> type:
             import os
             import time
 
-            from pipelines.errors import StorageError
+            from pipelines.errors import ModelError, StorageError
 
             started = time.time()
             kind = task["id"].split("-")[0]
+            if kind == "model":
+                raise ModelError(f"model 'm.pt' changed since the run was planned ({task['id']})")
             if kind == "die":
                 time.sleep(0.5)
                 os._exit(1)
@@ -286,3 +289,13 @@ def test_no_replica_ever_ready_is_a_resource_error_before_any_write(tmp_path: Pa
     with pytest.raises(ResourceError, match="no replica became ready within 1 s"):
         _schedule(tmp_path, ["ok-0"], replicas=1, max_attempts=1, starting=0, start_timeout=1.0, started=started)
     assert started == []  # on_started never ran: the caller has written nothing (exit 2)
+
+
+def test_a_model_that_fails_to_load_after_the_start_ends_the_run_with_its_report(tmp_path: Path) -> None:
+    # Validated on the driver, unloadable in the replica (changed since planning): once the run has
+    # started, it never exits 2; every shard not done fails with the reason and the run returns.
+    results, _, started = _schedule(tmp_path, ["model-0", "ok-1", "ok-2"], replicas=1, max_attempts=3)
+    assert started == [0]
+    assert results["model-0"]["status"] == "failed"
+    assert "could not load the model" in results["model-0"]["error"] and "changed since" in results["model-0"]["error"]
+    assert all(r["status"] == "failed" and "could not load the model" in r["error"] for r in results.values())
