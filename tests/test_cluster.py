@@ -135,3 +135,18 @@ def test_ray_job_submit(head: Head, job: list[str], tmp_path: Path) -> None:
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "batch-infer succeeded" in result.stdout
     assert read_output(tmp_path / "out")["id"].to_pylist() == list(range(500))
+
+
+def test_relative_paths_resolve_on_the_driver_not_in_the_replicas(head: Head, tmp_path: Path) -> None:
+    # The cluster was started from another directory: replicas run elsewhere, so `m.pt`, `in` and
+    # `out` must be resolved once, where the user typed them.
+    write_files(tmp_path / "in", [300], features=4, row_group_size=100)
+    save_mlp(tmp_path / "m.pt", [4, 8, 1])
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines", "run", "--model", "m.pt", "--input", "in", "--output", "out",
+         "--address", head.address, "--cpus-per-replica", "0.5", "--shard-rows", "100", "--json"],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["rows_out"] == 300
+    assert read_output(tmp_path / "out")["id"].to_pylist() == list(range(300))
+    assert cli("verify", str(tmp_path / "out")).returncode == 0
