@@ -136,10 +136,6 @@ def run(
         >>> report.status, report.rows_out
         ('succeeded', 1000000)
     """
-    # Ray and torch are imported where they are used: `plan`, `status` and exit-2 paths stay light.
-    from pipelines.cluster import cluster_totals, connect, size_replicas
-    from workers.replica import ReplicaJob, replica_report
-
     cfg = _config(config, options)
     started = time.perf_counter()
     p = _prepare(cfg)
@@ -150,6 +146,10 @@ def run(
         if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
             return _report(p, [], [], time.perf_counter() - started, complete=True)
+        # Ray is imported where it is used: `plan`, `status`, exit-2 paths and idle ticks stay light.
+        from pipelines.cluster import cluster_totals, connect, size_replicas
+        from workers.replica import ReplicaJob, replica_report
+
         runnable = [s for s in p.todo if s.error is None]
         done: list[dict[str, Any]] = []
         first_commit: list[float] = []
