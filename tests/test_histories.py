@@ -259,6 +259,7 @@ def test_every_history_converges_and_verify_always_holds() -> None:
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(4 * 3600)
 @pytest.mark.usefixtures("ray_shared")
 def test_every_history_converges_soak() -> None:
     run_state_machine_as_test(Histories, settings=_profile(examples=40, steps=30))
