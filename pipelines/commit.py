@@ -49,6 +49,8 @@ REJECTED_DIR = "_rejected"
 
 COMMITTED, FAILED, PENDING, SUPERSEDED = "committed", "failed", "pending", "superseded"
 
+SpanMap = dict[tuple[str, str], list[Span]]  # (rel, fingerprint) -> committed spans of that file
+
 
 def prediction_settings(cfg: JobConfig, columns: Columns) -> dict[str, Any]:
     """The config that changes what a shard's output holds (compared on resume)."""
@@ -198,36 +200,27 @@ class State:
         for p in [path, *(p for p, _, _ in _files_of(holder or {}))]:
             self.retiring.add(p)
 
-    def spans(self, listed: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[Span]]:
-        """(rel, fingerprint) -> committed spans, for the listed files whose committed shards cover
-        every row group (such a file needs no footer to be planned)."""
+    def spans(self, listed: Iterable[tuple[str, str]]) -> tuple[SpanMap, SpanMap]:
+        """For the listed (rel, fingerprint) pairs: the committed spans of files they cover entirely
+        (such a file needs no footer to be planned), and every committed span (checked against the
+        file's footer when it is read)."""
         wanted = set(listed)
-        found: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for entry in self.files.values():
-            key = (entry["rel"], entry["fingerprint"])
-            if key in wanted and entry["file_row_groups"] is not None:
-                found.setdefault(key, []).append(entry)
-        covered = {}
-        for key, entries in found.items():
-            entries.sort(key=lambda e: e["row_groups"][0])
-            total = entries[0]["file_row_groups"]
-            bounds = [tuple(e["row_groups"]) for e in entries]
-            tiles = bounds[0][0] == 0 and bounds[-1][1] == total and all(
-                a[1] == b[0] for a, b in zip(bounds, bounds[1:])) and all(e["file_row_groups"] == total for e in entries)
-            if tiles:
-                covered[key] = [Span(e["row_groups"][0], e["row_groups"][1], e["rows_in"], e["output"]) for e in entries]
-        return covered
-
-    def partial_spans(self, listed: Iterable[tuple[str, str]]) -> dict[tuple[str, str], list[Span]]:
-        """(rel, fingerprint) -> every committed span of a listed file (checked against its footer later)."""
-        wanted = set(listed)
-        spans: dict[tuple[str, str], list[Span]] = {}
+        partial: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for entry in self.files.values():
             key = (entry["rel"], entry["fingerprint"])
             if key in wanted:
-                spans.setdefault(key, []).append(
-                    Span(entry["row_groups"][0], entry["row_groups"][1], entry["rows_in"], entry["output"]))
-        return spans
+                partial.setdefault(key, []).append(entry)
+        covered = {}
+        for key, entries in partial.items():
+            entries.sort(key=lambda e: e["row_groups"][0])
+            total = entries[0]["file_row_groups"]
+            bounds = [tuple(e["row_groups"]) for e in entries]
+            if (total is not None and all(e["file_row_groups"] == total for e in entries)
+                    and bounds[0][0] == 0 and bounds[-1][1] == total
+                    and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))):
+                covered[key] = entries
+        return ({key: [_span(e) for e in entries] for key, entries in covered.items()},
+                {key: [_span(e) for e in entries] for key, entries in partial.items()})
 
     def claims(self, listed_rels: set[str]) -> dict[str, str]:
         """Output names held by inputs that are still listed (a vanished input's names are free)."""
@@ -253,6 +246,10 @@ class State:
                 f"{where} holds predictions made with a different model or config ({'; '.join(problems)}); "
                 f"set overwrite to recompute everything, or write to a new output"
             )
+
+
+def _span(entry: Mapping[str, Any]) -> Span:
+    return Span(entry["row_groups"][0], entry["row_groups"][1], entry["rows_in"], entry["output"])
 
 
 _V1_DEFAULTS = {"file_row_groups": None, "bytes": None, "sha256": None, "rejected_bytes": None,

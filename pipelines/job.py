@@ -233,7 +233,7 @@ def _prepare(cfg: JobConfig) -> Plan:
         listed.extend(files)
         if cfg.overwrite:
             return {}, {}
-        return state.spans(files), state.partial_spans(files)
+        return state.spans(files)
 
     base, files = scan_inputs(source, committed)
     columns, column_source, files = _columns(cfg, model, files, state, source)
