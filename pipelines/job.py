@@ -307,7 +307,8 @@ def _unchanged(p: Plan) -> bool:
     state = p.state
     if not state.journal.empty or state.retiring or p.reconciled.stale:
         return False
-    if any(other["id"] in {s.id for s in p.shards} for other in state.others.values()):
+    planned = {s.id for s in p.shards}
+    if any(other["id"] in planned for other in state.others.values()):
         return False
     return p.output.fs.get_file_info(p.output.join(SUCCESS)).type.name == "File"
 
