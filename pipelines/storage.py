@@ -2,25 +2,42 @@
 
 Used by the driver (listing, manifest, lock) and by replicas (reading shards,
 committing output files). Nothing here imports Ray or torch.
+
+Object stores fail transiently (throttling, 5xx, resets, timeouts). Every
+operation here retries those (`retry_transient`) and raises `StorageError`
+when they outlast the retries, so a flaky store is never mistaken for bad data.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
+import functools
 import hashlib
+import logging
 import os
 import posixpath
+import random
+import re
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, StorageError
+
+logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = "*?["
+_URI_GLOB_CHARS = "*["  # in URIs a '?' starts the filesystem options (see `resolve`)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,11 @@ class Location:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def glob_chars(self) -> str:
+        """Characters that make `path` a glob: `*?[` for local paths, `*[` in URIs."""
+        return _URI_GLOB_CHARS if self.scheme else _GLOB_CHARS
 
     def join(self, relative: str) -> str:
         """The filesystem path of `relative` under this location."""
@@ -62,7 +84,7 @@ def resolve(uri: str) -> Location:
     if "?" in uri and "=" in uri.rsplit("?", 1)[1]:
         main, query = uri.rsplit("?", 1)
     head, tail = main, ""
-    glob_at = min((main.index(ch) for ch in "*[" if ch in main), default=-1)
+    glob_at = min((main.index(ch) for ch in _URI_GLOB_CHARS if ch in main), default=-1)
     if glob_at > 0:
         head = main[:glob_at].rsplit("/", 1)[0]
         tail = main[len(head) :]
@@ -74,21 +96,161 @@ def resolve(uri: str) -> Location:
     return Location(fs, path.rstrip("/") or "/", uri, scheme)
 
 
-def has_glob(path: str) -> bool:
-    return any(ch in path for ch in _GLOB_CHARS)
+# --- transient errors -------------------------------------------------------------------
+
+RETRY_ATTEMPTS = 6  # tries of one operation; the sleeps between them add up to 3-6 s
+RETRY_BASE_DELAY = 0.2  # seconds before the second try; doubles each time
+RETRY_MAX_DELAY = 10.0
+
+# errno values that say "the path to the data failed", never "the data is bad". EIO is among
+# them: on network mounts (NFS, FUSE over object stores) it is the generic transport error, and
+# even on a local disk it says nothing about the bytes, so it must not become a data error.
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "ETIMEDOUT", "EAGAIN", "EWOULDBLOCK", "EINTR", "EIO", "ESTALE", "EBUSY", "ECONNRESET",
+        "ECONNABORTED", "ECONNREFUSED", "EPIPE", "ENETDOWN", "ENETUNREACH", "ENETRESET",
+        "EHOSTDOWN", "EHOSTUNREACH",
+    ) if hasattr(errno, name)
+)
+# How pyarrow words a transient failure of S3 (AWS SDK error names, curl codes), GCS
+# (google-cloud-cpp status codes) and HDFS (Java exception names) in an OSError message.
+_TRANSIENT_MESSAGE = re.compile(
+    r"AWS Error (SLOW_DOWN|THROTTLING|REQUEST_TIMEOUT|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|NETWORK_CONNECTION"
+    r"|REQUEST_LIMIT_EXCEEDED|REQUEST_EXPIRED)\b"
+    r"|\bHTTP (status|response code):? ?(408|429|5\d\d)\b"
+    r"|\b(SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttling(Exception)?|TooManyRequests"
+    r"|RequestLimitExceeded|OperationAborted)\b"
+    r"|curlCode: (6|7|18|28|35|52|55|56)\b"
+    r"|\b(UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED)\b"
+    r"|\b(SocketTimeoutException|ConnectException|ConnectTimeoutException|NoRouteToHostException"
+    r"|RetriableException|StandbyException)\b"
+    r"|[Cc]onnection (reset|refused|aborted|closed)|[Bb]roken pipe|[Tt]imed out|[Tt]emporarily unavailable"
+)
+_NEVER_TRANSIENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def static_prefix(path: str) -> str:
-    """The directory part of a glob before its first wildcard (the path itself without one).
+class _BrokenStream(StorageError):
+    """A write stream broken by a transient error: redoing the whole file may succeed."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` is a storage failure that may go away on retry (never one about the data).
+
+    pyarrow raises OSError for both a throttled request and, e.g., an undecodable Parquet
+    footer, so the message decides: AWS/GCS/HDFS error names, HTTP 408/429/5xx, curl network
+    codes, timeouts and resets, or a network errno. Missing files, denied access and
+    everything that is not an OSError (ArrowInvalid, ...) are not transient.
+
+    Example:
+        >>> is_transient(OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate."))
+        True
+        >>> is_transient(OSError("Couldn't deserialize thrift: invalid data"))
+        False
+    """
+    if isinstance(exc, _BrokenStream):
+        return True
+    if isinstance(exc, StorageError) or isinstance(exc, _NEVER_TRANSIENT):
+        return False
+    if isinstance(exc, OSError):
+        if isinstance(exc, (TimeoutError, ConnectionError)) or exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        if _TRANSIENT_MESSAGE.search(str(exc)):
+            return True
+    cause = exc.__cause__
+    return cause is not None and cause is not exc and is_transient(cause)
+
+
+def backoff(attempt: int, base_delay: float = RETRY_BASE_DELAY, max_delay: float = RETRY_MAX_DELAY) -> float:
+    """Seconds to sleep after failed try number `attempt` (1-based): exponential, with jitter."""
+    return min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def retry_transient(fn: Callable[[], T], *, what: str, attempts: int = RETRY_ATTEMPTS,
+                    base_delay: float = RETRY_BASE_DELAY, max_delay: float = RETRY_MAX_DELAY) -> T:
+    """Call `fn`, retrying transient storage errors with exponential backoff and jitter.
+
+    Returns what `fn` returns; re-raises any other error unchanged. Raises `StorageError`
+    (naming `what`) when transient errors outlast `attempts` tries.
+
+    Example:
+        >>> retry_transient(lambda: fs.get_file_info(path), what=f"listing {path}")  # doctest: +SKIP
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if attempt == attempts:
+                raise StorageError(f"{what}: still failing after {attempts} attempt(s): {exc}") from exc
+            delay = backoff(attempt, base_delay, max_delay)
+            logger.warning("%s failed (%s); retrying in %.2f s (attempt %d of %d)", what, exc, delay,
+                           attempt + 1, attempts)
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+# --- listing ------------------------------------------------------------------------------
+
+def has_glob(path: str, chars: str = _GLOB_CHARS) -> bool:
+    return any(ch in path for ch in chars)
+
+
+def static_prefix(path: str, chars: str = _GLOB_CHARS) -> str:
+    """The directories of a glob before its first wildcard segment (the path itself without one).
 
     Example:
         >>> static_prefix("/data/day=*/part-*.parquet")
         '/data'
     """
-    if not has_glob(path):
+    if not has_glob(path, chars):
         return path
-    prefix = path[: min(path.index(ch) for ch in _GLOB_CHARS if ch in path)]
-    return prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+    parts = path.split("/")
+    first = next(i for i, part in enumerate(parts) if has_glob(part, chars))
+    return "/".join(parts[:first]) or ("/" if path.startswith("/") else "")
+
+
+def glob_matcher(pattern: str, chars: str = _GLOB_CHARS) -> Callable[[str], bool]:
+    """A predicate on '/'-separated relative paths for a glob relative to its static prefix.
+
+    `*` and `?` match within one path segment, `[...]` is a character class (`[!...]`
+    negates; `[[]` is a literal '['), and `**` as a whole segment matches zero or more
+    directories (at the end: every file below). Only the characters in `chars` are wildcards.
+
+    Example:
+        >>> match = glob_matcher("day=*/**/part-*.parquet")
+        >>> match("day=1/part-0.parquet"), match("day=1/a/b/part-0.parquet"), match("day=1/part-0.csv")
+        (True, True, False)
+    """
+    segments: list[re.Pattern[str] | None] = []  # None stands for '**'
+    for segment in pattern.strip("/").split("/"):
+        if segment == "**" and "*" in chars:
+            if not segments or segments[-1] is not None:
+                segments.append(None)
+            continue
+        if "?" not in chars:
+            segment = segment.replace("?", "[?]")
+        if "[" not in chars:
+            segment = segment.replace("[", "[[]")
+        segments.append(re.compile(fnmatch.translate(segment)))
+
+    def match(relative: str) -> bool:
+        parts = relative.strip("/").split("/")
+
+        @functools.cache
+        def step(i: int, j: int) -> bool:  # pattern segments [i:] against path parts [j:]
+            if i == len(segments):
+                return j == len(parts)
+            segment = segments[i]
+            if segment is None:
+                if i == len(segments) - 1:  # a trailing '**' takes every file below
+                    return j < len(parts)
+                return step(i + 1, j) or (j < len(parts) - 1 and step(i, j + 1))  # no directory, or one more
+            return j < len(parts) and segment.match(parts[j]) is not None and step(i + 1, j + 1)
+
+        return step(0, 0)
+
+    return match
 
 
 def is_hidden(relative: str) -> bool:
@@ -99,31 +261,34 @@ def is_hidden(relative: str) -> bool:
 def list_files(location: Location) -> tuple[str, list[pafs.FileInfo]]:
     """The input files under a file, directory (recursive) or glob, in path order.
 
-    Returns the base directory that relative output paths mirror, and the files.
-    Hidden names (`_SUCCESS`, `.crc`, ...) are skipped.
+    Returns the base directory that relative output paths mirror (a glob's static
+    prefix), and the files. A path that exists is taken literally, glob characters
+    or not. Hidden names (`_SUCCESS`, `.crc`, ...) are skipped.
     """
     fs, path = location.fs, location.path
-    if has_glob(path):
-        base = static_prefix(path)
-        infos = _walk(fs, base)
-        files = [info for info in infos if fnmatch.fnmatchcase(info.path, path)]
+    info = retry_transient(lambda: fs.get_file_info(path), what=f"looking up {location.uri}")
+    if info.type == pafs.FileType.File:
+        return posixpath.dirname(path), [info]
+    if info.type == pafs.FileType.Directory:
+        base, files = path, _walk(fs, path)
+    elif has_glob(path, location.glob_chars):
+        base = static_prefix(path, location.glob_chars)
+        match = glob_matcher(path[len(base):], location.glob_chars)
+        files = [info for info in _walk(fs, base) if match(relative_to(base, info.path))]
     else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return posixpath.dirname(path), [info]
-        if info.type != pafs.FileType.Directory:
-            return path, []
-        base = path
-        files = _walk(fs, base)
+        return path, []
     files = [info for info in files if not is_hidden(relative_to(base, info.path))]
     return base, sorted(files, key=lambda info: info.path)
 
 
 def _walk(fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    def listing() -> list[pafs.FileInfo]:
+        try:
+            return fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    infos = retry_transient(listing, what=f"listing {base}")
     return [info for info in infos if info.type == pafs.FileType.File]
 
 
@@ -144,6 +309,8 @@ def existing_files(fs: pafs.FileSystem, root: str) -> set[str]:
     return {info.path for info in _walk(fs, root)}
 
 
+# --- staged output --------------------------------------------------------------------------
+
 TEMP_SUFFIX = ".tmp"
 
 
@@ -159,11 +326,23 @@ def is_temp(path: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
 
+def sweep_temps(fs: pafs.FileSystem, root: str) -> int:
+    """Delete every temporary file (`is_temp`) under `root`; returns how many were deleted.
+
+    Only safe when no attempt is writing under `root` any more (after a complete run).
+    """
+    temps = [info.path for info in _walk(fs, root) if is_temp(info.path)]
+    for path in temps:
+        delete_file(fs, path)
+    return len(temps)
+
+
 class _Hashing:
     """A write-only file object that hashes (sha256) and counts what passes through it."""
 
-    def __init__(self, sink: pa.NativeFile) -> None:
+    def __init__(self, sink: pa.NativeFile, what: str) -> None:
         self.sink = sink
+        self.what = what
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.closed = False
@@ -171,7 +350,12 @@ class _Hashing:
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data)
         self.sha256.update(view)
-        self.sink.write(view)
+        try:
+            self.sink.write(view)
+        except OSError as exc:
+            if is_transient(exc):
+                raise _BrokenStream(f"{self.what}: {exc}") from exc
+            raise
         self.size += view.nbytes
         return view.nbytes
 
@@ -189,11 +373,16 @@ class StagedFile:
     """A file written under a hidden temporary name, then published under its final path whole.
 
     Every byte is hashed on the way out, so the commit record can carry the
-    file's size and sha256 before the file becomes visible. Local files and
-    HDFS publish by rename; object stores stream a (multipart) upload to the
-    temporary key and publish with a server-side move. A staged file that is
-    discarded, or whose writer is killed, leaves only a hidden `.tmp` name
-    behind, which readers skip and a complete run sweeps away.
+    file's size and sha256 before the file becomes visible. Local files publish
+    by rename. Object stores stream the temporary object as a multipart upload
+    (pyarrow sends each part as it fills, so memory stays bounded) and publish
+    with a server-side copy; nothing ever appears under the final name until
+    then. A staged file that is discarded, or whose writer is killed, leaves at
+    most a hidden `.tmp` name behind, which readers skip and `sweep_temps` removes.
+
+    Opening and publishing retry transient errors (`StorageError` when they
+    persist); a transient error while streaming breaks the file and raises a
+    `StorageError` at once: the caller redoes the file (after `discard()`).
 
     Example:
         >>> staged = StagedFile(fs, "/out/part-0-00000.parquet")  # doctest: +SKIP
@@ -210,10 +399,10 @@ class StagedFile:
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(parent, exist_ok=True)
         else:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # object stores need no directories
                 fs.create_dir(parent, recursive=True)
-        self._raw = fs.open_output_stream(self.tmp)
-        self._hashing = _Hashing(self._raw)
+        self._raw = retry_transient(lambda: fs.open_output_stream(self.tmp), what=f"creating {self.tmp}")
+        self._hashing = _Hashing(self._raw, f"writing {self.tmp}")
         self.stream = pa.PythonFile(self._hashing, mode="w")
         self.size = 0
         self.sha256 = ""
@@ -221,24 +410,62 @@ class StagedFile:
     def finish(self) -> tuple[int, str]:
         """Complete the temporary file; returns (size in bytes, sha256 hex)."""
         self.stream.close()
-        self._raw.close()
+        try:
+            self._raw.close()  # on object stores: waits for the last parts, completes the upload
+        except OSError as exc:
+            if is_transient(exc):
+                raise _BrokenStream(f"completing {self.tmp}: {exc}") from exc
+            raise
         self.size, self.sha256 = self._hashing.size, self._hashing.sha256.hexdigest()
         return self.size, self.sha256
 
     def publish(self) -> None:
         """Move the finished temporary file to its final path (replacing what was there)."""
-        if isinstance(self.fs, pafs.LocalFileSystem):
+        fs = self.fs
+        if isinstance(fs, pafs.LocalFileSystem):
             os.replace(self.tmp, self.path)
-        else:
-            self.fs.move(self.tmp, self.path)
+            return
+        tries = 0
+
+        def move() -> None:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and fs.get_file_info(self.tmp).type == pafs.FileType.NotFound:
+                return  # an earlier try moved it but its answer was lost (S3 copies, then deletes the source)
+            if not isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)) and self._already_published():
+                fs.delete_file(self.tmp)
+                return
+            fs.move(self.tmp, self.path)
+
+        retry_transient(move, what=f"publishing {self.path}")
+
+    def _already_published(self) -> bool:
+        """Whether the final path already holds exactly these bytes (a duplicate attempt).
+
+        Filesystems that publish by rename (HDFS) replace an existing file by deleting it
+        first (pyarrow's HadoopFileSystem.move), leaving the name briefly empty; a
+        duplicate attempt that wrote the same bytes leaves the published file alone.
+        """
+        info = self.fs.get_file_info(self.path)
+        if info.type != pafs.FileType.File or info.size != self.size:
+            return False
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(self.path) as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest() == self.sha256
 
     def discard(self) -> None:
-        """Drop the temporary file (after a failure); never raises."""
+        """Drop the temporary file (after a failure); never raises.
+
+        pyarrow cannot abort an S3 multipart upload (closing a stream completes it), so
+        the partial temporary object is completed under its hidden name, then deleted.
+        """
         with contextlib.suppress(Exception):
             if not self._raw.closed:
                 self._raw.close()
         with contextlib.suppress(Exception):
-            self.fs.delete_file(self.tmp)
+            delete_file(self.fs, self.tmp)
 
 
 @contextlib.contextmanager
@@ -255,23 +482,54 @@ def atomic_sink(fs: pafs.FileSystem, path: str) -> Iterator[pa.NativeFile]:
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    with atomic_sink(fs, path) as sink:
-        sink.write(data)
+    """Write a small file whole or not at all, redoing it on transient errors."""
+
+    def attempt() -> None:
+        with atomic_sink(fs, path) as sink:
+            sink.write(data)
+
+    retry_transient(attempt, what=f"writing {path}")
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
     """The whole file, or None when it does not exist."""
-    try:
-        with fs.open_input_stream(path) as stream:
-            return bytes(stream.read())
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+
+    def attempt() -> bytes | None:
+        try:
+            with fs.open_input_stream(path) as stream:
+                return bytes(stream.read())
+        except FileNotFoundError:
             return None
-        raise exc
+        except OSError as exc:
+            if not is_transient(exc) and fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
+            raise
+
+    return retry_transient(attempt, what=f"reading {path}")
 
 
 def delete_file(fs: pafs.FileSystem, path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        fs.delete_file(path)
+    """Delete a file; a file that is already gone is fine."""
+
+    def attempt() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(path)
+
+    retry_transient(attempt, what=f"deleting {path}")
+
+
+def read_parquet_footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
+    """A Parquet file's footer, retrying transient errors (`StorageError` when they persist).
+
+    A file that is not valid Parquet raises pyarrow's own error (ArrowInvalid, OSError).
+
+    Example:
+        >>> read_parquet_footer(location.fs, "bucket/in/part-0.parquet").num_row_groups  # doctest: +SKIP
+        4
+    """
+
+    def attempt() -> pq.FileMetaData:
+        with fs.open_input_file(path) as handle:
+            return pq.read_metadata(handle)
+
+    return retry_transient(attempt, what=f"reading the Parquet footer of {path}")
