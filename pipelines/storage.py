@@ -518,7 +518,8 @@ def delete_file(fs: pafs.FileSystem, path: str) -> None:
     retry_transient(attempt, what=f"deleting {path}")
 
 
-def read_parquet_footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
+def read_parquet_footer(fs: pafs.FileSystem, path: str, *, attempts: int = RETRY_ATTEMPTS,
+                        base_delay: float = RETRY_BASE_DELAY) -> pq.FileMetaData:
     """A Parquet file's footer, retrying transient errors (`StorageError` when they persist).
 
     A file that is not valid Parquet raises pyarrow's own error (ArrowInvalid, OSError).
@@ -532,4 +533,5 @@ def read_parquet_footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
         with fs.open_input_file(path) as handle:
             return pq.read_metadata(handle)
 
-    return retry_transient(attempt, what=f"reading the Parquet footer of {path}")
+    return retry_transient(attempt, what=f"reading the Parquet footer of {path}", attempts=attempts,
+                           base_delay=base_delay)
