@@ -312,6 +312,8 @@ def existing_files(fs: pafs.FileSystem, root: str) -> set[str]:
 # --- staged output --------------------------------------------------------------------------
 
 TEMP_SUFFIX = ".tmp"
+# Stores whose move is a server-side copy that replaces the destination in one step.
+_COPY_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem") if hasattr(pafs, name))
 
 
 def temp_name(path: str) -> str:
@@ -432,7 +434,7 @@ class StagedFile:
             tries += 1
             if tries > 1 and fs.get_file_info(self.tmp).type == pafs.FileType.NotFound:
                 return  # an earlier try moved it but its answer was lost (S3 copies, then deletes the source)
-            if not isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)) and self._already_published():
+            if not isinstance(fs, _COPY_STORES) and self._already_published():
                 fs.delete_file(self.tmp)
                 return
             fs.move(self.tmp, self.path)

@@ -109,7 +109,8 @@ class FaultProxy:
         self._server.daemon_threads = True
         self._server.proxy = self  # type: ignore[attr-defined]
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="s3-fault-proxy", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="s3-fault-proxy",
+                                        daemon=True)
         self._thread.start()
 
     @property

@@ -176,7 +176,7 @@ def test_transient_errors(exc: BaseException) -> None:
 
 
 @pytest.mark.parametrize("exc", [
-    pa.ArrowInvalid("Parquet magic bytes not found in footer. Either the file is corrupted or this is not a parquet file."),
+    pa.ArrowInvalid("Parquet magic bytes not found in footer. Either the file is corrupted or this is not parquet"),
     OSError("Couldn't deserialize thrift: don't know what type: \x0f"),
     OSError("Unexpected end of stream: Page was smaller (5030) than expected (6000)"),
     OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied"),
