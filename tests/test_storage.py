@@ -19,18 +19,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.errors import ShardDataError, StorageError
+from pipelines.retry import is_transient, retry_transient
 from pipelines.storage import (
     Location,
     StagedFile,
     atomic_sink,
     glob_matcher,
     is_temp,
-    is_transient,
     list_files,
     read_bytes,
     read_parquet_footer,
     resolve,
-    retry_transient,
     static_prefix,
     sweep_temps,
     write_bytes_atomic,

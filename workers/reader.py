@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.errors import ShardDataError, StorageError
-from pipelines.storage import RETRY_ATTEMPTS, RETRY_BASE_DELAY, Location, backoff, is_transient, retry_transient
+from pipelines.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
+from pipelines.storage import Location
 
 logger = logging.getLogger(__name__)
 
