@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from pipelines.config import JobConfig, read_yaml
-from pipelines.errors import BatchInferError, ConfigError
+from pipelines.errors import BatchInferError, ConfigError, StorageError
 
 _BOOL_KEYS = {"keep_features", "overwrite"}
 _LIST_KEYS = {"features", "passthrough"}
@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BatchInferError as exc:
         print(f"batch-infer: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except StorageError as exc:  # the output's storage kept failing: nothing committed is lost; rerun
+        print(f"batch-infer: error: storage kept failing, rerun the same command: {exc}", file=sys.stderr)
+        return EXIT_FAILED_SHARDS
     except KeyboardInterrupt:
         print("batch-infer: interrupted; committed shards are kept, rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

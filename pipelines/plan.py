@@ -16,20 +16,19 @@ tick over an unchanged 100,000-file table to a listing and the manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-import dataclasses
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pipelines.config import JobConfig
-from pipelines.errors import ConfigError, InputError
-from pipelines.storage import Location, list_files, relative_to
+from pipelines.errors import ConfigError, InputError, StorageError
+from pipelines.storage import Location, list_files, read_parquet_footer, relative_to
 
 DEFAULT_SHARD_ROWS = 1_000_000
 _FOOTER_THREADS = 16
@@ -242,11 +241,11 @@ def scan_inputs(location: Location, committed: Committed | None = None) -> tuple
             return InputFile(info.path, rel, uri, fingerprint, committed=tuple(spans))
         reusable = tuple(partial.get((rel, fingerprint), ())) or None
         try:
-            meta = read_footer(location.fs, info.path)
+            meta = read_parquet_footer(location.fs, info.path)
             schema = meta.schema.to_arrow_schema().remove_metadata()
             rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
-            return InputFile(info.path, rel, uri, fingerprint, error=f"cannot read Parquet footer of {uri}: {exc}")
+            return InputFile(info.path, rel, uri, fingerprint, error=_footer_error(uri, exc))
         return InputFile(info.path, rel, uri, fingerprint, rows, schemas.setdefault(schema.to_string(), schema),
                          committed=reusable)
 
@@ -254,22 +253,22 @@ def scan_inputs(location: Location, committed: Committed | None = None) -> tuple
         return base, list(pool.map(footer, infos))
 
 
-def read_footer(fs: pafs.FileSystem, path: str) -> pq.FileMetaData:
-    """The Parquet footer of one file."""
-    with fs.open_input_file(path) as handle:
-        return pq.ParquetFile(handle).metadata
-
-
 def read_schema(f: InputFile, location: Location) -> InputFile:
     """`f` with its footer read (for a file planned from the manifest whose schema is needed after all)."""
     if f.schema is not None or f.error is not None:
         return f
     try:
-        meta = read_footer(location.fs, f.path)
+        meta = read_parquet_footer(location.fs, f.path)
     except Exception as exc:
-        return dataclasses.replace(f, error=f"cannot read Parquet footer of {f.uri}: {exc}")
+        return dataclasses.replace(f, error=_footer_error(f.uri, exc))
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     return dataclasses.replace(f, row_group_rows=rows, schema=meta.schema.to_arrow_schema().remove_metadata())
+
+
+def _footer_error(uri: str, exc: Exception) -> str:
+    if isinstance(exc, StorageError):  # storage kept failing: not a verdict on the file's bytes
+        return f"storage error reading the Parquet footer of {uri} (retried): {exc}"
+    return f"cannot read Parquet footer of {uri}: {exc}"
 
 
 def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) -> Columns:

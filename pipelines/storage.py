@@ -2,25 +2,34 @@
 
 Used by the driver (listing, manifest, lock) and by replicas (reading shards,
 committing output files). Nothing here imports Ray or torch.
+
+Object stores fail transiently (throttling, 5xx, resets, timeouts). Every
+operation here retries those (`pipelines.retry`) and raises `StorageError`
+when they outlast the retries, so a flaky store is never mistaken for bad data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import hashlib
 import os
 import posixpath
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipelines.errors import ConfigError
+from pipelines.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, BrokenStream, is_transient, retry_transient
 
 _GLOB_CHARS = "*?["
+_URI_GLOB_CHARS = "*["  # in URIs a '?' starts the filesystem options (see `resolve`)
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,11 @@ class Location:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def glob_chars(self) -> str:
+        """Characters that make `path` a glob: `*?[` for local paths, `*[` in URIs."""
+        return _URI_GLOB_CHARS if self.scheme else _GLOB_CHARS
 
     def join(self, relative: str) -> str:
         """The filesystem path of `relative` under this location."""
@@ -62,7 +76,7 @@ def resolve(uri: str) -> Location:
     if "?" in uri and "=" in uri.rsplit("?", 1)[1]:
         main, query = uri.rsplit("?", 1)
     head, tail = main, ""
-    glob_at = min((main.index(ch) for ch in "*[" if ch in main), default=-1)
+    glob_at = min((main.index(ch) for ch in _URI_GLOB_CHARS if ch in main), default=-1)
     if glob_at > 0:
         head = main[:glob_at].rsplit("/", 1)[0]
         tail = main[len(head) :]
@@ -88,21 +102,67 @@ def absolute(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(uri))
 
 
-def has_glob(path: str) -> bool:
-    return any(ch in path for ch in _GLOB_CHARS)
+# --- listing ------------------------------------------------------------------------------
+
+def has_glob(path: str, chars: str = _GLOB_CHARS) -> bool:
+    return any(ch in path for ch in chars)
 
 
-def static_prefix(path: str) -> str:
-    """The directory part of a glob before its first wildcard (the path itself without one).
+def static_prefix(path: str, chars: str = _GLOB_CHARS) -> str:
+    """The directories of a glob before its first wildcard segment (the path itself without one).
 
     Example:
         >>> static_prefix("/data/day=*/part-*.parquet")
         '/data'
     """
-    if not has_glob(path):
+    if not has_glob(path, chars):
         return path
-    prefix = path[: min(path.index(ch) for ch in _GLOB_CHARS if ch in path)]
-    return prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+    parts = path.split("/")
+    first = next(i for i, part in enumerate(parts) if has_glob(part, chars))
+    return "/".join(parts[:first]) or ("/" if path.startswith("/") else "")
+
+
+def glob_matcher(pattern: str, chars: str = _GLOB_CHARS) -> Callable[[str], bool]:
+    """A predicate on '/'-separated relative paths for a glob relative to its static prefix.
+
+    `*` and `?` match within one path segment, `[...]` is a character class (`[!...]`
+    negates; `[[]` is a literal '['), and `**` as a whole segment matches zero or more
+    directories (at the end: every file below). Only the characters in `chars` are wildcards.
+
+    Example:
+        >>> match = glob_matcher("day=*/**/part-*.parquet")
+        >>> match("day=1/part-0.parquet"), match("day=1/a/b/part-0.parquet"), match("day=1/part-0.csv")
+        (True, True, False)
+    """
+    segments: list[re.Pattern[str] | None] = []  # None stands for '**'
+    for segment in pattern.strip("/").split("/"):
+        if segment == "**" and "*" in chars:
+            if not segments or segments[-1] is not None:
+                segments.append(None)
+            continue
+        if "?" not in chars:
+            segment = segment.replace("?", "[?]")
+        if "[" not in chars:
+            segment = segment.replace("[", "[[]")
+        segments.append(re.compile(fnmatch.translate(segment)))
+
+    def match(relative: str) -> bool:
+        parts = relative.strip("/").split("/")
+
+        @functools.cache
+        def step(i: int, j: int) -> bool:  # pattern segments [i:] against path parts [j:]
+            if i == len(segments):
+                return j == len(parts)
+            segment = segments[i]
+            if segment is None:
+                if i == len(segments) - 1:  # a trailing '**' takes every file below
+                    return j < len(parts)
+                return step(i + 1, j) or (j < len(parts) - 1 and step(i, j + 1))  # no directory, or one more
+            return j < len(parts) and segment.match(parts[j]) is not None and step(i + 1, j + 1)
+
+        return step(0, 0)
+
+    return match
 
 
 def is_hidden(relative: str) -> bool:
@@ -113,31 +173,34 @@ def is_hidden(relative: str) -> bool:
 def list_files(location: Location) -> tuple[str, list[pafs.FileInfo]]:
     """The input files under a file, directory (recursive) or glob, in path order.
 
-    Returns the base directory that relative output paths mirror, and the files.
-    Hidden names (`_SUCCESS`, `.crc`, ...) are skipped.
+    Returns the base directory that relative output paths mirror (a glob's static
+    prefix), and the files. A path that exists is taken literally, glob characters
+    or not. Hidden names (`_SUCCESS`, `.crc`, ...) are skipped.
     """
     fs, path = location.fs, location.path
-    if has_glob(path):
-        base = static_prefix(path)
-        infos = _walk(fs, base)
-        files = [info for info in infos if fnmatch.fnmatchcase(info.path, path)]
+    info = retry_transient(lambda: fs.get_file_info(path), what=f"looking up {location.uri}")
+    if info.type == pafs.FileType.File:
+        return posixpath.dirname(path), [info]
+    if info.type == pafs.FileType.Directory:
+        base, files = path, _walk(fs, path)
+    elif has_glob(path, location.glob_chars):
+        base = static_prefix(path, location.glob_chars)
+        match = glob_matcher(path[len(base):], location.glob_chars)
+        files = [info for info in _walk(fs, base) if match(relative_to(base, info.path))]
     else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.File:
-            return posixpath.dirname(path), [info]
-        if info.type != pafs.FileType.Directory:
-            return path, []
-        base = path
-        files = _walk(fs, base)
+        return path, []
     files = [info for info in files if not is_hidden(relative_to(base, info.path))]
     return base, sorted(files, key=lambda info: info.path)
 
 
 def _walk(fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+    def listing() -> list[pafs.FileInfo]:
+        try:
+            return fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    infos = retry_transient(listing, what=f"listing {base}")
     return [info for info in infos if info.type == pafs.FileType.File]
 
 
@@ -166,7 +229,11 @@ def existing_files(fs: pafs.FileSystem, root: str) -> set[str]:
     return {info.path for info in _walk(fs, root)}
 
 
+# --- staged output --------------------------------------------------------------------------
+
 TEMP_SUFFIX = ".tmp"
+# Stores whose move is a server-side copy that replaces the destination in one step.
+_COPY_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem") if hasattr(pafs, name))
 
 
 def temp_name(path: str) -> str:
@@ -181,11 +248,23 @@ def is_temp(path: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
 
 
+def sweep_temps(fs: pafs.FileSystem, root: str) -> int:
+    """Delete every temporary file (`is_temp`) under `root`; returns how many were deleted.
+
+    Only safe when no attempt is writing under `root` any more (after a complete run).
+    """
+    temps = [info.path for info in _walk(fs, root) if is_temp(info.path)]
+    for path in temps:
+        delete_file(fs, path)
+    return len(temps)
+
+
 class _Hashing:
     """A write-only file object that hashes (sha256) and counts what passes through it."""
 
-    def __init__(self, sink: pa.NativeFile) -> None:
+    def __init__(self, sink: pa.NativeFile, what: str) -> None:
         self.sink = sink
+        self.what = what
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.closed = False
@@ -193,7 +272,12 @@ class _Hashing:
     def write(self, data: bytes | memoryview) -> int:
         view = memoryview(data)
         self.sha256.update(view)
-        self.sink.write(view)
+        try:
+            self.sink.write(view)
+        except OSError as exc:
+            if is_transient(exc):
+                raise BrokenStream(f"{self.what}: {exc}") from exc
+            raise
         self.size += view.nbytes
         return view.nbytes
 
@@ -211,11 +295,16 @@ class StagedFile:
     """A file written under a hidden temporary name, then published under its final path whole.
 
     Every byte is hashed on the way out, so the commit record can carry the
-    file's size and sha256 before the file becomes visible. Local files and
-    HDFS publish by rename; object stores stream a (multipart) upload to the
-    temporary key and publish with a server-side move. A staged file that is
-    discarded, or whose writer is killed, leaves only a hidden `.tmp` name
-    behind, which readers skip and a complete run sweeps away.
+    file's size and sha256 before the file becomes visible. Local files publish
+    by rename. Object stores stream the temporary object as a multipart upload
+    (pyarrow sends each part as it fills, so memory stays bounded) and publish
+    with a server-side copy; nothing ever appears under the final name until
+    then. A staged file that is discarded, or whose writer is killed, leaves at
+    most a hidden `.tmp` name behind, which readers skip and `sweep_temps` removes.
+
+    Opening and publishing retry transient errors (`StorageError` when they
+    persist); a transient error while streaming breaks the file and raises a
+    `StorageError` at once: the caller redoes the file (after `discard()`).
 
     Example:
         >>> staged = StagedFile(fs, "/out/part-0-00000.parquet")  # doctest: +SKIP
@@ -232,10 +321,10 @@ class StagedFile:
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(parent, exist_ok=True)
         else:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # object stores need no directories
                 fs.create_dir(parent, recursive=True)
-        self._raw = fs.open_output_stream(self.tmp)
-        self._hashing = _Hashing(self._raw)
+        self._raw = retry_transient(lambda: fs.open_output_stream(self.tmp), what=f"creating {self.tmp}")
+        self._hashing = _Hashing(self._raw, f"writing {self.tmp}")
         self.stream = pa.PythonFile(self._hashing, mode="w")
         self.size = 0
         self.sha256 = ""
@@ -243,24 +332,62 @@ class StagedFile:
     def finish(self) -> tuple[int, str]:
         """Complete the temporary file; returns (size in bytes, sha256 hex)."""
         self.stream.close()
-        self._raw.close()
+        try:
+            self._raw.close()  # on object stores: waits for the last parts, completes the upload
+        except OSError as exc:
+            if is_transient(exc):
+                raise BrokenStream(f"completing {self.tmp}: {exc}") from exc
+            raise
         self.size, self.sha256 = self._hashing.size, self._hashing.sha256.hexdigest()
         return self.size, self.sha256
 
     def publish(self) -> None:
         """Move the finished temporary file to its final path (replacing what was there)."""
-        if isinstance(self.fs, pafs.LocalFileSystem):
+        fs = self.fs
+        if isinstance(fs, pafs.LocalFileSystem):
             os.replace(self.tmp, self.path)
-        else:
-            self.fs.move(self.tmp, self.path)
+            return
+        tries = 0
+
+        def move() -> None:
+            nonlocal tries
+            tries += 1
+            if tries > 1 and fs.get_file_info(self.tmp).type == pafs.FileType.NotFound:
+                return  # an earlier try moved it but its answer was lost (S3 copies, then deletes the source)
+            if not isinstance(fs, _COPY_STORES) and self._already_published():
+                fs.delete_file(self.tmp)
+                return
+            fs.move(self.tmp, self.path)
+
+        retry_transient(move, what=f"publishing {self.path}")
+
+    def _already_published(self) -> bool:
+        """Whether the final path already holds exactly these bytes (a duplicate attempt).
+
+        Filesystems that publish by rename (HDFS) replace an existing file by deleting it
+        first (pyarrow's HadoopFileSystem.move), leaving the name briefly empty; a
+        duplicate attempt that wrote the same bytes leaves the published file alone.
+        """
+        info = self.fs.get_file_info(self.path)
+        if info.type != pafs.FileType.File or info.size != self.size:
+            return False
+        digest = hashlib.sha256()
+        with self.fs.open_input_stream(self.path) as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest() == self.sha256
 
     def discard(self) -> None:
-        """Drop the temporary file (after a failure); never raises."""
+        """Drop the temporary file (after a failure); never raises.
+
+        pyarrow cannot abort an S3 multipart upload (closing a stream completes it), so
+        the partial temporary object is completed under its hidden name, then deleted.
+        """
         with contextlib.suppress(Exception):
             if not self._raw.closed:
                 self._raw.close()
         with contextlib.suppress(Exception):
-            self.fs.delete_file(self.tmp)
+            delete_file(self.fs, self.tmp)
 
 
 @contextlib.contextmanager
@@ -276,32 +403,57 @@ def atomic_sink(fs: pafs.FileSystem, path: str) -> Iterator[pa.NativeFile]:
         raise
 
 
-def sweep_temps(fs: pafs.FileSystem, root: str) -> int:
-    """Delete every temporary file under `root` (left by killed attempts); returns how many."""
-    temps = [info.path for info in _walk(fs, root) if is_temp(info.path)]
-    for path in temps:
-        delete_file(fs, path)
-    return len(temps)
-
-
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    with atomic_sink(fs, path) as sink:
-        sink.write(data)
+    """Write a small file whole or not at all, redoing it on transient errors."""
+
+    def attempt() -> None:
+        with atomic_sink(fs, path) as sink:
+            sink.write(data)
+
+    retry_transient(attempt, what=f"writing {path}")
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes | None:
     """The whole file, or None when it does not exist."""
-    try:
-        with fs.open_input_stream(path) as stream:
-            return bytes(stream.read())
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+
+    def attempt() -> bytes | None:
+        try:
+            with fs.open_input_stream(path) as stream:
+                return bytes(stream.read())
+        except FileNotFoundError:
             return None
-        raise exc
+        except OSError as exc:
+            if not is_transient(exc) and fs.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
+            raise
+
+    return retry_transient(attempt, what=f"reading {path}")
 
 
 def delete_file(fs: pafs.FileSystem, path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        fs.delete_file(path)
+    """Delete a file; a file that is already gone is fine."""
+
+    def attempt() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(path)
+
+    retry_transient(attempt, what=f"deleting {path}")
+
+
+def read_parquet_footer(fs: pafs.FileSystem, path: str, *, attempts: int = RETRY_ATTEMPTS,
+                        base_delay: float = RETRY_BASE_DELAY) -> pq.FileMetaData:
+    """A Parquet file's footer, retrying transient errors (`StorageError` when they persist).
+
+    A file that is not valid Parquet raises pyarrow's own error (ArrowInvalid, OSError).
+
+    Example:
+        >>> read_parquet_footer(location.fs, "bucket/in/part-0.parquet").num_row_groups  # doctest: +SKIP
+        4
+    """
+
+    def attempt() -> pq.FileMetaData:
+        with fs.open_input_file(path) as handle:
+            return pq.read_metadata(handle)
+
+    return retry_transient(attempt, what=f"reading the Parquet footer of {path}", attempts=attempts,
+                           base_delay=base_delay)

@@ -39,8 +39,15 @@ import pyarrow.parquet as pq
 from pipelines.commit import COMMITTED, MANIFEST, REJECTED_DIR, SUCCESS, State, file_sha256
 from pipelines.errors import ConfigError
 from pipelines.journal import JOURNAL_DIR
-from pipelines.plan import read_footer
-from pipelines.storage import Location, existing_infos, is_hidden, is_temp, relative_to, resolve
+from pipelines.storage import (
+    Location,
+    existing_infos,
+    is_hidden,
+    is_temp,
+    read_parquet_footer,
+    relative_to,
+    resolve,
+)
 
 _THREADS = 16
 # Absolute and relative tolerance per precision for recomputed predictions.
@@ -149,7 +156,7 @@ class _Check:
 
     def _rows(self, path: str) -> int | str:
         try:
-            return int(read_footer(self.output.fs, self.output.join(path)).num_rows)
+            return int(read_parquet_footer(self.output.fs, self.output.join(path)).num_rows)
         except Exception as exc:  # a file that is not Parquet (any more)
             return f"unreadable Parquet footer ({exc})"
 
@@ -182,7 +189,7 @@ class _Check:
             if info.type.name != "File" or f"size={info.size};mtime_ns={info.mtime_ns}" != key[1]:
                 return "changed", None
             try:
-                meta = read_footer(source.fs, path)
+                meta = read_parquet_footer(source.fs, path)
             except Exception as exc:
                 return "unreadable", exc
             return "ok", [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]

@@ -2,13 +2,18 @@
 
 Decoding runs one batch ahead in a background thread (pyarrow releases the
 GIL while it decodes), so the next batch is ready when the forward pass of the
-current one finishes.
+current one finishes. Transient storage errors are retried (re-opening the file
+and resuming where it failed) and end in `StorageError`; only a file that is
+not readable Parquet raises `ShardDataError`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -16,8 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.errors import ShardDataError
+from pipelines.errors import ShardDataError, StorageError
+from pipelines.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
 from pipelines.storage import Location
+
+logger = logging.getLogger(__name__)
 
 _DONE = object()
 
@@ -31,9 +39,39 @@ class Batch:
     first_row: int  # index in the file of the batch's first row
 
 
-def open_parquet(location: Location, path: str, uri: str) -> pq.ParquetFile:
+class ParquetSource(pq.ParquetFile):
+    """A Parquet file opened from a `Location` that can open itself again after a transient error."""
+
+    def __init__(self, location: Location, path: str, uri: str, *, metadata: pq.FileMetaData | None = None) -> None:
+        self.location, self.path, self.uri = location, path, uri
+        self.handle = location.fs.open_input_file(path)
+        try:
+            # pre_buffer coalesces a row group's column chunks into few large reads on object stores
+            super().__init__(self.handle, metadata=metadata, pre_buffer=not location.is_local)
+        except BaseException:
+            self.handle.close()
+            raise
+
+    def reopen(self, *, attempts: int = RETRY_ATTEMPTS, base_delay: float = RETRY_BASE_DELAY) -> ParquetSource:
+        """A fresh handle on the same file (its footer is reused, not read again)."""
+        with contextlib.suppress(Exception):
+            self.handle.close()
+        return retry_transient(lambda: type(self)(self.location, self.path, self.uri, metadata=self.metadata),
+                               what=f"reopening {self.uri}", attempts=attempts, base_delay=base_delay)
+
+
+def open_parquet(location: Location, path: str, uri: str, *, attempts: int = RETRY_ATTEMPTS,
+                 base_delay: float = RETRY_BASE_DELAY) -> ParquetSource:
+    """Open a shard's file and read its footer.
+
+    Raises `StorageError` when transient storage errors outlast the retries, and
+    `ShardDataError` when the file is missing or is not readable Parquet.
+    """
     try:
-        return pq.ParquetFile(location.fs.open_input_file(path), pre_buffer=not location.is_local)
+        return retry_transient(lambda: ParquetSource(location, path, uri), what=f"opening {uri}",
+                               attempts=attempts, base_delay=base_delay)
+    except StorageError:
+        raise
     except Exception as exc:
         raise ShardDataError(f"cannot open {uri} as Parquet: {exc}") from exc
 
@@ -46,22 +84,57 @@ def iter_batches(
     uri: str,
     *,
     use_threads: bool = False,
+    attempts: int = RETRY_ATTEMPTS,
+    base_delay: float = RETRY_BASE_DELAY,
 ) -> Iterator[Batch]:
-    """Record batches of at most `batch_size` rows, row group by row group, in order."""
+    """Record batches of at most `batch_size` rows, row group by row group, in order.
+
+    A transient storage error re-opens the file (a `ParquetSource`) and resumes at the
+    row group that failed, skipping the rows already yielded, so no row comes twice.
+    `attempts` failures in a row without a decoded batch raise `StorageError`; any
+    other error is the file's fault and raises `ShardDataError`.
+    """
     meta = parquet.metadata
     first_row = sum(meta.row_group(i).num_rows for i in range(row_groups[0]))
     for rg in range(*row_groups):
-        try:
-            batches = parquet.iter_batches(
-                batch_size=batch_size, row_groups=[rg], columns=list(columns), use_threads=use_threads
-            )
-            for data in batches:
-                yield Batch(data, rg, first_row)
-                first_row += data.num_rows
-        except ShardDataError:
-            raise
-        except Exception as exc:  # ArrowInvalid, OSError, ... from a corrupt or truncated file
-            raise ShardDataError(f"cannot decode {uri}, row group {rg}: {exc}") from exc
+        yielded = 0  # rows of this row group already handed out
+        failures = 0  # transient failures since the last decoded batch
+        skip = 0  # rows to drop from the front after re-opening
+        batches: Iterator[pa.RecordBatch] | None = None
+        while True:
+            try:
+                if batches is None:
+                    batches = iter(parquet.iter_batches(batch_size=batch_size, row_groups=[rg],
+                                                        columns=list(columns), use_threads=use_threads))
+                    skip = yielded
+                data = next(batches, None)
+            except Exception as exc:  # ArrowInvalid, OSError, ... from a corrupt or truncated file, or the store
+                if not is_transient(exc):
+                    raise ShardDataError(f"cannot decode {uri}, row group {rg}: {exc}") from exc
+                failures += 1
+                if failures >= attempts:
+                    raise StorageError(f"reading {uri}, row group {rg}: still failing after {attempts} "
+                                       f"attempt(s): {exc}") from exc
+                delay = backoff(failures, base_delay)
+                logger.warning("reading %s, row group %d failed (%s); resuming in %.2f s (attempt %d of %d)",
+                               uri, rg, exc, delay, failures + 1, attempts)
+                time.sleep(delay)
+                if isinstance(parquet, ParquetSource):
+                    parquet = parquet.reopen(attempts=attempts, base_delay=base_delay)
+                batches = None
+                continue
+            if data is None:
+                break
+            failures = 0
+            if skip:  # re-decoded after a failure: drop what was yielded before it
+                dropped = min(skip, data.num_rows)
+                skip -= dropped
+                data = data.slice(dropped)
+                if data.num_rows == 0:
+                    continue
+            yield Batch(data, rg, first_row)
+            yielded += data.num_rows
+            first_row += data.num_rows
 
 
 class prefetch:  # noqa: N801 - used like a generator function
