@@ -8,8 +8,9 @@ Per N, each step its own ``python -m pipelines run --json`` process with a
 fresh embedded Ray (no ``RAY_ADDRESS``), from the repository root:
 
 1. full run into a fresh output: wall seconds, shards/s over the whole process
-   and from the first committed file to the end, the driver's peak RSS
-   (``VmHWM``, polled), ``_manifest.json`` bytes, files left in ``_journal/``;
+   and from the first committed file to ``_SUCCESS`` (steady state), the
+   driver's peak RSS (``VmHWM``) and CPU seconds (polled every 20 ms, last
+   value seen), ``_manifest.json`` bytes, files left in ``_journal/``;
 2. the same command again (unchanged tick): wall seconds, shards done (0),
    manifest untouched, input files opened (0: no footer read, via inotify);
 3. the same command after rewriting 1% of the input files: wall seconds,
@@ -149,28 +150,31 @@ def measure(n: int, sets: list[str]) -> dict[str, Any]:
     if changed["input_files_opened"] not in (None, touched):
         problems.append(f"1%-changed tick opened {changed['input_files_opened']} input file(s), {touched} changed")
 
-    seconds, first = full["seconds"], full["first_output_seconds"]
+    seconds, first, success = full["seconds"], full["first_output_seconds"], full["success_seconds"]
     return {
         "metric": "tables",
         "files": n,
         "rows": n * ROWS_PER_FILE,
         "run_seconds": seconds,
         "shards_per_second": round(n / seconds, 1),
-        # after the first committed file: start-up and planning excluded
-        "steady_shards_per_second": round((n - 1) / (seconds - first), 1) if seconds > first else None,
+        # first committed file -> _SUCCESS (the run's last write): start-up, planning and process exit excluded
+        "steady_shards_per_second": round((n - 1) / (success - first), 1) if success > first else None,
         "first_output_seconds": first,
-        "success_seconds": full["success_seconds"],
+        "success_seconds": success,
         "driver_peak_rss_bytes": full["driver_peak_rss_bytes"],
+        "driver_cpu_seconds": full["driver_cpu_seconds"],
         "manifest_bytes": before.st_size,
         "journal_files_left": journal_left,
         "unchanged_tick_seconds": unchanged["seconds"],
         "unchanged_tick_shards_done": unchanged["report"].get("shards_done"),
         "unchanged_tick_input_files_opened": unchanged["input_files_opened"],
         "unchanged_tick_driver_peak_rss_bytes": unchanged["driver_peak_rss_bytes"],
+        "unchanged_tick_driver_cpu_seconds": unchanged["driver_cpu_seconds"],
         "changed_files": touched,
         "changed_tick_seconds": changed["seconds"],
         "changed_tick_shards_done": changed["report"].get("shards_done"),
         "changed_tick_input_files_opened": changed["input_files_opened"],
+        "changed_tick_driver_cpu_seconds": changed["driver_cpu_seconds"],
         "reports": {name: _brief(r["report"]) for name, r in [("full", full), ("unchanged", unchanged),
                                                               ("changed", changed)]},
         "problems": problems,
@@ -187,13 +191,14 @@ def _launch(
     base.parent.mkdir(parents=True, exist_ok=True)
     print(f"tables   {table.n:>7,} files: {step}", file=sys.stderr, flush=True)
     first = success = None
-    peak = 0
+    peak, cpu = 0, 0.0
     watcher = OpenWatch(table.input) if watch else _NoWatch()
     with watcher as opens, open(base.with_suffix(".log"), "w") as log, open(base.with_suffix(".json"), "w") as out:
         start = time.perf_counter()
         with subprocess.Popen(cmd, cwd=processes.REPO, env=processes._child_env(), stdout=out, stderr=log) as proc:
             while proc.poll() is None:
-                peak = max(peak, _vm_hwm(proc.pid))
+                hwm, used = _driver_usage(proc.pid)
+                peak, cpu = max(peak, hwm), max(cpu, used)
                 now = time.perf_counter() - start
                 if first_output and first is None and systems.output_files(output):
                     first = now
@@ -207,7 +212,8 @@ def _launch(
         "seconds": round(seconds, 3),
         "first_output_seconds": round(first if first is not None else seconds, 3),  # None: between two polls
         "success_seconds": round(success if success is not None else seconds, 3),
-        "driver_peak_rss_bytes": peak * 1024,
+        "driver_peak_rss_bytes": peak,
+        "driver_cpu_seconds": round(cpu, 2),
         "input_files_opened": None if opens.files is None else len(opens.files),
         "report": report,
     }
@@ -223,16 +229,16 @@ class _NoWatch:
         pass
 
 
-def _vm_hwm(pid: int) -> int:
-    """The process's peak RSS so far, KiB (0 once it has exited)."""
+def _driver_usage(pid: int) -> tuple[int, float]:
+    """The process's peak RSS so far (bytes, ``VmHWM``) and CPU seconds used; (0, 0.0) once it has exited."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return hwm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return 0, 0.0
 
 
 def _expect(problems: list[str], step: str, report: dict[str, Any], *, done: int) -> None:
@@ -263,13 +269,13 @@ def _print(results: list[dict[str, Any]]) -> None:
     mib = 2**20
     print(f"\ntable scale: one {ROWS_PER_FILE}-row file per shard, MLP 8-16-1, {' '.join(RUN_FLAGS)}")
     print(f"{'files':>8} {'run s':>8} {'shards/s':>9} {'steady/s':>9} {'driver MiB':>11} {'manifest MB':>12} "
-          f"{'tick s':>7} {'1% tick s':>10}")
+          f"{'tick s':>7} {'1% tick s':>10} {'driver CPU s':>13}")
     for r in results:
         steady = "-" if r["steady_shards_per_second"] is None else f"{r['steady_shards_per_second']:,.0f}"
         print(f"{r['files']:>8,} {r['run_seconds']:>8.2f} {r['shards_per_second']:>9,.0f} {steady:>9} "
               f"{r['driver_peak_rss_bytes'] / mib:>11,.0f} {r['manifest_bytes'] / 1e6:>12.2f} "
-              f"{r['unchanged_tick_seconds']:>7.2f} {r['changed_tick_seconds']:>10.2f}")
-    print("(shards/s: files / whole-process seconds; steady/s: after the first committed file; "
+              f"{r['unchanged_tick_seconds']:>7.2f} {r['changed_tick_seconds']:>10.2f} {r['driver_cpu_seconds']:>13.1f}")
+    print("(shards/s: files / whole-process seconds; steady/s: from the first committed file to _SUCCESS; "
           "tick: same command, unchanged input; 1% tick: after rewriting 1% of the files)")
     for r in results:
         for problem in r["problems"]:
