@@ -149,6 +149,8 @@ def measure(n: int, sets: list[str]) -> dict[str, Any]:
     _expect(problems, "1%-changed tick", changed["report"], done=touched)
     if changed["input_files_opened"] not in (None, touched):
         problems.append(f"1%-changed tick opened {changed['input_files_opened']} input file(s), {touched} changed")
+    if _count_files(output / "_journal"):
+        problems.append("1%-changed tick left file(s) in _journal/")
 
     seconds, first, success = full["seconds"], full["first_output_seconds"], full["success_seconds"]
     return {
