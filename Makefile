@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+TABLES_ARGS ?=
 
-.PHONY: demo test bench install install-test clean
+.PHONY: demo test bench bench-tables install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,10 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# Only the table-scale case (1k/10k/100k one-shard files); needs no Ray Data.
+bench-tables: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.tables $(TABLES_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -5,7 +5,9 @@ every repetition), ``--reps`` times each; the median is reported. In-process
 times start once Ray is connected, so they include actor start-up and model
 loading but not ``ray.init``. Then, as separate processes (fresh embedded Ray
 each): the memory check (batch-infer at 1x and 4x rows), the start-up time to
-the first committed shard, and whole-process times of one run per system.
+the first committed shard, whole-process times of one run per system, and the
+table-scale case (``--tables``, see ``benchmarks/tables.py``; on by default
+only at ``--scale 1``).
 
 stdout gets a table and one JSON line per result; progress goes to stderr.
 
@@ -25,7 +27,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import processes, systems
+from benchmarks import processes, systems, tables
 from benchmarks.data import OUT, Workload, ensure, workloads
 
 SYSTEMS = ("batch-infer", "ray-data", "floor")
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             f"({startup['workload']}; whole process {startup['seconds']:.2f} s)"
         )
         print(json.dumps({"metric": "startup", **startup}))
+    if args.tables:
+        tables.run_all(args.tables, args.set)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -91,9 +95,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("startup", "batch-infer CLI launch to first committed shard"),
     ]:
         parser.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=True, help=text)
+    parser.add_argument(
+        "--tables",
+        type=tables.parse_sizes,
+        default=None,
+        metavar="N,N,...",
+        help="table-scale case: file counts, e.g. 1000,10000,100000, or 'none' "
+        "(default: 1000,10000,100000 at --scale 1, none otherwise)",
+    )
     args = parser.parse_args(argv)
     if args.reps < 1 or args.scale <= 0:
         parser.error("--reps must be >= 1 and --scale > 0")
+    if args.tables is None:
+        args.tables = tables.parse_sizes(tables.DEFAULT_SIZES) if args.scale == 1.0 else []
     return args
 
 

@@ -1,0 +1,347 @@
+"""Table scale: batch-infer over N tiny Parquet files, N = 1,000 .. 100,000 (one shard per file).
+
+Checks the commit-path claims: the driver's cost per committed shard is flat
+(shards/s at 100,000 within 20% of 10,000), and a cron tick over unchanged
+input reads no Parquet footer (under 10 s at 100,000 files).
+
+Per N, each step its own ``python -m pipelines run --json`` process with a
+fresh embedded Ray (no ``RAY_ADDRESS``), from the repository root:
+
+1. full run into a fresh output: wall seconds, shards/s over the whole process
+   and from the first committed file to ``_SUCCESS`` (steady state), the
+   driver's peak RSS (``VmHWM``) and CPU seconds (polled every 20 ms, last
+   value seen), ``_manifest.json`` bytes, files left in ``_journal/``;
+2. the same command again (unchanged tick): wall seconds, shards done (0),
+   manifest untouched, input files opened (0: no footer read, via inotify);
+3. the same command after rewriting 1% of the input files: wall seconds,
+   shards done (= files rewritten).
+
+Inputs are cached under ``benchmarks/.data/tables-N/`` (``dNNNN/part-NNNNNN.parquet``,
+100 files per directory, 100 rows in one row group: ``id`` int64 + ``f0``..``f7``
+float32); file i is the same bytes for every N. Model: 8-16-1, sigmoid.
+
+Example:
+    python -m benchmarks.tables --sizes 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks import processes, systems
+from benchmarks.data import OUT, ROOT, SEED, _ensure_model
+from benchmarks.opens import OpenWatch
+
+ROWS_PER_FILE = 100
+FILES_PER_DIR = 100
+TOUCH_EVERY = 100  # the 1%-changed tick rewrites files 50, 150, 250, ...
+FEATURES = tuple(f"f{i}" for i in range(8))
+SCHEMA = pa.schema([("id", pa.int64())] + [(name, pa.float32()) for name in FEATURES])
+WIDTHS = (8, 16, 1)
+RUN_FLAGS = ("--cpus-per-replica", "1")  # the product default, as the other benchmarks run it
+_MARKER = "_complete.json"
+_POLL_S = 0.02
+# the issue's targets
+RATIO_TARGET = 0.8  # shards/s at the largest N over shards/s at 10,000
+TICK_TARGET_S = 10.0  # unchanged tick at 100,000 files
+REFERENCE_N = 10_000
+DEFAULT_SIZES = "1000,10000,100000"
+
+
+@dataclass(frozen=True)
+class Table:
+    """N one-row-group files of ROWS_PER_FILE rows, and the model that fits them."""
+
+    n: int
+
+    @property
+    def input(self) -> Path:
+        return ROOT / f"tables-{self.n}"
+
+    @property
+    def model(self) -> Path:
+        return ROOT / "models" / ("mlp-" + "-".join(map(str, WIDTHS)) + ".pt")
+
+    def rel(self, index: int) -> str:
+        return f"d{index // FILES_PER_DIR:04d}/part-{index:06d}.parquet"
+
+
+def ensure(n: int) -> Table:
+    """Generate the N input files (in parallel) and the model unless they are cached."""
+    table = Table(n)
+    _ensure_model(WIDTHS, table.model)
+    params = {"files": n, "rows_per_file": ROWS_PER_FILE, "files_per_dir": FILES_PER_DIR, "seed": SEED, "version": 1}
+    marker = table.input / _MARKER
+    if marker.exists() and json.loads(marker.read_text()) == params:
+        return table
+    print(f"generating {n:,} files x {ROWS_PER_FILE} rows in {table.input} (once; cached)", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    chunks = [range(first, min(first + FILES_PER_DIR, n)) for first in range(0, n, FILES_PER_DIR)]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(_write_files, [table] * len(chunks), chunks, chunksize=8))
+    marker.write_text(json.dumps(params))
+    print(f"generated in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return table
+
+
+def touch(table: Table) -> int:
+    """Rewrite 1% of the files with the same bytes (new mtime, so a new fingerprint); returns how many."""
+    indices = range(TOUCH_EVERY // 2, table.n, TOUCH_EVERY)
+    _write_files(table, indices)
+    return len(indices)
+
+
+def _write_files(table: Table, indices: range) -> None:
+    for index in indices:
+        path = table.input / table.rel(index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng([SEED, index])
+        ids = np.arange(index * ROWS_PER_FILE, (index + 1) * ROWS_PER_FILE, dtype=np.int64)
+        features = rng.standard_normal((len(FEATURES), ROWS_PER_FILE), dtype=np.float32)  # (features, rows)
+        data = pa.Table.from_arrays([pa.array(ids), *map(pa.array, features)], schema=SCHEMA)
+        tmp = path.with_name("." + path.name)
+        pq.write_table(data, tmp, row_group_size=ROWS_PER_FILE, use_dictionary=False)
+        tmp.replace(path)
+
+
+def measure(n: int, sets: list[str]) -> dict[str, Any]:
+    """The three runs for one N; ``problems`` lists every expectation that did not hold."""
+    table = ensure(n)
+    output = OUT / "tables" / f"n{n}"
+    shutil.rmtree(output, ignore_errors=True)
+    problems: list[str] = []
+
+    full = _launch(table, output, sets, "full", first_output=True)
+    _expect(problems, "full run", full["report"], done=n)
+    manifest = output / "_manifest.json"
+    before = manifest.stat()
+    journal_left = _count_files(output / "_journal")
+    if journal_left:
+        problems.append(f"full run left {journal_left} file(s) in _journal/")
+    written = len(systems.output_files(output))
+    if written != n:
+        problems.append(f"full run: {written:,} output files, expected {n:,}")
+
+    unchanged = _launch(table, output, sets, "unchanged", watch=True)
+    _expect(problems, "unchanged tick", unchanged["report"], done=0)
+    after = manifest.stat()
+    if (after.st_mtime_ns, after.st_size) != (before.st_mtime_ns, before.st_size):
+        problems.append("unchanged tick rewrote _manifest.json")
+    if unchanged["input_files_opened"]:
+        problems.append(f"unchanged tick opened {unchanged['input_files_opened']} input file(s)")
+
+    touched = touch(table)
+    changed = _launch(table, output, sets, "changed", watch=True)
+    _expect(problems, "1%-changed tick", changed["report"], done=touched)
+    if changed["input_files_opened"] not in (None, touched):
+        problems.append(f"1%-changed tick opened {changed['input_files_opened']} input file(s), {touched} changed")
+    if _count_files(output / "_journal"):
+        problems.append("1%-changed tick left file(s) in _journal/")
+
+    seconds, first, success = full["seconds"], full["first_output_seconds"], full["success_seconds"]
+    return {
+        "metric": "tables",
+        "files": n,
+        "rows": n * ROWS_PER_FILE,
+        "run_seconds": seconds,
+        "shards_per_second": round(n / seconds, 1),
+        # first committed file -> _SUCCESS (the run's last write): start-up, planning and process exit excluded
+        "steady_shards_per_second": round((n - 1) / (success - first), 1) if success > first else None,
+        "first_output_seconds": first,
+        "success_seconds": success,
+        "driver_peak_rss_bytes": full["driver_peak_rss_bytes"],
+        "driver_cpu_seconds": full["driver_cpu_seconds"],
+        "manifest_bytes": before.st_size,
+        "journal_files_left": journal_left,
+        "unchanged_tick_seconds": unchanged["seconds"],
+        "unchanged_tick_shards_done": unchanged["report"].get("shards_done"),
+        "unchanged_tick_input_files_opened": unchanged["input_files_opened"],
+        "unchanged_tick_driver_peak_rss_bytes": unchanged["driver_peak_rss_bytes"],
+        "unchanged_tick_driver_cpu_seconds": unchanged["driver_cpu_seconds"],
+        "changed_files": touched,
+        "changed_tick_seconds": changed["seconds"],
+        "changed_tick_shards_done": changed["report"].get("shards_done"),
+        "changed_tick_input_files_opened": changed["input_files_opened"],
+        "changed_tick_driver_cpu_seconds": changed["driver_cpu_seconds"],
+        "reports": {name: _brief(r["report"]) for name, r in [("full", full), ("unchanged", unchanged),
+                                                              ("changed", changed)]},
+        "problems": problems,
+    }
+
+
+def _launch(
+    table: Table, output: Path, sets: list[str], step: str, *, first_output: bool = False, watch: bool = False
+) -> dict[str, Any]:
+    """One ``python -m pipelines run --json``; polls the driver's VmHWM and, if asked, the first output file."""
+    cmd = [sys.executable, "-m", "pipelines", "run", "--model", str(table.model), "--input", str(table.input),
+           "--output", str(output), *RUN_FLAGS, "--json", *processes._set_flags(sets)]
+    base = output.with_name(f"{output.name}-{step}")  # base.log: its stderr; base.json: its report
+    base.parent.mkdir(parents=True, exist_ok=True)
+    print(f"tables   {table.n:>7,} files: {step}", file=sys.stderr, flush=True)
+    first = success = None
+    peak, cpu = 0, 0.0
+    watcher = OpenWatch(table.input) if watch else _NoWatch()
+    with watcher as opens, open(base.with_suffix(".log"), "w") as log, open(base.with_suffix(".json"), "w") as out:
+        start = time.perf_counter()
+        with subprocess.Popen(cmd, cwd=processes.REPO, env=processes._child_env(), stdout=out, stderr=log) as proc:
+            while proc.poll() is None:
+                hwm, used = _driver_usage(proc.pid)
+                peak, cpu = max(peak, hwm), max(cpu, used)
+                now = time.perf_counter() - start
+                if first_output and first is None and systems.output_files(output):
+                    first = now
+                if first_output and success is None and (output / "_SUCCESS").exists():
+                    success = now
+                time.sleep(_POLL_S)
+        seconds = time.perf_counter() - start
+    processes._check(proc.returncode, cmd, log.name)
+    report = json.loads(base.with_suffix(".json").read_text())
+    return {
+        "seconds": round(seconds, 3),
+        "first_output_seconds": round(first if first is not None else seconds, 3),  # None: between two polls
+        "success_seconds": round(success if success is not None else seconds, 3),
+        "driver_peak_rss_bytes": peak,
+        "driver_cpu_seconds": round(cpu, 2),
+        "input_files_opened": None if opens.files is None else len(opens.files),
+        "report": report,
+    }
+
+
+class _NoWatch:
+    files: set[str] | None = None
+
+    def __enter__(self) -> _NoWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _driver_usage(pid: int) -> tuple[int, float]:
+    """The process's peak RSS so far (bytes, ``VmHWM``) and CPU seconds used; (0, 0.0) once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            hwm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return hwm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return 0, 0.0
+
+
+def _expect(problems: list[str], step: str, report: dict[str, Any], *, done: int) -> None:
+    if report.get("status") != "succeeded" or not report.get("complete"):
+        problems.append(f"{step}: status {report.get('status')}, complete {report.get('complete')}")
+    if report.get("shards_done") != done:
+        problems.append(f"{step}: {report.get('shards_done')} shard(s) done, expected {done}")
+
+
+def _brief(report: dict[str, Any]) -> dict[str, Any]:
+    keep = ("status", "shards_total", "shards_done", "shards_skipped", "shards_failed", "rows_out", "seconds",
+            "startup_seconds", "complete")
+    return {k: report.get(k) for k in keep} | {"replicas": len(report.get("replicas", []))}
+
+
+def _count_files(directory: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(directory))
+
+
+def run_all(sizes: list[int], sets: list[str]) -> list[dict[str, Any]]:
+    """Measure every N (smallest first), then print the table, the JSON lines and the scaling lines."""
+    results = [measure(n, sets) for n in sorted(sizes)]
+    _print(results)
+    return results
+
+
+def _print(results: list[dict[str, Any]]) -> None:
+    mib = 2**20
+    print(f"\ntable scale: one {ROWS_PER_FILE}-row file per shard, MLP 8-16-1, {' '.join(RUN_FLAGS)}")
+    print(f"{'files':>8} {'run s':>8} {'shards/s':>9} {'steady/s':>9} {'driver MiB':>11} {'manifest MB':>12} "
+          f"{'tick s':>7} {'1% tick s':>10} {'driver CPU s':>13}")
+    for r in results:
+        steady = "-" if r["steady_shards_per_second"] is None else f"{r['steady_shards_per_second']:,.0f}"
+        print(f"{r['files']:>8,} {r['run_seconds']:>8.2f} {r['shards_per_second']:>9,.0f} {steady:>9} "
+              f"{r['driver_peak_rss_bytes'] / mib:>11,.0f} {r['manifest_bytes'] / 1e6:>12.2f} "
+              f"{r['unchanged_tick_seconds']:>7.2f} {r['changed_tick_seconds']:>10.2f} {r['driver_cpu_seconds']:>13.1f}")
+    print("(shards/s: files / whole-process seconds; steady/s: from the first committed file to _SUCCESS; "
+          "tick: same command, unchanged input; 1% tick: after rewriting 1% of the files)")
+    for r in results:
+        for problem in r["problems"]:
+            print(f"PROBLEM at {r['files']:,} files: {problem}")
+    for r in results:
+        print(json.dumps(r))
+    scaling = _scaling(results)
+    if scaling:
+        print(json.dumps(scaling))
+    print()
+
+
+def _scaling(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The issue's two figures: throughput ratio largest N / 10,000 and the unchanged tick at the largest N."""
+    by_n = {r["files"]: r for r in results}
+    largest = by_n[max(by_n)]
+    reference = by_n.get(REFERENCE_N) or by_n[min(by_n)]
+    line: dict[str, Any] = {"metric": "tables_scaling", "largest_files": largest["files"],
+                            "unchanged_tick_seconds": largest["unchanged_tick_seconds"]}
+    print(f"unchanged tick at {largest['files']:,} files: {largest['unchanged_tick_seconds']:.2f} s "
+          f"(target < {TICK_TARGET_S:.0f} s at 100,000), input files opened: "
+          f"{_unknown(largest['unchanged_tick_input_files_opened'])} (target 0)")
+    if largest is reference:
+        print("throughput ratio: needs two sizes (e.g. --sizes 10000,100000)")
+        return line
+    ratios = {}
+    for key, label in [("shards_per_second", "whole run"), ("steady_shards_per_second", "steady")]:
+        if largest[key] and reference[key]:
+            ratios[key] = round(largest[key] / reference[key], 3)
+            print(f"shards/s {label}: {largest['files']:,} files / {reference['files']:,} files = {ratios[key]:.2f} "
+                  f"(target >= {RATIO_TARGET})")
+    return line | {"reference_files": reference["files"], "ratio": ratios}
+
+
+def _unknown(value: int | None) -> str:
+    return "unknown" if value is None else f"{value:,}"
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"1000,10000"`` -> ``[1000, 10000]``; ``"none"`` or ``""`` -> ``[]``."""
+    if text.strip().lower() in ("", "none", "off"):
+        return []
+    sizes = [int(part.replace("_", "")) for part in text.split(",") if part.strip()]
+    if any(n < 1 for n in sizes):
+        raise argparse.ArgumentTypeError("sizes must be positive file counts")
+    return sorted(set(sizes))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tables", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=parse_sizes, default=DEFAULT_SIZES,
+                        help=f"comma-separated file counts (default: {DEFAULT_SIZES})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra batch-infer config key, passed as `--set KEY=VALUE` to every run")
+    parser.add_argument("--generate-only", action="store_true", help="only create the cached inputs")
+    args = parser.parse_args(argv)
+    if args.generate_only:
+        for n in args.sizes:
+            ensure(n)
+        return
+    results = run_all(args.sizes, args.set)
+    if any(r["problems"] for r in results):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
