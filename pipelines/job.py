@@ -38,7 +38,7 @@ from pipelines.plan import (
     scan_inputs,
 )
 from pipelines.report import Progress, RunReport
-from pipelines.storage import Location, absolute, overlaps, resolve, static_prefix, write_bytes_atomic
+from pipelines.storage import Location, absolute, overlaps, resolve, search_root, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -254,9 +254,10 @@ def _prepare(cfg: JobConfig) -> Plan:
 def _check_overlap(cfg: JobConfig, source: Location, output: Location) -> None:
     if type(source.fs) is not type(output.fs):
         return
-    pairs = [(static_prefix(source.path), output.path)]
+    root = search_root(source)
+    pairs = [(root, output.path)]
     if source.is_local:  # through symlinks too: compare where the paths really lead
-        pairs.append((os.path.realpath(static_prefix(source.path)), os.path.realpath(output.path)))
+        pairs.append((os.path.realpath(root), os.path.realpath(output.path)))
     if any(overlaps(a, b) for a, b in pairs):
         raise OutputConflictError(f"output {cfg.output!r} overlaps input {cfg.input!r}; write predictions elsewhere")
 

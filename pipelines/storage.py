@@ -193,6 +193,15 @@ def list_files(location: Location) -> tuple[str, list[pafs.FileInfo]]:
     return base, sorted(files, key=lambda info: info.path)
 
 
+def search_root(location: Location) -> str:
+    """What the input is searched under: the path itself when it exists (glob characters and
+    all), else its glob's static prefix. Used to refuse an output inside the input."""
+    info = retry_transient(lambda: location.fs.get_file_info(location.path), what=f"looking up {location.uri}")
+    if info.type != pafs.FileType.NotFound or not has_glob(location.path, location.glob_chars):
+        return location.path
+    return static_prefix(location.path, location.glob_chars)
+
+
 def _walk(fs: pafs.FileSystem, base: str) -> list[pafs.FileInfo]:
     def listing() -> list[pafs.FileInfo]:
         try:
