@@ -202,8 +202,8 @@ class State:
 
     def spans(self, listed: Iterable[tuple[str, str]]) -> tuple[SpanMap, SpanMap]:
         """For the listed (rel, fingerprint) pairs: the committed spans of files they cover entirely
-        (such a file needs no footer to be planned), and every committed span (checked against the
-        file's footer when it is read)."""
+        (such a file needs no footer to be planned), and for the other files every committed span
+        (checked against the file's footer when it is read)."""
         wanted = set(listed)
         partial: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for entry in self.files.values():
@@ -220,7 +220,7 @@ class State:
                     and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))):
                 covered[key] = entries
         return ({key: [_span(e) for e in entries] for key, entries in covered.items()},
-                {key: [_span(e) for e in entries] for key, entries in partial.items()})
+                {key: [_span(e) for e in entries] for key, entries in partial.items() if key not in covered})
 
     def claims(self, listed_rels: set[str]) -> dict[str, str]:
         """Output names held by inputs that are still listed (a vanished input's names are free)."""

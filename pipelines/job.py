@@ -240,7 +240,8 @@ def _prepare(cfg: JobConfig) -> Plan:
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
         state.check_compatible(model.sha256, settings, output.uri)
-    checked = [dataclasses.replace(f, error=check_file(f, columns)) for f in files]
+    checked = [f if (error := check_file(f, columns)) == f.error else dataclasses.replace(f, error=error)
+               for f in files]
     if all(f.error is not None for f in checked):
         raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
     listed_rels = {rel for rel, _ in listed}

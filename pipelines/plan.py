@@ -25,13 +25,16 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipelines.config import JobConfig
 from pipelines.errors import ConfigError, InputError, StorageError
 from pipelines.storage import Location, list_files, read_parquet_footer, relative_to
 
 DEFAULT_SHARD_ROWS = 1_000_000
-_FOOTER_THREADS = 16
+_FOOTER_THREADS = 16  # object stores: footer reads wait on the network
+_LOCAL_FOOTER_THREADS = 4  # local disks: the work is CPU, more threads only contend for the GIL
+_FOOTER_CHUNK = 64
 _PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 
 Fingerprints = Sequence[tuple[str, str]]  # (rel, fingerprint) of each listed file
@@ -228,29 +231,46 @@ def scan_inputs(location: Location, committed: Committed | None = None) -> tuple
     base, infos = list_files(location)
     if not infos:
         raise InputError(f"no input files found at {location.uri!r}")
-    fingerprints = [(relative_to(base, i.path), f"size={i.size};mtime_ns={i.mtime_ns}") for i in infos]
-    known, partial = committed(fingerprints) if committed else ({}, {})
-    schemas: dict[str, pa.Schema] = {}  # one object per distinct schema: 100k files often share one
+    listed = [(relative_to(base, i.path), f"size={i.size};mtime_ns={i.mtime_ns}") for i in infos]
+    known, partial = committed(listed) if committed else ({}, {})
+    schemas: list[tuple[pq.ParquetSchema, pa.Schema]] = []  # distinct schemas: 100k files often share one
 
-    def footer(info: pafs.FileInfo) -> InputFile:
-        rel = relative_to(base, info.path)
+    def arrow_schema(parquet: pq.ParquetSchema) -> pa.Schema:
+        for seen, schema in schemas:  # a C++ comparison, far cheaper than converting every footer's schema
+            if parquet.equals(seen):
+                return schema
+        schema = parquet.to_arrow_schema().remove_metadata()
+        schemas.append((parquet, schema))
+        return schema
+
+    def footer(info: pafs.FileInfo, rel: str, fingerprint: str) -> InputFile:
         uri = location.display(info.path)
-        fingerprint = f"size={info.size};mtime_ns={info.mtime_ns}"
-        spans = known.get((rel, fingerprint))
-        if spans:
-            return InputFile(info.path, rel, uri, fingerprint, committed=tuple(spans))
         reusable = tuple(partial.get((rel, fingerprint), ())) or None
         try:
             meta = read_parquet_footer(location.fs, info.path)
-            schema = meta.schema.to_arrow_schema().remove_metadata()
+            schema = arrow_schema(meta.schema)
             rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
             return InputFile(info.path, rel, uri, fingerprint, error=_footer_error(uri, exc))
-        return InputFile(info.path, rel, uri, fingerprint, rows, schemas.setdefault(schema.to_string(), schema),
-                         committed=reusable)
+        return InputFile(info.path, rel, uri, fingerprint, rows, schema, committed=reusable)
 
-    with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, len(infos))) as pool:
-        return base, list(pool.map(footer, infos))
+    files: list[InputFile | None] = []
+    needed: list[tuple[int, pafs.FileInfo, str, str]] = []
+    for info, (rel, fingerprint) in zip(infos, listed):
+        spans = known.get((rel, fingerprint))
+        if spans:  # committed over all its row groups: planned from the manifest, never opened
+            files.append(InputFile(info.path, rel, location.display(info.path), fingerprint, committed=tuple(spans)))
+        else:
+            needed.append((len(files), info, rel, fingerprint))
+            files.append(None)
+    # Footers in chunks: one pool task per file costs more than the read itself on 100k small files.
+    chunks = [needed[i:i + _FOOTER_CHUNK] for i in range(0, len(needed), _FOOTER_CHUNK)]
+    threads = _LOCAL_FOOTER_THREADS if location.is_local else _FOOTER_THREADS
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
+        for chunk, read in zip(chunks, pool.map(lambda chunk: [footer(*item[1:]) for item in chunk], chunks)):
+            for (index, *_), f in zip(chunk, read):
+                files[index] = f
+    return base, [f for f in files if f is not None]
 
 
 def read_schema(f: InputFile, location: Location) -> InputFile:
