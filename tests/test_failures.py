@@ -8,10 +8,11 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from typing import Any
 
 from conftest import TEST_REPLICA, cli, read_output, save_mlp, write_files
 
@@ -52,30 +53,34 @@ def _busy_replica_pids() -> list[int]:
     return found
 
 
+def signal_a_busy_replica(job: Callable[[], object], sig: int, *, out: Path | None = None,
+                          outputs: int = 0) -> tuple[object, int | None]:
+    """Run `job()` in a thread and send `sig` to a replica busy with a shard once `outputs` files
+    are committed under `out`. Returns the job's result and the pid signalled (None if it ended first)."""
+    result: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: result.update(value=job()))
+    thread.start()
+    deadline, signalled = time.monotonic() + 120, None
+    while thread.is_alive() and time.monotonic() < deadline:
+        pids = _busy_replica_pids()
+        if pids and (out is None or len(list(out.glob("*.parquet"))) >= outputs):
+            signalled = pids[0]
+            os.kill(signalled, sig)
+            break
+        time.sleep(0.02)
+    thread.join(timeout=300)
+    return result.get("value"), signalled
+
+
 def test_killed_replica_shards_are_retried(tmp_path: Path) -> None:
     write_files(tmp_path / "in", [5000] * 8, features=16, row_group_size=500)
     save_mlp(tmp_path / "m.pt", [16, 256, 256, 1])
     out = tmp_path / "out"
-    result: dict[str, object] = {}
-
-    def job() -> None:
-        result["report"] = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out),
-                                         shard_rows=500, batch_size=100, progress=False, **TEST_REPLICA)
-
-    thread = threading.Thread(target=job)
-    thread.start()
-    deadline = time.monotonic() + 120
-    killed = None
-    while thread.is_alive() and time.monotonic() < deadline:
-        pids = _busy_replica_pids()
-        if pids and len(list(out.glob("*.parquet"))) >= 2:
-            killed = pids[0]
-            os.kill(killed, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    thread.join(timeout=300)
+    report, killed = signal_a_busy_replica(
+        lambda: pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out),
+                              shard_rows=500, batch_size=100, progress=False, **TEST_REPLICA),
+        signal.SIGKILL, out=out, outputs=2)
     assert killed is not None, "the job ended before a replica could be killed; make it longer"
-    report = result["report"]
     assert isinstance(report, pipelines.RunReport)
     assert report.status == "succeeded" and report.rows_out == 40_000 and (out / SUCCESS).exists()
     assert read_output(out)["id"].to_pylist() == list(range(40_000))  # every row exactly once, in order
@@ -96,26 +101,12 @@ def test_stalled_replica_is_replaced_and_its_shard_retried(tmp_path: Path, caplo
     write_files(tmp_path / "in", [2000] * 4, features=16, row_group_size=250)
     save_mlp(tmp_path / "m.pt", [16, 256, 256, 1])
     out = tmp_path / "out"
-    result: dict[str, object] = {}
-
-    def job() -> None:
-        result["report"] = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out),
-                                         shard_rows=250, batch_size=50, shard_timeout=6, progress=False,
-                                         **TEST_REPLICA)
-
-    thread = threading.Thread(target=job)
-    thread.start()
-    deadline = time.monotonic() + 120
     stopped = None
     try:
-        while thread.is_alive() and time.monotonic() < deadline:
-            pids = _busy_replica_pids()
-            if pids and len(list(out.glob("*.parquet"))) >= 2:
-                stopped = pids[0]
-                os.kill(stopped, signal.SIGSTOP)  # alive and holding its shard, but never finishing it
-                break
-            time.sleep(0.02)
-        thread.join(timeout=240)
+        report, stopped = signal_a_busy_replica(  # alive and holding its shard, but never finishing it
+            lambda: pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out),
+                                  shard_rows=250, batch_size=50, shard_timeout=6, progress=False, **TEST_REPLICA),
+            signal.SIGSTOP, out=out, outputs=2)
         gone = time.monotonic() + 15  # ray.kill force-kills a process that can't exit gracefully after ~5 s
         while stopped is not None and _alive(stopped) and time.monotonic() < gone:
             time.sleep(0.1)
@@ -126,7 +117,6 @@ def test_stalled_replica_is_replaced_and_its_shard_retried(tmp_path: Path, caplo
             os.kill(stopped, signal.SIGKILL)
     assert stopped is not None, "the job ended before a replica could be stopped; make it longer"
     assert killed_by_ray  # the scheduler replaced the stalled replica with ray.kill
-    report = result["report"]
     assert isinstance(report, pipelines.RunReport)
     assert report.status == "succeeded" and report.rows_out == 8000 and (out / SUCCESS).exists()
     assert read_output(out)["id"].to_pylist() == list(range(8000))  # every row exactly once, in order

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from test_failures import _busy_replica_pids
+from test_failures import signal_a_busy_replica
 
 import pipelines
 from pipelines.commit import MANIFEST
@@ -155,18 +154,8 @@ class Histories(RuleBasedStateMachine):
 
     @rule()
     def run_and_kill_a_replica(self) -> None:
-        outcome: dict[str, object] = {}
-        thread = threading.Thread(target=lambda: outcome.update(result=self._run()))
-        thread.start()
-        deadline = time.monotonic() + 60
-        while thread.is_alive() and time.monotonic() < deadline:
-            pids = _busy_replica_pids()
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        thread.join(timeout=300)
-        self._check(outcome["result"])
+        result, _ = signal_a_busy_replica(self._run, signal.SIGKILL)
+        self._check(result)
 
     @rule(commits=st.integers(0, 6))
     def kill_the_driver(self, commits: int) -> None:
