@@ -154,7 +154,9 @@ class Histories(RuleBasedStateMachine):
 
     @rule()
     def run_and_kill_a_replica(self) -> None:
-        result, _ = signal_a_busy_replica(self._run, signal.SIGKILL)
+        result, killed = signal_a_busy_replica(self._run, signal.SIGKILL)
+        if TRACE:
+            print(f"replica killed: {killed is not None}", flush=True)
         self._check(result)
 
     @rule(commits=st.integers(0, 6))
@@ -171,6 +173,8 @@ class Histories(RuleBasedStateMachine):
             if journal.is_dir() and sum(1 for p in journal.iterdir() if "-c-" in p.name) >= commits:
                 break
             time.sleep(0.01)
+        if TRACE:
+            print(f"driver killed after >= {commits} commit record(s): {process.poll() is None}", flush=True)
         _kill_group(process)
 
     # --- what must hold --------------------------------------------------------------------------
