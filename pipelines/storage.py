@@ -233,11 +233,6 @@ def existing_infos(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     return _walk(fs, root)
 
 
-def existing_files(fs: pafs.FileSystem, root: str) -> set[str]:
-    """Paths of all files under `root` (one listing, not one request per file)."""
-    return {info.path for info in _walk(fs, root)}
-
-
 # --- staged output --------------------------------------------------------------------------
 
 TEMP_SUFFIX = ".tmp"
