@@ -22,7 +22,7 @@ import yaml
 from pipelines.config import JobConfig, read_yaml
 from pipelines.errors import BatchInferError, ConfigError, StorageError
 
-_BOOL_KEYS = {"keep_features", "overwrite"}
+_BOOL_KEYS = {"keep_features", "overwrite", "shared_storage"}
 _LIST_KEYS = {"features", "passthrough"}
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INVALID, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 

@@ -9,16 +9,18 @@ initialised is reused and left running.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray
 
 from pipelines.config import JobConfig
-from pipelines.errors import ClusterConnectError, ResourceError
+from pipelines.errors import ClusterConnectError, ConfigError, ResourceError
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +31,19 @@ _TOKEN_HINT = (
 )
 
 
+@dataclass(frozen=True)
+class Connection:
+    """The Ray session a run uses."""
+
+    where: str  # for people: "embedded local Ray", "Ray cluster at ..."
+    embedded: bool  # started by this run: fixed, local, ours
+
+
 @contextlib.contextmanager
-def connect(cfg: JobConfig) -> Iterator[str]:
-    """Connect to Ray for the length of a run; yields a description of the cluster used."""
+def connect(cfg: JobConfig) -> Iterator[Connection]:
+    """Connect to Ray for the length of a run."""
     if ray.is_initialized():
-        yield "existing Ray session"
+        yield Connection("existing Ray session", embedded=False)
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     try:
@@ -53,54 +63,243 @@ def connect(cfg: JobConfig) -> Iterator[str]:
             f"cannot connect to Ray at {address or 'a new local instance'}: {text.strip().rstrip('.')}. {hint}"
         ) from exc
     try:
-        yield where
+        yield Connection(where, embedded=not address)
     finally:
         ray.shutdown()
 
 
 @dataclass(frozen=True)
 class ReplicaResources:
-    """How many replicas to start and what each reserves."""
+    """What each replica reserves, how many to start with, and how far the pool may grow.
+
+    `count` replicas are started at once (those the nodes up now can hold; 0 when
+    scaling from zero); on an elastic pool (`limit` above `count`, or `autoscaling`)
+    more start as capacity appears, never more than `limit`.
+    """
 
     count: int
     num_cpus: float
     num_gpus: float
+    limit: int | None = None  # None: exactly `count`
+    autoscaling: bool = False  # ask the autoscaler for replica-shaped capacity
+
+    @property
+    def most(self) -> int:
+        return self.count if self.limit is None else self.limit
+
+    @property
+    def shape(self) -> dict[str, float]:
+        """One replica's bundle, as `request_resources` and the scheduler see it."""
+        return {"CPU": self.num_cpus, **({"GPU": self.num_gpus} if self.num_gpus > 0 else {})}
 
 
-def size_replicas(cfg: JobConfig, shards: int, totals: dict[str, float], node_totals: list[dict[str, float]]) -> ReplicaResources:
-    """Pick the replica count and check the cluster can ever hold it (pure: no Ray calls).
+@dataclass(frozen=True)
+class Node:
+    """An alive node: where it runs and what it has."""
+
+    id: str
+    host: str
+    total: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What the cluster has now and whether it can grow.
+
+    `autoscaling` is True when an autoscaler can launch nodes, False on a fixed
+    cluster (an embedded Ray, a `ray start` cluster without an autoscaling
+    config) and None when Ray does not say. `node_types` lists the resources of
+    each node type the autoscaler can launch, where Ray exposes them (in Ray
+    2.60 the GCS cluster config is often empty: then None).
+    """
+
+    nodes: tuple[Node, ...]
+    autoscaling: bool | None = False
+    node_types: tuple[dict[str, float], ...] | None = None
+
+    @property
+    def totals(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for node in self.nodes:
+            for key, value in node.total.items():
+                totals[key] = totals.get(key, 0.0) + value
+        return totals
+
+    @property
+    def hosts(self) -> list[str]:
+        return sorted({node.host for node in self.nodes})
+
+
+def plan_replicas(cfg: JobConfig, shards: int, view: ClusterView) -> ReplicaResources:
+    """Pick each replica's resources, the replicas to start with and the most the pool may hold
+    (pure: no Ray calls). Refuses (ResourceError) only what can never run.
+
+    On a fixed cluster the pool is judged by the nodes present; an exact `replicas`
+    count must fit them. On an autoscaling cluster (or one that does not say) the
+    run starts with what fits and asks for the rest; it refuses only when Ray lists
+    the node types and none can host one replica.
 
     Example:
-        >>> size_replicas(cfg, shards=10, totals={"CPU": 2.0}, node_totals=[{"CPU": 2.0}])  # doctest: +SKIP
-        ReplicaResources(count=2, num_cpus=1.0, num_gpus=0.0)
+        >>> view = ClusterView((Node("n1", "h", {"CPU": 2.0}),))
+        >>> plan_replicas(JobConfig.from_dict({"model": "m", "input": "i", "output": "o"}), 10, view)
+        ReplicaResources(count=2, num_cpus=1.0, num_gpus=0.0, limit=2, autoscaling=False)
     """
-    cpus, gpus = totals.get("CPU", 0.0), totals.get("GPU", 0.0)
-    per_gpu = cfg.gpus_per_replica if cfg.gpus_per_replica is not None else (1.0 if gpus > 0 else 0.0)
+    totals = view.totals
+    types_with_gpus = any(t.get("GPU", 0.0) > 0 for t in view.node_types or ())
+    per_gpu = cfg.gpus_per_replica
+    if per_gpu is None:
+        per_gpu = 1.0 if totals.get("GPU", 0.0) > 0 or types_with_gpus else 0.0
     per_cpu = cfg.cpus_per_replica
-    if cfg.replicas is not None:
-        count = cfg.replicas
-    elif per_gpu > 0:
-        count = int(math.floor(gpus / per_gpu + 1e-9))
-    else:
-        count = int(math.floor(cpus / per_cpu + 1e-9))
-    count = max(1, min(count, max(shards, 1)))
+    fits_now = sum(_fits(node.total, per_cpu, per_gpu) for node in view.nodes)
+    growable = view.autoscaling is not False and not (
+        view.node_types is not None and not any(_fits(t, per_cpu, per_gpu) for t in view.node_types))
     shortfalls = []
-    if count * per_cpu > cpus + 1e-9:
-        shortfalls.append(f"{count} replica(s) x {per_cpu:g} CPU = {count * per_cpu:g} CPU, but the cluster has {cpus:g} CPU")
-    if per_gpu > 0 and count * per_gpu > gpus + 1e-9:
-        shortfalls.append(f"{count} replica(s) x {per_gpu:g} GPU = {count * per_gpu:g} GPU, but the cluster has {gpus:g} GPU")
-    fits_a_node = any(n.get("CPU", 0.0) >= per_cpu and n.get("GPU", 0.0) >= per_gpu for n in node_totals)
-    if not shortfalls and not fits_a_node:
-        shortfalls.append(f"one replica needs {per_cpu:g} CPU and {per_gpu:g} GPU on one node, and no node has that")
+    if not growable:
+        if fits_now == 0:
+            shortfalls.append(f"one replica needs {per_cpu:g} CPU and {per_gpu:g} GPU on one node, and no node "
+                              f"{'type ' if view.node_types is not None else ''}has that")
+        elif cfg.replicas is not None and min(cfg.replicas, max(shards, 1)) > fits_now:
+            count = min(cfg.replicas, max(shards, 1))
+            shortfalls.append(f"{count} replica(s) x {per_cpu:g} CPU"
+                              + (f" + {per_gpu:g} GPU" if per_gpu else "")
+                              + f", but the cluster's nodes hold {fits_now} (it has {totals.get('CPU', 0.0):g} CPU"
+                              + f" and {totals.get('GPU', 0.0):g} GPU)")
     if shortfalls:
         raise ResourceError(
             "the replicas can never be scheduled: " + "; ".join(shortfalls)
             + ". Lower 'replicas', 'cpus_per_replica' or 'gpus_per_replica', or add nodes."
         )
-    return ReplicaResources(count, per_cpu, per_gpu)
+    if cfg.replicas is not None:
+        limit = min(cfg.replicas, max(shards, 1))
+    elif growable:
+        limit = min(cfg.max_replicas or max(shards, 1), max(shards, 1))
+    else:
+        limit = min(fits_now, cfg.max_replicas or fits_now, max(shards, 1))
+    return ReplicaResources(min(limit, fits_now), per_cpu, per_gpu, limit=limit, autoscaling=growable)
 
 
-def cluster_totals() -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Total resources, and per alive node."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    return dict(ray.cluster_resources()), nodes
+def _fits(resources: dict[str, float], per_cpu: float, per_gpu: float) -> int:
+    """How many replicas one node (or node type) holds."""
+    by_cpu = resources.get("CPU", 0.0) / per_cpu if per_cpu > 0 else math.inf
+    by_gpu = resources.get("GPU", 0.0) / per_gpu if per_gpu > 0 else math.inf
+    most = min(by_cpu, by_gpu)
+    return 0 if math.isinf(most) else int(math.floor(most + 1e-9))
+
+
+def observe(*, embedded: bool, settle: float = 6.0) -> ClusterView:
+    """The alive nodes and whether the cluster can grow (Ray calls; the driver only).
+
+    An embedded Ray is fixed. Otherwise the GCS cluster config (autoscaler v2)
+    gives the node types; failing that, the autoscaler's status report says
+    whether any node type can be launched, waiting up to `settle` seconds for
+    its first report after a cluster starts.
+    """
+    nodes = tuple(
+        Node(n["NodeID"], n.get("NodeManagerHostname", ""), {k: float(v) for k, v in n["Resources"].items()})
+        for n in ray.nodes() if n.get("Alive")
+    )
+    if embedded:
+        return ClusterView(nodes, autoscaling=False)
+    types = _node_types()
+    if types is not None:
+        return ClusterView(nodes, autoscaling=True, node_types=types)
+    deadline = time.monotonic() + settle
+    while True:
+        launchable = _launchable_types()
+        if launchable is not None or time.monotonic() >= deadline:
+            return ClusterView(nodes, autoscaling=None if launchable is None else bool(launchable))
+        time.sleep(0.5)
+
+
+def _node_types() -> tuple[dict[str, float], ...] | None:
+    """Resources of each node group in the GCS cluster config (autoscaler v2), or None."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # an older or newer Ray without it: treat as unknown
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return tuple({k: float(v) for k, v in group.resources.items()}
+                 for group in config.node_group_configs if group.max_count != 0)
+
+
+def _launchable_types() -> list[str] | None:
+    """Worker node types the autoscaler can launch (from its status report), or None without one."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(b"__autoscaling_status")
+        report = json.loads(raw)["autoscaler_report"] if raw else None
+    except Exception:  # no report (yet), or a format this Ray does not write
+        return None
+    if not report:
+        return None
+    return list(((report.get("node_availability_summary") or {}).get("node_availabilities") or {}))
+
+
+def draining_nodes() -> set[str]:
+    """Ids of the nodes being drained (spot preemption notices, scale-down): no new shards go there."""
+    try:
+        from ray._private.state import state
+
+        return set(state.get_draining_nodes())
+    except Exception:  # not available in this Ray: nothing is known to drain
+        return set()
+
+
+def check_shared_storage(cfg: JobConfig, view: ClusterView, paths: dict[str, str]) -> None:
+    """Refuse local paths when the nodes are on more than one host, unless declared shared (exit 2)."""
+    hosts = view.hosts
+    if cfg.shared_storage or len(hosts) < 2:
+        return
+    local = [f"{key} {value!r}" for key, value in paths.items() if "://" not in value or value.startswith("file://")]
+    if local:
+        raise ConfigError(
+            f"{', '.join(local)} {'is a local path' if len(local) == 1 else 'are local paths'}, but the cluster's "
+            f"nodes are on {len(hosts)} hosts ({', '.join(hosts[:4])}{', ...' if len(hosts) > 4 else ''}): replicas "
+            f"on the other hosts cannot read them. Use an object-store URI (s3://, gs://) or a shared mount, and "
+            f"declare a shared mount with shared_storage: true"
+        )
+
+
+class AutoscalerRequest:
+    """This run's standing request for replica-shaped capacity (`ray.autoscaler.sdk.request_resources`).
+
+    The request is one global slot per cluster (last writer wins), so it asks only
+    for what this run can use, and is cleared when the run ends, however it ends.
+
+    Example:
+        >>> with AutoscalerRequest(enabled=True) as request:  # doctest: +SKIP
+        ...     request.ask({"CPU": 1, "GPU": 1}, 4)
+    """
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bundles = 0
+        self._set = False
+
+    def __enter__(self) -> AutoscalerRequest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+    def ask(self, shape: dict[str, float], bundles: int) -> None:
+        if not self.enabled or bundles == self.bundles:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[dict(shape) for _ in range(bundles)])
+        self.bundles, self._set = bundles, True
+        logger.info("asked the autoscaler for %d replica(s) of %s", bundles, shape)
+
+    def clear(self) -> None:
+        if not self._set:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        with contextlib.suppress(Exception):  # Ray already shut down: nothing left to clear
+            request_resources(bundles=[])
+        self.bundles, self._set = 0, False

@@ -48,8 +48,11 @@ class JobConfig:
     cpus_per_replica: float = 1.0
     precision: str = "fp32"
     shard_rows: int | None = None
+    max_replicas: int | None = None  # None: as many as the cluster can hold
     max_attempts: int = 3
     shard_timeout: float | None = None  # seconds; None means "chosen by the system"
+    shared_storage: bool = False
+    start_timeout: float | None = None  # seconds; None means "chosen by the system"
     invalid_rows: str = "quarantine"
     overwrite: bool = False
     address: str | None = None
@@ -66,7 +69,7 @@ class JobConfig:
             both = sorted(set(self.passthrough) & set(self.features))
             if both:
                 raise ConfigError(f"columns {both} are listed in both 'features' and 'passthrough'")
-        for key in ("keep_features", "overwrite"):
+        for key in ("keep_features", "overwrite", "shared_storage"):
             object.__setattr__(self, key, _bool(key, getattr(self, key)))
         if not isinstance(self.prediction_column, str) or not self.prediction_column:
             raise ConfigError("'prediction_column' must be a non-empty column name")
@@ -78,10 +81,13 @@ class JobConfig:
         object.__setattr__(self, "replicas", _positive_int("replicas", self.replicas, auto=True))
         object.__setattr__(self, "shard_rows", _positive_int("shard_rows", self.shard_rows, auto=True))
         object.__setattr__(self, "max_attempts", _positive_int("max_attempts", self.max_attempts))
-        if self.shard_timeout is not None and self.shard_timeout != "auto":
-            object.__setattr__(self, "shard_timeout", _positive_float("shard_timeout", self.shard_timeout))
-        else:
-            object.__setattr__(self, "shard_timeout", None)
+        for key in ("shard_timeout", "start_timeout"):
+            value = getattr(self, key)
+            object.__setattr__(self, key, None if value in (None, "auto") else _positive_float(key, value))
+        object.__setattr__(self, "max_replicas", _positive_int("max_replicas", self.max_replicas, auto=True))
+        if self.replicas is not None and self.max_replicas is not None and self.replicas > self.max_replicas:
+            raise ConfigError(f"'replicas' ({self.replicas}) is above 'max_replicas' ({self.max_replicas}); "
+                              f"'replicas' is an exact count: set one of them")
         gpus = self.gpus_per_replica
         if not (gpus is None or (isinstance(gpus, str) and gpus == "auto")):
             gpus = _positive_float("gpus_per_replica", gpus, allow_zero=True)

@@ -147,8 +147,8 @@ def run(
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
             return _report(p, [], [], time.perf_counter() - started, complete=True)
         # Ray is imported where it is used: `plan`, `status`, exit-2 paths and idle ticks stay light.
-        from pipelines.cluster import cluster_totals, connect, size_replicas
-        from workers.replica import ReplicaJob, replica_report
+        from pipelines.cluster import AutoscalerRequest, check_shared_storage, connect, observe, plan_replicas
+        from workers.replica import ReplicaJob
 
         runnable = [s for s in p.todo if s.error is None]
         done: list[dict[str, Any]] = []
@@ -164,7 +164,8 @@ def run(
                                  "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0})
             recorder.flush(force=True)
 
-        stats: list[dict[str, Any]] = []
+        replicas: list[dict[str, Any]] = []
+        waited = 0.0
         if runnable:
             job = ReplicaJob(
                 model=absolute(cfg.model), model_sha256=p.model.sha256, input=absolute(cfg.input),
@@ -188,14 +189,23 @@ def run(
                 bar.update(shard.rows_in, failed=not ok)
 
             try:
-                with connect(cfg) as where:
+                with connect(cfg) as ray_session:
                     from pipelines.schedule import Scheduler
 
-                    totals, nodes = cluster_totals()
-                    resources = size_replicas(cfg, len(runnable), totals, nodes)
-                    logger.info("running %d shard(s) on %d replica(s) (%s)", len(runnable), resources.count, where)
-                    scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, shard_timeout=cfg.shard_timeout)
-                    stats = scheduler.run(runnable, on_result, on_started=begin)
+                    view = observe(embedded=ray_session.embedded)
+                    check_shared_storage(cfg, view, {"model": job.model, "input": job.input, "output": job.output})
+                    resources = plan_replicas(cfg, len(runnable), view)
+                    logger.info("running %d shard(s) on %d replica(s)%s (%s)", len(runnable), resources.count,
+                                f", up to {resources.most} as capacity appears" if resources.most > resources.count
+                                else "", ray_session.where)
+                    start_timeout = cfg.start_timeout or (600.0 if resources.autoscaling else 300.0)
+                    with AutoscalerRequest(enabled=resources.autoscaling) as request:
+                        scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, request=request,
+                                              start_timeout=start_timeout, shard_timeout=cfg.shard_timeout)
+                        try:
+                            replicas = scheduler.run(runnable, on_result, on_started=begin)
+                        finally:
+                            waited = scheduler.pool.waited_seconds
             finally:
                 bar.close()
                 recorder.flush(force=True)
@@ -203,8 +213,9 @@ def run(
             begin()
         complete = recorder.finish()
         seconds = time.perf_counter() - started
-        report = _report(p, done, replica_report(stats), seconds, complete=complete)
+        report = _report(p, done, replicas, seconds, complete=complete)
         report.startup_seconds = first_commit[0] if first_commit else None
+        report.capacity_wait_seconds = round(waited, 3)
         if timeline:
             _write_timeline(timeline, done)
         return report

@@ -34,6 +34,7 @@ class RunReport:
     replicas: list[dict[str, Any]]
     complete: bool = False  # _SUCCESS written: every shard of the output is committed
     startup_seconds: float | None = None  # run start -> first committed shard
+    capacity_wait_seconds: float = 0.0  # time with shards to run and no replica ready (scale-up, busy cluster)
 
     @property
     def succeeded(self) -> bool:
@@ -51,7 +52,9 @@ class RunReport:
             f"batch-infer {self.status}: {self.shards_done} shard(s) done, {self.shards_skipped} already committed, "
             f"{self.shards_failed} failed, of {self.shards_total}. Rows: {self.rows_in:,} in, {self.rows_out:,} out, "
             f"{self.rows_rejected:,} rejected, in {self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s) on "
-            f"{len(self.replicas)} replica(s). Output: {self.output}"
+            f"{len(self.replicas)} replica(s)"
+            + (f" (waited {self.capacity_wait_seconds:.0f} s for capacity)" if self.capacity_wait_seconds >= 1 else "")
+            + f". Output: {self.output}"
             + (" (complete, _SUCCESS written)." if self.complete else " (incomplete: no _SUCCESS).")
         )
         for error in self.errors[:5]:

@@ -15,29 +15,31 @@ executing shard an attempt, up to `max_attempts`:
 Shards queued behind a lost replica's executing shard go back to the front of
 the queue uncharged. Data errors come back as failed results, never retried.
 
+The replicas themselves (starting, growing with the cluster, draining,
+releasing) are the `ReplicaPool`'s business.
+
 Once a shard has been dispatched the run always returns: when no replica is
-left (respawn budget spent) or none can be placed within `start_timeout`, the
-shards not done are reported failed and the next run redoes them. Before
-that, nothing has been written (`on_started` not yet called) and the same
-conditions raise `ResourceError`.
+left (the pool's loss budget spent) or none can be placed within
+`start_timeout`, the shards not done are reported failed and the next run
+redoes them. Before that, nothing has been written (`on_started` not yet
+called) and the same conditions raise `ResourceError`.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import ray.exceptions
 
-from pipelines.cluster import ReplicaResources
+from pipelines.cluster import AutoscalerRequest, ReplicaResources
 from pipelines.errors import ModelError, ResourceError, StorageError
 from pipelines.plan import Shard
+from pipelines.pool import ReplicaPool, Slot
 from workers.replica import Replica, ReplicaJob
 
 logger = logging.getLogger(__name__)
@@ -62,16 +64,6 @@ DIED, STALLED, STORAGE = "replica died", "replica stalled", "storage error"
 OnResult = Callable[[Shard, dict[str, Any]], None]
 
 
-@dataclass
-class _Slot:
-    index: int
-    actor: Any
-    ready: bool = False
-    alive: bool = True
-    queue: list[tuple[Any, Shard]] = field(default_factory=list)  # (ObjectRef, shard), oldest (executing) first
-    since: float = 0.0  # monotonic time the executing shard's clock started
-
-
 class Scheduler:
     """Runs shards on a pool of `Replica` actors.
 
@@ -88,6 +80,7 @@ class Scheduler:
         in_flight: int = 2,
         start_timeout: float = 300.0,
         shard_timeout: float | None = None,
+        request: AutoscalerRequest | None = None,
         _actor: type = Replica,
     ) -> None:
         self.job = job
@@ -96,19 +89,13 @@ class Scheduler:
         self.in_flight = in_flight
         self.start_timeout = start_timeout
         self.shard_timeout = shard_timeout  # None: derived from observed shard times
-        self._remote = ray.remote(_actor)
-        self._slots: list[_Slot] = []
-        self._probes: dict[Any, _Slot] = {}  # readiness probe ObjectRef -> replica starting
-        self._refs: dict[Any, _Slot] = {}  # shard ObjectRef -> replica holding it
+        self.pool = ReplicaPool(job, resources, max_attempts=max_attempts, actor=ray.remote(_actor), request=request)
+        self._refs: dict[Any, Slot] = {}  # shard ObjectRef -> replica holding it
         self._pending: collections.deque[Shard] = collections.deque()
         self._attempts: collections.Counter[str] = collections.Counter()
         self._failures: dict[str, list[str]] = collections.defaultdict(list)  # shard id -> kind of each failure
-        self._respawns_left = resources.count * max_attempts
-        self._losses = 0
-        self._last_loss = ""
         self._slowest = 0.0  # seconds per row of the slowest committed shard
         self._started = False
-        self._waiting_since: float | None = None  # since when no replica has been ready
         self._on_result: OnResult = lambda shard, record: None
 
     def run(self, shards: Sequence[Shard], on_result: OnResult,
@@ -120,17 +107,16 @@ class Scheduler:
         """
         self._pending = collections.deque(shards)
         self._on_result = on_result
-        self._waiting_since = time.monotonic()
         try:
-            for _ in range(self.resources.count):
-                self._spawn()
+            self.pool.start()
             while self._pending or self._refs:
+                self.pool.maintain(len(self._pending) + len(self._refs), queued=len(self._pending))
                 self._dispatch(on_started)
                 stuck = self._stuck()
                 if stuck:
                     self._give_up(stuck)
                     break
-                waiting = [*self._refs, *self._probes]
+                waiting = [*self._refs, *self.pool.probes]
                 if not waiting:  # cannot happen while a replica is alive; never spin
                     time.sleep(0.05)
                     continue
@@ -138,26 +124,13 @@ class Scheduler:
                 if done:
                     self._collect(done[0])
                 self._check_stalls()
-            return self._collect_stats()
+            self.pool.close()  # collects the stats of the replicas still up
+            return self.pool.records()
         finally:
-            for slot in self._slots:
-                if slot.alive:
-                    ray.kill(slot.actor, no_restart=True)
-
-    def _spawn(self) -> None:
-        index = len(self._slots)
-        actor = self._remote.options(
-            num_cpus=self.resources.num_cpus,
-            num_gpus=self.resources.num_gpus,
-            max_restarts=0,
-            max_task_retries=0,
-        ).remote(index, self.job)
-        slot = _Slot(index, actor)
-        self._slots.append(slot)
-        self._probes[actor.info.remote()] = slot
+            self.pool.close()
 
     def _dispatch(self, on_started: Callable[[], None] | None) -> None:
-        ready = [s for s in self._slots if s.alive and s.ready]
+        ready = self.pool.ready()
         if not ready or not self._pending:
             return
         if not self._started:
@@ -176,16 +149,14 @@ class Scheduler:
                 self._refs[ref] = slot
 
     def _collect(self, ref: Any) -> None:
-        if ref in self._probes:
-            slot = self._probes.pop(ref)
+        if ref in self.pool.probes:
+            slot = self.pool.probes.pop(ref)
             try:
                 value = ray.get(ref)
             except _INFRA_ERRORS as exc:
                 self._lost(slot, DIED, _last_line(exc), exc)
                 return
-            slot.ready = True
-            self._waiting_since = None
-            logger.info("replica %d ready on %s (%s)", value["index"], value["host"], value["device"])
+            self.pool.became_ready(slot, value)
             return
         slot = self._refs[ref]
         try:
@@ -209,12 +180,13 @@ class Scheduler:
             return
         shard = self._finish(slot, ref)
         if value.get("status") == "committed" and "started" in value and "finished" in value:
-            per_row = max(0.0, value["finished"] - value["started"]) / max(1, shard.rows_in)
-            self._slowest = max(self._slowest, per_row)
+            seconds = max(0.0, value["finished"] - value["started"])
+            self._slowest = max(self._slowest, seconds / max(1, shard.rows_in))
+            slot.shards, slot.rows, slot.busy_seconds = slot.shards + 1, slot.rows + shard.rows_in, slot.busy_seconds + seconds
         value["attempts"] = self._attempts[shard.id]
         self._on_result(shard, value)
 
-    def _finish(self, slot: _Slot, ref: Any) -> Shard:
+    def _finish(self, slot: Slot, ref: Any) -> Shard:
         """The call `ref` returned: the next shard on the replica starts its clock now."""
         del self._refs[ref]
         position = next(i for i, (r, _) in enumerate(slot.queue) if r == ref)
@@ -225,8 +197,8 @@ class Scheduler:
 
     def _check_stalls(self) -> None:
         now = time.monotonic()
-        for slot in self._slots:
-            if not (slot.alive and slot.queue):
+        for slot in self.pool.alive():
+            if not slot.queue:
                 continue
             ref, shard = slot.queue[0]
             limit = self._timeout(shard)
@@ -246,26 +218,17 @@ class Scheduler:
     def _next_deadline(self) -> float:
         """Seconds to wait for a result: at most 1 s, less when a shard's timeout is nearer."""
         now, wait = time.monotonic(), 1.0
-        for slot in self._slots:
-            if slot.alive and slot.queue:
+        for slot in self.pool.alive():
+            if slot.queue:
                 wait = min(wait, slot.since + self._timeout(slot.queue[0][1]) - now)
         return max(0.05, wait)
 
-    def _lost(self, slot: _Slot, kind: str, reason: str, exc: Exception | None = None) -> None:
-        """A replica died or stalled: kill it, give its shards back (the executing one charged), replace it."""
-        if not slot.alive:
+    def _lost(self, slot: Slot, kind: str, reason: str, exc: Exception | None = None) -> None:
+        """A replica died or stalled: give its shards back (the executing one charged); the pool replaces it."""
+        if not self.pool.lost(slot, reason, exc):
             return
-        slot.alive = False
-        with contextlib.suppress(Exception):  # frees its resources for the replacement; fine if already dead
-            ray.kill(slot.actor, no_restart=True)
-        if exc is not None and not slot.ready and not any(s.ready for s in self._slots) and "creation task" in str(exc):
-            raise ModelError(f"replica {slot.index} failed to start: {reason}") from exc
         if kind == DIED:
             logger.warning("replica %d lost: %s", slot.index, reason)
-        self._losses += 1
-        self._last_loss = f"replica {slot.index}: {reason}"
-        for probe in [r for r, s in self._probes.items() if s is slot]:
-            del self._probes[probe]
         held, slot.queue = slot.queue, []
         for ref, _ in held:
             self._refs.pop(ref, None)
@@ -274,9 +237,6 @@ class Scheduler:
             self._pending.appendleft(shard)
         if held:
             self._retry(held[0][1], kind, reason)
-        if self._respawns_left > 0 and self._pending:
-            self._respawns_left -= 1
-            self._spawn()
 
     def _retry(self, shard: Shard, kind: str, reason: str) -> None:
         """An attempt failed for infrastructure reasons: back to the front of the queue, or failed past max_attempts."""
@@ -294,19 +254,19 @@ class Scheduler:
 
     def _stuck(self) -> str | None:
         """Why no replica can run the remaining shards, or None while one can (or still may)."""
-        if not self._pending or any(s.alive and s.ready for s in self._slots):
+        pool = self.pool
+        if not self._pending or pool.ready():
             return None
-        now = time.monotonic()
-        if self._waiting_since is None:
-            self._waiting_since = now
-        if not any(s.alive for s in self._slots):
-            return f"replicas died {self._losses} time(s) (last: {self._last_loss})"
-        if now - self._waiting_since > self.start_timeout:
-            why = (f"no replica became ready within {self.start_timeout:g} s: each asks for "
-                   f"{self.resources.num_cpus:g} CPU and {self.resources.num_gpus:g} GPU; other jobs may hold them "
-                   f"(see `ray status`)")
-            if self._losses:
-                why += f"; replicas died {self._losses} time(s) (last: {self._last_loss})"
+        if not pool.alive():
+            return f"replicas died {pool.losses} time(s) (last: {pool.last_loss})"
+        since = pool.waiting_since
+        if since is not None and time.monotonic() - since > self.start_timeout:
+            shape = " and ".join(f"{v:g} {k}" for k, v in self.resources.shape.items())
+            asked = " (asked the autoscaler for them)" if self.resources.autoscaling else ""
+            why = (f"no replica became ready within {self.start_timeout:g} s: each asks for {shape}{asked}; "
+                   f"other jobs may hold them or no node can be added (see `ray status`)")
+            if pool.losses:
+                why += f"; replicas died {pool.losses} time(s) (last: {pool.last_loss})"
             return why
         return None
 
@@ -323,28 +283,15 @@ class Scheduler:
         """Stop the job after it started: every shard not done fails with `why` (the run exits 1, never 2)."""
         logger.error("stopping: %s", why)
         failed = [shard]
-        for slot in self._slots:
+        for slot in self.pool.alive():
             failed += [held for _, held in slot.queue]
             slot.queue = []
-            if slot.alive:
-                slot.alive = False
-                with contextlib.suppress(Exception):
-                    ray.kill(slot.actor, no_restart=True)
+            self.pool.lost(slot, why)
         self._refs.clear()
-        self._probes.clear()
         failed += list(self._pending)
         self._pending.clear()
         for item in failed:
             self._on_result(item, _failure(item, self._attempts[item.id], why))
-
-    def _collect_stats(self) -> list[dict[str, Any]]:
-        live = [s for s in self._slots if s.alive and s.ready]
-        refs = [s.actor.stats.remote() for s in live]
-        try:
-            return list(ray.get(refs, timeout=60))
-        except (ray.exceptions.GetTimeoutError, *_INFRA_ERRORS) as exc:
-            logger.warning("could not collect replica stats: %s", _last_line(exc))
-            return []
 
 
 def _failure(shard: Shard, attempts: int, error: str) -> dict[str, Any]:

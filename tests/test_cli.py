@@ -34,7 +34,8 @@ def test_golden_value_through_the_cli_with_json_report_and_timeline(tmp_path: Pa
     assert set(report) >= {"status", "shards_total", "shards_done", "shards_skipped", "shards_failed", "rows_in",
                            "rows_out", "rows_rejected", "seconds", "rows_per_second", "errors", "replicas"}
     assert set(report["replicas"][0]) == {"node", "device", "gpu_ids", "shards", "rows", "busy_seconds",
-                                          "peak_rss_bytes"}
+                                          "peak_rss_bytes", "ended"}
+    assert report["replicas"][0]["ended"] in ("finished", "released: no shards left")
     assert json.loads((tmp_path / "r.json").read_text()) == report
     assert not (tmp_path / "set").exists() and not (tmp_path / "wrong").exists()  # flag > --set > file
     out = pq.read_table(tmp_path / "out" / "x-00000.parquet")

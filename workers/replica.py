@@ -17,7 +17,7 @@ import resource
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -245,9 +245,3 @@ class Replica:
                 rejected.publish()  # the quarantine file first: a record is whole once its output is in place
             writer.publish()
         return entry, token
-
-
-def replica_report(stats: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The report's `replicas` list, in replica order."""
-    keys = ("node", "device", "gpu_ids", "shards", "rows", "busy_seconds", "peak_rss_bytes")
-    return [{key: s[key] for key in keys} for s in sorted(stats, key=lambda s: s["index"])]

@@ -1,0 +1,209 @@
+"""The replica pool: the `Replica` actors of one run, as they start, grow, drain and go.
+
+The pool starts with the replicas the nodes up now can hold. An elastic pool
+(`replicas: auto` on a cluster that can grow, or an exact count larger than
+what is up) asks the autoscaler for replica-shaped capacity and starts more
+replicas as it appears, a couple at a time, never more than `resources.most`
+nor more than the shards left to run; when shards run out it releases idle
+replicas and lowers its request, so the autoscaler can scale down. Replicas on
+a node being drained (a spot preemption notice, a scale-down) get no new
+shards and are released once idle. Every replica that ever ran is recorded
+for the report: where it ran, what it did and how it ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from pipelines.cluster import AutoscalerRequest, ReplicaResources, draining_nodes
+from pipelines.errors import ModelError
+from pipelines.plan import Shard
+from workers.replica import ReplicaJob
+
+logger = logging.getLogger(__name__)
+
+PENDING_LIMIT = 2  # replicas waiting for capacity at once on an elastic pool (the request asks for the rest)
+LOOK_SECONDS = 1.0  # how often the pool looks at draining nodes and resizes its request
+FINISHED, RELEASED = "finished", "released"
+
+
+@dataclass
+class Slot:
+    """One replica: its actor, the shards it holds, and what the report says about it."""
+
+    index: int
+    actor: Any
+    ready: bool = False
+    alive: bool = True
+    draining: bool = False
+    queue: list[tuple[Any, Shard]] = field(default_factory=list)  # (ObjectRef, shard), oldest (executing) first
+    since: float = 0.0  # monotonic time the executing shard's clock started
+    info: dict[str, Any] = field(default_factory=dict)  # node, host, device, gpu_ids (from its readiness probe)
+    shards: int = 0
+    rows: int = 0
+    busy_seconds: float = 0.0
+    peak_rss_bytes: int | None = None
+    ended: str | None = None  # None while it runs; "finished", "released: ...", "lost: ..."
+
+
+class ReplicaPool:
+    """The run's replicas.
+
+    Example:
+        >>> pool = ReplicaPool(job, ReplicaResources(2, 1.0, 0.0), max_attempts=3, actor=ray.remote(Replica))  # doctest: +SKIP
+        >>> pool.start(); pool.maintain(remaining=10)
+    """
+
+    def __init__(self, job: ReplicaJob, resources: ReplicaResources, *, max_attempts: int, actor: Any,
+                 request: AutoscalerRequest | None = None) -> None:
+        self.job = job
+        self.resources = resources
+        self.request = request or AutoscalerRequest(enabled=False)
+        self.slots: list[Slot] = []
+        self.probes: dict[Any, Slot] = {}  # readiness probe ObjectRef -> replica starting
+        self.losses = 0
+        self.last_loss = ""
+        self.allowed_losses = max(1, resources.most) * max_attempts  # replacements before the run gives up
+        self.waited_seconds = 0.0  # time with shards to run and no replica ready
+        self.waiting_since: float | None = time.monotonic()
+        self._actor = actor
+        self._looked = 0.0
+
+    @property
+    def elastic(self) -> bool:
+        return self.resources.autoscaling or self.resources.most > self.resources.count
+
+    def start(self) -> None:
+        """The replicas the nodes up now can hold (at least one, waiting for capacity, when none can)."""
+        for _ in range(max(self.resources.count, 1 if self.resources.most else 0)):
+            self.spawn()
+
+    def spawn(self) -> Slot:
+        actor = self._actor.options(
+            num_cpus=self.resources.num_cpus,
+            num_gpus=self.resources.num_gpus,
+            max_restarts=0,
+            max_task_retries=0,
+        ).remote(len(self.slots), self.job)
+        slot = Slot(len(self.slots), actor)
+        self.slots.append(slot)
+        self.probes[actor.info.remote()] = slot
+        return slot
+
+    def alive(self) -> list[Slot]:
+        return [s for s in self.slots if s.alive]
+
+    def ready(self) -> list[Slot]:
+        """Replicas that may take shards: up, and not on a draining node."""
+        return [s for s in self.slots if s.alive and s.ready and not s.draining]
+
+    def became_ready(self, slot: Slot, info: dict[str, Any]) -> None:
+        slot.ready, slot.info = True, info
+        if self.waiting_since is not None:
+            self.waited_seconds += time.monotonic() - self.waiting_since
+            self.waiting_since = None
+        logger.info("replica %d ready on %s (%s%s)", slot.index, info.get("host"), info.get("device"),
+                    f", GPU {','.join(info['gpu_ids'])}" if info.get("gpu_ids") else "")
+
+    def lost(self, slot: Slot, reason: str, exc: Exception | None = None) -> bool:
+        """A replica died or stalled: kill it (freeing its resources) and count the loss.
+
+        Returns False when it was already gone. A replica that fails in its creation
+        task before any replica was ever ready means the model cannot load: ModelError.
+        """
+        if not slot.alive:
+            return False
+        slot.alive, slot.ended = False, f"lost: {reason}"
+        with contextlib.suppress(Exception):  # fine if it is dead already
+            ray.kill(slot.actor, no_restart=True)
+        if exc is not None and not slot.ready and not any(s.ready for s in self.slots) and "creation task" in str(exc):
+            raise ModelError(f"replica {slot.index} failed to start: {reason}") from exc
+        self.losses += 1
+        self.last_loss = f"replica {slot.index}: {reason}"
+        for probe in [r for r, s in self.probes.items() if s is slot]:
+            del self.probes[probe]
+        return True
+
+    def maintain(self, remaining: int, *, queued: int) -> None:
+        """Resize the pool to the work left: `remaining` shards not done, `queued` of them not dispatched.
+
+        Replaces lost replicas (within the loss budget), grows an elastic pool as
+        capacity appears, releases replicas nobody needs, and skips draining nodes.
+        """
+        now = time.monotonic()
+        if now - self._looked >= LOOK_SECONDS:
+            self._looked = now
+            self._drain(draining_nodes())
+            self.request.ask(self.resources.shape, min(self.resources.most, remaining))
+        if self.ready() or not remaining:
+            self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = now
+        alive = [s for s in self.alive() if not s.draining]
+        want = min(self.resources.most, remaining)
+        starting = [s for s in alive if not s.ready]
+        while len(alive) < want and self.losses <= self.allowed_losses:
+            if self.elastic and len(starting) >= PENDING_LIMIT and len(alive) >= self.resources.count:
+                break  # the autoscaler request asks for the rest; more actors only queue
+            slot = self.spawn()
+            alive.append(slot)
+            starting.append(slot)
+        if not queued:  # nothing left to hand out: idle replicas are not needed any more
+            for slot in alive:
+                if not slot.queue and (slot.ready or len(alive) > remaining):
+                    self.release(slot, "no shards left")
+
+    def _drain(self, draining: set[str]) -> None:
+        for slot in self.alive():
+            if slot.ready and not slot.draining and slot.info.get("node") in draining:
+                slot.draining = True
+                logger.warning("replica %d: node %s is draining; it gets no new shards", slot.index,
+                               slot.info.get("node"))
+            if slot.draining and not slot.queue:
+                self.release(slot, "node draining")
+
+    def release(self, slot: Slot, why: str) -> None:
+        """Stop a replica that holds no shard; its stats are kept for the report."""
+        if slot.ready:
+            self._fetch_stats([slot])
+        slot.alive, slot.ended = False, f"{RELEASED}: {why}"
+        for probe in [r for r, s in self.probes.items() if s is slot]:
+            del self.probes[probe]
+        with contextlib.suppress(Exception):
+            ray.kill(slot.actor, no_restart=True)
+
+    def close(self) -> None:
+        """Collect the stats of the replicas still up, then stop them all."""
+        live = [s for s in self.slots if s.alive and s.ready]
+        self._fetch_stats(live)
+        for slot in self.slots:
+            if slot.alive:
+                slot.alive = False
+                slot.ended = slot.ended or FINISHED
+                with contextlib.suppress(Exception):
+                    ray.kill(slot.actor, no_restart=True)
+
+    def _fetch_stats(self, slots: list[Slot]) -> None:
+        try:
+            stats = ray.get([s.actor.stats.remote() for s in slots], timeout=60)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as exc:
+            logger.warning("could not collect replica stats: %s", exc)
+            return
+        for slot, value in zip(slots, stats):
+            slot.peak_rss_bytes = value.get("peak_rss_bytes")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every replica that ever ran, in start order: where, what it did, how it ended."""
+        return [
+            {"node": s.info.get("node"), "device": s.info.get("device"), "gpu_ids": list(s.info.get("gpu_ids") or []),
+             "shards": s.shards, "rows": s.rows, "busy_seconds": round(s.busy_seconds, 3),
+             "peak_rss_bytes": s.peak_rss_bytes, "ended": s.ended or FINISHED}
+            for s in self.slots if s.ready
+        ]
