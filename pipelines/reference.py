@@ -51,7 +51,7 @@ def _markers(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=REGENERATE, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=REGENERATE, description="Regenerate the README's config reference table.")
     parser.add_argument("readme", nargs="?", default="README.md", help="the README to update (default README.md)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="exit 1 when the README's table is stale")
