@@ -19,11 +19,9 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import JobConfig, read_yaml
+from pipelines.config import BOOL_KEYS, KEY_DOCS, LIST_KEYS, JobConfig, KeyDoc, read_yaml
 from pipelines.errors import BatchInferError, ConfigError, StorageError
 
-_BOOL_KEYS = {"keep_features", "overwrite", "shared_storage"}
-_LIST_KEYS = {"features", "passthrough"}
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INVALID, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
@@ -94,16 +92,29 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="set a config key; VALUE is parsed as YAML (--set features=[a, b])")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
-    keys = parser.add_argument_group("config keys (see README)")
-    for key in JobConfig.keys():
-        flag = "--" + key.replace("_", "-")
-        if key in _BOOL_KEYS:
-            keys.add_argument(flag, dest=f"key_{key}", action=argparse.BooleanOptionalAction, default=None)
-        elif key in _LIST_KEYS:
-            keys.add_argument(flag, dest=f"key_{key}", metavar="A,B,...", default=None,
+    keys = parser.add_argument_group(
+        "config keys",
+        "The keys of the YAML file, as flags (batch_size: --batch-size); flags win over --set, which wins over "
+        "the file. The README's \"Config reference\" lists the same.")
+    for doc in KEY_DOCS:
+        flag, dest, text = "--" + doc.key.replace("_", "-"), f"key_{doc.key}", key_help(doc)
+        if doc.key in BOOL_KEYS:
+            keys.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif doc.key in LIST_KEYS:
+            keys.add_argument(flag, dest=dest, metavar=doc.metavar, default=None, help=text,
                               type=lambda v: [p.strip() for p in v.split(",") if p.strip()])
         else:
-            keys.add_argument(flag, dest=f"key_{key}", metavar="VALUE", default=None)
+            metavar = doc.metavar or "{" + ",".join(doc.choices) + "}"
+            keys.add_argument(flag, dest=dest, metavar=metavar, default=None, help=text)
+
+
+def key_help(doc: KeyDoc) -> str:
+    """One config flag's help: its meaning, then its default (argparse wraps it to the terminal)."""
+    if doc.default == "required":
+        text = f"{doc.plain(doc.meaning)}. Required (here or in the config file)."
+    else:
+        text = f"{doc.plain(doc.meaning)}. Default: {doc.plain(doc.default)}."
+    return text.replace("%", "%%")  # argparse %-formats help strings
 
 
 def build_config(args: argparse.Namespace) -> JobConfig:

@@ -2,6 +2,9 @@
 
 The YAML file, the CLI flags and the Python API all build a `JobConfig` through
 `JobConfig.from_dict`, which refuses unknown keys (with a did-you-mean hint).
+`KEY_DOCS` describes every key once (meaning, default, choices); `batch-infer
+run --help` and the README's "Config reference" (`python -m pipelines.reference`)
+are both generated from it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ ACTIVATIONS = ("sigmoid", "relu", "tanh", "none")
 OUTPUT_ACTIVATIONS = (*ACTIVATIONS, "softmax")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 INVALID_ROWS = ("quarantine", "fail", "keep")
+BOOL_KEYS = ("keep_features", "shared_storage", "overwrite")  # CLI: --KEY / --no-KEY switches
+LIST_KEYS = ("features", "passthrough")  # CLI: comma-separated values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +53,7 @@ class JobConfig:
     cpus_per_replica: float = 1.0
     precision: str = "fp32"
     shard_rows: int | None = None
-    max_replicas: int | None = None  # None: as many as the cluster can hold
+    max_replicas: int | None = None  # None means "as many as the cluster can hold"
     max_attempts: int = 3
     shard_timeout: float | None = None  # seconds; None means "chosen by the system"
     shared_storage: bool = False
@@ -69,7 +74,7 @@ class JobConfig:
             both = sorted(set(self.passthrough) & set(self.features))
             if both:
                 raise ConfigError(f"columns {both} are listed in both 'features' and 'passthrough'")
-        for key in ("keep_features", "overwrite", "shared_storage"):
+        for key in BOOL_KEYS:
             object.__setattr__(self, key, _bool(key, getattr(self, key)))
         if not isinstance(self.prediction_column, str) or not self.prediction_column:
             raise ConfigError("'prediction_column' must be a non-empty column name")
@@ -80,14 +85,15 @@ class JobConfig:
         object.__setattr__(self, "batch_size", _positive_int("batch_size", self.batch_size, auto=True))
         object.__setattr__(self, "replicas", _positive_int("replicas", self.replicas, auto=True))
         object.__setattr__(self, "shard_rows", _positive_int("shard_rows", self.shard_rows, auto=True))
-        object.__setattr__(self, "max_attempts", _positive_int("max_attempts", self.max_attempts))
-        for key in ("shard_timeout", "start_timeout"):
-            value = getattr(self, key)
-            object.__setattr__(self, key, None if value in (None, "auto") else _positive_float(key, value))
         object.__setattr__(self, "max_replicas", _positive_int("max_replicas", self.max_replicas, auto=True))
         if self.replicas is not None and self.max_replicas is not None and self.replicas > self.max_replicas:
-            raise ConfigError(f"'replicas' ({self.replicas}) is above 'max_replicas' ({self.max_replicas}); "
-                              f"'replicas' is an exact count: set one of them")
+            raise ConfigError(
+                f"'replicas' ({self.replicas}) is more than 'max_replicas' ({self.max_replicas}): 'replicas' is an "
+                f"exact count; lower it, raise 'max_replicas', or set 'replicas: auto' to grow up to 'max_replicas'"
+            )
+        object.__setattr__(self, "max_attempts", _positive_int("max_attempts", self.max_attempts))
+        for key in ("shard_timeout", "start_timeout"):
+            object.__setattr__(self, key, _seconds(key, getattr(self, key)))
         gpus = self.gpus_per_replica
         if not (gpus is None or (isinstance(gpus, str) and gpus == "auto")):
             gpus = _positive_float("gpus_per_replica", gpus, allow_zero=True)
@@ -155,6 +161,91 @@ class JobConfig:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """What a user needs to know about one config key (the `--help` text and the README row).
+
+    `meaning` and `default` are Markdown (backticks for literals); `choices` lists the
+    values a key accepts when it accepts only a few; `metavar` names the flag's value
+    (switches and keys with `choices` need none).
+
+    Example:
+        >>> KeyDoc("batch_size", "chosen by the system", "rows per forward pass", metavar="N").plain("`4096`")
+        '4096'
+    """
+
+    key: str
+    default: str
+    meaning: str
+    choices: tuple[str, ...] = ()
+    metavar: str = ""
+
+    @staticmethod
+    def plain(markdown: str) -> str:
+        """The text as a terminal shows it: literals without their backticks."""
+        return markdown.replace("`", "")
+
+
+_SYSTEM = "chosen by the system"
+
+# One row per `JobConfig` field, in the same (SPEC) order; tests hold the two together.
+KEY_DOCS: tuple[KeyDoc, ...] = (
+    KeyDoc("model", "required",
+           "path/URI of the model file: a `state_dict` (`.pt`/`.pth`) or `.safetensors`", metavar="PATH"),
+    KeyDoc("input", "required",
+           "a Parquet file, a directory (recursive) or a glob; local path or URI (`s3://`, `gs://`, `hdfs://`, "
+           "`file://`). In a glob `*` and `?` stay within one directory, `**` recurses; a path that exists is "
+           "taken literally even if it holds glob characters. Relative paths are resolved where you run the "
+           "command", metavar="PATH"),
+    KeyDoc("output", "required", "output directory or URI; must not overlap `input`", metavar="PATH"),
+    KeyDoc("features", "all floating-point columns not in `passthrough` (from the first readable input file)",
+           "list of column names, a glob such as `f*`, or one fixed-size-list column", metavar="A,B,..."),
+    KeyDoc("passthrough", "every non-feature column", "columns copied to the output next to the prediction",
+           metavar="A,B,..."),
+    KeyDoc("keep_features", "`false`", "also copy the feature columns"),
+    KeyDoc("prediction_column", "`prediction`", "name of the output column", metavar="NAME"),
+    KeyDoc("activation", "`sigmoid`", "activation between layers: `sigmoid`, `relu`, `tanh`, `none`",
+           choices=ACTIVATIONS),
+    KeyDoc("output_activation", "`sigmoid`",
+           "activation after the last layer: `sigmoid`, `relu`, `tanh`, `none`, `softmax`",
+           choices=OUTPUT_ACTIVATIONS),
+    KeyDoc("batch_size", f"{_SYSTEM} (about 16 MiB of features per pass on CPU)", "rows per forward pass",
+           metavar="N"),
+    KeyDoc("replicas", "`auto`",
+           "number of model replicas, an exact count; `auto` = cluster GPUs / `gpus_per_replica` when the "
+           "cluster has GPUs, else cluster CPUs / `cpus_per_replica`, growing as nodes join (up to "
+           "`max_replicas`); never more than the shards to run", metavar="N|auto"),
+    KeyDoc("gpus_per_replica", "1 when the cluster has GPUs",
+           "GPUs per replica; fractions pack several replicas on one GPU; `0` forces CPU replicas", metavar="N"),
+    KeyDoc("cpus_per_replica", "1", "CPUs reserved per replica (also its torch and decode threads)", metavar="N"),
+    KeyDoc("precision", "`fp32`", "forward-pass precision: `fp32`, `tf32`, `bf16`, `fp16` (tf32 only changes "
+           "anything on GPUs)", choices=PRECISIONS),
+    KeyDoc("shard_rows", "1,000,000", "target rows per shard; shards are whole row groups of one file",
+           metavar="N"),
+    KeyDoc("max_replicas", "unset (as many as the cluster can hold)",
+           "caps the elastic pool that `replicas: auto` grows as nodes join; `replicas` stays an exact count "
+           "and may not exceed it", metavar="N"),
+    KeyDoc("max_attempts", "3",
+           "attempts per shard on infrastructure failure: its replica (actor, worker or node) dies or stalls, "
+           "or storage keeps failing with transient errors", metavar="N"),
+    KeyDoc("shard_timeout", f"{_SYSTEM}: max(600 s, 10 x the slowest seconds-per-row seen x the shard's rows)",
+           "seconds a replica may hold a shard without finishing it; then the replica is killed and replaced "
+           "and the shard retried (the attempt counts)", metavar="SECONDS"),
+    KeyDoc("shared_storage", "`false`",
+           "declares local paths readable from every node (a shared mount); without it, local paths on a "
+           "cluster spanning several hosts are refused (exit 2): use object-store URIs there"),
+    KeyDoc("start_timeout", f"{_SYSTEM}: 10 min on an autoscaling cluster, 5 min otherwise",
+           "seconds to wait for capacity (from the autoscaler) before the first replica runs", metavar="SECONDS"),
+    KeyDoc("invalid_rows", "`quarantine`",
+           "rows with null/NaN/inf features: `quarantine` (to `_rejected/`), `fail` (the shard fails), `keep` "
+           "(predict anyway)", choices=INVALID_ROWS),
+    KeyDoc("overwrite", "`false`", "recompute everything, replacing earlier output"),
+    KeyDoc("address", "`RAY_ADDRESS` if set, else a new embedded local Ray",
+           "the Ray cluster to join: `auto`, `host:port` or `ray://host:10001`; a `ray start` cluster on this "
+           "machine is never joined implicitly", metavar="ADDRESS"),
+)  # fmt: skip
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Load a YAML mapping, with errors that name the file."""
     try:
@@ -208,6 +299,17 @@ def _positive_int(key: str, value: Any, *, auto: bool = False) -> int | None:
         extra = " or 'auto'" if auto else ""
         raise ConfigError(f"{key!r} must be a positive whole number{extra}, got {value!r}")
     return value
+
+
+def _seconds(key: str, value: Any) -> float | None:
+    if value is None or value == "auto":
+        return None
+    try:
+        return _positive_float(key, value)
+    except ConfigError:
+        raise ConfigError(
+            f"{key!r} must be a positive number of seconds (leave it out to let the system choose), got {value!r}"
+        ) from None
 
 
 def _positive_float(key: str, value: Any, *, allow_zero: bool = False) -> float:

@@ -9,6 +9,7 @@ after those does it import the cloud provider and call AWS, which this file neve
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import shlex
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 import yaml
+from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+from ray.autoscaler._private.resource_demand_scheduler import _default_utilization_scorer, get_nodes_for
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +32,8 @@ WRAPPER = DEPLOY / "cron" / "run-batch-infer.sh"
 SPEC_KEYS = {
     "model", "input", "output", "features", "passthrough", "keep_features", "prediction_column",
     "activation", "output_activation", "batch_size", "replicas", "gpus_per_replica",
-    "cpus_per_replica", "precision", "shard_rows", "max_attempts", "invalid_rows", "overwrite",
-    "address",
+    "cpus_per_replica", "precision", "shard_rows", "max_replicas", "max_attempts", "shard_timeout",
+    "shared_storage", "start_timeout", "invalid_rows", "overwrite", "address",
 }  # fmt: skip
 GPU_INSTANCE_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p4d", "p4de", "p5", "p5e", "p5en", "p6-b200")
 RAY_PORTS = {6379, 8265, 10001}
@@ -139,6 +142,38 @@ def test_worker_counts_are_consistent() -> None:
     for name, spec in types.items():
         assert 0 <= spec["min_workers"] <= spec["max_workers"] <= config["max_workers"], name
     assert sum(spec["min_workers"] for spec in types.values()) <= config["max_workers"]
+
+
+def gpu_worker_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: spec for name, spec in config["available_node_types"].items()
+        if name != config["head_node_type"] and spec["resources"].get("GPU", 0) >= 1
+    }  # fmt: skip
+
+
+def test_gpu_workers_scale_from_zero_and_go_away_when_idle() -> None:
+    config = ray_up_config()
+
+    for name, spec in gpu_worker_types(config).items():
+        assert spec["min_workers"] == 0, f"{name} keeps {spec['min_workers']} GPU node(s) up between runs"
+        assert spec["max_workers"] >= 1, name
+    assert 0 < config["idle_timeout_minutes"] <= 30, "idle GPU nodes must go away after the run"
+
+
+def test_autoscaler_launches_gpu_workers_from_zero_for_replica_demand() -> None:
+    """What the autoscaler does with a run's request for replica-shaped bundles on an idle cluster."""
+    config = ray_up_config()
+    head = config["head_node_type"]
+    scorer = functools.partial(_default_utilization_scorer, node_availability_summary=NodeAvailabilitySummary({}))
+    gpu_cap = sum(spec["max_workers"] for spec in gpu_worker_types(config).values())
+    replica = {"GPU": 1, "CPU": 1}  # gpus_per_replica: 1, cpus_per_replica: 1
+
+    to_add, unmet = get_nodes_for(
+        config["available_node_types"], {head: 1}, head, config["max_workers"], [replica] * (gpu_cap + 1), scorer
+    )
+
+    assert set(to_add) <= set(gpu_worker_types(config)), to_add
+    assert sum(to_add.values()) == gpu_cap and unmet == [replica]
 
 
 def test_validate_config_rejects_more_min_workers_than_max_workers() -> None:
@@ -256,6 +291,32 @@ def test_rayjob_gpu_worker_group_requests_nvidia_gpus() -> None:
     for group in gpu_groups:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
     assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in containers(cluster["headGroupSpec"]))
+
+
+def test_rayjob_gpu_worker_group_autoscales_from_zero() -> None:
+    job, configmap = kuberay()
+    cluster = job["spec"]["rayClusterSpec"]
+    options = cluster["autoscalerOptions"]
+    gpu_groups = [
+        g for g in cluster["workerGroupSpecs"]
+        if any(int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1 for c in containers(g))
+    ]  # fmt: skip
+
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert options.get("upscalingMode", "Default") in ("Default", "Aggressive", "Conservative")
+    assert isinstance(options["idleTimeoutSeconds"], int) and 0 < options["idleTimeoutSeconds"] <= 1800
+    assert gpu_groups
+    for group in gpu_groups:
+        assert group["minReplicas"] == 0, f"{group['groupName']} keeps GPU pods up between runs"
+        assert group["replicas"] == 0, f"{group['groupName']} starts GPU pods before the run asks for them"
+        assert 1 <= group["maxReplicas"] <= 64
+    # The job file's replicas fit the groups' GPUs at their maximum.
+    job_file = yaml.safe_load(configmap["data"]["job.yaml"])
+    gpus = sum(
+        g["maxReplicas"] * int(c["resources"]["limits"]["nvidia.com/gpu"]) for g in gpu_groups for c in containers(g)
+    )  # fmt: skip
+    wanted = max(job_file.get("replicas") or 0, job_file.get("max_replicas") or 0)
+    assert wanted * job_file.get("gpus_per_replica", 1) <= gpus
 
 
 def test_rayjob_is_private_authenticated_and_on_the_pinned_ray() -> None:

@@ -74,6 +74,13 @@ def test_run_refuses_unknown_keyword() -> None:
         ({"overwrite": "perhaps"}, "overwrite"),
         ({"features": ["a", "a"]}, "features"),
         ({"features": ["a"], "passthrough": ["a"]}, "both"),
+        ({"max_replicas": 0}, "max_replicas"),
+        ({"max_replicas": "many"}, "max_replicas"),
+        ({"replicas": 5, "max_replicas": 4}, r"'replicas' \(5\) is more than 'max_replicas' \(4\)"),
+        ({"start_timeout": 0}, "start_timeout.*seconds"),
+        ({"start_timeout": "soon"}, "start_timeout"),
+        ({"shard_timeout": -1}, "shard_timeout"),
+        ({"shared_storage": "perhaps"}, "shared_storage"),
     ],
 )
 def test_invalid_values_name_the_key(change: dict, message: str) -> None:
@@ -88,6 +95,17 @@ def test_config_defaults_and_normalisation() -> None:
     assert cfg.replicas is None and cfg.batch_size == 4096 and cfg.cpus_per_replica == 0.5 and cfg.overwrite
     assert (cfg.prediction_column, cfg.activation, cfg.invalid_rows, cfg.max_attempts) == (
         "prediction", "sigmoid", "quarantine", 3)
+    assert JobConfig.from_dict(cfg.to_dict()) == cfg
+    assert (cfg.max_replicas, cfg.start_timeout, cfg.shared_storage) == (None, None, False)
+
+
+def test_elastic_config_keys() -> None:
+    cfg = JobConfig.from_dict({**BASE, "replicas": 4, "max_replicas": "4", "start_timeout": "90",
+                               "shared_storage": "yes"})
+    assert (cfg.replicas, cfg.max_replicas, cfg.start_timeout, cfg.shared_storage) == (4, 4, 90.0, True)
+    auto = JobConfig.from_dict({**BASE, "replicas": "auto", "max_replicas": 2, "start_timeout": "auto"})
+    assert (auto.replicas, auto.max_replicas, auto.start_timeout) == (None, 2, None)
+    assert JobConfig.from_dict({**BASE, "max_replicas": "auto"}).max_replicas is None
     assert JobConfig.from_dict(cfg.to_dict()) == cfg
 
 
