@@ -245,7 +245,8 @@ def draining_nodes() -> set[str]:
         from ray._private.state import state
 
         return set(state.get_draining_nodes())
-    except Exception:  # not available in this Ray: nothing is known to drain
+    except Exception as exc:  # not available in this Ray: nothing is known to drain
+        logger.debug("cannot tell which nodes are draining: %s", exc)
         return set()
 
 

@@ -30,7 +30,7 @@ from workers.replica import ReplicaJob
 logger = logging.getLogger(__name__)
 
 PENDING_LIMIT = 2  # replicas waiting for capacity at once on an elastic pool (the request asks for the rest)
-LOOK_SECONDS = 1.0  # how often the pool looks at draining nodes and resizes its request
+LOOK_SECONDS = 0.5  # how often the pool looks at draining nodes and resizes its request
 FINISHED, RELEASED = "finished", "released"
 
 
@@ -146,6 +146,9 @@ class ReplicaPool:
             self.waiting_since = None
         elif self.waiting_since is None:
             self.waiting_since = now
+        for slot in self.alive():
+            if slot.draining and not slot.queue:  # its last shard is done: let the node go
+                self.release(slot, "node draining")
         alive = [s for s in self.alive() if not s.draining]
         want = min(self.resources.most, remaining)
         starting = [s for s in alive if not s.ready]
@@ -166,8 +169,6 @@ class ReplicaPool:
                 slot.draining = True
                 logger.warning("replica %d: node %s is draining; it gets no new shards", slot.index,
                                slot.info.get("node"))
-            if slot.draining and not slot.queue:
-                self.release(slot, "node draining")
 
     def release(self, slot: Slot, why: str) -> None:
         """Stop a replica that holds no shard; its stats are kept for the report."""

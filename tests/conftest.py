@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -112,3 +114,22 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> 
     """Run `python -m pipelines ...` the way a user runs `batch-infer ...`."""
     return subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group a test started (a `ray start` and the daemons it started share it),
+    then SIGKILL what is left. Never anything else: no `ray stop`, no kill by name."""
+    group = process.pid  # start_new_session: the group id is the leader's pid
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(group, 0)
+            except ProcessLookupError:
+                process.wait(timeout=5)
+                return
+            time.sleep(0.5)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, cli, read_output, save_mlp, write_files
+from conftest import REPO, cli, read_output, save_mlp, stop_group, write_files
 
 pytestmark = pytest.mark.cluster
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -75,26 +74,8 @@ def head() -> Iterator[Head]:
                 time.sleep(1)
         yield Head(gcs, dash, process)
     finally:
-        _stop_group(process)
+        stop_group(process)
         shutil.rmtree(temp, ignore_errors=True)
-
-
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the head's process group (the daemons it started share it), then SIGKILL what is left."""
-    group = process.pid  # start_new_session: the group id is the `ray start` pid
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(group, 0)
-            except ProcessLookupError:
-                process.wait(timeout=5)
-                return
-            time.sleep(0.5)
 
 
 @pytest.fixture
