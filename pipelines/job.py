@@ -26,6 +26,7 @@ from pipelines.config import JobConfig
 from pipelines.errors import ConfigError, InputError, OutputConflictError
 from pipelines.journal import journal_names
 from pipelines.lock import OutputLock
+from pipelines.metrics import RunMetrics
 from pipelines.plan import (
     DEFAULT_SHARD_ROWS,
     Columns,
@@ -153,6 +154,7 @@ def run(
         runnable = [s for s in p.todo if s.error is None]
         done: list[dict[str, Any]] = []
         first_commit: list[float] = []
+        metrics = RunMetrics(p.output.uri)
 
         def begin() -> None:
             """The run's first writes, once a replica is ready (so a refused start writes nothing)."""
@@ -160,6 +162,7 @@ def run(
             for shard in p.todo:
                 if shard.error is not None:
                     recorder.failed(shard, shard.error, 0)
+                    metrics.shard_done(shard.rows_in, committed=False)
                     done.append({"id": shard.id, "input": shard.input, "status": "failed", "error": shard.error,
                                  "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0})
             recorder.flush(force=True)
@@ -186,15 +189,17 @@ def run(
                     recorder.failed(shard, result["error"], result["attempts"])
                 done.append({**result, "input": shard.input})
                 bar.update(shard.rows_in, failed=not ok)
+                metrics.shard_done(shard.rows_in, committed=ok)
 
             try:
-                with connect(cfg) as where:
+                with connect(cfg) as where, metrics.exporting():
                     from pipelines.schedule import Scheduler
 
                     totals, nodes = cluster_totals()
                     resources = size_replicas(cfg, len(runnable), totals, nodes)
                     logger.info("running %d shard(s) on %d replica(s) (%s)", len(runnable), resources.count, where)
-                    scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, shard_timeout=cfg.shard_timeout)
+                    scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, shard_timeout=cfg.shard_timeout,
+                                          metrics=metrics)
                     stats = scheduler.run(runnable, on_result, on_started=begin)
             finally:
                 bar.close()

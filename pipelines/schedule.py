@@ -37,6 +37,7 @@ import ray.exceptions
 
 from pipelines.cluster import ReplicaResources
 from pipelines.errors import ModelError, ResourceError, StorageError
+from pipelines.metrics import RunMetrics
 from pipelines.plan import Shard
 from workers.replica import Replica, ReplicaJob
 
@@ -88,6 +89,7 @@ class Scheduler:
         in_flight: int = 2,
         start_timeout: float = 300.0,
         shard_timeout: float | None = None,
+        metrics: RunMetrics | None = None,
         _actor: type = Replica,
     ) -> None:
         self.job = job
@@ -110,6 +112,7 @@ class Scheduler:
         self._started = False
         self._waiting_since: float | None = None  # since when no replica has been ready
         self._on_result: OnResult = lambda shard, record: None
+        self.metrics = metrics if metrics is not None else RunMetrics()  # unstarted: counts, exports nothing
 
     def run(self, shards: Sequence[Shard], on_result: OnResult,
             on_started: Callable[[], None] | None = None) -> list[dict[str, Any]]:
@@ -155,6 +158,7 @@ class Scheduler:
         slot = _Slot(index, actor)
         self._slots.append(slot)
         self._probes[actor.info.remote()] = slot
+        self.metrics.replica_asked()
 
     def _dispatch(self, on_started: Callable[[], None] | None) -> None:
         ready = [s for s in self._slots if s.alive and s.ready]
@@ -185,6 +189,7 @@ class Scheduler:
                 return
             slot.ready = True
             self._waiting_since = None
+            self.metrics.replica_ready()
             logger.info("replica %d ready on %s (%s)", value["index"], value["host"], value["device"])
             return
         slot = self._refs[ref]
@@ -256,6 +261,7 @@ class Scheduler:
         if not slot.alive:
             return
         slot.alive = False
+        self.metrics.replica_lost(slot.ready)
         with contextlib.suppress(Exception):  # frees its resources for the replacement; fine if already dead
             ray.kill(slot.actor, no_restart=True)
         if exc is not None and not slot.ready and not any(s.ready for s in self._slots) and "creation task" in str(exc):
@@ -284,6 +290,7 @@ class Scheduler:
         attempts = self._attempts[shard.id]
         if attempts < self.max_attempts:
             self._pending.appendleft(shard)
+            self.metrics.shard_retried()
             return
         kinds = list(dict.fromkeys(self._failures[shard.id]))
         if len(kinds) == 1:
