@@ -150,9 +150,12 @@ def run(
         from pipelines.cluster import AutoscalerRequest, check_shared_storage, connect, observe, plan_replicas
         from workers.replica import ReplicaJob
 
+        from pipelines.metrics import RunMetrics
+
         runnable = [s for s in p.todo if s.error is None]
         done: list[dict[str, Any]] = []
         first_commit: list[float] = []
+        metrics = RunMetrics(p.output.uri)
 
         def begin() -> None:
             """The run's first writes, once a replica is ready (so a refused start writes nothing)."""
@@ -160,6 +163,7 @@ def run(
             for shard in p.todo:
                 if shard.error is not None:
                     recorder.failed(shard, shard.error, 0)
+                    metrics.shard_done(shard.rows_in, committed=False)
                     done.append({"id": shard.id, "input": shard.input, "status": "failed", "error": shard.error,
                                  "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0})
             recorder.flush(force=True)
@@ -187,9 +191,10 @@ def run(
                     recorder.failed(shard, result["error"], result["attempts"])
                 done.append({**result, "input": shard.input})
                 bar.update(shard.rows_in, failed=not ok)
+                metrics.shard_done(shard.rows_in, committed=ok)
 
             try:
-                with connect(cfg) as ray_session:
+                with connect(cfg) as ray_session, metrics.exporting():
                     from pipelines.schedule import Scheduler
 
                     view = observe(embedded=ray_session.embedded)
@@ -201,7 +206,8 @@ def run(
                     start_timeout = cfg.start_timeout or (600.0 if resources.autoscaling else 300.0)
                     with AutoscalerRequest(enabled=resources.autoscaling) as request:
                         scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, request=request,
-                                              start_timeout=start_timeout, shard_timeout=cfg.shard_timeout)
+                                              start_timeout=start_timeout, shard_timeout=cfg.shard_timeout,
+                                              metrics=metrics)
                         try:
                             replicas = scheduler.run(runnable, on_result, on_started=begin)
                         finally:

@@ -24,6 +24,7 @@ import ray.exceptions
 
 from pipelines.cluster import AutoscalerRequest, ReplicaResources, draining_nodes
 from pipelines.errors import ModelError
+from pipelines.metrics import RunMetrics
 from pipelines.plan import Shard
 from workers.replica import ReplicaJob
 
@@ -62,7 +63,7 @@ class ReplicaPool:
     """
 
     def __init__(self, job: ReplicaJob, resources: ReplicaResources, *, max_attempts: int, actor: Any,
-                 request: AutoscalerRequest | None = None) -> None:
+                 request: AutoscalerRequest | None = None, metrics: RunMetrics | None = None) -> None:
         self.job = job
         self.resources = resources
         self.request = request or AutoscalerRequest(enabled=False)
@@ -75,6 +76,7 @@ class ReplicaPool:
         self.waiting_since: float | None = time.monotonic()
         self._actor = actor
         self._looked = 0.0
+        self.metrics = metrics if metrics is not None else RunMetrics()
 
     @property
     def elastic(self) -> bool:
@@ -95,6 +97,7 @@ class ReplicaPool:
         slot = Slot(len(self.slots), actor)
         self.slots.append(slot)
         self.probes[actor.info.remote()] = slot
+        self.metrics.replica_asked()
         return slot
 
     def alive(self) -> list[Slot]:
@@ -106,6 +109,7 @@ class ReplicaPool:
 
     def became_ready(self, slot: Slot, info: dict[str, Any]) -> None:
         slot.ready, slot.info = True, info
+        self.metrics.replica_ready()
         if self.waiting_since is not None:
             self.waited_seconds += time.monotonic() - self.waiting_since
             self.waiting_since = None
@@ -121,6 +125,7 @@ class ReplicaPool:
         if not slot.alive:
             return False
         slot.alive, slot.ended = False, f"lost: {reason}"
+        self.metrics.replica_lost(slot.ready)
         with contextlib.suppress(Exception):  # fine if it is dead already
             ray.kill(slot.actor, no_restart=True)
         if exc is not None and not slot.ready and not any(s.ready for s in self.slots) and "creation task" in str(exc):
@@ -175,6 +180,7 @@ class ReplicaPool:
         if slot.ready:
             self._fetch_stats([slot])
         slot.alive, slot.ended = False, f"{RELEASED}: {why}"
+        self.metrics.replica_lost(slot.ready)
         for probe in [r for r, s in self.probes.items() if s is slot]:
             del self.probes[probe]
         with contextlib.suppress(Exception):
@@ -188,6 +194,7 @@ class ReplicaPool:
             if slot.alive:
                 slot.alive = False
                 slot.ended = slot.ended or FINISHED
+                self.metrics.replica_lost(slot.ready)
                 with contextlib.suppress(Exception):
                     ray.kill(slot.actor, no_restart=True)
 

@@ -38,6 +38,7 @@ import ray.exceptions
 
 from pipelines.cluster import AutoscalerRequest, ReplicaResources
 from pipelines.errors import ModelError, ResourceError, StorageError
+from pipelines.metrics import RunMetrics
 from pipelines.plan import Shard
 from pipelines.pool import ReplicaPool, Slot
 from workers.replica import Replica, ReplicaJob
@@ -81,6 +82,7 @@ class Scheduler:
         start_timeout: float = 300.0,
         shard_timeout: float | None = None,
         request: AutoscalerRequest | None = None,
+        metrics: RunMetrics | None = None,
         _actor: type = Replica,
     ) -> None:
         self.job = job
@@ -89,7 +91,9 @@ class Scheduler:
         self.in_flight = in_flight
         self.start_timeout = start_timeout
         self.shard_timeout = shard_timeout  # None: derived from observed shard times
-        self.pool = ReplicaPool(job, resources, max_attempts=max_attempts, actor=ray.remote(_actor), request=request)
+        self.metrics = metrics if metrics is not None else RunMetrics()  # without one: counted, not exported
+        self.pool = ReplicaPool(job, resources, max_attempts=max_attempts, actor=ray.remote(_actor), request=request,
+                                metrics=self.metrics)
         self._refs: dict[Any, Slot] = {}  # shard ObjectRef -> replica holding it
         self._pending: collections.deque[Shard] = collections.deque()
         self._attempts: collections.Counter[str] = collections.Counter()
@@ -244,6 +248,7 @@ class Scheduler:
         attempts = self._attempts[shard.id]
         if attempts < self.max_attempts:
             self._pending.appendleft(shard)
+            self.metrics.shard_retried()
             return
         kinds = list(dict.fromkeys(self._failures[shard.id]))
         if len(kinds) == 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, cli, read_output, save_mlp, stop_group, write_files
+from test_failures import _busy_replica_pids
 
 pytestmark = pytest.mark.cluster
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -37,9 +39,10 @@ def _free_ports(count: int) -> list[int]:
 
 
 class Head:
-    def __init__(self, gcs: int, dashboard: int, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, gcs: int, dashboard: int, metrics: int, process: subprocess.Popen[bytes]) -> None:
         self.address = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dashboard}"
+        self.metrics = f"http://127.0.0.1:{metrics}/metrics"  # the head's Prometheus endpoint
         self.process = process
 
 
@@ -72,7 +75,7 @@ def head() -> Iterator[Head]:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("ray start --head did not come up") from None
                 time.sleep(1)
-        yield Head(gcs, dash, process)
+        yield Head(gcs, dash, metrics, process)
     finally:
         stop_group(process)
         shutil.rmtree(temp, ignore_errors=True)
@@ -131,3 +134,73 @@ def test_relative_paths_resolve_on_the_driver_not_in_the_replicas(head: Head, tm
     assert json.loads(result.stdout)["rows_out"] == 300
     assert read_output(tmp_path / "out")["id"].to_pylist() == list(range(300))
     assert cli("verify", str(tmp_path / "out")).returncode == 0
+
+
+def _scrape(url: str, output: str) -> dict[str, float]:
+    """Our samples on a Prometheus endpoint whose `output` tag is `output`, summed by name."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+    except urllib.error.URLError:  # the head's metrics agent comes up a few seconds after its dashboard
+        return {}
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"(ray_batch_infer_\w+)\{(.*)\} (\S+)$", line)
+        if match and dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match[2])).get("output") == output:
+            found[match[1]] = found.get(match[1], 0.0) + float(match[3])
+    return found
+
+
+def test_run_metrics_on_the_heads_prometheus_endpoint(head: Head, tmp_path: Path) -> None:
+    # A replica stopped mid-run holds the run open until the shard timeout: a window to scrape the
+    # metrics while the run goes on, whatever the machine's speed. The driver exports every second
+    # here (Ray's default is every 10 s; the driver process reads `RAY_metrics_report_interval_ms`).
+    write_files(tmp_path / "in", [2000] * 4, features=16, row_group_size=250)
+    save_mlp(tmp_path / "m.pt", [16, 256, 256, 1])
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_metrics_report_interval_ms": "1000"}
+    stopped, during, seen = None, {}, {}
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines", "run", "--model", str(tmp_path / "m.pt"), "--input",
+             str(tmp_path / "in"), "--output", str(out), "--address", head.address, "--cpus-per-replica", "0.5",
+             "--replicas", "2", "--shard-rows", "250", "--batch-size", "50", "--shard-timeout", "12", "--json"],
+            stdout=stdout, stderr=stderr, env=env, cwd=REPO)
+        try:
+            deadline = time.monotonic() + 240
+            while process.poll() is None and time.monotonic() < deadline:
+                if stopped is None and len(list(out.glob("*.parquet"))) >= 2 and (pids := _busy_replica_pids()):
+                    stopped = pids[0]
+                    os.kill(stopped, signal.SIGSTOP)  # alive, holding its shard, never finishing it
+                seen = _scrape(head.metrics, str(out))
+                # Replicas running >= 1 comes only from an export made while the run goes on: the
+                # driver's last export, as it disconnects, has the gauges at 0.
+                if not during and seen.get("ray_batch_infer_replicas_running", 0) >= 1 and seen.get(
+                        "ray_batch_infer_shards_committed_total", 0) > 0:
+                    during = seen
+                time.sleep(0.1)
+            assert process.wait(timeout=240) == 0, (tmp_path / "stderr").read_text()[-3000:]
+        finally:
+            if process.poll() is None:
+                process.kill()
+            if stopped is not None and _busy_replica_pids().count(stopped):  # ours, stopped by us
+                os.kill(stopped, signal.SIGKILL)
+    assert stopped is not None, "the job ended before a replica could be stopped; make it longer"
+    report = json.loads((tmp_path / "stdout").read_text())
+    assert report["shards_done"] == 32 and report["rows_in"] == 8000
+    # While it ran: the pool up, shards committed (not all yet), the wait for the first replica counted.
+    assert during, f"no progress with this output's tag while the run was going; last scrape: {seen}"
+    assert 1 <= during["ray_batch_infer_replicas_running"] <= 2
+    assert 0 < during["ray_batch_infer_shards_committed_total"] < 32, during
+    assert during["ray_batch_infer_rows_total"] == 250 * during["ray_batch_infer_shards_committed_total"]
+    assert during["ray_batch_infer_capacity_wait_seconds_total"] > 0
+    # After it: the driver's last export (on disconnect) leaves the counters exact on the head.
+    deadline = time.monotonic() + 30
+    while (final := _scrape(head.metrics, str(out))).get("ray_batch_infer_shards_committed_total") != 32:
+        assert time.monotonic() < deadline, final
+        time.sleep(0.5)
+    assert final["ray_batch_infer_rows_total"] == 8000
+    assert final["ray_batch_infer_shards_retried_total"] >= 1  # the stalled shard, given back
+    assert "ray_batch_infer_shards_failed_total" not in final
+    assert final.get("ray_batch_infer_replicas_running", 0) == 0  # zeroed as the run ends (later: aged out)
+    assert final.get("ray_batch_infer_replicas_pending", 0) == 0
