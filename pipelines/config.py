@@ -216,7 +216,9 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            "cluster has GPUs, else cluster CPUs / `cpus_per_replica`, growing as nodes join (up to "
            "`max_replicas`); never more than the shards to run", metavar="N|auto"),
     KeyDoc("gpus_per_replica", "1 when the cluster has GPUs",
-           "GPUs per replica; fractions pack several replicas on one GPU; `0` forces CPU replicas", metavar="N"),
+           "GPUs per replica; fractions pack several replicas on one GPU; `0` forces CPU replicas. On a cluster "
+           "scaling from zero GPU nodes, set it (Ray 2.60 often cannot tell a run which node types have GPUs)",
+           metavar="N"),
     KeyDoc("cpus_per_replica", "1", "CPUs reserved per replica (also its torch and decode threads)", metavar="N"),
     KeyDoc("precision", "`fp32`", "forward-pass precision: `fp32`, `tf32`, `bf16`, `fp16` (tf32 only changes "
            "anything on GPUs)", choices=PRECISIONS),

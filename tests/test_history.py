@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,10 @@ def test_a_refused_start_writes_nothing(tmp_path: Path) -> None:
     refused = cli("run", *job, "--cpus-per-replica", "64")
     assert refused.returncode == 2 and "can never be scheduled" in refused.stderr
     assert not (tmp_path / "out").exists()  # no manifest binding later runs, no lock, no directory
+    begun = time.monotonic()
+    no_gpu = cli("run", *job, "--gpus-per-replica", "1")  # a fixed cluster with no GPU: refused at once, no wait
+    assert no_gpu.returncode == 2 and "1 GPU on one node, and no node has that" in no_gpu.stderr, no_gpu.stderr
+    assert time.monotonic() - begun < 120 and not (tmp_path / "out").exists()
     ok = cli("run", *job, *FLAGS, "--precision", "bf16")  # other settings are free to start this output
     assert ok.returncode == 0, ok.stderr
     _verified(tmp_path / "out", sample=5)
