@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,8 +57,9 @@ def _remove_ungracefully(cluster: Cluster, node: object) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_node_lost_mid_run_costs_only_its_shards(cluster: Cluster, tmp_path: Path) -> None:
-    write_files(tmp_path / "in", [2000] * 8, features=16, row_group_size=100)
+def _run_and(tmp_path: Path, files: int, rows: int, committed: int, act: Callable[[], object]) -> tuple[object, object]:
+    """Run a GPU job in a thread; once `committed` shards are in place, `act()` once. Returns (report, act's value)."""
+    write_files(tmp_path / "in", [rows] * files, features=16, row_group_size=100)
     save_mlp(tmp_path / "m.pt", [16, 256, 256, 1])
     out = tmp_path / "out"
     result: dict[str, object] = {}
@@ -66,17 +67,27 @@ def test_node_lost_mid_run_costs_only_its_shards(cluster: Cluster, tmp_path: Pat
         model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out), shard_rows=100,
         batch_size=25, gpus_per_replica=1, cpus_per_replica=0.5, progress=False)))
     job.start()
-    deadline, removed = time.monotonic() + 180, None
+    deadline, acted = time.monotonic() + 180, None
     while job.is_alive() and time.monotonic() < deadline:
-        if len(list(out.glob("*.parquet"))) >= 160 // 5:  # a fifth of the shards committed
-            removed = _a_worker_node(cluster)  # holding a replica
-            _remove_ungracefully(cluster, removed)
+        if len(list(out.glob("*.parquet"))) >= committed:
+            acted = act()
             break
         time.sleep(0.05)
     job.join(timeout=300)
-    assert removed is not None, "the run ended before a node could be removed; make it longer"
+    assert acted is not None, "the run ended before the test could act; make it longer"
     report = result["report"]
     assert isinstance(report, pipelines.RunReport)
+    return report, acted
+
+
+def test_node_lost_mid_run_costs_only_its_shards(cluster: Cluster, tmp_path: Path) -> None:
+    def remove() -> object:
+        node = _a_worker_node(cluster)  # holding a replica
+        _remove_ungracefully(cluster, node)
+        return node
+
+    report, removed = _run_and(tmp_path, files=8, rows=2000, committed=160 // 5, act=remove)  # a fifth committed
+    out = tmp_path / "out"
     assert report.status == "succeeded" and report.rows_out == 16_000 and (out / SUCCESS).exists()
     assert read_output(out)["id"].to_pylist() == list(range(16_000))  # every row exactly once, in order
     manifest = json.loads((out / MANIFEST).read_text())
@@ -92,30 +103,17 @@ def test_node_lost_mid_run_costs_only_its_shards(cluster: Cluster, tmp_path: Pat
 def test_replicas_on_a_draining_node_get_no_new_shards(cluster: Cluster, tmp_path: Path) -> None:
     from ray.core.generated import autoscaler_pb2
 
-    write_files(tmp_path / "in", [4000] * 8, features=16, row_group_size=100)  # runs on well after the notice
-    save_mlp(tmp_path / "m.pt", [16, 256, 256, 1])
-    out = tmp_path / "out"
-    result: dict[str, object] = {}
-    job = threading.Thread(target=lambda: result.update(report=pipelines.run(
-        model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out), shard_rows=100,
-        batch_size=25, gpus_per_replica=1, cpus_per_replica=0.5, progress=False)))
-    job.start()
-    deadline, drained = time.monotonic() + 180, None
-    while job.is_alive() and time.monotonic() < deadline:
-        if len(list(out.glob("*.parquet"))) >= 20:
-            drained = _a_worker_node(cluster).node_id  # a spot preemption notice arrives
-            accepted, why = ray._private.worker.global_worker.gcs_client.drain_node(
-                drained, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot notice",
-                int(time.time() * 1000) + 3_600_000)
-            assert accepted, why
-            break
-        time.sleep(0.05)
-    job.join(timeout=300)
-    assert drained is not None, "the run ended before a node could be drained; make it longer"
-    report = result["report"]
-    assert isinstance(report, pipelines.RunReport)
+    def drain() -> str:
+        node = _a_worker_node(cluster).node_id  # a spot preemption notice arrives
+        accepted, why = ray._private.worker.global_worker.gcs_client.drain_node(
+            node, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot notice",
+            int(time.time() * 1000) + 3_600_000)
+        assert accepted, why
+        return node
+
+    report, drained = _run_and(tmp_path, files=8, rows=4000, committed=20, act=drain)  # runs on well after it
     assert report.status == "succeeded" and report.rows_out == 32_000
-    assert read_output(out)["id"].to_pylist() == list(range(32_000))
+    assert read_output(tmp_path / "out")["id"].to_pylist() == list(range(32_000))
     on_drained = [r for r in report.replicas if r["node"] == drained]
     assert on_drained and all(r["ended"] == "released: node draining" for r in on_drained), \
         [(r["ended"], r["shards"]) for r in report.replicas]
