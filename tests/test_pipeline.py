@@ -68,6 +68,26 @@ def test_predictions_order_and_passthrough(tmp_path: Path, sizes: list[int], bia
     assert all(r["peak_rss_bytes"] > 0 and r["device"] == "cpu" for r in report.replicas)
 
 
+def test_a_replica_with_several_cpus_decodes_row_groups_in_parallel_and_in_order(tmp_path: Path) -> None:
+    files = write_files(tmp_path / "in", [2600, 900], features=6, row_group_size=250, seed=4)
+    table = pq.read_table(files[0])
+    f02 = table["f02"].to_numpy().copy()
+    f02[[7, 1200, 2599]] = np.nan  # quarantined rows in the first, a middle and the last row group
+    pq.write_table(table.set_column(4, "f02", pa.array(f02)), files[0], row_group_size=250)
+    model = save_mlp(tmp_path / "m.pt", [6, 32, 1], seed=8)
+    report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                           replicas=1, cpus_per_replica=2, batch_size=100, progress=False)
+    assert report.complete and (report.rows_out, report.rows_rejected) == (3497, 3)
+    expected = pa.concat_tables([pq.read_table(f) for f in files])
+    keep = [i for i in range(3500) if i not in (7, 1200, 2599)]
+    out = read_output(tmp_path / "out")
+    assert out["id"].to_pylist() == keep  # 11 + 4 row groups, decoded on two threads, written in order
+    features = np.stack([expected[f"f{j:02d}"].to_numpy() for j in range(6)], axis=1)[keep]
+    np.testing.assert_allclose(out["prediction"].to_numpy(), reference(model, features)[:, 0], rtol=1e-5, atol=1e-7)
+    rejected = pq.read_table(tmp_path / "out" / "_rejected" / "part-0000-00000.parquet")
+    assert rejected["id"].to_pylist() == [7, 1200, 2599]
+
+
 def test_rerun_skips_new_file_alone_model_change_and_overwrite(tmp_path: Path) -> None:
     write_files(tmp_path / "in", [500, 500], features=4, row_group_size=100)
     save_mlp(tmp_path / "m.pt", [4, 8, 1], seed=1)

@@ -27,9 +27,6 @@ from pipelines.storage import Location
 
 logger = logging.getLogger(__name__)
 
-_DONE = object()
-
-
 @dataclass
 class Batch:
     """One decoded record batch and where it sits in its file."""
@@ -137,56 +134,137 @@ def iter_batches(
             first_row += data.num_rows
 
 
-class prefetch:  # noqa: N801 - used like a generator function
-    """Run `items` in a background thread, `depth` batches ahead, starting at once.
+_ROW_GROUP_DONE = object()  # a decoding thread's marker: one row group's batches end here
 
-    Decoding begins when this is created, not on first iteration, so it overlaps
-    whatever the caller does next (e.g. waiting for the model to load). Always
-    `close()` it (it is a context manager too) to stop the thread.
+
+@dataclass
+class Decoded:
+    """One batch, decoded and stacked: its data, its (rows, width) feature matrix and bad-row mask."""
+
+    batch: Batch
+    matrix: np.ndarray
+    bad: np.ndarray | None
+    _buffer: np.ndarray | None = None
+    _pool: queue.Queue[np.ndarray] | None = None
+
+    def release(self) -> None:
+        """The matrix is consumed (the forward pass has it): its buffer goes back to the pool."""
+        if self._buffer is not None and self._pool is not None:
+            self._pool.put(self._buffer)
+            self._buffer = None
+
+
+class decode:  # noqa: N801 - used like a generator function
+    """A shard's batches decoded, stacked and checked on `threads` threads, handed out in order.
+
+    Row groups are dealt round-robin to the threads, each with its own file handle;
+    each thread decodes its row group's batches (pyarrow releases the GIL), stacks
+    the feature columns into a pooled (width, batch_size) buffer and finds invalid
+    rows, `depth` batches ahead. The consumer takes row group after row group in
+    file order. Memory is bounded by the buffer pool (threads x depth + 2 buffers),
+    whatever the shard's size. With one thread this is the old prefetch: decoding a
+    batch ahead of the forward pass. Always `close()` it (or use `with`).
+
+    Example:
+        >>> with decode(parquet, (0, 4), cols, 65536, uri, features=f, list_column=False, width=64,
+        ...             check_invalid=True, threads=2) as batches:  # doctest: +SKIP
+        ...     for item in batches:
+        ...         handle = forward.submit(item.matrix); item.release()
     """
 
-    def __init__(self, items: Iterator[Batch], depth: int = 2) -> None:
-        self._slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+    def __init__(self, parquet: pq.ParquetFile, row_groups: tuple[int, int], columns: Sequence[str],
+                 batch_size: int, uri: str, *, features: Sequence[str], list_column: bool, width: int,
+                 check_invalid: bool, threads: int = 1, depth: int = 2) -> None:
+        self.row_groups = row_groups
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._produce, args=(items,), name="batch-infer-decode", daemon=True)
-        self._thread.start()
+        count = max(1, min(threads, row_groups[1] - row_groups[0]))
+        if count > 1 and not isinstance(parquet, ParquetSource):
+            count = 1  # a plain ParquetFile cannot open a second handle
+        self._pool: queue.Queue[np.ndarray] = queue.Queue()
+        if not list_column:
+            for _ in range(count * depth + 2):
+                self._pool.put(np.empty((width, batch_size), dtype=np.float32))
+        self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth) for _ in range(count)]
+        self._threads = []
+        for k in range(count):
+            handle = parquet if k == 0 else _second_handle(parquet)
+            mine = range(row_groups[0] + k, row_groups[1], count)
+            thread = threading.Thread(
+                target=self._produce, name=f"batch-infer-decode-{k}", daemon=True,
+                args=(handle, k > 0, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
+                      check_invalid, count == 1 and threads >= 2))
+            self._threads.append(thread)
+            thread.start()
 
-    def _produce(self, items: Iterator[Batch]) -> None:
+    def _produce(self, parquet: pq.ParquetFile, own: bool, mine: range, out: queue.Queue[object], columns: Sequence[str],
+                 batch_size: int, uri: str, features: Sequence[str], list_column: bool, width: int,
+                 check_invalid: bool, use_threads: bool) -> None:
         try:
-            for item in items:
-                if not self._put(item):
+            for rg in mine:
+                for batch in iter_batches(parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads):
+                    buffer = None if list_column else self._take()
+                    if buffer is None and not list_column:
+                        return  # stopped
+                    view = None if buffer is None else buffer[:, : batch.data.num_rows]
+                    matrix = feature_matrix(batch.data, features, list_column, width, view)
+                    bad = invalid_rows(matrix) if check_invalid else None
+                    if not self._put(out, Decoded(batch, matrix, bad, buffer, self._pool)):
+                        return
+                if not self._put(out, _ROW_GROUP_DONE):
                     return
-            self._put(_DONE)
         except BaseException as exc:  # handed to the consumer, raised there
-            self._put(exc)
+            self._put(out, exc)
+        finally:
+            if own and isinstance(parquet, ParquetSource):  # a second handle, opened for this thread
+                with contextlib.suppress(Exception):
+                    parquet.handle.close()
 
-    def _put(self, item: object) -> bool:
+    def _take(self) -> np.ndarray | None:
         while not self._stop.is_set():
             try:
-                self._slots.put(item, timeout=0.1)
+                return self._pool.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def _put(self, out: queue.Queue[object], item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def __iter__(self) -> Iterator[Batch]:
-        while True:
-            item = self._slots.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
+    def __iter__(self) -> Iterator[Decoded]:
+        for index in range(self.row_groups[1] - self.row_groups[0]):
+            source = self._queues[index % len(self._queues)]
+            while True:
+                item = source.get()
+                if item is _ROW_GROUP_DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item  # type: ignore[misc]
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
-    def __enter__(self) -> prefetch:
+    def __enter__(self) -> decode:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _second_handle(parquet: pq.ParquetFile) -> pq.ParquetFile:
+    """Another handle on the same file for another decoding thread (its footer reused)."""
+    if not isinstance(parquet, ParquetSource):
+        raise TypeError(f"a second handle needs a ParquetSource, got {type(parquet).__name__}")
+    return retry_transient(lambda: ParquetSource(parquet.location, parquet.path, parquet.uri,
+                                                 metadata=parquet.metadata), what=f"opening {parquet.uri}")
 
 
 def feature_matrix(

@@ -27,8 +27,8 @@ import pyarrow as pa
 from pipelines.errors import ModelError, ShardDataError
 from pipelines.journal import write_commit
 from pipelines.storage import resolve
-from workers.reader import describe_invalid, feature_matrix, invalid_rows, iter_batches, open_parquet, prefetch
-from workers.writer import ShardWriter, output_schema, prediction_array, prediction_type
+from workers.reader import decode, describe_invalid, open_parquet
+from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
 
 if TYPE_CHECKING:
     from workers.device import Forward
@@ -189,31 +189,34 @@ class Replica:
         rejected_schema = output_schema(schema, columns, [pa.field("reason", pa.string())])
         rejected: ShardWriter | None = None
         rows_out = rows_rejected = 0
-        batches = prefetch(iter_batches(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri,
-                                        use_threads=job.cpus >= 2))
+        threads = max(1, int(job.cpus))
+        batches = decode(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri, features=job.features,
+                         list_column=job.list_column, width=job.width, check_invalid=job.invalid_rows != "keep",
+                         threads=threads)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches, contextlib.ExitStack() as files:
             forward = self.forward  # the first shard's batches decode while the model loads
             prediction = pa.field(job.prediction_column, prediction_type(forward.outputs))
             out_schema = output_schema(schema, written, [prediction])
             writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema))
+            # With several CPUs the output is encoded and compressed on a thread of its own, overlapping
+            # the next batch's forward pass; with one, in line.
+            background = files.enter_context(Background(enabled=threads >= 2))
 
             def write(data: pa.RecordBatch, result: Callable[[], np.ndarray]) -> int:
                 arrays = [data.column(name) for name in written]
-                writer.write(pa.RecordBatch.from_arrays([*arrays, prediction_array(result())], schema=out_schema))
+                batch = pa.RecordBatch.from_arrays([*arrays, prediction_array(result())], schema=out_schema)
+                background.run(writer.write, batch)
                 return data.num_rows
 
-            for batch in batches:
-                data = batch.data
-                out = None if job.list_column else forward.buffer(data.num_rows)
-                matrix = feature_matrix(data, job.features, job.list_column, job.width, out)
-                bad = None if job.invalid_rows == "keep" else invalid_rows(matrix)
+            for item in batches:
+                data, matrix, bad = item.batch.data, item.matrix, item.bad
                 if bad is not None:
                     reasons = describe_invalid(matrix, bad, job.features, job.list_column)
                     if job.invalid_rows == "fail":
-                        row = batch.first_row + int(np.argmax(bad))
+                        row = item.batch.first_row + int(np.argmax(bad))
                         raise ShardDataError(
-                            f"{uri}: row {row} (row group {batch.row_group}): {reasons[0]} (invalid_rows: fail)"
+                            f"{uri}: row {row} (row group {item.batch.row_group}): {reasons[0]} (invalid_rows: fail)"
                         )
                     if rejected is None:
                         rejected = files.enter_context(
@@ -225,11 +228,13 @@ class Replica:
                     rows_rejected += len(reasons)
                     data, matrix = data.filter(pa.array(~bad)), matrix[~bad]
                 handle = forward.submit(matrix)  # on GPU this returns at once; collected one batch later
+                item.release()  # submit has consumed (CPU) or copied (GPU) the stacked features
                 if pending is not None:
                     rows_out += write(*pending)
                 pending = (data, handle)
             if pending is not None:
                 rows_out += write(*pending)
+            background.wait()
             size, sha256 = writer.finish()
             entry = {key: task[key] for key in ("id", "input", "rel", "fingerprint", "file_row_groups", "rows_in",
                                                 "output")}

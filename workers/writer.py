@@ -7,8 +7,10 @@ Only string-like columns are dictionary-encoded; compression is snappy.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
 import numpy as np
@@ -101,6 +103,46 @@ class ShardWriter:
                 if self._writer is not None:
                     self._writer.close()
             self._staged.discard()
+
+
+class Background:
+    """Runs calls one at a time, in order, on a thread of its own (or in line when disabled).
+
+    At most one call waits behind the running one, so memory stays bounded; an error
+    in a call is raised by the next `run` or by `wait`.
+
+    Example:
+        >>> with Background(enabled=True) as background:  # doctest: +SKIP
+        ...     background.run(writer.write, batch)
+        ...     background.wait()
+    """
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-write") if enabled else None
+        self._futures: collections.deque[Future[object]] = collections.deque()
+
+    def run(self, fn: Callable[..., object], *args: object) -> None:
+        if self._pool is None:
+            fn(*args)
+            return
+        while len(self._futures) >= 2:
+            self._futures.popleft().result()
+        self._futures.append(self._pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        """Every call done (raising the first error)."""
+        while self._futures:
+            self._futures.popleft().result()
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            for future in self._futures:
+                future.cancel()
+            self._pool.shutdown(wait=True)
 
 
 def _wants_dictionary(kind: pa.DataType) -> bool:
