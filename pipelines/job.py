@@ -170,6 +170,7 @@ def run(
 
         replicas: list[dict[str, Any]] = []
         waited = 0.0
+        chosen: list[float] = []  # the CPUs and GPUs each replica reserved
         if runnable:
             job = ReplicaJob(
                 model=absolute(cfg.model), model_sha256=p.model.sha256, input=absolute(cfg.input),
@@ -177,7 +178,7 @@ def run(
                 list_column=p.columns.list_column, width=p.columns.width, prediction_column=cfg.prediction_column,
                 keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
                 precision=cfg.precision, batch_size=cfg.batch_size, invalid_rows=cfg.invalid_rows,
-                cpus=cfg.cpus_per_replica, rejected_dir=REJECTED_DIR, generation=recorder.generation,
+                cpus=cfg.cpus_per_replica or 1.0, rejected_dir=REJECTED_DIR, generation=recorder.generation,
             )
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
@@ -200,6 +201,10 @@ def run(
                     view = observe(embedded=ray_session.embedded)
                     check_shared_storage(cfg, view, {"model": job.model, "input": job.input, "output": job.output})
                     resources = plan_replicas(cfg, len(runnable), view)
+                    job = dataclasses.replace(job, cpus=resources.num_cpus)
+                    chosen[:] = [resources.num_cpus, resources.num_gpus]
+                    if resources.cpus_chosen:
+                        logger.info("cpus_per_replica auto: %s", resources.cpus_chosen)
                     logger.info("running %d shard(s) on %d replica(s)%s (%s)", len(runnable), resources.count,
                                 f", up to {resources.most} as capacity appears" if resources.most > resources.count
                                 else "", ray_session.where)
@@ -222,6 +227,8 @@ def run(
         report = _report(p, done, replicas, seconds, complete=complete)
         report.startup_seconds = first_commit[0] if first_commit else None
         report.capacity_wait_seconds = round(waited, 3)
+        if chosen:
+            report.cpus_per_replica, report.gpus_per_replica = chosen
         if timeline:
             _write_timeline(timeline, done)
         return report
