@@ -143,7 +143,7 @@ def plan_replicas(cfg: JobConfig, shards: int, view: ClusterView) -> ReplicaReso
     Example:
         >>> view = ClusterView((Node("n1", "h", {"CPU": 2.0}),))
         >>> plan_replicas(JobConfig.from_dict({"model": "m", "input": "i", "output": "o"}), 10, view)
-        ReplicaResources(count=2, num_cpus=1.0, num_gpus=0.0, limit=2, autoscaling=False)
+        ReplicaResources(count=1, num_cpus=2.0, num_gpus=0.0, limit=1, autoscaling=False)
     """
     totals = view.totals
     types_with_gpus = any(t.get("GPU", 0.0) > 0 for t in view.node_types or ())
@@ -180,23 +180,31 @@ def plan_replicas(cfg: JobConfig, shards: int, view: ClusterView) -> ReplicaReso
                             cpus_chosen=chosen)
 
 
+_CPU_REPLICA_MOST = 4  # CPUs of one CPU replica under `cpus_per_replica: auto`
+
+
 def auto_cpus(view: ClusterView, per_gpu: float) -> tuple[float, str]:
     """`cpus_per_replica: auto`: the CPUs each replica reserves, and why (pure).
 
     A GPU replica is fed only as fast as its own threads decode, so GPU replicas
     share their node's CPUs, less one left to Ray's own processes on nodes of 4
     or more CPUs; with several kinds of GPU node, the smallest share, so one
-    replica shape fits them all. CPU replicas get 1 CPU each: on the data-bound
-    benchmark N one-CPU replicas beat one N-CPU replica (benchmarks/README.md).
+    replica shape fits them all. CPU replicas split each node's CPUs into
+    replicas of at most 4: a replica decodes on all its CPUs, and on the
+    data-bound benchmark one 2-CPU replica matches two 1-CPU replicas while it
+    starts sooner and holds one model instead of two (benchmarks/README.md);
+    past 4 threads its serial parts (the write, the Python loop) would cap it.
 
     Example:
         >>> view = ClusterView((Node("head", "h", {"CPU": 8.0}), Node("g", "h", {"CPU": 16.0, "GPU": 2.0})))
         >>> auto_cpus(view, 1.0)[0]
         7.0
     """
-    if per_gpu <= 0:
-        return 1.0, "1 CPU per CPU replica"
     shapes = [node.total for node in view.nodes] + list(view.node_types or ())
+    if per_gpu <= 0:
+        shares = [cpus / math.ceil(cpus / _CPU_REPLICA_MOST) for shape in shapes if (cpus := shape.get("CPU", 0.0)) > 0]
+        most = min((float(math.floor(share)) if share >= 1 else share for share in shares), default=1.0)
+        return most, f"{most:g} CPU per CPU replica: each node's CPUs split into replicas of at most {_CPU_REPLICA_MOST}"
     shares = []
     for shape in shapes:
         replicas = _fits({"GPU": shape.get("GPU", 0.0)}, 0.0, per_gpu)

@@ -334,8 +334,10 @@ def _view(*nodes: dict[str, float], types: tuple[dict[str, float], ...] | None =
 
 
 @pytest.mark.parametrize("nodes, gpus, expected", [
-    ([{"CPU": 2.0}], None, 1.0),  # CPU-only: one CPU per replica
-    ([{"CPU": 64.0}], 0, 1.0),  # forced CPU replicas on a big node: still one each
+    ([{"CPU": 2.0}], None, 2.0),  # CPU-only: one replica decodes on both CPUs
+    ([{"CPU": 64.0}], 0, 4.0),  # forced CPU replicas on a big node: sixteen of four
+    ([{"CPU": 6.0}, {"CPU": 0.5}], None, 0.5),  # 2 x 3 on the first node; the shape must fit the small one too
+    ([{"CPU": 0.0}, {"CPU": 5.0}], None, 2.0),  # a head without CPUs is not counted; 5 CPUs: 2 replicas of 2
     ([{"CPU": 8.0}, {"CPU": 16.0, "GPU": 2.0}], None, 7.0),  # (16 - 1 for Ray) / 2 GPU replicas; the head ignored
     ([{"CPU": 16.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 4.0}], None, 1.0),  # the smaller share fits both kinds
     ([{"CPU": 2.0, "GPU": 1.0}], None, 2.0),  # small node: nothing held back
