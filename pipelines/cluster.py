@@ -13,11 +13,10 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import ray
 
 from pipelines.config import JobConfig
 from pipelines.errors import ClusterConnectError, ConfigError, ResourceError
@@ -42,6 +41,7 @@ class Connection:
 @contextlib.contextmanager
 def connect(cfg: JobConfig) -> Iterator[Connection]:
     """Connect to Ray for the length of a run."""
+    import ray  # here, not at the top: planning and the driver lane run without it
     if ray.is_initialized():
         yield Connection("existing Ray session", embedded=False)
         return
@@ -235,6 +235,8 @@ def observe(*, embedded: bool, settle: float = 6.0) -> ClusterView:
     whether it can launch nodes at all, waiting up to `settle` seconds for its
     first report after a cluster starts.
     """
+    import ray
+
     nodes = tuple(
         Node(n["NodeID"], n.get("NodeManagerHostname", ""), {k: float(v) for k, v in n["Resources"].items()})
         for n in ray.nodes() if n.get("Alive")
@@ -286,6 +288,21 @@ def _autoscaler_launches(node_ids: set[str]) -> bool | None:
         return None
     types = set(report["node_type_mapping"].values())
     return not types <= {f"node_{node_id}" for node_id in node_ids}
+
+
+def local_view() -> ClusterView:
+    """This machine as the one node of an embedded Ray (no Ray calls: for checks before Ray starts).
+
+    CPUs are those this process may run on; GPUs count when NVIDIA devices are
+    present and `CUDA_VISIBLE_DEVICES` does not hide them (their number is not
+    needed: a run that may use GPUs does not start the driver lane).
+    """
+    cpus = float(len(os.sched_getaffinity(0)))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = 0.0 if visible is not None and visible.strip() in ("", "-1") else float(
+        len([d for d in os.listdir("/dev") if d.startswith("nvidia") and d[6:].isdigit()]) if os.path.isdir("/dev")
+        else 0)
+    return ClusterView((Node("driver", socket.gethostname(), {"CPU": cpus, **({"GPU": gpus} if gpus else {})}),))
 
 
 def draining_nodes() -> set[str]:
