@@ -27,12 +27,10 @@ import argparse
 import json
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from benchmarks.data import OUT, ensure, workloads
 
@@ -68,7 +66,7 @@ def profile(workload: str = "data", scale: float = 0.25) -> dict[str, Any]:
     forward = Forward(MLP(layers, "sigmoid", "sigmoid", torch.device("cpu"), "fp32"), width, batch_size,
                       torch.device("cpu"))
     source = resolve(str(chosen.input))
-    parquet = open_parquet(source, str(Path(first).relative_to(chosen.input)), first)
+    parquet = open_parquet(source, shards[0].to_task()["path"], first)
     groups = (0, parquet.metadata.num_row_groups)
     seconds = dict.fromkeys(("decode", "stack", "check", "forward", "write"), 0.0)
     buffer = np.empty((width, batch_size), dtype=np.float32)
