@@ -50,9 +50,12 @@ class ParquetSource(pq.ParquetFile):
             raise
 
     def reopen(self, *, attempts: int = RETRY_ATTEMPTS, base_delay: float = RETRY_BASE_DELAY) -> ParquetSource:
-        """A fresh handle on the same file (its footer is reused, not read again)."""
-        with contextlib.suppress(Exception):
-            self.handle.close()
+        """A fresh handle on the same file (its footer is reused, not read again).
+
+        The old handle is not closed here: reads of the failed attempt may still be in
+        flight on it (pre-buffering), and closing it under them made the next attempt
+        fail with "Operation on closed stream". It closes when it is collected.
+        """
         return retry_transient(lambda: type(self)(self.location, self.path, self.uri, metadata=self.metadata),
                                what=f"reopening {self.uri}", attempts=attempts, base_delay=base_delay)
 
