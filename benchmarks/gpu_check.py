@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = Sizes(**{**asdict(sizes), "budget_s": args.budget})
     rec = Recorder(args.output, "quick" if args.quick else "full", sizes)
     parts = rec.result["parts"]
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout 480 make gpu-check`: record, stop the children, exit
     try:
         env = rec.step(parts, "environment", _environment)
         cuda = bool(env.get("cuda_available"))
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         rec.result["complete"] = True
     except KeyboardInterrupt:
         rec.result["interrupted"] = True
+        for record in [*parts.values(), *(r for arms in parts.get("throughput", {}).values() for r in arms.values())]:
+            if record.get("status") == "running":
+                record["status"] = "interrupted"
         rec.write()
         return 130
     finally:
@@ -184,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(rec.result, indent=2, default=str))
     _print_summary(rec.result, args.output)
     return 1 if _problems(rec.result) else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -488,6 +496,9 @@ def _run(cmd: list[str], timeout: float) -> tuple[int | str, str]:
         except subprocess.TimeoutExpired:
             _stop_group(process)
             rc = "timeout"
+        except BaseException:  # interrupted (Ctrl-C, or SIGTERM from `timeout`): take the child's group along
+            _stop_group(process)
+            raise
         log.seek(0)
         return rc, log.read()
 
@@ -501,6 +512,7 @@ def _stop_group(process: subprocess.Popen[str]) -> None:
             break
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
+            process.poll()  # reap the leader: a zombie still counts as a member of the group
             try:
                 os.killpg(process.pid, 0)
             except ProcessLookupError:
