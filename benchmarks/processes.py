@@ -3,6 +3,11 @@
 - ``memory_check``: batch-infer at 1x and 4x rows; replica and driver peak RSS.
 - ``process_times``: one whole-process run per system and workload, plus the
   time until its first output file appears (``batch-infer run``'s start-up).
+- ``whole_process``: ``reps`` whole-process runs per system of one workload,
+  systems alternating (the small job's row of the summary table).
+
+Daft runs as ``daft_job.py`` under its own venv's python (``benchmarks/peers.py``)
+with the options its tuning pass chose for the workload.
 
 Children run from the repository root without ``RAY_ADDRESS``; their stderr goes
 to a ``.log`` file next to their output directory.
@@ -19,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import systems
+from benchmarks import peers, systems
 from benchmarks.data import OUT, Workload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,9 +69,16 @@ def memory_check(small: Workload, big: Workload, sets: list[str]) -> None:
     print(json.dumps({"metric": "memory", "1x": one, "4x": four, "replica_peak_rss_ratio": round(ratio, 3)}))
 
 
-def process_times(chosen: list[Workload], names: list[str], sets: list[str]) -> list[dict[str, Any]]:
+def process_times(
+    chosen: list[Workload],
+    names: list[str],
+    sets: list[str],
+    daft: Path | None = None,
+    daft_options: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """One whole-process run per system and workload: interpreter start, imports, Ray start, work, exit."""
-    timings = [launch(w, name, sets) for w in chosen for name in names]
+    options = daft_options or {}
+    timings = [launch(w, name, sets, daft, options.get(w.name)) for w in chosen for name in names]
     print(f"\nwhole-process times (1 run each)\n{'workload':9} {'system':12} {'seconds':>9} {'first output s':>15}")
     for t in timings:
         print(f"{t['workload']:9} {t['system']:12} {t['seconds']:>9.2f} {t['first_output_seconds']:>15.2f}")
@@ -75,12 +87,43 @@ def process_times(chosen: list[Workload], names: list[str], sets: list[str]) -> 
     return timings
 
 
-def launch(workload: Workload, name: str, sets: list[str]) -> dict[str, Any]:
+def whole_process(
+    workload: Workload,
+    names: list[str],
+    reps: int,
+    sets: list[str],
+    daft: Path | None = None,
+    daft_options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """``reps`` whole-process runs per system, order rotated every repetition; one JSON line per run."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    options = (daft_options or {}).get(workload.name)
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            timing = launch(workload, name, sets, daft, options)
+            systems.check_ids(OUT / "process" / workload.name / name, workload.rows, name)
+            runs[name].append(timing)
+            print(json.dumps({"metric": "process", "rep": rep + 1, **timing}))
+    return runs
+
+
+def launch(
+    workload: Workload,
+    name: str,
+    sets: list[str],
+    daft: Path | None = None,
+    daft_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run one system as its own process; also note when its first output file appears."""
     output = OUT / "process" / workload.name / name
     shutil.rmtree(output, ignore_errors=True)
     if name == "batch-infer":
         cmd = [sys.executable, "-m", "pipelines", "run", *_paths(workload, output), "--overwrite", *_set_flags(sets)]
+    elif name == "daft":
+        if daft is None:
+            raise ValueError("the Daft arm needs the Daft venv's python")
+        options = [f"{key}={json.dumps(value)}" for key, value in (daft_options or {}).items()]
+        cmd = [str(daft), str(peers.DAFT_JOB), *_paths(workload, output), *_set_flags(options)]
     else:
         cmd = [sys.executable, "-m", "benchmarks.systems", name, *_paths(workload, output)]
     print(f"process  {name:12} {workload.name}", file=sys.stderr, flush=True)

@@ -241,6 +241,31 @@ def count_rows(output: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in output_files(output))
 
 
+def check_ids(output: Path, rows: int, system: str) -> None:
+    """Every input id exactly once in the output: the inputs hold ids 0..rows-1 (``data.py``).
+
+    Checks the count, min, max and sum of the ``id`` column (cheap; not a full
+    permutation proof, but no dropped, duplicated or shifted rows get past it).
+    """
+    import pyarrow.compute as pc
+
+    count, low, high, total = 0, None, None, 0
+    for path in output_files(output):
+        ids = pq.read_table(path, columns=["id"]).column("id")
+        if len(ids) == 0:
+            continue
+        bounds = pc.min_max(ids).as_py()
+        count += len(ids)
+        total += pc.sum(ids).as_py()
+        low = bounds["min"] if low is None else min(low, bounds["min"])
+        high = bounds["max"] if high is None else max(high, bounds["max"])
+    if (count, low, high, total) != (rows, 0, rows - 1, rows * (rows - 1) // 2):
+        raise RuntimeError(
+            f"{system} wrote {count:,} rows with ids {low}..{high} (sum {total}) under {output}; "
+            f"expected ids 0..{rows - 1} once each"
+        )
+
+
 def connect_ray() -> None:
     """The one Ray connection per benchmark process: a fresh local instance."""
     import ray

@@ -13,11 +13,10 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-
-import ray
+from dataclasses import dataclass, field
 
 from pipelines.config import JobConfig
 from pipelines.errors import ClusterConnectError, ConfigError, ResourceError
@@ -42,6 +41,7 @@ class Connection:
 @contextlib.contextmanager
 def connect(cfg: JobConfig) -> Iterator[Connection]:
     """Connect to Ray for the length of a run."""
+    import ray  # here, not at the top: planning and the driver lane run without it
     if ray.is_initialized():
         yield Connection("existing Ray session", embedded=False)
         return
@@ -82,6 +82,7 @@ class ReplicaResources:
     num_gpus: float
     limit: int | None = None  # None: exactly `count`
     autoscaling: bool = False  # ask the autoscaler for replica-shaped capacity
+    cpus_chosen: str = field(default="", repr=False, compare=False)  # why, when `cpus_per_replica` is auto
 
     @property
     def most(self) -> int:
@@ -142,14 +143,14 @@ def plan_replicas(cfg: JobConfig, shards: int, view: ClusterView) -> ReplicaReso
     Example:
         >>> view = ClusterView((Node("n1", "h", {"CPU": 2.0}),))
         >>> plan_replicas(JobConfig.from_dict({"model": "m", "input": "i", "output": "o"}), 10, view)
-        ReplicaResources(count=2, num_cpus=1.0, num_gpus=0.0, limit=2, autoscaling=False)
+        ReplicaResources(count=1, num_cpus=2.0, num_gpus=0.0, limit=1, autoscaling=False)
     """
     totals = view.totals
     types_with_gpus = any(t.get("GPU", 0.0) > 0 for t in view.node_types or ())
     per_gpu = cfg.gpus_per_replica
     if per_gpu is None:
         per_gpu = 1.0 if totals.get("GPU", 0.0) > 0 or types_with_gpus else 0.0
-    per_cpu = cfg.cpus_per_replica
+    per_cpu, chosen = (cfg.cpus_per_replica, "") if cfg.cpus_per_replica is not None else auto_cpus(view, per_gpu)
     fits_now = sum(_fits(node.total, per_cpu, per_gpu) for node in view.nodes)
     growable = view.autoscaling is not False and not (
         view.node_types is not None and not any(_fits(t, per_cpu, per_gpu) for t in view.node_types))
@@ -175,7 +176,47 @@ def plan_replicas(cfg: JobConfig, shards: int, view: ClusterView) -> ReplicaReso
         limit = min(cfg.max_replicas or max(shards, 1), max(shards, 1))
     else:
         limit = min(fits_now, cfg.max_replicas or fits_now, max(shards, 1))
-    return ReplicaResources(min(limit, fits_now), per_cpu, per_gpu, limit=limit, autoscaling=growable)
+    return ReplicaResources(min(limit, fits_now), per_cpu, per_gpu, limit=limit, autoscaling=growable,
+                            cpus_chosen=chosen)
+
+
+_CPU_REPLICA_MOST = 4  # CPUs of one CPU replica under `cpus_per_replica: auto`
+
+
+def auto_cpus(view: ClusterView, per_gpu: float) -> tuple[float, str]:
+    """`cpus_per_replica: auto`: the CPUs each replica reserves, and why (pure).
+
+    A GPU replica is fed only as fast as its own threads decode, so GPU replicas
+    share their node's CPUs, less one left to Ray's own processes on nodes of 4
+    or more CPUs; with several kinds of GPU node, the smallest share, so one
+    replica shape fits them all. CPU replicas split each node's CPUs into
+    replicas of at most 4: a replica decodes on all its CPUs, and on the
+    data-bound benchmark one 2-CPU replica matches two 1-CPU replicas while it
+    starts sooner and holds one model instead of two (benchmarks/README.md);
+    past 4 threads its serial parts (the write, the Python loop) would cap it.
+
+    Example:
+        >>> view = ClusterView((Node("head", "h", {"CPU": 8.0}), Node("g", "h", {"CPU": 16.0, "GPU": 2.0})))
+        >>> auto_cpus(view, 1.0)[0]
+        7.0
+    """
+    shapes = [node.total for node in view.nodes] + list(view.node_types or ())
+    if per_gpu <= 0:
+        shares = [cpus / math.ceil(cpus / _CPU_REPLICA_MOST) for shape in shapes if (cpus := shape.get("CPU", 0.0)) > 0]
+        most = min((float(math.floor(share)) if share >= 1 else share for share in shares), default=1.0)
+        return most, f"{most:g} CPU per CPU replica: each node's CPUs split into replicas of at most {_CPU_REPLICA_MOST}"
+    shares = []
+    for shape in shapes:
+        replicas = _fits({"GPU": shape.get("GPU", 0.0)}, 0.0, per_gpu)
+        if replicas == 0:
+            continue
+        cpus = shape.get("CPU", 0.0)
+        share = (cpus - (1.0 if cpus >= 4 else 0.0)) / replicas
+        shares.append(float(math.floor(share)) if share >= 1 else math.floor(share * 100) / 100)
+    if not shares:
+        return 1.0, "1 CPU: no node that can hold a GPU replica is up or known yet (set cpus_per_replica to size it)"
+    most = min(shares)
+    return most, f"{most:g} CPU per GPU replica: its node's CPUs shared among its GPU replicas"
 
 
 def _fits(resources: dict[str, float], per_cpu: float, per_gpu: float) -> int:
@@ -191,9 +232,11 @@ def observe(*, embedded: bool, settle: float = 6.0) -> ClusterView:
 
     An embedded Ray is fixed. Otherwise the GCS cluster config (autoscaler v2)
     gives the node types; failing that, the autoscaler's status report says
-    whether any node type can be launched, waiting up to `settle` seconds for
-    its first report after a cluster starts.
+    whether it can launch nodes at all, waiting up to `settle` seconds for its
+    first report after a cluster starts.
     """
+    import ray
+
     nodes = tuple(
         Node(n["NodeID"], n.get("NodeManagerHostname", ""), {k: float(v) for k, v in n["Resources"].items()})
         for n in ray.nodes() if n.get("Alive")
@@ -205,9 +248,9 @@ def observe(*, embedded: bool, settle: float = 6.0) -> ClusterView:
         return ClusterView(nodes, autoscaling=True, node_types=types)
     deadline = time.monotonic() + settle
     while True:
-        launchable = _launchable_types()
-        if launchable is not None or time.monotonic() >= deadline:
-            return ClusterView(nodes, autoscaling=None if launchable is None else bool(launchable))
+        launches = _autoscaler_launches({node.id for node in nodes})
+        if launches is not None or time.monotonic() >= deadline:
+            return ClusterView(nodes, autoscaling=launches)
         time.sleep(0.5)
 
 
@@ -225,18 +268,41 @@ def _node_types() -> tuple[dict[str, float], ...] | None:
                  for group in config.node_group_configs if group.max_count != 0)
 
 
-def _launchable_types() -> list[str] | None:
-    """Worker node types the autoscaler can launch (from its status report), or None without one."""
+def _autoscaler_launches(node_ids: set[str]) -> bool | None:
+    """Whether the cluster's autoscaler can launch nodes (from its status report), or None without a report.
+
+    Every `ray start` head runs an autoscaler. On a cluster started by hand it is
+    read-only: its node types are the nodes themselves, named `node_<node id>`.
+    An autoscaler with a real provider (`ray up`, KubeRay, fake multi-node) names
+    its types after the config's `available_node_types`. Which types can launch
+    is not in the report until a launch was tried, so that is not asked.
+    """
     try:
         from ray.experimental.internal_kv import _internal_kv_get
 
         raw = _internal_kv_get(b"__autoscaling_status")
-        report = json.loads(raw)["autoscaler_report"] if raw else None
+        report = json.loads(raw).get("autoscaler_report") if raw else None
     except Exception:  # no report (yet), or a format this Ray does not write
         return None
-    if not report:
+    if not report or not report.get("node_type_mapping"):
         return None
-    return list(((report.get("node_availability_summary") or {}).get("node_availabilities") or {}))
+    types = set(report["node_type_mapping"].values())
+    return not types <= {f"node_{node_id}" for node_id in node_ids}
+
+
+def local_view() -> ClusterView:
+    """This machine as the one node of an embedded Ray (no Ray calls: for checks before Ray starts).
+
+    CPUs are those this process may run on; GPUs count when NVIDIA devices are
+    present and `CUDA_VISIBLE_DEVICES` does not hide them (their number is not
+    needed: a run that may use GPUs does not start the driver lane).
+    """
+    cpus = float(len(os.sched_getaffinity(0)))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = 0.0 if visible is not None and visible.strip() in ("", "-1") else float(
+        len([d for d in os.listdir("/dev") if d.startswith("nvidia") and d[6:].isdigit()]) if os.path.isdir("/dev")
+        else 0)
+    return ClusterView((Node("driver", socket.gethostname(), {"CPU": cpus, **({"GPU": gpus} if gpus else {})}),))
 
 
 def draining_nodes() -> set[str]:

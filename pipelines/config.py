@@ -50,7 +50,7 @@ class JobConfig:
     batch_size: int | None = None
     replicas: int | None = None  # None means "auto"
     gpus_per_replica: float | None = None  # None means "1 when the cluster has GPUs"
-    cpus_per_replica: float = 1.0
+    cpus_per_replica: float | None = None  # None means "auto": chosen from the nodes (see cluster.plan_replicas)
     precision: str = "fp32"
     shard_rows: int | None = None
     max_replicas: int | None = None  # None means "as many as the cluster can hold"
@@ -102,7 +102,12 @@ class JobConfig:
         else:
             gpus = None
         object.__setattr__(self, "gpus_per_replica", gpus)
-        object.__setattr__(self, "cpus_per_replica", _positive_float("cpus_per_replica", self.cpus_per_replica))
+        cpus = self.cpus_per_replica
+        if cpus is not None and not (isinstance(cpus, str) and cpus == "auto"):
+            cpus = _positive_float("cpus_per_replica", cpus)
+        else:
+            cpus = None
+        object.__setattr__(self, "cpus_per_replica", cpus)
         if self.address is not None:
             if not isinstance(self.address, str) or not self.address.strip():
                 raise ConfigError("'address' must be 'auto', 'host:port' or 'ray://host:10001'")
@@ -219,7 +224,10 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            "GPUs per replica; fractions pack several replicas on one GPU; `0` forces CPU replicas. On a cluster "
            "scaling from zero GPU nodes, set it (Ray 2.60 often cannot tell a run which node types have GPUs)",
            metavar="N"),
-    KeyDoc("cpus_per_replica", "1", "CPUs reserved per replica (also its torch and decode threads)", metavar="N"),
+    KeyDoc("cpus_per_replica", "`auto`",
+           "CPUs reserved per replica (also its decode and torch threads); `auto` = GPU replicas share their "
+           "node's CPUs less one left to Ray (nodes of 4+ CPUs); CPU replicas split each node's CPUs into "
+           "replicas of at most 4. The report says what was chosen", metavar="N|auto"),
     KeyDoc("precision", "`fp32`", "forward-pass precision: `fp32`, `tf32`, `bf16`, `fp16` (tf32 only changes "
            "anything on GPUs)", choices=PRECISIONS),
     KeyDoc("shard_rows", "1,000,000", "target rows per shard; shards are whole row groups of one file",

@@ -148,6 +148,7 @@ def run(
             return _report(p, [], [], time.perf_counter() - started, complete=True)
         # Ray is imported where it is used: `plan`, `status`, exit-2 paths and idle ticks stay light.
         from pipelines.cluster import AutoscalerRequest, check_shared_storage, connect, observe, plan_replicas
+        from pipelines.lane import run_in_driver
         from workers.replica import ReplicaJob
 
         from pipelines.metrics import RunMetrics
@@ -170,6 +171,7 @@ def run(
 
         replicas: list[dict[str, Any]] = []
         waited = 0.0
+        chosen: list[float] = []  # the CPUs and GPUs each replica reserved
         if runnable:
             job = ReplicaJob(
                 model=absolute(cfg.model), model_sha256=p.model.sha256, input=absolute(cfg.input),
@@ -177,7 +179,7 @@ def run(
                 list_column=p.columns.list_column, width=p.columns.width, prediction_column=cfg.prediction_column,
                 keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
                 precision=cfg.precision, batch_size=cfg.batch_size, invalid_rows=cfg.invalid_rows,
-                cpus=cfg.cpus_per_replica, rejected_dir=REJECTED_DIR, generation=recorder.generation,
+                cpus=cfg.cpus_per_replica or 1.0, rejected_dir=REJECTED_DIR, generation=recorder.generation,
             )
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
@@ -193,25 +195,39 @@ def run(
                 bar.update(shard.rows_in, failed=not ok)
                 metrics.shard_done(shard.rows_in, committed=ok)
 
+            local = _lane_resources(cfg, runnable)  # a small embedded run: refused here, or run in the driver
             try:
-                with connect(cfg) as ray_session, metrics.exporting():
-                    from pipelines.schedule import Scheduler
+                if local is not None:
+                    job = dataclasses.replace(job, cpus=local.num_cpus)
+                    chosen[:] = [local.num_cpus, 0.0]
+                    logger.info("running %d shard(s) in the driver process: %d row(s) need no Ray started",
+                                len(runnable), sum(s.rows_in for s in runnable))
+                    begin()
+                    replicas = [run_in_driver(job, runnable, on_result, max_attempts=cfg.max_attempts)]
+                else:
+                    with connect(cfg) as ray_session, metrics.exporting():
+                        from pipelines.schedule import Scheduler
 
-                    view = observe(embedded=ray_session.embedded)
-                    check_shared_storage(cfg, view, {"model": job.model, "input": job.input, "output": job.output})
-                    resources = plan_replicas(cfg, len(runnable), view)
-                    logger.info("running %d shard(s) on %d replica(s)%s (%s)", len(runnable), resources.count,
-                                f", up to {resources.most} as capacity appears" if resources.most > resources.count
-                                else "", ray_session.where)
-                    start_timeout = cfg.start_timeout or (600.0 if resources.autoscaling else 300.0)
-                    with AutoscalerRequest(enabled=resources.autoscaling) as request:
-                        scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, request=request,
-                                              start_timeout=start_timeout, shard_timeout=cfg.shard_timeout,
-                                              metrics=metrics)
-                        try:
-                            replicas = scheduler.run(runnable, on_result, on_started=begin)
-                        finally:
-                            waited = scheduler.pool.waited_seconds
+                        view = observe(embedded=ray_session.embedded)
+                        check_shared_storage(cfg, view, {"model": job.model, "input": job.input,
+                                                         "output": job.output})
+                        resources = plan_replicas(cfg, len(runnable), view)
+                        job = dataclasses.replace(job, cpus=resources.num_cpus)
+                        chosen[:] = [resources.num_cpus, resources.num_gpus]
+                        if resources.cpus_chosen:
+                            logger.info("cpus_per_replica auto: %s", resources.cpus_chosen)
+                        logger.info("running %d shard(s) on %d replica(s)%s (%s)", len(runnable), resources.count,
+                                    f", up to {resources.most} as capacity appears"
+                                    if resources.most > resources.count else "", ray_session.where)
+                        start_timeout = cfg.start_timeout or (600.0 if resources.autoscaling else 300.0)
+                        with AutoscalerRequest(enabled=resources.autoscaling) as request:
+                            scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, request=request,
+                                                  start_timeout=start_timeout, shard_timeout=cfg.shard_timeout,
+                                                  metrics=metrics)
+                            try:
+                                replicas = scheduler.run(runnable, on_result, on_started=begin)
+                            finally:
+                                waited = scheduler.pool.waited_seconds
             finally:
                 bar.close()
                 recorder.flush(force=True)
@@ -222,9 +238,36 @@ def run(
         report = _report(p, done, replicas, seconds, complete=complete)
         report.startup_seconds = first_commit[0] if first_commit else None
         report.capacity_wait_seconds = round(waited, 3)
+        if chosen:
+            report.cpus_per_replica, report.gpus_per_replica = chosen
         if timeline:
             _write_timeline(timeline, done)
         return report
+
+
+def _lane_resources(cfg: JobConfig, shards: list[Shard]) -> Any:
+    """The replicas' `ReplicaResources` when this run is done in the driver (pipelines.lane), else None.
+
+    Only a run that would start its own embedded Ray (no address, no Ray session
+    in this process) with CPU replicas (`gpus_per_replica: 0`, or no GPU on this
+    machine), `replicas: auto` (an exact count means what it says) and at most
+    `LANE_MAX_ROWS` rows. The replicas' shape is checked against this machine as
+    Ray would check it, so what can never fit is refused before anything is written.
+    """
+    import sys
+
+    from pipelines.cluster import local_view, plan_replicas
+    from pipelines.lane import LANE_MAX_ROWS
+
+    ray = sys.modules.get("ray")
+    if cfg.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return None
+    if cfg.replicas is not None or sum(s.rows_in for s in shards) > LANE_MAX_ROWS:
+        return None
+    view = local_view()
+    if cfg.gpus_per_replica or (cfg.gpus_per_replica is None and view.totals.get("GPU", 0.0) > 0):
+        return None
+    return plan_replicas(cfg.replace(gpus_per_replica=0), len(shards), view)
 
 
 def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:

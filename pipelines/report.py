@@ -35,6 +35,8 @@ class RunReport:
     complete: bool = False  # _SUCCESS written: every shard of the output is committed
     startup_seconds: float | None = None  # run start -> first committed shard
     capacity_wait_seconds: float = 0.0  # time with shards to run and no replica ready (scale-up, busy cluster)
+    cpus_per_replica: float | None = None  # what each replica reserved (chosen when the config says auto)
+    gpus_per_replica: float | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -53,6 +55,8 @@ class RunReport:
             f"{self.shards_failed} failed, of {self.shards_total}. Rows: {self.rows_in:,} in, {self.rows_out:,} out, "
             f"{self.rows_rejected:,} rejected, in {self.seconds:.1f} s ({self.rows_per_second:,.0f} rows/s) on "
             f"{len(self.replicas)} replica(s)"
+            + (f" of {self.cpus_per_replica:g} CPU" if self.cpus_per_replica is not None else "")
+            + (f" + {self.gpus_per_replica:g} GPU" if self.gpus_per_replica else "")
             + (f" (waited {self.capacity_wait_seconds:.0f} s for capacity)" if self.capacity_wait_seconds >= 1 else "")
             + f". Output: {self.output}"
             + (" (complete, _SUCCESS written)." if self.complete else " (incomplete: no _SUCCESS).")

@@ -152,13 +152,20 @@ def test_scales_from_zero_and_clears_its_request_on_failure_and_ctrl_c(head: Non
           f"waited {report['capacity_wait_seconds']:.1f} s for capacity")
     assert autoscaler_request() == []
 
-    interrupted = subprocess.Popen([sys.executable, "-m", "pipelines", "run", *job, "--overwrite", "--output",
+    # Ten times the shards, and a tight poll: the nodes are up now, so the small input could finish
+    # between two polls and the signal would then land in interpreter shutdown instead of the run.
+    write_files(tmp_path / "more", [4000] * 60, features=16, row_group_size=100)
+    more = [str(tmp_path / "more") if arg == str(tmp_path / "in") else arg for arg in job]
+    interrupted = subprocess.Popen([sys.executable, "-m", "pipelines", "run", *more, "--output",
                                     str(tmp_path / "again")], cwd=REPO, env={**os.environ, **ENV},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: interrupted.poll() is not None or bool(list((tmp_path / "again").glob("*.parquet"))),
-             "a first committed shard", timeout=300)
+    deadline = time.monotonic() + 300
+    while interrupted.poll() is None and not list((tmp_path / "again").glob("*.parquet")):
+        assert time.monotonic() < deadline, "timed out waiting for a first committed shard"
+        time.sleep(0.05)
     interrupted.send_signal(signal.SIGINT)
-    assert interrupted.wait(timeout=120) == 130
+    code = interrupted.wait(timeout=120)
+    assert code == 130 and not (tmp_path / "again" / "_SUCCESS").exists(), (code, interrupted.stderr.read()[-3000:])
     assert autoscaler_request() == []  # Ctrl-C unwinds through the request too
 
 

@@ -15,6 +15,7 @@ from conftest import golden_model, save_mlp
 
 import pipelines
 import workers
+from pipelines.cluster import ClusterView, Node, plan_replicas
 from pipelines.commit import COMMITTED, State, reconcile, shard_entry
 from pipelines.config import JobConfig
 from pipelines.errors import ConfigError, InputError, ModelError
@@ -324,3 +325,39 @@ def test_plan_writes_nothing(tmp_path: Path) -> None:
     assert [s.id for s in p.todo] == ["p.parquet:0-1"] and p.columns.features == ("x", "y")
     assert not (tmp_path / "out").exists()
     assert json.loads(json.dumps(p.to_dict()))["shards"][0]["status"] == "run"
+
+
+def _view(*nodes: dict[str, float], types: tuple[dict[str, float], ...] | None = None,
+          autoscaling: bool | None = False) -> ClusterView:
+    return ClusterView(tuple(Node(f"n{i}", "h", total) for i, total in enumerate(nodes)), autoscaling=autoscaling,
+                       node_types=types)
+
+
+@pytest.mark.parametrize("nodes, gpus, expected", [
+    ([{"CPU": 2.0}], None, 2.0),  # CPU-only: one replica decodes on both CPUs
+    ([{"CPU": 64.0}], 0, 4.0),  # forced CPU replicas on a big node: sixteen of four
+    ([{"CPU": 6.0}, {"CPU": 0.5}], None, 0.5),  # 2 x 3 on the first node; the shape must fit the small one too
+    ([{"CPU": 0.0}, {"CPU": 5.0}], None, 2.0),  # a head without CPUs is not counted; 5 CPUs: 2 replicas of 2
+    ([{"CPU": 8.0}, {"CPU": 16.0, "GPU": 2.0}], None, 7.0),  # (16 - 1 for Ray) / 2 GPU replicas; the head ignored
+    ([{"CPU": 16.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 4.0}], None, 1.0),  # the smaller share fits both kinds
+    ([{"CPU": 2.0, "GPU": 1.0}], None, 2.0),  # small node: nothing held back
+    ([{"CPU": 2.0, "GPU": 1.0}], 0.125, 0.25),  # eight replicas share one GPU and two CPUs
+])
+def test_auto_cpus_per_replica_shares_a_gpu_node_among_its_replicas(nodes: list[dict[str, float]],
+                                                                   gpus: float | None, expected: float) -> None:
+    cfg = JobConfig.from_dict({"model": "m", "input": "i", "output": "o", "gpus_per_replica": gpus})
+    resources = plan_replicas(cfg, 100, _view(*nodes))
+    assert resources.num_cpus == expected and resources.cpus_chosen
+    assert resources.count >= 1  # the chosen shape fits the nodes it was chosen from
+
+
+def test_auto_cpus_per_replica_uses_node_types_and_says_when_it_cannot_see_a_gpu_node() -> None:
+    cfg = JobConfig.from_dict({"model": "m", "input": "i", "output": "o", "gpus_per_replica": 1})
+    typed = plan_replicas(cfg, 10, _view({"CPU": 4.0}, types=({"CPU": 8.0, "GPU": 1.0},), autoscaling=True))
+    assert typed.num_cpus == 7.0 and typed.count == 0 and typed.autoscaling
+    blind = plan_replicas(cfg, 10, _view({"CPU": 4.0}, autoscaling=None))
+    assert blind.num_cpus == 1.0 and "no node" in blind.cpus_chosen
+    fixed = plan_replicas(cfg.replace(cpus_per_replica=3), 10, _view({"CPU": 8.0, "GPU": 1.0}))
+    assert fixed.num_cpus == 3.0 and fixed.cpus_chosen == ""  # an explicit value is used as it is
+    assert JobConfig.from_dict({"model": "m", "input": "i", "output": "o", "cpus_per_replica": "auto"}) \
+        .cpus_per_replica is None

@@ -78,17 +78,21 @@ def default_batch_size(width: int, on_gpu: bool) -> int:
 class Replica:
     """Holds one model replica; `process` turns a shard into one committed output file."""
 
-    def __init__(self, index: int, job: ReplicaJob) -> None:
-        import ray  # the actor runs inside Ray; imported here so the class is usable without it
-
+    def __init__(self, index: int, job: ReplicaJob, *, in_driver: bool = False) -> None:
         self.index = index
         self.job = job
-        pa.set_cpu_count(max(1, int(job.cpus)))
-        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        if in_driver:  # the driver lane (pipelines.lane): a CPU replica in the driver process, no Ray
+            self.gpu_ids: list[str] = []
+            self.node = "driver"
+        else:
+            import ray  # the actor runs inside Ray; imported here so the class is usable without it
+
+            self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+            self.node = ray.get_runtime_context().get_node_id()
+            pa.set_cpu_count(max(1, int(job.cpus)))  # its own process: its CPUs are its threads
         self.batch_size = job.batch_size or default_batch_size(job.width, bool(self.gpu_ids))
         self.source = resolve(job.input)
         self.output = resolve(job.output)
-        self.node = ray.get_runtime_context().get_node_id()
         self.host = socket.gethostname()
         self.device = "cuda" if self.gpu_ids else "cpu"  # confirmed once torch is loaded
         self.shards = 0
@@ -108,7 +112,8 @@ class Replica:
         from workers.model import MLP, read_model
 
         job = self.job
-        torch.set_num_threads(max(1, int(job.cpus)))
+        if self.node != "driver":  # the driver's torch settings are its caller's
+            torch.set_num_threads(max(1, int(job.cpus)))
         device = torch.device("cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu")
         if self.gpu_ids and device.type != "cuda":
             logger.warning("[replica %d] assigned GPU(s) %s but CUDA is not available; using the CPU",

@@ -1,0 +1,96 @@
+"""The benchmark's one table (issue 8): per workload, batch-infer, the peers, the plain loop and the limit.
+
+Pure functions of the measured rows (no Ray, no processes), so they are tested
+on their own. Seconds are medians; the data- and compute-bound rows are
+in-process times (Ray already started, as a user's driver has it), the small
+job's row is whole-process times (interpreter start to exit), which is what a
+user waits for. Ratios are throughput ratios of batch-infer:
+
+- ``vs limit`` = limit seconds / batch-infer seconds (1.0 = at the machine's limit);
+- ``vs best peer`` = the faster peer's seconds / batch-infer seconds (> 1 = ahead).
+
+Peers are Ray Data and Daft; the plain loop and the limit are references, not peers.
+
+Example:
+    >>> row = summarise_row("data-bound 64->16->1", {"batch-infer": 10.0, "ray-data": 40.0, "limit": 8.0}, 1000)
+    >>> row["vs_limit"], row["best_peer"], row["vs_best_peer"]
+    (0.8, 'ray-data', 4.0)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = ("batch-infer", "ray-data", "daft", "floor", "limit")
+LABELS = {"batch-infer": "batch-infer", "ray-data": "Ray Data", "daft": "Daft", "floor": "plain loop", "limit": "limit"}
+PEERS = ("ray-data", "daft")
+
+
+def workload_label(description: str, widths: tuple[int, ...], rows: int, files: int, *, whole: bool) -> str:
+    """``data-bound 64->16->1, 32M rows, 16 files`` (``whole``: ``..., whole process``).
+
+    Example:
+        >>> workload_label("small job, ...", (64, 16, 1), 100_000, 1, whole=True)
+        'small job 64->16->1, 100k rows, 1 file, whole process'
+    """
+    kind = description.split(",")[0]
+    text = f"{kind} {'->'.join(map(str, widths))}, {_count(rows)} rows, {files} file{'s' if files != 1 else ''}"
+    return text + (", whole process" if whole else "")
+
+
+def summarise_row(label: str, seconds: dict[str, float], rows: int) -> dict[str, Any]:
+    """One table row from the median seconds per system (systems not run are absent)."""
+    ours = seconds.get("batch-infer")
+    peers = {name: seconds[name] for name in PEERS if name in seconds}
+    best = min(peers, key=peers.__getitem__) if peers else None
+    return {
+        "metric": "summary",
+        "workload": label,
+        "rows": rows,
+        "seconds": {name: round(seconds[name], 3) for name in COLUMNS if name in seconds},
+        "batch_infer_rows_per_second": round(rows / ours) if ours else None,
+        "vs_limit": round(seconds["limit"] / ours, 3) if ours and "limit" in seconds else None,
+        "best_peer": best,
+        "vs_best_peer": round(peers[best] / ours, 3) if ours and best else None,
+    }
+
+
+def render(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
+    """A Markdown table (readable on a terminal, pastes into README) and its notes.
+
+    ``notes``: ``{system: text}`` shown under the table, e.g. why Daft did not run
+    (its cells then say ``n/a``) or which configuration was best.
+    """
+    head = [f"{LABELS[name]}" for name in COLUMNS]
+    lines = [
+        "| workload | " + " | ".join(head) + " | batch-infer vs limit | vs best peer |",
+        "|---" * (len(COLUMNS) + 3) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for name in COLUMNS:
+            value = row["seconds"].get(name)
+            if value is None:
+                cells.append("n/a" if name in notes and name != "limit" else "-")
+            elif name == "batch-infer" and row["batch_infer_rows_per_second"]:
+                cells.append(f"{value:.2f} s ({_count(row['batch_infer_rows_per_second'], 2)} rows/s)")
+            else:
+                cells.append(f"{value:.2f} s")
+        vs_limit = "-" if row["vs_limit"] is None else f"{row['vs_limit']:.2f}x"
+        vs_peer = "-" if row["vs_best_peer"] is None else f"{row['vs_best_peer']:.2f}x ({LABELS[row['best_peer']]})"
+        lines.append(f"| {row['workload']} | " + " | ".join(cells) + f" | {vs_limit} | {vs_peer} |")
+    lines.append(
+        "(medians; ratios are throughput ratios of batch-infer: limit s / batch-infer s, best peer s / batch-infer s;"
+        " > 1 = batch-infer faster)"
+    )
+    lines += [f"{LABELS.get(name, name)}: {text}" for name, text in notes.items()]
+    return "\n".join(lines)
+
+
+def _count(n: float, digits: int = 0) -> str:
+    """32_000_000 -> '32M', 100_000 -> '100k', 2_470_000 (digits=2) -> '2.47M'."""
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            text = f"{n / size:.{digits}f}" if digits else f"{n / size:.3g}"
+            return text + suffix
+    return f"{n:.0f}"

@@ -1,0 +1,41 @@
+"""The benchmark's summary table (issue 8) and its CLI switches: pure parts, no Ray, no Daft venv."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import peers, run, summary
+
+
+def test_row_ratios_are_against_the_limit_and_the_faster_peer() -> None:
+    seconds = {"batch-infer": 10.0, "ray-data": 40.0, "daft": 25.0, "floor": 30.0, "limit": 8.0}
+    row = summary.summarise_row("data-bound", seconds, 32_000_000)
+    assert row["vs_limit"] == 0.8
+    assert (row["best_peer"], row["vs_best_peer"]) == ("daft", 2.5)  # the plain loop is no peer
+    assert row["batch_infer_rows_per_second"] == 3_200_000
+
+
+def test_render_marks_a_peer_that_could_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_venv() -> None:
+        raise peers.PeerUnavailable("could not build the Daft venv (see daft-venv.log):\nERROR: no such package")
+
+    monkeypatch.setattr(peers, "daft_python", no_venv)
+    notes: dict[str, str] = {}
+    assert run._daft_python(["batch-infer", "daft"], notes) is None
+    label = summary.workload_label("small job, ...", (64, 16, 1), 100_000, 1, whole=True)
+    rows = [summary.summarise_row(label, {"batch-infer": 9.0, "ray-data": 12.8, "floor": 1.9}, 100_000)]
+    text = summary.render(rows, notes)
+    line = next(line for line in text.splitlines() if line.startswith("| small job"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[0] == "small job 64->16->1, 100k rows, 1 file, whole process"
+    assert cells[1:] == ["9.00 s (11.11k rows/s)", "12.80 s", "n/a", "1.90 s", "-", "-", "1.42x (Ray Data)"]
+    assert "Daft: not run: could not build the Daft venv" in text
+
+
+def test_quick_is_the_smoke_scale_unless_overridden() -> None:
+    args = run._parse_args(["--quick"])
+    assert (args.scale, args.reps, args.tables) == (0.05, 1, [])
+    assert run._parse_args(["--quick", "--reps", "2"]).reps == 2
+    full = run._parse_args([])
+    assert (full.scale, full.reps) == (1.0, 3)
+    assert full.systems == ["batch-infer", "ray-data", "daft", "floor", "limit"]

@@ -1,0 +1,91 @@
+"""The driver lane: a small embedded run is done in the driver process, without starting Ray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, cli, read_output, reference, save_mlp, write_files
+
+import pipelines
+import pipelines.lane
+from pipelines.errors import ResourceError
+
+_RUN_AND_SAY_IF_RAY_WAS_IMPORTED = """
+import json, sys
+import pipelines
+report = pipelines.run(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3], progress=False)
+print(json.dumps({"report": report.to_dict(), "ray_imported": "ray" in sys.modules}))
+"""
+
+
+def _run_in_a_fresh_process(model: Path, input: Path, output: Path) -> dict:
+    result = subprocess.run([sys.executable, "-c", _RUN_AND_SAY_IF_RAY_WAS_IMPORTED, str(model), str(input),
+                             str(output)], capture_output=True, text=True, cwd=REPO, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_a_small_run_never_starts_ray_and_commits_like_a_replica_across_a_history(tmp_path: Path) -> None:
+    model = save_mlp(tmp_path / "m.pt", [8, 16, 1])
+    write_files(tmp_path / "in", [300, 200], features=8, row_group_size=100)
+    first = _run_in_a_fresh_process(tmp_path / "m.pt", tmp_path / "in", tmp_path / "out")
+    report = first["report"]
+    assert not first["ray_imported"]  # no Ray started, not even imported
+    assert report["status"] == "succeeded" and report["complete"] and report["rows_out"] == 500
+    assert [(r["node"], r["shards"], r["ended"]) for r in report["replicas"]] == [("driver", 2, "finished")]
+    assert report["cpus_per_replica"] > 0 and report["gpus_per_replica"] == 0
+
+    # A new file that is unreadable and one that is fine: the bad one fails alone (exit 1), nothing else is redone.
+    (tmp_path / "in" / "part-0002.parquet").write_bytes(b"PAR1 truncated PAR1")
+    write_files(tmp_path / "more", [150], features=8, row_group_size=100, start=500, seed=7)
+    (tmp_path / "more" / "part-0000.parquet").rename(tmp_path / "in" / "part-0003.parquet")
+    second = cli("run", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output",
+                 str(tmp_path / "out"), "--json")
+    assert second.returncode == 1, second.stderr[-3000:]
+    report = json.loads(second.stdout)
+    assert report["shards_skipped"] == 2 and report["shards_done"] == 1 and report["shards_failed"] == 1
+    assert "part-0002.parquet" in report["errors"][0]["input"] and not report["complete"]
+    assert "driver process" in second.stderr
+
+    # Fixed upstream: the next tick completes the output, every id exactly once, values as torch computes them.
+    write_files(tmp_path / "fix", [50], features=8, row_group_size=100, start=650, seed=9)
+    (tmp_path / "fix" / "part-0000.parquet").replace(tmp_path / "in" / "part-0002.parquet")
+    third = cli("run", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output",
+                str(tmp_path / "out"))
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert cli("verify", str(tmp_path / "out"), "--sample", "50", "--checksums").returncode == 0
+    out = read_output(tmp_path / "out").sort_by("id")
+    assert out["id"].to_pylist() == list(range(700))
+    inputs = pq.read_table(tmp_path / "in").sort_by("id")
+    features = np.stack([inputs[f"f{j:02d}"].to_numpy() for j in range(8)], axis=1)
+    np.testing.assert_allclose(out["prediction"].to_numpy(), reference(model, features)[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_small_run_that_can_never_fit_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    save_mlp(tmp_path / "m.pt", [8, 4, 1])
+    write_files(tmp_path / "in", [100], features=8, row_group_size=100)
+    with pytest.raises(ResourceError, match="64 CPU"):
+        pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                      cpus_per_replica=64, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_runs_above_the_lane_or_with_an_exact_replica_count_start_ray(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    save_mlp(tmp_path / "m.pt", [8, 4, 1])
+    write_files(tmp_path / "in", [100, 100, 100], features=8, row_group_size=100)
+    job = {"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "cpus_per_replica": 0.5,
+           "progress": False}
+    monkeypatch.setattr(pipelines.lane, "LANE_MAX_ROWS", 250)  # three files of 100 rows are "too big" now
+    big = pipelines.run(**job, output=str(tmp_path / "big"))
+    assert big.complete and big.replicas and all(r["node"] != "driver" for r in big.replicas)
+    monkeypatch.setattr(pipelines.lane, "LANE_MAX_ROWS", 10_000)
+    exact = pipelines.run(**job, output=str(tmp_path / "exact"), replicas=1)
+    assert exact.complete and [r["node"] != "driver" for r in exact.replicas] == [True]
+    assert read_output(tmp_path / "big").sort_by("id").equals(read_output(tmp_path / "exact").sort_by("id"))
