@@ -6,8 +6,10 @@ CONSTRAINTS := constraints.txt
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 TABLES_ARGS ?=
+GPU_CHECK_ARGS ?=
+GPU_CHECK_OUT ?= benchmarks/.data/gpu-check.json
 
-.PHONY: demo test bench bench-tables install install-test clean
+.PHONY: demo test bench bench-tables gpu-check install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +43,11 @@ bench: $(VENV)/.installed-bench
 # Only the table-scale case (1k/10k/100k one-shard files); needs no Ray Data.
 bench-tables: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.tables $(TABLES_ARGS)
+
+# One GPU machine, under 8 minutes: pytest -m gpu, stream check, rows/s vs the machine's limit and Ray Data.
+# Not part of `make test`. GPU_CHECK_ARGS=--quick is the CPU smoke run.
+gpu-check: $(VENV)/.installed-test $(VENV)/.installed-bench
+	$(BIN)/python -m benchmarks.gpu_check --output $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,18 +46,21 @@ class Workload:
     widths: tuple[int, ...]  # layer widths, input first: (64, 16, 1)
     input: Path  # directory of part-NN.parquet files
     rows: int
+    root: Path = ROOT  # the cache the input lives in; models are kept under root/models
 
     @property
     def model(self) -> Path:
-        return ROOT / "models" / ("mlp-" + "-".join(map(str, self.widths)) + ".pt")
+        return self.root / "models" / ("mlp-" + "-".join(map(str, self.widths)) + ".pt")
 
     @property
     def files(self) -> list[Path]:
         return sorted(p for p in self.input.glob("*.parquet") if not p.name.startswith((".", "_")))
 
 
-def workloads(scale: float = 1.0) -> dict[str, Workload]:
+def workloads(scale: float = 1.0, root: Path = ROOT) -> dict[str, Workload]:
     """The three issue-3 jobs plus ``data-1x`` (a quarter of ``data``) for the memory check.
+
+    ``root`` is the cache directory (``make gpu-check`` smoke tests use a temporary one).
 
     Example:
         >>> workloads(0.05)["data"].rows
@@ -63,30 +68,35 @@ def workloads(scale: float = 1.0) -> dict[str, Workload]:
     """
     big_file_rows = max(ROW_GROUPS_PER_FILE, round(2_000_000 * scale))
     small_rows = max(ROW_GROUPS_PER_FILE, round(100_000 * scale))
-    big = ROOT / f"rows-{big_file_rows}"
-    small, mlp_small, mlp_big = ROOT / f"rows-{small_rows}" / "small", (64, 16, 1), (64, 256, 256, 1)
+    big = root / f"rows-{big_file_rows}"
+    small, mlp_small, mlp_big = root / f"rows-{small_rows}" / "small", (64, 16, 1), (64, 256, 256, 1)
     return {
-        "data": Workload("data", "data-bound, MLP 64-16-1, 16 files", mlp_small, big / "all16", 16 * big_file_rows),
+        "data": Workload("data", "data-bound, MLP 64-16-1, 16 files", mlp_small, big / "all16", 16 * big_file_rows,
+                         root),
         "compute": Workload(
-            "compute", "compute-bound, MLP 64-256-256-1, 4 files", mlp_big, big / "first4", 4 * big_file_rows
+            "compute", "compute-bound, MLP 64-256-256-1, 4 files", mlp_big, big / "first4", 4 * big_file_rows, root
         ),
-        "small": Workload("small", "small job, MLP 64-16-1, 1 file", mlp_small, small, small_rows),
+        "small": Workload("small", "small job, MLP 64-16-1, 1 file", mlp_small, small, small_rows, root),
         "data-1x": Workload(
-            "data-1x", "data-bound, MLP 64-16-1, 4 files", mlp_small, big / "first4", 4 * big_file_rows
+            "data-1x", "data-bound, MLP 64-16-1, 4 files", mlp_small, big / "first4", 4 * big_file_rows, root
         ),
     }
 
 
-def ensure(workload: Workload) -> Workload:
-    """Create the workload's model and input files unless they are already cached."""
+def ensure(workload: Workload, *, processes: int = 1) -> Workload:
+    """Create the workload's model and input files unless they are already cached.
+
+    ``processes`` > 1 writes that many files at once (same bytes: each file is a
+    seeded function of its index); ``make gpu-check`` uses the machine's cores.
+    """
     _ensure_model(workload.widths, workload.model)
     if workload.input.name == "first4":
         all16 = workload.input.parent / "all16"
-        _ensure_files(all16, 16, workload.rows // 4)
+        _ensure_files(all16, 16, workload.rows // 4, processes)
         _ensure_links(all16, workload.input, 4)
     else:
         files = 16 if workload.input.name == "all16" else 1
-        _ensure_files(workload.input, files, workload.rows // files)
+        _ensure_files(workload.input, files, workload.rows // files, processes)
     return workload
 
 
@@ -106,7 +116,7 @@ def _ensure_model(widths: tuple[int, ...], path: Path) -> None:
     tmp.replace(path)
 
 
-def _ensure_files(directory: Path, files: int, rows_per_file: int) -> None:
+def _ensure_files(directory: Path, files: int, rows_per_file: int, processes: int = 1) -> None:
     params = {
         "files": files,
         "rows_per_file": rows_per_file,
@@ -119,8 +129,15 @@ def _ensure_files(directory: Path, files: int, rows_per_file: int) -> None:
         return
     print(f"generating {files} x {rows_per_file:,} rows in {directory} (once; cached)", flush=True)
     directory.mkdir(parents=True, exist_ok=True)
-    for index in range(files):
-        _write_file(directory / f"part-{index:02d}.parquet", index, rows_per_file)
+    paths = [directory / f"part-{index:02d}.parquet" for index in range(files)]
+    if processes > 1 and files > 1:
+        # spawn, not fork: the caller may hold CUDA or Ray state that a forked child must not inherit
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(processes, files), mp_context=context) as pool:
+            list(pool.map(_write_file, paths, range(files), [rows_per_file] * files))
+    else:
+        for index, path in enumerate(paths):
+            _write_file(path, index, rows_per_file)
     marker.write_text(json.dumps(params))
 
 

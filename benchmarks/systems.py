@@ -1,8 +1,9 @@
-"""The three arms of the benchmark, each ``fn(model, input_dir, output_dir)``.
+"""The arms of the benchmark, each ``fn(model, input_dir, output_dir)``.
 
 - ``batch-infer``: ``pipelines.run`` on the Ray connection already open.
 - ``ray-data``: ``read_parquet -> map_batches(actor pool) -> write_parquet``,
   in the best configuration found for a 2-core machine (see README.md).
+- ``ray-data-gpu`` (``make gpu-check`` only): the same pipeline with one GPU actor.
 - ``floor``: one process, no Ray: ``iter_batches`` -> (features, rows) buffer
   -> torch forward on every core -> ``ParquetWriter``. Nothing can beat it by
   much on one machine; it bounds what the other two may hope for.
@@ -15,6 +16,7 @@ timing, tuning) with ``python -m benchmarks.systems ARM --model M --input DIR --
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import time
@@ -159,6 +161,73 @@ def run_ray_data(model: Path, input: Path, output: Path, config: RayDataConfig =
     return asdict(config)
 
 
+@dataclass(frozen=True)
+class GpuRayDataConfig:
+    """Ray Data on GPUs (``make gpu-check``): one actor per GPU, read and write tasks on the other CPUs.
+
+    The pool holds every GPU; each actor also reserves ``actor_cpus`` for its
+    stacking and copies. ``batch_size=None`` hands the actor whole blocks (~128 MiB).
+    """
+
+    actors: int = 1
+    actor_gpus: float = 1.0
+    actor_cpus: float = 1.0
+    batch_size: int | None = None
+    read_cpus: float = 1.0
+    write_cpus: float = 1.0
+    precision: str = "fp32"
+
+
+class _GpuPredictor:
+    """Ray Data callable class on one GPU: features stacked on the CPU, one copy to the device per batch."""
+
+    def __init__(self, model: Path, precision: str) -> None:
+        import torch
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
+                      "fp16": torch.float16}[precision]
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        self.layers = [(w.to(self.device, self.dtype), None if b is None else b.to(self.device, self.dtype)[:, None])
+                       for w, b in _load_layers(model)]
+        self.stack = _Stacker()
+
+    def __call__(self, batch: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            h = torch.from_numpy(self.stack(batch)).to(self.device, self.dtype)  # (features, rows)
+            for weight, bias in self.layers:
+                h = torch.addmm(bias, weight, h) if bias is not None else weight @ h
+                h.sigmoid_()
+            prediction = h[0].float().cpu().numpy()  # waits for the device
+        if isinstance(batch, pa.Table):
+            return pa.table({"id": batch.column("id"), "prediction": prediction})
+        return {"id": batch["id"], "prediction": prediction}
+
+
+def run_ray_data_gpu(model: Path, input: Path, output: Path,
+                     config: GpuRayDataConfig = GpuRayDataConfig()) -> dict[str, Any]:
+    """Ray Data batch inference with a GPU actor pool; needs ``ray.init`` first (and ray[data])."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ds = ray.data.read_parquet(str(input), num_cpus=config.read_cpus)
+    ds = ds.map_batches(
+        _GpuPredictor,
+        fn_constructor_args=(model, config.precision),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        num_gpus=config.actor_gpus,
+        num_cpus=config.actor_cpus,
+    )
+    ds.write_parquet(str(output), ray_remote_args={"num_cpus": config.write_cpus})
+    return asdict(config)
+
+
 def output_files(output: Path) -> list[Path]:
     """Committed Parquet files under ``output``: no part of the path starts with ``.`` or ``_``."""
     if not output.exists():
@@ -207,7 +276,7 @@ def connect_ray() -> None:
 def main(argv: list[str] | None = None) -> None:
     """One arm in this process; prints one JSON line (the arm's details and driver peak-RSS growth)."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.systems", description=main.__doc__)
-    parser.add_argument("arm", choices=["batch-infer", "ray-data", "floor"])
+    parser.add_argument("arm", choices=["batch-infer", "ray-data", "ray-data-gpu", "floor"])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--input", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
@@ -224,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.arm != "floor":
         connect_ray()
     if args.arm == "batch-infer":
-        import pipelines  # noqa: F401  (imports are not the growth we look for)
+        importlib.import_module("pipelines")  # imports are not the growth we look for
     before = _reset_peak_rss()
     start = time.perf_counter()
     try:
@@ -232,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
             details = run_batch_infer(args.model, args.input, args.output, **options)
         elif args.arm == "ray-data":
             details = run_ray_data(args.model, args.input, args.output, RayDataConfig(**options))
+        elif args.arm == "ray-data-gpu":
+            details = run_ray_data_gpu(args.model, args.input, args.output, GpuRayDataConfig(**options))
         else:
             details = run_floor(args.model, args.input, args.output, **options)
         seconds = time.perf_counter() - start

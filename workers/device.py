@@ -7,16 +7,40 @@ time. Two slots alternate, so the next batch can be filled while the current
 one is still in flight.
 
 On CUDA the slots are pinned; each batch is copied host-to-device without
-blocking on a side stream, multiplied on the compute stream, and its
-predictions copied back into pinned memory asynchronously. `submit` returns a
-handle, and the caller collects the result one batch later, so copies, math
-and the CPU's decoding of the next batch overlap. Out-of-memory on the GPU
-halves the rows per forward pass and retries.
+blocking on a side (copy) stream, multiplied on a compute stream, and its
+predictions copied back into the slot's pinned output asynchronously.
+`submit` returns a handle, and the caller collects the result later (the
+replica: one batch later), so copies, math and the CPU's decoding of the next
+batch overlap. Out-of-memory on the GPU halves the rows per forward pass and
+retries.
+
+What is shared between the streams and the CPU, and what guards it:
+
+1. The device copy of a batch is allocated on the copy stream and read on the
+   compute stream: `CudaStreams.upload` marks it with `record_stream`, so the
+   caching allocator does not hand its memory to the next upload while the
+   forward still reads it.
+2. The forward reads that copy: the compute stream waits for the upload's
+   event before the forward is queued (`CudaStreams.compute`).
+3. A slot's pinned input is read by an asynchronous upload: before the CPU
+   writes the slot again (`buffer`, or `submit` copying a foreign matrix in),
+   it waits for the event of the upload that last read it (`_Slot.free_host`).
+4. A slot's pinned output is written by an asynchronous device-to-host copy on
+   the compute stream: the CPU reads it only after that batch's event, and
+   before a later batch's copy may overwrite it, the earlier predictions are
+   copied out (`_Slot.free_out`), however late the caller collects them.
+5. The weights were uploaded (and cast) on the loading thread's stream, which
+   the compute stream is not ordered after: `CudaStreams` synchronizes once.
+
+Which event guards which slot is plain Python (`_Slot`, `_Result`), driven
+through the `Streams` interface; tests drive it with a fake that runs each
+stream's work as late or as early as the events allow, on the CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +49,98 @@ from workers.model import MLP
 
 _MIN_GPU_ROWS = 1024
 _CPU_ACTIVATION_BYTES = 4 << 20
+
+
+class Event(Protocol):
+    """What the bookkeeping needs of a stream event (`torch.cuda.Event` has it)."""
+
+    def synchronize(self) -> None: ...
+
+
+class Streams(Protocol):
+    """Asynchronous upload and compute for `Forward` (`CudaStreams`, or a fake in tests)."""
+
+    def upload(self, host: torch.Tensor) -> tuple[torch.Tensor, Event]:
+        """Start copying `host` to the device; returns the device tensor and the copy's event."""
+        ...
+
+    def compute(self, work: Callable[[], None], after: Event) -> Event:
+        """Queue `work` once `after` has happened; returns the event of its end."""
+        ...
+
+
+class CudaStreams:
+    """A side stream for host-to-device copies and a compute stream for the forward and the copies back."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.copy = torch.cuda.Stream(device)
+        self.compute_stream = torch.cuda.Stream(device)
+        # (5) The MLP's weights were copied and cast on the loading thread's current stream; the compute
+        # stream is not ordered after that stream, so wait for it once, here.
+        torch.cuda.synchronize(device)
+
+    def upload(self, host: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        with torch.cuda.stream(self.copy):
+            features = host.to(self.device, non_blocking=True)  # allocated from the copy stream's pool
+            uploaded = torch.cuda.Event()
+            uploaded.record(self.copy)
+        # (1) The forward on the compute stream reads `features`; when the caller drops it, the allocator
+        # would otherwise return its block to the copy stream at once and the next upload could overwrite
+        # it while that forward still runs. Marked, the block is reused only after the compute stream's
+        # work queued so far is done.
+        features.record_stream(self.compute_stream)
+        return features, uploaded
+
+    def compute(self, work: Callable[[], None], after: Event) -> torch.cuda.Event:
+        with torch.cuda.stream(self.compute_stream):
+            # (2) The forward reads the upload: ordered after its event, on the device (the CPU does not wait).
+            self.compute_stream.wait_event(after)  # type: ignore[arg-type]
+            work()  # activations are allocated, used and freed on this one stream: no marks needed
+            done = torch.cuda.Event()
+            done.record(self.compute_stream)
+        return done
+
+
+class _Slot:
+    """One reusable pair of host buffers and the events of the asynchronous work that still uses them."""
+
+    __slots__ = ("host", "out", "uploaded", "pending")
+
+    def __init__(self, host: torch.Tensor, out: torch.Tensor) -> None:
+        self.host = host  # flat float32 (width * capacity,): features, pinned on CUDA
+        self.out = out  # flat float32 (capacity * outputs,): predictions, pinned on CUDA
+        self.uploaded: Event | None = None  # the upload that last read `host`
+        self.pending: _Result | None = None  # the result whose predictions still sit in `out`
+
+    def free_host(self) -> None:
+        """(3) Wait until no upload reads `host` any more, so the CPU may write it."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
+            self.uploaded = None
+
+    def free_out(self) -> None:
+        """(4) Copy the last predictions out of `out` (waiting for them), so a new batch may write it."""
+        if self.pending is not None:
+            self.pending()
+
+
+class _Result:
+    """Call for a submitted batch's (rows, outputs) float32 predictions; waits for them on first call."""
+
+    __slots__ = ("_slot", "_out", "_done", "_value")
+
+    def __init__(self, slot: _Slot, out: torch.Tensor, done: Event) -> None:
+        self._slot, self._out, self._done = slot, out, done
+        self._value: np.ndarray | None = None
+
+    def __call__(self) -> np.ndarray:
+        if self._value is None:
+            self._done.synchronize()  # (4) the copy back into the pinned slot has landed
+            self._value = self._out.numpy().copy()  # the slot is written again by a later batch
+            if self._slot.pending is self:
+                self._slot.pending = None
+        return self._value
 
 
 class Forward:
@@ -36,19 +152,24 @@ class Forward:
         >>> fwd.submit(buf.T)()               # (3, outputs) float32
     """
 
-    def __init__(self, mlp: MLP, width: int, capacity: int, device: torch.device) -> None:
+    def __init__(
+        self, mlp: MLP, width: int, capacity: int, device: torch.device, *, streams: Streams | None = None
+    ) -> None:
         self.mlp = mlp
         self.width = width
         self.capacity = capacity
         self.device = device
         self.cuda = device.type == "cuda"
+        self.streams: Streams | None = CudaStreams(device) if self.cuda and streams is None else streams
         outputs = int(mlp.layers[-1][0].shape[0])
         pin = self.cuda
         # Flat storage: the first width*rows values viewed as (width, rows) are contiguous for any rows.
-        self._hosts = [torch.empty(width * capacity, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
-        self._outs = [torch.empty(capacity * outputs, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
-        self._slot = 0
-        self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._slots = [
+            _Slot(torch.empty(width * capacity, dtype=torch.float32, pin_memory=pin),
+                  torch.empty(capacity * outputs, dtype=torch.float32, pin_memory=pin))
+            for _ in range(2)
+        ]
+        self._next = 0
         self.outputs = outputs
         # Rows per forward pass. CPU: the widest activation stays ~4 MiB, in cache (measured
         # 2.4x faster than 256k-row passes for 64-256-256-1, ~1.3x for 64-16-1). CUDA: the
@@ -57,39 +178,39 @@ class Forward:
         self.max_rows = capacity if self.cuda else cpu_rows
 
     def buffer(self, rows: int) -> np.ndarray:
-        """The next slot's host buffer as a contiguous (width, rows) float32 array."""
+        """The next slot's host buffer as a contiguous (width, rows) float32 array, free to fill."""
         if rows > self.capacity:
             raise ValueError(f"batch of {rows} rows exceeds the buffer capacity {self.capacity}")
-        return self._hosts[self._slot][: self.width * rows].numpy().reshape(self.width, rows)
+        slot = self._slots[self._next]
+        slot.free_host()
+        return slot.host[: self.width * rows].numpy().reshape(self.width, rows)
 
     def submit(self, matrix: np.ndarray) -> Callable[[], np.ndarray]:
         """Start the forward pass of a (rows, width) float32 batch; call the result for (rows, outputs).
 
         `matrix` is ideally `buffer(rows).T`; anything else is copied into the slot first.
+        Results may be collected in any order, or not at all.
         """
         rows = matrix.shape[0]
-        slot = self._slot
-        self._slot = 1 - slot
-        if not self.cuda:
+        slot = self._slots[self._next]
+        self._next = 1 - self._next
+        if self.streams is None:  # CPU: synchronous, straight from the caller's matrix
             out = np.empty((rows, self.outputs), dtype=np.float32)
             self._run(torch.from_numpy(matrix), torch.from_numpy(out))
             return lambda: out
-        host = self._hosts[slot][: self.width * rows].view(self.width, rows)  # (width, rows), pinned
-        if not np.shares_memory(host.numpy(), matrix):
-            host.numpy()[...] = matrix.T
-        with torch.cuda.stream(self._copy_stream):  # type: ignore[arg-type]
-            features = host.to(self.device, non_blocking=True)  # (width, rows) on the device
-        compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(self._copy_stream)
-        out = self._outs[slot][: rows * self.outputs].view(rows, self.outputs)  # pinned
-        self._run(features.T, out)  # features.T: (rows, width), a transposed view, no copy
-        done = torch.cuda.Event()
-        done.record(compute)
-
-        def result() -> np.ndarray:
-            done.synchronize()
-            return out.numpy().copy()  # the pinned slot is reused two batches later
-
+        if rows > self.capacity:
+            raise ValueError(f"batch of {rows} rows exceeds the buffer capacity {self.capacity}")
+        host = slot.host[: self.width * rows].view(self.width, rows)  # (width, rows), pinned
+        source = matrix.T  # (width, rows)
+        if not (source.flags.c_contiguous and source.ctypes.data == host.data_ptr()):
+            slot.free_host()
+            host.numpy()[...] = source
+        slot.free_out()
+        out = slot.out[: rows * self.outputs].view(rows, self.outputs)  # pinned
+        features, slot.uploaded = self.streams.upload(host)  # (width, rows) on the device
+        # features.T: (rows, width), a transposed view, no copy
+        done = self.streams.compute(lambda: self._run(features.T, out), slot.uploaded)
+        slot.pending = result = _Result(slot, out, done)
         return result
 
     def _run(self, features: torch.Tensor, out: torch.Tensor) -> None:
