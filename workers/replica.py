@@ -75,6 +75,32 @@ def default_batch_size(width: int, on_gpu: bool) -> int:
     return max(4096, min(262_144, _CPU_BATCH_BYTES // (4 * max(1, width))))
 
 
+# What one row costs on one core of the benchmark machine (benchmarks/stages.py): decoding a
+# float feature column, and one multiply-add of the forward pass.
+_DECODE_SECONDS_PER_VALUE = 6e-9
+_FORWARD_SECONDS_PER_MAC = 25e-12
+
+
+def torch_threads(cpus: float, layers: tuple[tuple[int, int, bool], ...]) -> int:
+    """Threads for the CPU forward pass: the replica's CPUs in proportion to the forward's share of the work.
+
+    The replica's other threads decode, stack and write; a forward that is a small part
+    of the work (64->16->1) runs fastest on one thread (measured 2.99M rows/s against
+    2.19M with two, on 2 CPUs), a large one (64->256->256->1) on all of them (0.69M
+    against 0.52M).
+
+    Example:
+        >>> torch_threads(2, ((64, 16, True), (16, 1, True)))
+        1
+        >>> torch_threads(2, ((64, 256, True), (256, 256, True), (256, 1, True)))
+        2
+    """
+    macs = sum(n_in * n_out for n_in, n_out, _ in layers)
+    forward = macs * _FORWARD_SECONDS_PER_MAC
+    decode = layers[0][0] * _DECODE_SECONDS_PER_VALUE
+    return max(1, min(int(cpus), round(int(cpus) * forward / (forward + decode))))
+
+
 class Replica:
     """Holds one model replica; `process` turns a shard into one committed output file."""
 
@@ -98,6 +124,7 @@ class Replica:
         self.shards = 0
         self.rows = 0
         self.busy_seconds = 0.0
+        self._torch_threads = 0  # torch's threads before this replica set its own (CPU)
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
@@ -112,8 +139,6 @@ class Replica:
         from workers.model import MLP, read_model
 
         job = self.job
-        if self.node != "driver":  # the driver's torch settings are its caller's
-            torch.set_num_threads(max(1, int(job.cpus)))
         device = torch.device("cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu")
         if self.gpu_ids and device.type != "cuda":
             logger.warning("[replica %d] assigned GPU(s) %s but CUDA is not available; using the CPU",
@@ -123,6 +148,9 @@ class Replica:
         _, spec, layers = read_model(job.model)
         if spec.sha256 != job.model_sha256:
             raise ModelError(f"model {job.model!r} changed since the run was planned (sha256 {spec.sha256[:12]}...)")
+        if device.type == "cpu":
+            self._torch_threads = torch.get_num_threads()  # put back on close (the driver lane's are its caller's)
+            torch.set_num_threads(torch_threads(job.cpus, spec.layers))
         mlp = MLP(layers, job.activation, job.output_activation, device, job.precision)
         self.device = str(device)
         logger.info("[replica %d] model loaded on %s (%s), batch_size=%d", self.index, self.host, device,
@@ -147,6 +175,10 @@ class Replica:
 
     def close(self) -> None:
         self.state = State.CLOSED
+        if self._torch_threads:
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
         if self._model.done() and self._model.exception() is None and self.device.startswith("cuda"):
             import torch
 
