@@ -280,7 +280,7 @@ def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:
 
 def _prepare(cfg: JobConfig) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan."""
-    from workers.model import inspect_model
+    from workers.modelfile import inspect_model
 
     source, output = resolve(absolute(cfg.input)), resolve(absolute(cfg.output))
     _check_overlap(cfg, source, output)

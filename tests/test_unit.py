@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import golden_model, save_mlp
+from conftest import golden_model, mlp, save_mlp
 
 import pipelines
 import workers
@@ -300,6 +302,54 @@ def test_model_refusals(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ModelError, match="not a readable"):
         read_model(str(tmp_path / "junk.pt"))
+
+
+def _saved(tensors: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return buf.getvalue()
+
+
+def test_the_driver_reads_model_shapes_without_torch_and_agrees_with_the_torch_loader(tmp_path: Path) -> None:
+    from safetensors.torch import save as save_safetensors
+
+    from workers.modelfile import layer_shapes
+
+    model = mlp([4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 2], seed=3)  # 11 layers: "10.weight" after "8.weight"
+    no_bias = mlp([3, 5, 1], bias=False)
+    accepted = {
+        "sequential.pt": _saved(model.state_dict()),
+        "sequential.safetensors": save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}),
+        "no-bias.pt": _saved(no_bias.state_dict()),
+        "half.pt": _saved({k: v.half() for k, v in model.state_dict().items()}),
+        "bf16.safetensors": save_safetensors({k: v.bfloat16().contiguous() for k, v in no_bias.state_dict().items()}),
+        "plain-dict.pt": _saved({"w.weight": torch.ones(2, 3), "w.bias": torch.ones(2)}),
+    }
+    for name, data in accepted.items():
+        assert layer_shapes(data, name) == tuple((int(w.shape[1]), int(w.shape[0]), b is not None)
+                                                 for w, b in parse_layers(data, name)), name
+    refused = {  # each goes to the torch loader, which raises the precise error
+        "chain.pt": _saved({"0.weight": torch.ones(4, 2), "2.weight": torch.ones(1, 3)}),
+        "norm.pt": _saved({"0.weight": torch.ones(2, 2), "1.running_mean": torch.ones(2)}),
+        "ints.pt": _saved({"0.weight": torch.ones(2, 2, dtype=torch.int64)}),
+        "bias.pt": _saved({"0.weight": torch.ones(2, 2), "0.bias": torch.ones(3)}),
+        "junk.pt": b"not a model",
+    }
+    whole = io.BytesIO()
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 1)), whole)  # a pickled module: code, never built here
+    refused["whole.pt"] = whole.getvalue()
+    for name, data in refused.items():
+        assert layer_shapes(data, name) is None, name
+        with pytest.raises(ModelError):
+            parse_layers(data, name)
+    (tmp_path / "m.pt").write_bytes(accepted["sequential.pt"])
+    probe = subprocess.run([sys.executable, "-c", "import sys, workers.modelfile as f; "
+                            f"print(f.inspect_model({str(tmp_path / 'm.pt')!r}).layers, 'torch' in sys.modules)"],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], check=True)
+    assert probe.stdout.split()[-1] == "False" and "(4, 8, True)" in probe.stdout  # torch never imported
+    from workers.modelfile import inspect_model
+
+    assert inspect_model(str(tmp_path / "m.pt")) == read_model(str(tmp_path / "m.pt"))[1]
 
 
 # --- replica data path (no actor) ------------------------------------------------------------------

@@ -14,39 +14,14 @@ import pickle
 import re
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from pipelines.errors import ModelError
 from pipelines.storage import read_bytes, resolve
+from workers.modelfile import ModelSpec
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the driver needs to know about a model: identity and shapes."""
-
-    uri: str
-    sha256: str
-    layers: tuple[tuple[int, int, bool], ...]  # (in_features, out_features, has_bias) per Linear
-
-    @property
-    def in_features(self) -> int:
-        return self.layers[0][0]
-
-    @property
-    def out_features(self) -> int:
-        return self.layers[-1][1]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "sha256": self.sha256,
-            "layers": [[n_in, n_out] for n_in, n_out, _ in self.layers],
-            "bias": [bias for _, _, bias in self.layers],
-        }
 
 
 def read_model(uri: str) -> tuple[bytes, ModelSpec, list[tuple[torch.Tensor, torch.Tensor | None]]]:
@@ -72,8 +47,10 @@ def read_model(uri: str) -> tuple[bytes, ModelSpec, list[tuple[torch.Tensor, tor
 
 
 def inspect_model(uri: str) -> ModelSpec:
-    """The spec of a model file (what the driver validates against)."""
-    return read_model(uri)[1]
+    """The spec of a model file (what the driver validates against); see `workers.modelfile`."""
+    from workers.modelfile import inspect_model as inspect
+
+    return inspect(uri)
 
 
 def parse_layers(data: bytes, name: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
