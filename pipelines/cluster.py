@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from pipelines.config import JobConfig
 from pipelines.errors import ClusterConnectError, ConfigError, ResourceError
+from workers.modelfile import forward_share
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ class ClusterView:
         return sorted({node.host for node in self.nodes})
 
 
-def plan_replicas(cfg: JobConfig, shards: int, view: ClusterView) -> ReplicaResources:
+def plan_replicas(cfg: JobConfig, shards: int, view: ClusterView,
+                  layers: tuple[tuple[int, int, bool], ...] = ()) -> ReplicaResources:
     """Pick each replica's resources, the replicas to start with and the most the pool may hold
     (pure: no Ray calls). Refuses (ResourceError) only what can never run.
 
@@ -150,7 +152,8 @@ def plan_replicas(cfg: JobConfig, shards: int, view: ClusterView) -> ReplicaReso
     per_gpu = cfg.gpus_per_replica
     if per_gpu is None:
         per_gpu = 1.0 if totals.get("GPU", 0.0) > 0 or types_with_gpus else 0.0
-    per_cpu, chosen = (cfg.cpus_per_replica, "") if cfg.cpus_per_replica is not None else auto_cpus(view, per_gpu)
+    per_cpu, chosen = (cfg.cpus_per_replica, "") if cfg.cpus_per_replica is not None else auto_cpus(view, per_gpu,
+                                                                                                  layers)
     fits_now = sum(_fits(node.total, per_cpu, per_gpu) for node in view.nodes)
     growable = view.autoscaling is not False and not (
         view.node_types is not None and not any(_fits(t, per_cpu, per_gpu) for t in view.node_types))
@@ -183,17 +186,21 @@ def plan_replicas(cfg: JobConfig, shards: int, view: ClusterView) -> ReplicaReso
 _CPU_REPLICA_MOST = 4  # CPUs of one CPU replica under `cpus_per_replica: auto`
 
 
-def auto_cpus(view: ClusterView, per_gpu: float) -> tuple[float, str]:
+def auto_cpus(view: ClusterView, per_gpu: float, layers: tuple[tuple[int, int, bool], ...] = ()) -> tuple[float, str]:
     """`cpus_per_replica: auto`: the CPUs each replica reserves, and why (pure).
 
     A GPU replica is fed only as fast as its own threads decode, so GPU replicas
     share their node's CPUs, less one left to Ray's own processes on nodes of 4
     or more CPUs; with several kinds of GPU node, the smallest share, so one
-    replica shape fits them all. CPU replicas split each node's CPUs into
-    replicas of at most 4: a replica decodes on all its CPUs, and on the
-    data-bound benchmark one 2-CPU replica matches two 1-CPU replicas while it
-    starts sooner and holds one model instead of two (benchmarks/README.md);
-    past 4 threads its serial parts (the write, the Python loop) would cap it.
+    replica shape fits them all.
+
+    CPU replicas depend on the model (`layers`): when the forward pass is most
+    of the work (64->256->256->1), one CPU each (on 2 CPUs two such replicas
+    took 14.1 s where one of two CPUs took 16.0 s); otherwise each node's CPUs
+    are split into replicas of at most 4, which decode on all their CPUs (on
+    the data-bound 64->16->1 job one 2-CPU replica took 12.2 s where two 1-CPU
+    ones took 13.6 s, and it holds one model instead of two). Past 4 threads a
+    replica's serial parts (the write, the Python loop) would cap it.
 
     Example:
         >>> view = ClusterView((Node("head", "h", {"CPU": 8.0}), Node("g", "h", {"CPU": 16.0, "GPU": 2.0})))
@@ -201,6 +208,8 @@ def auto_cpus(view: ClusterView, per_gpu: float) -> tuple[float, str]:
         7.0
     """
     shapes = [node.total for node in view.nodes] + list(view.node_types or ())
+    if per_gpu <= 0 and layers and forward_share(layers) > 0.5:
+        return 1.0, "1 CPU per CPU replica: the forward pass is most of this model's work"
     if per_gpu <= 0:
         shares = [cpus / math.ceil(cpus / _CPU_REPLICA_MOST) for shape in shapes if (cpus := shape.get("CPU", 0.0)) > 0]
         most = min((float(math.floor(share)) if share >= 1 else share for share in shares), default=1.0)

@@ -226,8 +226,9 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            metavar="N"),
     KeyDoc("cpus_per_replica", "`auto`",
            "CPUs reserved per replica (also its decode and torch threads); `auto` = GPU replicas share their "
-           "node's CPUs less one left to Ray (nodes of 4+ CPUs); CPU replicas split each node's CPUs into "
-           "replicas of at most 4. The report says what was chosen", metavar="N|auto"),
+           "node's CPUs less one left to Ray (nodes of 4+ CPUs); CPU replicas get 1 CPU each when the forward pass is "
+           "most of the model's work, else each node's CPUs split into replicas of at most 4. The report says what "
+           "was chosen", metavar="N|auto"),
     KeyDoc("precision", "`fp32`", "forward-pass precision: `fp32`, `tf32`, `bf16`, `fp16` (tf32 only changes "
            "anything on GPUs)", choices=PRECISIONS),
     KeyDoc("shard_rows", "1,000,000", "target rows per shard; shards are whole row groups of one file",

@@ -211,7 +211,7 @@ def run(
                         view = observe(embedded=ray_session.embedded)
                         check_shared_storage(cfg, view, {"model": job.model, "input": job.input,
                                                          "output": job.output})
-                        resources = plan_replicas(cfg, len(runnable), view)
+                        resources = plan_replicas(cfg, len(runnable), view, p.model.layers)
                         job = dataclasses.replace(job, cpus=resources.num_cpus)
                         chosen[:] = [resources.num_cpus, resources.num_gpus]
                         if resources.cpus_chosen:
@@ -267,7 +267,7 @@ def _lane_resources(cfg: JobConfig, shards: list[Shard]) -> Any:
     view = local_view()
     if cfg.gpus_per_replica or (cfg.gpus_per_replica is None and view.totals.get("GPU", 0.0) > 0):
         return None
-    return plan_replicas(cfg.replace(gpus_per_replica=0), len(shards), view)
+    return plan_replicas(cfg.replace(gpus_per_replica=0), len(shards), view)  # one replica: all it may use
 
 
 def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:

@@ -401,6 +401,17 @@ def test_auto_cpus_per_replica_shares_a_gpu_node_among_its_replicas(nodes: list[
     assert resources.count >= 1  # the chosen shape fits the nodes it was chosen from
 
 
+def test_auto_cpus_per_replica_gives_cpu_replicas_one_cpu_when_the_forward_pass_is_most_of_the_work() -> None:
+    cfg = JobConfig.from_dict({"model": "m", "input": "i", "output": "o"})
+    wide = ((64, 256, True), (256, 256, True), (256, 1, True))
+    narrow = ((64, 16, True), (16, 1, True))
+    shape = lambda r: (r.count, r.num_cpus, r.num_gpus)  # noqa: E731
+    assert shape(plan_replicas(cfg, 10, _view({"CPU": 2.0}), wide)) == (2, 1.0, 0.0)
+    assert shape(plan_replicas(cfg, 10, _view({"CPU": 2.0}), narrow)) == (1, 2.0, 0.0)
+    gpu = cfg.replace(gpus_per_replica=1)  # GPU replicas share their node's CPUs whatever the model
+    assert plan_replicas(gpu, 10, _view({"CPU": 8.0, "GPU": 1.0}), wide).num_cpus == 7.0
+
+
 def test_auto_cpus_per_replica_uses_node_types_and_says_when_it_cannot_see_a_gpu_node() -> None:
     cfg = JobConfig.from_dict({"model": "m", "input": "i", "output": "o", "gpus_per_replica": 1})
     typed = plan_replicas(cfg, 10, _view({"CPU": 4.0}, types=({"CPU": 8.0, "GPU": 1.0},), autoscaling=True))

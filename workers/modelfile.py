@@ -51,6 +51,25 @@ class ModelSpec:
         }
 
 
+# What one row costs on one core of the benchmark machine (benchmarks/stages.py): decoding a
+# float feature column, and one multiply-add of the CPU forward pass.
+_DECODE_SECONDS_PER_VALUE = 6e-9
+_FORWARD_SECONDS_PER_MAC = 25e-12
+
+
+def forward_share(layers: tuple[tuple[int, int, bool], ...]) -> float:
+    """The CPU forward pass's estimated share of a CPU replica's work per row (the rest: decode and write).
+
+    Example:
+        >>> round(forward_share(((64, 16, True), (16, 1, True))), 2)
+        0.06
+        >>> round(forward_share(((64, 256, True), (256, 256, True), (256, 1, True))), 2)
+        0.84
+    """
+    forward = sum(n_in * n_out for n_in, n_out, _ in layers) * _FORWARD_SECONDS_PER_MAC
+    return forward / (forward + layers[0][0] * _DECODE_SECONDS_PER_VALUE)
+
+
 _FLOAT_STORAGES = {"FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage"}
 _FLOAT_SAFETENSORS = {"F16", "BF16", "F32", "F64"}
 

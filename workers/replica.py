@@ -27,6 +27,7 @@ import pyarrow as pa
 from pipelines.errors import ModelError, ShardDataError
 from pipelines.journal import write_commit
 from pipelines.storage import resolve
+from workers.modelfile import forward_share
 from workers.reader import decode, describe_invalid, open_parquet
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
 
@@ -75,12 +76,6 @@ def default_batch_size(width: int, on_gpu: bool) -> int:
     return max(4096, min(262_144, _CPU_BATCH_BYTES // (4 * max(1, width))))
 
 
-# What one row costs on one core of the benchmark machine (benchmarks/stages.py): decoding a
-# float feature column, and one multiply-add of the forward pass.
-_DECODE_SECONDS_PER_VALUE = 6e-9
-_FORWARD_SECONDS_PER_MAC = 25e-12
-
-
 def torch_threads(cpus: float, layers: tuple[tuple[int, int, bool], ...]) -> int:
     """Threads for the CPU forward pass: the replica's CPUs in proportion to the forward's share of the work.
 
@@ -95,10 +90,7 @@ def torch_threads(cpus: float, layers: tuple[tuple[int, int, bool], ...]) -> int
         >>> torch_threads(2, ((64, 256, True), (256, 256, True), (256, 1, True)))
         2
     """
-    macs = sum(n_in * n_out for n_in, n_out, _ in layers)
-    forward = macs * _FORWARD_SECONDS_PER_MAC
-    decode = layers[0][0] * _DECODE_SECONDS_PER_VALUE
-    return max(1, min(int(cpus), round(int(cpus) * forward / (forward + decode))))
+    return max(1, min(int(cpus), round(int(cpus) * forward_share(layers))))
 
 
 class Replica:
