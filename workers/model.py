@@ -18,8 +18,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from pipelines.errors import ModelError
-from pipelines.storage import read_bytes, resolve
-from workers.modelfile import ModelSpec
+from workers.modelfile import ModelSpec, read_model_bytes
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -31,19 +30,17 @@ def read_model(uri: str) -> tuple[bytes, ModelSpec, list[tuple[torch.Tensor, tor
 
     Example:
         >>> _, spec, _ = read_model("model.pt")  # doctest: +SKIP
-        >>> spec.layers
+        >>> spec.layers  # doctest: +SKIP
         ((2, 3, False), (3, 1, False))
     """
-    location = resolve(uri)
-    try:
-        data = read_bytes(location.fs, location.path)
-    except OSError as exc:
-        raise ModelError(f"cannot read model {uri!r}: {exc}") from exc
-    if data is None:
-        raise ModelError(f"model file {uri!r} does not exist")
+    data = read_model_bytes(uri)
     layers = parse_layers(data, uri)
-    shapes = tuple((int(w.shape[1]), int(w.shape[0]), b is not None) for w, b in layers)
-    return data, ModelSpec(uri, hashlib.sha256(data).hexdigest(), shapes), layers
+    return data, ModelSpec(uri, hashlib.sha256(data).hexdigest(), shapes_of(layers)), layers
+
+
+def shapes_of(layers: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[tuple[int, int, bool], ...]:
+    """(in_features, out_features, has_bias) per layer, as `ModelSpec.layers` holds them."""
+    return tuple((int(w.shape[1]), int(w.shape[0]), b is not None) for w, b in layers)
 
 
 def inspect_model(uri: str) -> ModelSpec:

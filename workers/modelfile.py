@@ -81,6 +81,17 @@ def inspect_model(uri: str) -> ModelSpec:
         >>> inspect_model("model.pt").layers  # doctest: +SKIP
         ((64, 16, True), (16, 1, True))
     """
+    data = read_model_bytes(uri)
+    shapes = layer_shapes(data, uri)
+    if shapes is None:  # the torch loader accepts it, or raises the precise ModelError
+        from workers.model import parse_layers, shapes_of
+
+        shapes = shapes_of(parse_layers(data, uri))
+    return ModelSpec(uri, hashlib.sha256(data).hexdigest(), shapes)
+
+
+def read_model_bytes(uri: str) -> bytes:
+    """A model file's bytes; `ModelError` naming it when it cannot be read or does not exist."""
     location = resolve(uri)
     try:
         data = read_bytes(location.fs, location.path)
@@ -88,12 +99,7 @@ def inspect_model(uri: str) -> ModelSpec:
         raise ModelError(f"cannot read model {uri!r}: {exc}") from exc
     if data is None:
         raise ModelError(f"model file {uri!r} does not exist")
-    shapes = layer_shapes(data, uri)
-    if shapes is None:
-        from workers.model import read_model
-
-        return read_model(uri)[1]
-    return ModelSpec(uri, hashlib.sha256(data).hexdigest(), shapes)
+    return data
 
 
 def layer_shapes(data: bytes, name: str) -> tuple[tuple[int, int, bool], ...] | None:
