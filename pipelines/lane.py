@@ -52,7 +52,7 @@ def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[
             if error:
                 ended = f"lost: {error}"
                 for rest in shards[position + 1:]:
-                    on_result(rest, _failed(rest, 0, f"replica error: {error}"))
+                    on_result(rest, rest.failed(0, f"replica error: {error}"))
                 break
     finally:
         replica.close()
@@ -73,15 +73,10 @@ def _process(replica: Replica, shard: Shard, max_attempts: int) -> tuple[dict[st
             logger.warning("driver: storage error on shard %s (attempt %d): %s", shard.id, attempts, exc)
             if attempts < max_attempts:
                 continue
-            return _failed(shard, attempts, f"storage error: {exc}"), ""
+            return shard.failed(attempts, f"storage error: {exc}"), ""
         except Exception as exc:  # not the shard's fault: the model does not load here, or a bug
             error = f"{type(exc).__name__}: {exc}"
             logger.error("driver: shard %s: %s", shard.id, error)
-            return _failed(shard, attempts, f"replica error: {error}"), error
+            return shard.failed(attempts, f"replica error: {error}"), error
         result["attempts"] = attempts
         return result, ""
-
-
-def _failed(shard: Shard, attempts: int, error: str) -> dict[str, Any]:
-    return {"id": shard.id, "status": "failed", "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0,
-            "output": shard.output, "rejected_output": None, "attempts": attempts, "error": error}

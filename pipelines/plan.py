@@ -22,6 +22,7 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -113,6 +114,11 @@ class Shard:
         return {"id": self.id, "input": self.input, "path": self.path, "rel": self.rel,
                 "fingerprint": self.fingerprint, "file_row_groups": self.file_row_groups,
                 "row_groups": self.row_groups, "rows_in": self.rows_in, "output": self.output}
+
+    def failed(self, attempts: int, error: str) -> dict[str, Any]:
+        """The result record of this shard when it did not run to a commit (as `Replica.process` returns one)."""
+        return {"id": self.id, "status": "failed", "rows_in": self.rows_in, "rows_out": 0, "rows_rejected": 0,
+                "output": self.output, "rejected_output": None, "attempts": attempts, "error": error}
 
 
 def split_row_groups(rows: Sequence[int], shard_rows: int) -> list[tuple[int, int]]:

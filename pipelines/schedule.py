@@ -180,7 +180,7 @@ class Scheduler:
                 self._retry(shard, STORAGE, _last_line(exc))
                 return
             # A bug in the replica code, not a data error (those come back as failed results).
-            self._on_result(shard, _failure(shard, self._attempts[shard.id], f"replica error: {_last_line(exc)}"))
+            self._on_result(shard, shard.failed(self._attempts[shard.id], f"replica error: {_last_line(exc)}"))
             return
         shard = self._finish(slot, ref)
         if value.get("status") == "committed" and "started" in value and "finished" in value:
@@ -255,7 +255,7 @@ class Scheduler:
             error = f"{kinds[0]} on each of {attempts} attempt(s): {reason}"
         else:
             error = f"{', '.join(kinds)} over {attempts} attempt(s) (last: {reason})"
-        self._on_result(shard, _failure(shard, attempts, error))
+        self._on_result(shard, shard.failed(attempts, error))
 
     def _stuck(self) -> str | None:
         """Why no replica can run the remaining shards, or None while one can (or still may)."""
@@ -282,7 +282,7 @@ class Scheduler:
         logger.error("no replica left to run %d shard(s): %s", len(self._pending), why)
         while self._pending:
             shard = self._pending.popleft()
-            self._on_result(shard, _failure(shard, self._attempts[shard.id], f"no replica left to run it: {why}"))
+            self._on_result(shard, shard.failed(self._attempts[shard.id], f"no replica left to run it: {why}"))
 
     def _abort(self, shard: Shard, why: str) -> None:
         """Stop the job after it started: every shard not done fails with `why` (the run exits 1, never 2)."""
@@ -296,12 +296,7 @@ class Scheduler:
         failed += list(self._pending)
         self._pending.clear()
         for item in failed:
-            self._on_result(item, _failure(item, self._attempts[item.id], why))
-
-
-def _failure(shard: Shard, attempts: int, error: str) -> dict[str, Any]:
-    return {"id": shard.id, "status": "failed", "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0,
-            "output": shard.output, "rejected_output": None, "attempts": attempts, "error": error}
+            self._on_result(item, item.failed(self._attempts[item.id], why))
 
 
 def _last_line(exc: BaseException) -> str:

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import pickle
-import re
-import struct
 from collections.abc import Callable, Mapping
 
 import torch
 
 from pipelines.errors import ModelError
-from workers.modelfile import ModelSpec, read_model_bytes
+from workers.modelfile import ModelSpec, looks_like_safetensors, read_model_bytes, safetensors_header
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,7 +49,7 @@ def inspect_model(uri: str) -> ModelSpec:
 
 def parse_layers(data: bytes, name: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """(weight, bias) per Linear layer, in order, with shapes checked to chain."""
-    if name.endswith(".safetensors") or _looks_like_safetensors(data):
+    if name.endswith(".safetensors") or looks_like_safetensors(data):
         tensors, keys = _load_safetensors(data, name)
     else:
         tensors = _load_state_dict(data, name)
@@ -114,13 +111,6 @@ def _unsupported_global(exc: Exception) -> str:
     return next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "")
 
 
-def _looks_like_safetensors(data: bytes) -> bool:
-    if len(data) < 9:
-        return False
-    (header_len,) = struct.unpack("<Q", data[:8])
-    return 0 < header_len <= len(data) - 8 and data[8:9] == b"{"
-
-
 def _load_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     from safetensors.torch import load as load_safetensors
 
@@ -128,13 +118,7 @@ def _load_safetensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], 
         tensors = load_safetensors(data)
     except Exception as exc:
         raise ModelError(f"model {name!r} is not a readable safetensors file: {exc}") from exc
-    (header_len,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + header_len])
-    keys = [key for key in header if key != "__metadata__"]
-    # safetensors does not keep insertion order; nn.Sequential keys ("0.weight",
-    # "2.weight", "10.weight") are put back in order by their numeric parts.
-    keys.sort(key=lambda key: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key.rpartition(".")[0])])
-    return tensors, keys
+    return tensors, list(safetensors_header(data))
 
 
 # In place: each layer's output is a fresh tensor, so no extra allocation per activation.

@@ -105,7 +105,7 @@ def read_model_bytes(uri: str) -> bytes:
 def layer_shapes(data: bytes, name: str) -> tuple[tuple[int, int, bool], ...] | None:
     """(in_features, out_features, has_bias) per Linear layer, or None when only torch can tell."""
     try:
-        tensors = _safetensors(data) if name.endswith(".safetensors") or _looks_like_safetensors(data) \
+        tensors = _safetensors(data) if name.endswith(".safetensors") or looks_like_safetensors(data) \
             else _state_dict(data)
     except Exception:  # anything unexpected: the torch loader decides
         return None
@@ -131,21 +131,29 @@ def layer_shapes(data: bytes, name: str) -> tuple[tuple[int, int, bool], ...] | 
     return tuple(layers) if layers else None
 
 
-def _looks_like_safetensors(data: bytes) -> bool:
+def looks_like_safetensors(data: bytes) -> bool:
     if len(data) < 9:
         return False
     (header_len,) = struct.unpack("<Q", data[:8])
     return 0 < header_len <= len(data) - 8 and data[8:9] == b"{"
 
 
-def _safetensors(data: bytes) -> dict[str, tuple[tuple[int, ...], bool]]:
+def safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
+    """A safetensors file's tensor entries (dtype, shape, offsets), in layer order.
+
+    safetensors does not keep insertion order; nn.Sequential keys ("0.weight",
+    "2.weight", "10.weight") are put back in order by their numeric parts.
+    """
     (header_len,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + header_len])
     keys = [key for key in header if key != "__metadata__"]
-    # The order `workers.model` uses: nn.Sequential keys by their numeric parts.
     keys.sort(key=lambda key: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key.rpartition(".")[0])])
-    return {key: (tuple(int(n) for n in header[key]["shape"]), header[key]["dtype"] in _FLOAT_SAFETENSORS)
-            for key in keys}
+    return {key: header[key] for key in keys}
+
+
+def _safetensors(data: bytes) -> dict[str, tuple[tuple[int, ...], bool]]:
+    return {key: (tuple(int(n) for n in entry["shape"]), entry["dtype"] in _FLOAT_SAFETENSORS)
+            for key, entry in safetensors_header(data).items()}
 
 
 class _Unsure(Exception):
