@@ -240,6 +240,7 @@ def _measure(
             output = OUT / workload.name / name
             shutil.rmtree(output, ignore_errors=True)
             gc.collect()
+            os.sync()  # the previous arm's output reaches the disk now, not during this arm's run
             time.sleep(1.0)  # let the previous arm's actors and files settle
             others, start = _others_cpu(), time.perf_counter()
             try:

@@ -34,6 +34,7 @@ from pipelines.storage import (
     sweep_temps,
     write_bytes_atomic,
 )
+from workers import reader
 from workers.reader import ParquetSource, iter_batches, open_parquet
 
 # --- globs ------------------------------------------------------------------------------------
@@ -344,15 +345,22 @@ def collect(batches: Iterator[object]) -> list[object]:
     return list(batches)
 
 
-def test_reader_resumes_after_a_transient_error_without_repeating_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed-row-groups", "whole-row-groups"])
+def test_reader_resumes_after_a_transient_error_without_repeating_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool
+) -> None:
     path = tmp_path / "t.parquet"
     table = parquet_file(path, rows=1000, row_group_size=250)
+    if not whole:  # every row group is streamed batch by batch, as a large one is
+        monkeypatch.setattr(reader, "WHOLE_GROUP_BYTES", 0)
+    slow_down = OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
 
     class FailsOnce(ParquetSource):
-        """Decoding fails transiently once, in the middle of the second row group."""
+        """Decoding fails transiently once, in the middle of the second row group (streamed) or reading it (whole)."""
 
         decoded = 0
         opened = 0
+        whole_reads: list[int] = []
 
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -362,9 +370,15 @@ def test_reader_resumes_after_a_transient_error_without_repeating_rows(tmp_path:
             for batch in super().iter_batches(*args, **kwargs):  # type: ignore[arg-type]
                 if FailsOnce.decoded == 4:  # rows 0-249 done, 250-349 handed out: fail inside row group 1
                     FailsOnce.decoded += 1
-                    raise OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
+                    raise slow_down
                 FailsOnce.decoded += 1
                 yield batch
+
+        def read_row_group(self, i: int, *args: object, **kwargs: object) -> pa.Table:  # type: ignore[override]
+            FailsOnce.whole_reads.append(i)
+            if FailsOnce.whole_reads == [0, 1]:
+                raise slow_down
+            return super().read_row_group(i, *args, **kwargs)  # type: ignore[arg-type]
 
     source = FailsOnce(resolve(str(path)), str(path), str(path))
     seen: list[int] = []
@@ -374,6 +388,8 @@ def test_reader_resumes_after_a_transient_error_without_repeating_rows(tmp_path:
         seen.extend(ids)
     assert seen == table.column("id").to_pylist()  # every row once, in order
     assert FailsOnce.opened == 2  # the file was opened again after the failure
+    assert FailsOnce.whole_reads == ([0, 1, 1, 2, 3] if whole else [])
+    assert (FailsOnce.decoded == 0) == whole  # a row group is read whole or streamed, never both
 
 
 def test_reader_gives_up_with_storage_error_not_a_data_error(tmp_path: Path) -> None:
@@ -416,3 +432,20 @@ def test_read_parquet_footer(tmp_path: Path) -> None:
 
 def test_location_glob_chars() -> None:
     assert Location(pafs.LocalFileSystem(), "/x", "/x", "").glob_chars == "*?["
+
+
+def test_whole_row_group_reads_count_only_the_wanted_columns(tmp_path: Path) -> None:
+    path = tmp_path / "nested.parquet"
+    rows = 1000
+    pq.write_table(pa.table({
+        "id": pa.array(range(rows), pa.int64()),
+        "features": pa.array([[float(i)] * 8 for i in range(rows)], pa.list_(pa.float32())),
+        "blob": pa.array(["x" * 200] * rows),
+        "blob.more": pa.array(["y" * 10] * rows),
+    }), path, compression="snappy")
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    sizes = {group.column(i).path_in_schema: group.column(i).total_uncompressed_size for i in range(group.num_columns)}
+    assert set(sizes) == {"id", "features.list.element", "blob", "blob.more"}
+    assert reader._decoded_bytes(group, {"id", "features"}) == sizes["id"] + sizes["features.list.element"]
+    assert reader._decoded_bytes(group, {"blob.more"}) == sizes["blob.more"]
+    assert reader._decoded_bytes(group, {"blob"}) == sizes["blob"] + sizes["blob.more"]  # a dotted neighbour: more, never less
