@@ -186,7 +186,10 @@ def _summary_row(
     label = summary.workload_label(
         workload.description, workload.widths, workload.rows, len(workload.files), whole=whole is not None
     )
-    return {**summary.summarise_row(label, seconds, workload.rows), "name": workload.name}
+    steadies = [r["details"]["steady"] for r in runs.get("batch-infer", []) if whole is None and r["details"].get("steady")]
+    steady = {key: statistics.median(s[key] for s in steadies) for key in ("rows_per_second", "start_up_seconds")} \
+        if steadies else None
+    return {**summary.summarise_row(label, seconds, workload.rows, steady), "name": workload.name}
 
 
 def _names(allowed: Any) -> Any:

@@ -38,11 +38,19 @@ def workload_label(description: str, widths: tuple[int, ...], rows: int, files: 
     return text + (", whole process" if whole else "")
 
 
-def summarise_row(label: str, seconds: dict[str, float], rows: int) -> dict[str, Any]:
-    """One table row from the median seconds per system (systems not run are absent)."""
+def summarise_row(label: str, seconds: dict[str, float], rows: int,
+                  steady: dict[str, float] | None = None) -> dict[str, Any]:
+    """One table row from the median seconds per system (systems not run are absent).
+
+    ``steady``: batch-infer's median steady-state rows/s and start-up seconds
+    (`steady_state`); with the limit it gives ``steady_vs_limit``, the steady
+    rate as a fraction of the limit's.
+    """
     ours = seconds.get("batch-infer")
     peers = {name: seconds[name] for name in PEERS if name in seconds}
     best = min(peers, key=peers.__getitem__) if peers else None
+    if steady is not None and "limit" in seconds:
+        steady = {**steady, "steady_vs_limit": round(steady["rows_per_second"] * seconds["limit"] / rows, 3)}
     return {
         "metric": "summary",
         "workload": label,
@@ -52,7 +60,41 @@ def summarise_row(label: str, seconds: dict[str, float], rows: int) -> dict[str,
         "vs_limit": round(seconds["limit"] / ours, 3) if ours and "limit" in seconds else None,
         "best_peer": best,
         "vs_best_peer": round(peers[best] / ours, 3) if ours and best else None,
+        "steady": steady,
     }
+
+
+def steady_state(spans: list[dict[str, Any]], seconds: float) -> dict[str, Any] | None:
+    """batch-infer's run split into start-up and steady state, from its shard spans (the run's timeline).
+
+    ``spans``: one per shard, ``{"replica", "start", "end", "rows"}`` in seconds from the
+    first shard's start. The steady state begins when every replica has committed its
+    first shard (each has started, loaded its model and decoded a shard by then) and
+    ends with the last shard; rows of a shard running across that moment count in
+    proportion to the time inside. ``start_up_seconds`` is what the run took beyond
+    doing all its rows at the steady rate: actor start, torch import, the first shards.
+
+    Example:
+        >>> spans = [{"replica": 0, "start": 0.0, "end": 2.0, "rows": 100},
+        ...          {"replica": 0, "start": 2.0, "end": 3.0, "rows": 100},
+        ...          {"replica": 0, "start": 3.0, "end": 4.0, "rows": 100}]
+        >>> steady_state(spans, 4.5)
+        {'rows_per_second': 100.0, 'start_up_seconds': 1.5, 'steady_from_seconds': 2.0}
+    """
+    if not spans:
+        return None
+    firsts = {}
+    for span in sorted(spans, key=lambda s: s["end"]):
+        firsts.setdefault(span["replica"], span["end"])
+    begin, end = max(firsts.values()), max(s["end"] for s in spans)
+    if end <= begin:
+        return None
+    inside = sum(s["rows"] * max(0.0, min(s["end"], end) - max(s["start"], begin)) / (s["end"] - s["start"])
+                 for s in spans if s["end"] > s["start"])
+    rate = inside / (end - begin)
+    total = sum(s["rows"] for s in spans)
+    return {"rows_per_second": round(rate, 1), "start_up_seconds": round(seconds - total / rate, 3),
+            "steady_from_seconds": round(begin, 3)}
 
 
 def render(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
@@ -83,6 +125,12 @@ def render(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
         "(medians; ratios are throughput ratios of batch-infer: limit s / batch-infer s, best peer s / batch-infer s;"
         " > 1 = batch-infer faster)"
     )
+    for row in rows:
+        steady = row.get("steady")
+        if steady:
+            share = f" = {steady['steady_vs_limit']:.2f}x the limit's rate" if "steady_vs_limit" in steady else ""
+            lines.append(f"batch-infer, {row['workload']}: steady state {_count(steady['rows_per_second'], 2)} rows/s"
+                         f"{share}; start-up (actor start, torch import, first shards) {steady['start_up_seconds']:.2f} s")
     lines += [f"{LABELS.get(name, name)}: {text}" for name, text in notes.items()]
     return "\n".join(lines)
 

@@ -103,11 +103,22 @@ def _forward(layers: list[tuple[Any, Any]], x: np.ndarray) -> np.ndarray:
 
 
 def run_batch_infer(model: Path, input: Path, output: Path, **options: Any) -> dict[str, Any]:
-    """The product, in-process; ``options`` are extra config keys (``replicas=2``)."""
+    """The product, in-process; ``options`` are extra config keys (``replicas=2``).
+
+    Its shard timeline (``--timeline``) is kept beside the output and split into
+    start-up and steady state (``summary.steady_state``): the details' ``steady``.
+    """
     import pipelines
 
-    report = pipelines.run(model=str(model), input=str(input), output=str(output), overwrite=True, **options)
-    return report.to_dict()
+    from benchmarks.summary import steady_state
+
+    timeline = output.with_name(output.name + ".timeline.json")
+    report = pipelines.run(model=str(model), input=str(input), output=str(output), overwrite=True,
+                           timeline=str(timeline), **options)
+    events = json.loads(timeline.read_text())["traceEvents"]
+    spans = [{"replica": e["tid"], "start": e["ts"] / 1e6, "end": (e["ts"] + e["dur"]) / 1e6,
+              "rows": e["args"]["rows_in"]} for e in events if e["ph"] == "X"]
+    return {**report.to_dict(), "steady": steady_state(spans, report.seconds)}
 
 
 def run_floor(model: Path, input: Path, output: Path, *, batch_size: int = 262_144) -> dict[str, Any]:

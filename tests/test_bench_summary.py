@@ -39,3 +39,28 @@ def test_quick_is_the_smoke_scale_unless_overridden() -> None:
     full = run._parse_args([])
     assert (full.scale, full.reps) == (1.0, 3)
     assert full.systems == ["batch-infer", "ray-data", "daft", "floor", "limit"]
+
+
+def test_steady_state_splits_a_run_into_start_up_and_its_steady_rate() -> None:
+    # Two replicas; replica 1 commits its first shard last, at 3 s: the steady state runs 3 s -> 7 s.
+    spans = [
+        {"replica": 0, "start": 0.0, "end": 2.0, "rows": 100},
+        {"replica": 1, "start": 0.5, "end": 3.0, "rows": 100},
+        {"replica": 0, "start": 2.0, "end": 4.0, "rows": 100},  # half of it inside
+        {"replica": 1, "start": 3.0, "end": 5.0, "rows": 100},
+        {"replica": 0, "start": 4.0, "end": 6.0, "rows": 100},
+        {"replica": 1, "start": 5.0, "end": 7.0, "rows": 100},
+    ]
+    steady = summary.steady_state(spans, seconds=8.0)
+    assert steady == {"rows_per_second": 87.5, "start_up_seconds": round(8.0 - 600 / 87.5, 3), "steady_from_seconds": 3.0}
+    assert summary.steady_state(spans[:2], seconds=3.0) is None  # nothing after the first shards: no steady state
+    assert summary.steady_state([], seconds=1.0) is None
+
+
+def test_the_table_states_the_steady_rate_against_the_limits() -> None:
+    steady = {"rows_per_second": 4_000_000.0, "start_up_seconds": 2.5}
+    row = summary.summarise_row("data-bound", {"batch-infer": 10.5, "limit": 6.4}, 32_000_000, steady)
+    assert row["steady"]["steady_vs_limit"] == 0.8  # 4M rows/s against the limit's 32M / 6.4 s = 5M rows/s
+    text = summary.render([row], {})
+    assert "batch-infer, data-bound: steady state 4.00M rows/s = 0.80x the limit's rate; start-up" in text
+    assert "2.50 s" in text
