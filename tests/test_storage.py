@@ -352,7 +352,7 @@ def test_reader_resumes_after_a_transient_error_without_repeating_rows(
     path = tmp_path / "t.parquet"
     table = parquet_file(path, rows=1000, row_group_size=250)
     if not whole:  # every row group is streamed batch by batch, as a large one is
-        monkeypatch.setattr(reader, "WHOLE_GROUP_BYTES", 0)
+        monkeypatch.setattr(reader, "DECODE_BUDGET_BYTES", 0)
     slow_down = OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
 
     class FailsOnce(ParquetSource):
@@ -449,3 +449,35 @@ def test_whole_row_group_reads_count_only_the_wanted_columns(tmp_path: Path) -> 
     assert reader._decoded_bytes(group, {"id", "features"}) == sizes["id"] + sizes["features.list.element"]
     assert reader._decoded_bytes(group, {"blob.more"}) == sizes["blob.more"]
     assert reader._decoded_bytes(group, {"blob"}) == sizes["blob"] + sizes["blob.more"]  # a dotted neighbour: more, never less
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_decoding_threads_share_one_budget_of_whole_row_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    path = tmp_path / "t.parquet"
+    table = parquet_file(path, rows=4000, row_group_size=1000)
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    size = reader._decoded_bytes(group, {"id", "f"})
+    monkeypatch.setattr(reader, "DECODE_BUDGET_BYTES", 4 * size)  # whole groups for up to 2 threads
+
+    class Counting(ParquetSource):
+        whole = streamed = 0
+
+        def read_row_group(self, *args: object, **kwargs: object) -> pa.Table:  # type: ignore[override]
+            Counting.whole += 1
+            return super().read_row_group(*args, **kwargs)  # type: ignore[arg-type]
+
+        def iter_batches(self, *args: object, **kwargs: object) -> Iterator[pa.RecordBatch]:  # type: ignore[override]
+            Counting.streamed += 1
+            return super().iter_batches(*args, **kwargs)  # type: ignore[arg-type]
+
+    source = Counting(resolve(str(path)), str(path), str(path))
+    with reader.decode(source, (0, 4), ["id", "f"], 300, str(path), features=["f"], list_column=False, width=1,
+                       check_invalid=True, threads=threads) as batches:
+        ids = []
+        for item in batches:
+            ids.extend(item.batch.data.column("id").to_pylist())
+            item.release()
+    assert ids == table.column("id").to_pylist()
+    assert (Counting.whole, Counting.streamed) == ((4, 0) if threads <= 2 else (0, 4))

@@ -27,7 +27,10 @@ from pipelines.storage import Location
 
 logger = logging.getLogger(__name__)
 
-WHOLE_GROUP_BYTES = 256 << 20  # a row group decoding to more than this is streamed in batches
+# Decoded row groups a shard's decoding threads may hold at once. Each thread holds up to two
+# (the one it decodes and the one whose batches wait in its queue), so a thread reads a row
+# group whole when it decodes to at most DECODE_BUDGET_BYTES / (2 x threads), else streams it.
+DECODE_BUDGET_BYTES = 512 << 20
 
 @dataclass
 class Batch:
@@ -86,15 +89,17 @@ def iter_batches(
     uri: str,
     *,
     use_threads: bool = False,
+    whole_bytes: int | None = None,
     attempts: int = RETRY_ATTEMPTS,
     base_delay: float = RETRY_BASE_DELAY,
 ) -> Iterator[Batch]:
     """Record batches of at most `batch_size` rows, row group by row group, in order.
 
-    A row group whose wanted columns decode to at most `WHOLE_GROUP_BYTES` is read in
-    one call and sliced (zero-copy) into batches: ~15% less decoding time than
-    streaming it (0.28 against 0.33 s per million rows of 64 float columns on one
-    core); a larger one is streamed batch by batch, so memory stays bounded.
+    A row group whose wanted columns decode to at most `whole_bytes` (default: half of
+    `DECODE_BUDGET_BYTES`) is read in one call and sliced (zero-copy) into batches:
+    ~15% less decoding time than streaming it (0.28 against 0.33 s per million rows
+    of 64 float columns on one core); a larger one is streamed batch by batch, so
+    memory stays bounded.
 
     A transient storage error re-opens the file (a `ParquetSource`) and resumes at the
     row group that failed, skipping the rows already yielded, so no row comes twice.
@@ -104,8 +109,9 @@ def iter_batches(
     meta = parquet.metadata
     first_row = sum(meta.row_group(i).num_rows for i in range(row_groups[0]))
     wanted = set(columns)
+    whole_bytes = DECODE_BUDGET_BYTES // 2 if whole_bytes is None else whole_bytes
     for rg in range(*row_groups):
-        whole = _decoded_bytes(meta.row_group(rg), wanted) <= WHOLE_GROUP_BYTES
+        whole = _decoded_bytes(meta.row_group(rg), wanted) <= whole_bytes
         yielded = 0  # rows of this row group already handed out
         failures = 0  # transient failures since the last decoded batch
         skip = 0  # rows to drop from the front after re-opening
@@ -187,8 +193,8 @@ class decode:  # noqa: N801 - used like a generator function
     each thread decodes its row group's batches (pyarrow releases the GIL), stacks
     the feature columns into a pooled (width, batch_size) buffer and finds invalid
     rows, `depth` batches ahead. The consumer takes row group after row group in
-    file order. Memory is bounded by the buffer pool (threads x depth + 2 buffers),
-    whatever the shard's size. With one thread this is the old prefetch: decoding a
+    file order. Memory is bounded by the buffer pool (threads x depth + 2 buffers) and
+    by `DECODE_BUDGET_BYTES` of decoded row groups, whatever the shard's size. With one thread this is the old prefetch: decoding a
     batch ahead of the forward pass. Always `close()` it (or use `with`).
 
     Example:
@@ -218,16 +224,17 @@ class decode:  # noqa: N801 - used like a generator function
             thread = threading.Thread(
                 target=self._produce, name=f"batch-infer-decode-{k}", daemon=True,
                 args=(handle, k > 0, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
-                      check_invalid, count == 1 and threads >= 2))
+                      check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count)))
             self._threads.append(thread)
             thread.start()
 
     def _produce(self, parquet: pq.ParquetFile, own: bool, mine: range, out: queue.Queue[object], columns: Sequence[str],
                  batch_size: int, uri: str, features: Sequence[str], list_column: bool, width: int,
-                 check_invalid: bool, use_threads: bool) -> None:
+                 check_invalid: bool, use_threads: bool, whole_bytes: int) -> None:
         try:
             for rg in mine:
-                for batch in iter_batches(parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads):
+                for batch in iter_batches(parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads,
+                                          whole_bytes=whole_bytes):
                     buffer = None if list_column else self._take()
                     if buffer is None and not list_column:
                         return  # stopped
@@ -289,7 +296,7 @@ def _second_handle(parquet: pq.ParquetFile) -> pq.ParquetFile:
     """Another handle on the same file for another decoding thread (its footer reused)."""
     if not isinstance(parquet, ParquetSource):
         raise TypeError(f"a second handle needs a ParquetSource, got {type(parquet).__name__}")
-    return retry_transient(lambda: ParquetSource(parquet.location, parquet.path, parquet.uri,
+    return retry_transient(lambda: type(parquet)(parquet.location, parquet.path, parquet.uri,
                                                  metadata=parquet.metadata), what=f"opening {parquet.uri}")
 
 
