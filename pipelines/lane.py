@@ -7,7 +7,9 @@ its own embedded Ray with CPU replicas, and whose work is at most
 its shards one after another on a `Replica` in the driver process instead.
 Each shard is committed exactly as a Ray replica commits it (journal record,
 then publish), so resume, exactly-once and `verify` do not depend on which ran
-it; the report lists the lane as one replica on node `driver`.
+it; the report lists the lane as one replica on node `driver`. An fp32 model
+runs on numpy there (`workers.cpu_forward`): `import torch` alone would be
+most of a small job's time (1.3-1.7 s of ~2 s).
 
 Longer runs start Ray as before. (A lane running beside Ray's start-up, then
 handing over, was tried: on a busy 2-core machine it slowed both, and Ray's
@@ -43,7 +45,7 @@ def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[
         >>> run_in_driver(job, plan.todo, on_result, max_attempts=3)["shards"]  # doctest: +SKIP
         1
     """
-    replica = Replica(LANE_INDEX, job, in_driver=True)
+    replica = Replica(LANE_INDEX, job, in_driver=True, numpy_forward=True)
     ended = "finished"
     try:
         for position, shard in enumerate(shards):

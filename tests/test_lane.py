@@ -19,14 +19,16 @@ from pipelines.errors import ResourceError
 _RUN_AND_SAY_IF_RAY_WAS_IMPORTED = """
 import json, sys
 import pipelines
-report = pipelines.run(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3], progress=False)
-print(json.dumps({"report": report.to_dict(), "ray_imported": "ray" in sys.modules}))
+options = dict(arg.split("=", 1) for arg in sys.argv[4:])
+report = pipelines.run(model=sys.argv[1], input=sys.argv[2], output=sys.argv[3], progress=False, **options)
+print(json.dumps({"report": report.to_dict(), "ray_imported": "ray" in sys.modules,
+                  "torch_imported": "torch" in sys.modules}))
 """
 
 
-def _run_in_a_fresh_process(model: Path, input: Path, output: Path) -> dict:
+def _run_in_a_fresh_process(model: Path, input: Path, output: Path, *options: str) -> dict:
     result = subprocess.run([sys.executable, "-c", _RUN_AND_SAY_IF_RAY_WAS_IMPORTED, str(model), str(input),
-                             str(output)], capture_output=True, text=True, cwd=REPO, timeout=240)
+                             str(output), *options], capture_output=True, text=True, cwd=REPO, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1])
 
@@ -37,6 +39,7 @@ def test_a_small_run_never_starts_ray_and_commits_like_a_replica_across_a_histor
     first = _run_in_a_fresh_process(tmp_path / "m.pt", tmp_path / "in", tmp_path / "out")
     report = first["report"]
     assert not first["ray_imported"]  # no Ray started, not even imported
+    assert not first["torch_imported"]  # fp32 on numpy (workers.cpu_forward): no 1.5 s torch import
     assert report["status"] == "succeeded" and report["complete"] and report["rows_out"] == 500
     assert [(r["node"], r["shards"], r["ended"]) for r in report["replicas"]] == [("driver", 2, "finished")]
     assert report["cpus_per_replica"] > 0 and report["gpus_per_replica"] == 0
@@ -89,3 +92,15 @@ def test_runs_above_the_lane_or_with_an_exact_replica_count_start_ray(tmp_path: 
     exact = pipelines.run(**job, output=str(tmp_path / "exact"), replicas=1)
     assert exact.complete and [r["node"] != "driver" for r in exact.replicas] == [True]
     assert read_output(tmp_path / "big").sort_by("id").equals(read_output(tmp_path / "exact").sort_by("id"))
+
+
+def test_a_small_run_in_bf16_takes_torch_in_the_lane(tmp_path: Path) -> None:
+    model = save_mlp(tmp_path / "m.pt", [8, 16, 1])
+    write_files(tmp_path / "in", [300], features=8, row_group_size=100)
+    run = _run_in_a_fresh_process(tmp_path / "m.pt", tmp_path / "in", tmp_path / "out", "precision=bf16")
+    assert run["torch_imported"] and not run["ray_imported"]
+    assert run["report"]["status"] == "succeeded" and run["report"]["rows_out"] == 300
+    out = read_output(tmp_path / "out").sort_by("id")
+    inputs = pq.read_table(tmp_path / "in").sort_by("id")
+    features = np.stack([inputs[f"f{j:02d}"].to_numpy() for j in range(8)], axis=1)
+    np.testing.assert_allclose(out["prediction"].to_numpy(), reference(model, features)[:, 0], rtol=3e-2, atol=1e-2)

@@ -310,25 +310,28 @@ def _saved(tensors: dict[str, torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
-def test_the_driver_reads_model_shapes_without_torch_and_agrees_with_the_torch_loader(tmp_path: Path) -> None:
+def _accepted_models() -> dict[str, bytes]:
+    """Model files both the torch loader and the torch-free readers accept."""
     from safetensors.torch import save as save_safetensors
-
-    from workers.modelfile import layer_shapes
 
     model = mlp([4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 2], seed=3)  # 11 layers: "10.weight" after "8.weight"
     no_bias = mlp([3, 5, 1], bias=False)
-    accepted = {
+    return {
         "sequential.pt": _saved(model.state_dict()),
         "sequential.safetensors": save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}),
         "no-bias.pt": _saved(no_bias.state_dict()),
         "half.pt": _saved({k: v.half() for k, v in model.state_dict().items()}),
+        "double.pt": _saved({k: v.double() for k, v in no_bias.state_dict().items()}),
         "bf16.safetensors": save_safetensors({k: v.bfloat16().contiguous() for k, v in no_bias.state_dict().items()}),
         "plain-dict.pt": _saved({"w.weight": torch.ones(2, 3), "w.bias": torch.ones(2)}),
+        "strided.pt": _saved({"0.weight": torch.arange(15.0).reshape(5, 3).t(),  # a transposed view
+                              "0.bias": torch.arange(6.0)[::2]}),
     }
-    for name, data in accepted.items():
-        assert layer_shapes(data, name) == tuple((int(w.shape[1]), int(w.shape[0]), b is not None)
-                                                 for w, b in parse_layers(data, name)), name
-    refused = {  # each goes to the torch loader, which raises the precise error
+
+
+def _refused_models() -> dict[str, bytes]:
+    """Model files only torch can judge (it raises the precise ModelError for each)."""
+    refused = {
         "chain.pt": _saved({"0.weight": torch.ones(4, 2), "2.weight": torch.ones(1, 3)}),
         "norm.pt": _saved({"0.weight": torch.ones(2, 2), "1.running_mean": torch.ones(2)}),
         "ints.pt": _saved({"0.weight": torch.ones(2, 2, dtype=torch.int64)}),
@@ -338,6 +341,16 @@ def test_the_driver_reads_model_shapes_without_torch_and_agrees_with_the_torch_l
     whole = io.BytesIO()
     torch.save(torch.nn.Sequential(torch.nn.Linear(2, 1)), whole)  # a pickled module: code, never built here
     refused["whole.pt"] = whole.getvalue()
+    return refused
+
+
+def test_the_driver_reads_model_shapes_without_torch_and_agrees_with_the_torch_loader(tmp_path: Path) -> None:
+    from workers.modelfile import layer_shapes
+
+    accepted, refused = _accepted_models(), _refused_models()
+    for name, data in accepted.items():
+        assert layer_shapes(data, name) == tuple((int(w.shape[1]), int(w.shape[0]), b is not None)
+                                                 for w, b in parse_layers(data, name)), name
     for name, data in refused.items():
         assert layer_shapes(data, name) is None, name
         with pytest.raises(ModelError):
@@ -350,6 +363,44 @@ def test_the_driver_reads_model_shapes_without_torch_and_agrees_with_the_torch_l
     from workers.modelfile import inspect_model
 
     assert inspect_model(str(tmp_path / "m.pt")) == read_model(str(tmp_path / "m.pt"))[1]
+
+
+def test_the_lane_reads_weights_without_torch_equal_to_the_torch_loaders() -> None:
+    from workers.modelfile import read_weights
+
+    for name, data in _accepted_models().items():
+        arrays, tensors = read_weights(data, name), parse_layers(data, name)
+        assert arrays is not None and len(arrays) == len(tensors), name
+        for (w, b), (tw, tb) in zip(arrays, tensors):
+            assert w.dtype == np.float32 and w.flags.c_contiguous, name
+            np.testing.assert_array_equal(w, tw.float().numpy(), err_msg=name)  # bit for bit, fp16/bf16/fp64 too
+            assert (b is None) == (tb is None), name
+            if b is not None:
+                np.testing.assert_array_equal(b, tb.float().numpy(), err_msg=name)
+    for name, data in _refused_models().items():
+        assert read_weights(data, name) is None, name
+
+
+@pytest.mark.parametrize("activation, output_activation, widths", [
+    ("sigmoid", "sigmoid", [64, 16, 1]),
+    ("relu", "none", [5, 300, 3]),  # a chunk of 3495 rows: the batch spans several
+    ("tanh", "softmax", [4, 8, 4]),
+    ("none", "relu", [3, 2, 2]),
+])
+def test_the_lanes_numpy_forward_matches_torch(activation: str, output_activation: str, widths: list[int]) -> None:
+    from workers.cpu_forward import NumpyForward
+
+    model = mlp(widths, seed=11)
+    layers = [(m.weight.detach(), m.bias.detach()) for m in model if isinstance(m, torch.nn.Linear)]
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((10_000, widths[0])) * 30).astype(np.float32)  # saturating values too
+    x[7, 0] = np.nan  # invalid_rows: keep lets a NaN through; it stays NaN in both
+    buffer = np.ascontiguousarray(x.T)  # as the replica stacks features: (width, rows), handed over transposed
+    got = NumpyForward([(w.numpy(), b.numpy()) for w, b in layers], activation, output_activation).submit(buffer.T)()
+    want = MLP(layers, activation, output_activation, torch.device("cpu"), "fp32")(torch.from_numpy(x)).numpy()
+    assert got.shape == want.shape == (10_000, widths[-1])
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # --- replica data path (no actor) ------------------------------------------------------------------

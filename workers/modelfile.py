@@ -21,11 +21,16 @@ import pickle
 import re
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from pipelines.errors import ModelError
 from pipelines.storage import read_bytes, resolve
+
+_T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -111,24 +116,50 @@ def layer_shapes(data: bytes, name: str) -> tuple[tuple[int, int, bool], ...] | 
         return None
     if tensors is None:
         return None
-    groups: dict[str, dict[str, tuple[tuple[int, ...], bool]]] = {}
+    layers = _linear_layers(tensors, lambda t: t[0], lambda t: t[1])
+    if layers is None:
+        return None
+    return tuple((weight[0][1], weight[0][0], bias is not None) for weight, bias in layers)
+
+
+def read_weights(data: bytes, name: str) -> list[tuple[np.ndarray, np.ndarray | None]] | None:
+    """The (weight, bias) float32 arrays per Linear layer, read without torch; None when only torch can tell.
+
+    Float storages of any width (fp64, fp16, bf16) become float32, as torch's
+    ``.to(float32)`` makes them. Used by the driver lane's torch-free forward
+    pass (`workers.cpu_forward`); same files, same layers as `workers.model.read_model`.
+    """
+    try:
+        arrays = _safetensors_arrays(data) if name.endswith(".safetensors") or looks_like_safetensors(data) \
+            else _state_dict_arrays(data)
+    except Exception:  # anything unexpected: the torch loader decides
+        return None
+    if arrays is None:
+        return None
+    return _linear_layers(arrays, lambda a: a.shape, lambda a: True)
+
+
+def _linear_layers(tensors: dict[str, _T], shape: Callable[[_T], tuple[int, ...]],
+                   is_float: Callable[[_T], bool]) -> list[tuple[_T, _T | None]] | None:
+    """(weight, bias) per layer in state-dict order, when the keys and shapes make a chain of Linear layers."""
+    groups: dict[str, dict[str, _T]] = {}
     for key, tensor in tensors.items():
         prefix, _, kind = key.rpartition(".")
         if kind not in ("weight", "bias"):
             return None
         groups.setdefault(prefix, {})[kind] = tensor
-    layers: list[tuple[int, int, bool]] = []
+    layers: list[tuple[_T, _T | None]] = []
     for group in groups.values():
         weight, bias = group.get("weight"), group.get("bias")
-        if weight is None or len(weight[0]) != 2 or not weight[1]:
+        if weight is None or len(shape(weight)) != 2 or not is_float(weight):
             return None
-        n_out, n_in = weight[0]
-        if bias is not None and (bias[0] != (n_out,) or not bias[1]):
+        n_out, n_in = shape(weight)
+        if bias is not None and (tuple(shape(bias)) != (n_out,) or not is_float(bias)):
             return None
-        if layers and layers[-1][1] != n_in:
+        if layers and shape(layers[-1][0])[0] != n_in:
             return None
-        layers.append((n_in, n_out, bias is not None))
-    return tuple(layers) if layers else None
+        layers.append((weight, bias))
+    return layers or None
 
 
 def looks_like_safetensors(data: bytes) -> bool:
@@ -196,5 +227,88 @@ def _state_dict(data: bytes) -> dict[str, tuple[tuple[int, ...], bool]] | None:
             return None
         obj = _ShapeUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
     if not isinstance(obj, dict) or not all(isinstance(v, tuple) for v in obj.values()):
+        return None
+    return dict(obj)
+
+
+# numpy dtypes of the float storages and safetensors dtypes ("bf16": upper halves of float32s)
+_STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "bf16"}
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "bf16"}
+
+
+def _float32(raw: bytes, dtype: str) -> np.ndarray:
+    if dtype == "bf16":
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    return np.frombuffer(raw, dtype=dtype).astype(np.float32)
+
+
+def _safetensors_arrays(data: bytes) -> dict[str, np.ndarray] | None:
+    (header_len,) = struct.unpack("<Q", data[:8])
+    body = memoryview(data)[8 + header_len:]
+    arrays = {}
+    for key, entry in safetensors_header(data).items():
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            return None
+        start, stop = entry["data_offsets"]
+        shape = tuple(int(n) for n in entry["shape"])
+        arrays[key] = _float32(bytes(body[start:stop]), dtype).reshape(shape)
+    return arrays
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """`_ShapeUnpickler`'s rules, building float32 numpy arrays from the archive's storages."""
+
+    def __init__(self, file: io.BytesIO, archive: zipfile.ZipFile, prefix: str) -> None:
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+        self.storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_array
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _Storage(name)
+        raise _Unsure(f"{module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
+            raise _Unsure(repr(pid))
+        key = str(pid[2])
+        if key not in self.storages:
+            self.storages[key] = _float32(self.archive.read(f"{self.prefix}/data/{key}"),
+                                          _STORAGE_DTYPES[pid[1].name])
+        return self.storages[key]
+
+
+def _rebuild_array(storage: np.ndarray, offset: int, size: tuple[int, ...], stride: tuple[int, ...],
+                   *args: Any) -> np.ndarray:
+    shape, steps = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    if not isinstance(storage, np.ndarray) or len(shape) != len(steps) or min(steps, default=0) < 0:
+        raise _Unsure("tensor layout")
+    if 0 in shape:
+        return np.zeros(shape, dtype=np.float32)
+    last = offset + sum((n - 1) * step for n, step in zip(shape, steps))
+    if offset < 0 or last >= len(storage):
+        raise _Unsure("tensor out of its storage")
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=shape,
+                                           strides=tuple(step * storage.itemsize for step in steps))
+    return np.array(view, dtype=np.float32, order="C")  # a copy: contiguous, and no view of the whole storage
+
+
+def _state_dict_arrays(data: bytes) -> dict[str, np.ndarray] | None:
+    if not data.startswith(b"PK"):
+        return None
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pickles) != 1:
+            return None
+        prefix = pickles[0].split("/")[0]
+        if f"{prefix}/byteorder" in archive.namelist() and archive.read(f"{prefix}/byteorder").strip() != b"little":
+            return None
+        obj = _ArrayUnpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix).load()
+    if not isinstance(obj, dict) or not all(isinstance(v, np.ndarray) for v in obj.values()):
         return None
     return dict(obj)

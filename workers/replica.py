@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import logging
 import os
 import resource
@@ -32,6 +33,7 @@ from workers.reader import decode, describe_invalid, open_parquet
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
 
 if TYPE_CHECKING:
+    from workers.cpu_forward import NumpyForward
     from workers.device import Forward
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,9 @@ def torch_threads(cpus: float, layers: tuple[tuple[int, int, bool], ...]) -> int
 class Replica:
     """Holds one model replica; `process` turns a shard into one committed output file."""
 
-    def __init__(self, index: int, job: ReplicaJob, *, in_driver: bool = False) -> None:
+    def __init__(self, index: int, job: ReplicaJob, *, in_driver: bool = False, numpy_forward: bool = False) -> None:
+        """`in_driver`: a CPU replica in the driver process, no Ray. `numpy_forward`: with it, an fp32
+        model whose weights `read_weights` can read runs on numpy (`workers.cpu_forward`), no torch."""
         self.index = index
         self.job = job
         if in_driver:  # the driver lane (pipelines.lane): a CPU replica in the driver process, no Ray
@@ -117,14 +121,19 @@ class Replica:
         self.rows = 0
         self.busy_seconds = 0.0
         self._torch_threads = 0  # torch's threads before this replica set its own (CPU)
+        self._numpy_forward = numpy_forward and in_driver
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
-        self._model: Future[Forward] = self._loader.submit(self._load)
+        self._model: Future[Forward | NumpyForward] = self._loader.submit(self._load)
         self._loader.shutdown(wait=False)
         self.state = State.READY
 
-    def _load(self) -> Forward:
+    def _load(self) -> Forward | NumpyForward:
+        if self._numpy_forward and self.job.precision in ("fp32", "tf32"):
+            lite = self._load_without_torch()
+            if lite is not None:
+                return lite
         import torch
 
         from workers.device import Forward
@@ -149,8 +158,28 @@ class Replica:
                     self.batch_size)
         return Forward(mlp, job.width, self.batch_size, device)
 
+    def _load_without_torch(self) -> NumpyForward | None:
+        """The driver lane's forward pass on numpy (`workers.cpu_forward`), or None when only torch can load it.
+
+        `import torch` is most of a small job's time; fp32 on the CPU needs only the weights.
+        """
+        from workers.cpu_forward import NumpyForward
+        from workers.modelfile import read_model_bytes, read_weights
+
+        job = self.job
+        data = read_model_bytes(job.model)
+        sha256 = hashlib.sha256(data).hexdigest()
+        if sha256 != job.model_sha256:
+            raise ModelError(f"model {job.model!r} changed since the run was planned (sha256 {sha256[:12]}...)")
+        layers = read_weights(data, job.model)
+        if layers is None:
+            return None
+        logger.info("[replica %d] model loaded on %s (cpu, numpy), batch_size=%d", self.index, self.host,
+                    self.batch_size)
+        return NumpyForward(layers, job.activation, job.output_activation)
+
     @property
-    def forward(self) -> Forward:
+    def forward(self) -> Forward | NumpyForward:
         """The loaded model (waits for the background load; raises its error)."""
         return self._model.result()
 

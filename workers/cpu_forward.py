@@ -1,0 +1,76 @@
+"""The CPU forward pass without torch, for the driver lane (`pipelines.lane`).
+
+A small job is mostly `import torch` (1.3-1.7 s of a 2 s run on the benchmark
+machine). In the driver lane, a model whose weights `workers.modelfile.read_weights`
+can read (every fp32-computable `state_dict` or safetensors file of Linear
+layers) runs here on numpy's BLAS instead: the same layers, activations and
+cache-sized row chunks as `workers.device.Forward` on CPU, with results equal to
+torch's within float32 rounding (a few ulps; the tests compare the two). bf16
+and fp16 precision, and anything `read_weights` leaves to torch, use torch.
+
+Example:
+    >>> forward = NumpyForward([(np.ones((1, 2), np.float32), None)], "sigmoid", "none")
+    >>> forward.submit(np.zeros((3, 2), np.float32))().ravel().tolist()
+    [0.0, 0.0, 0.0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+_ACTIVATION_BYTES = 4 << 20  # the widest activation of a chunk stays in cache (as workers.device)
+
+
+def _sigmoid(h: np.ndarray) -> None:
+    """In place, without overflow: 1 / (1 + e^-x) for x >= 0, e^x / (1 + e^x) below."""
+    negative = h < 0
+    e = np.exp(-np.abs(h))
+    np.reciprocal(1.0 + e, out=h)
+    h[negative] *= e[negative]
+
+
+def _softmax(h: np.ndarray) -> None:
+    """In place over the outputs (axis 0 of the (outputs, rows) chunk)."""
+    h -= h.max(axis=0, keepdims=True)
+    np.exp(h, out=h)
+    h /= h.sum(axis=0, keepdims=True)
+
+
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
+    "sigmoid": _sigmoid,
+    "relu": lambda h: np.maximum(h, 0, out=h),  # NaN stays NaN, as torch.relu
+    "tanh": lambda h: np.tanh(h, out=h),
+    "none": lambda h: None,
+    "softmax": _softmax,
+}
+
+
+class NumpyForward:
+    """`workers.device.Forward`'s CPU interface (`outputs`, `submit`) on numpy."""
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str,
+                 output_activation: str) -> None:
+        self.layers = [(np.ascontiguousarray(w, dtype=np.float32),
+                        None if b is None else np.asarray(b, dtype=np.float32)[:, None]) for w, b in layers]
+        self.activations = [_ACTIVATIONS[activation]] * (len(layers) - 1) + [_ACTIVATIONS[output_activation]]
+        self.outputs = int(self.layers[-1][0].shape[0])
+        widest = max(int(w.shape[0]) for w, _ in self.layers)
+        self.max_rows = min(65_536, max(1_024, _ACTIVATION_BYTES // (4 * widest)))
+
+    def submit(self, matrix: np.ndarray) -> Callable[[], np.ndarray]:
+        """The (rows, outputs) float32 predictions of a (rows, width) batch (computed now; call to collect)."""
+        rows = matrix.shape[0]
+        out = np.empty((rows, self.outputs), dtype=np.float32)
+        features = matrix.T  # (width, rows): C-contiguous when matrix is a stacked buffer's transpose
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, rows, self.max_rows):
+                h = features[:, start : start + self.max_rows]
+                for (weight, bias), activate in zip(self.layers, self.activations):
+                    h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
+                    if bias is not None:
+                        h += bias
+                    activate(h)
+                out[start : start + h.shape[1]] = h.T
+        return lambda: out
