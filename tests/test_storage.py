@@ -443,12 +443,17 @@ def test_whole_row_group_reads_count_only_the_wanted_columns(tmp_path: Path) -> 
         "blob": pa.array(["x" * 200] * rows),
         "blob.more": pa.array(["y" * 10] * rows),
     }), path, compression="snappy")
-    group = pq.ParquetFile(path).metadata.row_group(0)
+    meta = pq.ParquetFile(path).metadata
+    group = meta.row_group(0)
     sizes = {group.column(i).path_in_schema: group.column(i).total_uncompressed_size for i in range(group.num_columns)}
     assert set(sizes) == {"id", "features.list.element", "blob", "blob.more"}
-    assert reader._decoded_bytes(group, {"id", "features"}) == sizes["id"] + sizes["features.list.element"]
-    assert reader._decoded_bytes(group, {"blob.more"}) == sizes["blob.more"]
-    assert reader._decoded_bytes(group, {"blob"}) == sizes["blob"] + sizes["blob.more"]  # a dotted neighbour: more, never less
+
+    def decoded(columns: set[str]) -> int:
+        return reader._decoded_bytes(group, reader._leaves(meta, columns))
+
+    assert decoded({"id", "features"}) == sizes["id"] + sizes["features.list.element"]
+    assert decoded({"blob.more"}) == sizes["blob.more"]
+    assert decoded({"blob"}) == sizes["blob"] + sizes["blob.more"]  # a dotted neighbour: more, never less
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
@@ -458,7 +463,7 @@ def test_decoding_threads_share_one_budget_of_whole_row_groups(
     path = tmp_path / "t.parquet"
     table = parquet_file(path, rows=4000, row_group_size=1000)
     group = pq.ParquetFile(path).metadata.row_group(0)
-    size = reader._decoded_bytes(group, {"id", "f"})
+    size = reader._decoded_bytes(group, reader._leaves(pq.ParquetFile(path).metadata, {"id", "f"}))
     monkeypatch.setattr(reader, "DECODE_BUDGET_BYTES", 4 * size)  # whole groups for up to 2 threads
 
     class Counting(ParquetSource):

@@ -108,10 +108,10 @@ def iter_batches(
     """
     meta = parquet.metadata
     first_row = sum(meta.row_group(i).num_rows for i in range(row_groups[0]))
-    wanted = set(columns)
+    leaves = _leaves(meta, set(columns))
     whole_bytes = DECODE_BUDGET_BYTES // 2 if whole_bytes is None else whole_bytes
     for rg in range(*row_groups):
-        whole = _decoded_bytes(meta.row_group(rg), wanted) <= whole_bytes
+        whole = _decoded_bytes(meta.row_group(rg), leaves) <= whole_bytes
         yielded = 0  # rows of this row group already handed out
         failures = 0  # transient failures since the last decoded batch
         skip = 0  # rows to drop from the front after re-opening
@@ -158,12 +158,17 @@ def iter_batches(
             first_row += data.num_rows
 
 
-def _decoded_bytes(group: pq.RowGroupMetaData, columns: set[str]) -> int:
-    """What the row group's `columns` take once decoded (their uncompressed size, nested leaves included)."""
-    paths = (group.column(i) for i in range(group.num_columns))
+def _leaves(meta: pq.FileMetaData, columns: set[str]) -> list[int]:
+    """The leaf column indices of `columns` (nested leaves included), found once per file."""
+    schema = meta.schema
     # a leaf of column "a" is "a" or "a.<...>"; a name with dots in it may count a neighbour too (the safe side)
-    return sum(c.total_uncompressed_size for c in paths
-               if any(c.path_in_schema == n or c.path_in_schema.startswith(n + ".") for n in columns))
+    return [i for i in range(meta.num_columns)
+            if any(schema.column(i).path == n or schema.column(i).path.startswith(n + ".") for n in columns)]
+
+
+def _decoded_bytes(group: pq.RowGroupMetaData, leaves: list[int]) -> int:
+    """What the row group's `leaves` take once decoded (their uncompressed size)."""
+    return sum(group.column(i).total_uncompressed_size for i in leaves)
 
 
 _ROW_GROUP_DONE = object()  # a decoding thread's marker: one row group's batches end here
