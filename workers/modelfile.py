@@ -1,14 +1,15 @@
-"""A model file's spec (identity and layer shapes) without importing torch.
+"""A model file's spec (identity and layer shapes) and weights without importing torch.
 
 The driver only needs the spec to plan, and importing torch costs it ~1.3 s
-(the largest part of a small job's start). `inspect_model` reads the layer
-shapes straight from the file: the JSON header of a `.safetensors` file, or the
-pickle of a `torch.save` zip archive, unpickled with a loader that knows only
-an ordered dict, tensors and storages (nothing else can be built, so no code in
-the file runs). Anything it does not recognise, or a file that does not check
-out, goes to `workers.model.read_model`, the torch loader, which either
-accepts it or raises the precise `ModelError`; so the result and the errors are
-always the torch loader's.
+(the largest part of a small job's start); the driver lane's numpy forward pass
+(`workers.cpu_forward`) needs the weights. `read_weights` reads both straight
+from the file: a `.safetensors` file's JSON header and data, or the pickle of a
+`torch.save` zip archive, unpickled with a loader that knows only an ordered
+dict, tensors and float storages (nothing else can be built, so no code in the
+file runs). Anything it does not recognise, or a file that does not check out,
+goes to `workers.model.read_model`, the torch loader, which either accepts it
+or raises the precise `ModelError`; so the result and the errors are always
+the torch loader's.
 """
 
 from __future__ import annotations
@@ -21,16 +22,13 @@ import pickle
 import re
 import struct
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from pipelines.errors import ModelError
 from pipelines.storage import read_bytes, resolve
-
-_T = TypeVar("_T")
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -75,10 +73,6 @@ def forward_share(layers: tuple[tuple[int, int, bool], ...]) -> float:
     return forward / (forward + layers[0][0] * _DECODE_SECONDS_PER_VALUE)
 
 
-_FLOAT_STORAGES = {"FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage"}
-_FLOAT_SAFETENSORS = {"F16", "BF16", "F32", "F64"}
-
-
 def inspect_model(uri: str) -> ModelSpec:
     """The spec of a model file (what the driver validates against); torch only when needed.
 
@@ -109,17 +103,10 @@ def read_model_bytes(uri: str) -> bytes:
 
 def layer_shapes(data: bytes, name: str) -> tuple[tuple[int, int, bool], ...] | None:
     """(in_features, out_features, has_bias) per Linear layer, or None when only torch can tell."""
-    try:
-        tensors = _safetensors(data) if name.endswith(".safetensors") or looks_like_safetensors(data) \
-            else _state_dict(data)
-    except Exception:  # anything unexpected: the torch loader decides
-        return None
-    if tensors is None:
-        return None
-    layers = _linear_layers(tensors, lambda t: t[0], lambda t: t[1])
+    layers = read_weights(data, name)
     if layers is None:
         return None
-    return tuple((weight[0][1], weight[0][0], bias is not None) for weight, bias in layers)
+    return tuple((int(weight.shape[1]), int(weight.shape[0]), bias is not None) for weight, bias in layers)
 
 
 def read_weights(data: bytes, name: str) -> list[tuple[np.ndarray, np.ndarray | None]] | None:
@@ -136,27 +123,26 @@ def read_weights(data: bytes, name: str) -> list[tuple[np.ndarray, np.ndarray | 
         return None
     if arrays is None:
         return None
-    return _linear_layers(arrays, lambda a: a.shape, lambda a: True)
+    return _linear_layers(arrays)
 
 
-def _linear_layers(tensors: dict[str, _T], shape: Callable[[_T], tuple[int, ...]],
-                   is_float: Callable[[_T], bool]) -> list[tuple[_T, _T | None]] | None:
+def _linear_layers(arrays: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]] | None:
     """(weight, bias) per layer in state-dict order, when the keys and shapes make a chain of Linear layers."""
-    groups: dict[str, dict[str, _T]] = {}
-    for key, tensor in tensors.items():
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key, array in arrays.items():
         prefix, _, kind = key.rpartition(".")
         if kind not in ("weight", "bias"):
             return None
-        groups.setdefault(prefix, {})[kind] = tensor
-    layers: list[tuple[_T, _T | None]] = []
+        groups.setdefault(prefix, {})[kind] = array
+    layers: list[tuple[np.ndarray, np.ndarray | None]] = []
     for group in groups.values():
         weight, bias = group.get("weight"), group.get("bias")
-        if weight is None or len(shape(weight)) != 2 or not is_float(weight):
+        if weight is None or weight.ndim != 2:
             return None
-        n_out, n_in = shape(weight)
-        if bias is not None and (tuple(shape(bias)) != (n_out,) or not is_float(bias)):
+        n_out, n_in = weight.shape
+        if bias is not None and bias.shape != (n_out,):
             return None
-        if layers and shape(layers[-1][0])[0] != n_in:
+        if layers and layers[-1][0].shape[0] != n_in:
             return None
         layers.append((weight, bias))
     return layers or None
@@ -182,11 +168,6 @@ def safetensors_header(data: bytes) -> dict[str, dict[str, Any]]:
     return {key: header[key] for key in keys}
 
 
-def _safetensors(data: bytes) -> dict[str, tuple[tuple[int, ...], bool]]:
-    return {key: (tuple(int(n) for n in entry["shape"]), entry["dtype"] in _FLOAT_SAFETENSORS)
-            for key, entry in safetensors_header(data).items()}
-
-
 class _Unsure(Exception):
     """The pickle holds something this reader does not know: the torch loader decides."""
 
@@ -194,41 +175,6 @@ class _Unsure(Exception):
 class _Storage:
     def __init__(self, name: str) -> None:
         self.name = name
-
-
-class _ShapeUnpickler(pickle.Unpickler):
-    """Builds only ordered dicts and (shape, is_float) pairs for tensors; refuses every other global."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _rebuild_tensor
-        if module == "torch" and name.endswith("Storage"):
-            return _Storage(name)
-        raise _Unsure(f"{module}.{name}")
-
-    def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and isinstance(pid[1], _Storage)):
-            raise _Unsure(repr(pid))
-        return pid[1]
-
-
-def _rebuild_tensor(storage: _Storage, offset: int, size: tuple[int, ...], *args: Any) -> tuple[tuple[int, ...], bool]:
-    return tuple(int(n) for n in size), storage.name in _FLOAT_STORAGES
-
-
-def _state_dict(data: bytes) -> dict[str, tuple[tuple[int, ...], bool]] | None:
-    if not data.startswith(b"PK"):  # a legacy (pre-zip) checkpoint: torch's loader
-        return None
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            return None
-        obj = _ShapeUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
-    if not isinstance(obj, dict) or not all(isinstance(v, tuple) for v in obj.values()):
-        return None
-    return dict(obj)
 
 
 # numpy dtypes of the float storages and safetensors dtypes ("bf16": upper halves of float32s)
@@ -257,7 +203,7 @@ def _safetensors_arrays(data: bytes) -> dict[str, np.ndarray] | None:
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """`_ShapeUnpickler`'s rules, building float32 numpy arrays from the archive's storages."""
+    """Builds only ordered dicts and float32 arrays from the archive's float storages; refuses every other global."""
 
     def __init__(self, file: io.BytesIO, archive: zipfile.ZipFile, prefix: str) -> None:
         super().__init__(file)
