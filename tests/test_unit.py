@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -379,6 +380,22 @@ def test_the_lane_reads_weights_without_torch_equal_to_the_torch_loaders() -> No
                 np.testing.assert_array_equal(b, tb.float().numpy(), err_msg=name)
     for name, data in _refused_models().items():
         assert read_weights(data, name) is None, name
+
+
+@pytest.mark.parametrize("numpy_forward", [True, False], ids=["numpy", "torch"])
+def test_a_replica_refuses_a_model_changed_since_planning(tmp_path: Path, numpy_forward: bool) -> None:
+    from workers.replica import Replica, ReplicaJob
+
+    model = tmp_path / "m.pt"
+    save_mlp(model, [4, 3, 1])
+    planned = hashlib.sha256(model.read_bytes()).hexdigest()
+    job = ReplicaJob(model=str(model), model_sha256=planned, input=str(tmp_path), output=str(tmp_path),
+                     features=("a", "b", "c", "d"), passthrough=(), list_column=False, width=4,
+                     prediction_column="prediction", keep_features=False)
+    assert Replica(0, job, in_driver=True, numpy_forward=numpy_forward).forward.outputs == 1
+    save_mlp(model, [4, 3, 1], seed=99)  # replaced after the plan
+    with pytest.raises(ModelError, match=r"m\.pt' changed since the run was planned"):
+        Replica(0, job, in_driver=True, numpy_forward=numpy_forward).forward
 
 
 @pytest.mark.parametrize("activation, output_activation, widths", [

@@ -147,8 +147,7 @@ class Replica:
         if device.type == "cuda" and job.precision == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
         _, spec, layers = read_model(job.model)
-        if spec.sha256 != job.model_sha256:
-            raise ModelError(f"model {job.model!r} changed since the run was planned (sha256 {spec.sha256[:12]}...)")
+        self._check_unchanged(spec.sha256)
         if device.type == "cpu":
             self._torch_threads = torch.get_num_threads()  # put back on close (the driver lane's are its caller's)
             torch.set_num_threads(torch_threads(job.cpus, spec.layers))
@@ -168,15 +167,17 @@ class Replica:
 
         job = self.job
         data = read_model_bytes(job.model)
-        sha256 = hashlib.sha256(data).hexdigest()
-        if sha256 != job.model_sha256:
-            raise ModelError(f"model {job.model!r} changed since the run was planned (sha256 {sha256[:12]}...)")
+        self._check_unchanged(hashlib.sha256(data).hexdigest())
         layers = read_weights(data, job.model)
         if layers is None:
             return None
         logger.info("[replica %d] model loaded on %s (cpu, numpy), batch_size=%d", self.index, self.host,
                     self.batch_size)
         return NumpyForward(layers, job.activation, job.output_activation)
+
+    def _check_unchanged(self, sha256: str) -> None:
+        if sha256 != self.job.model_sha256:
+            raise ModelError(f"model {self.job.model!r} changed since the run was planned (sha256 {sha256[:12]}...)")
 
     @property
     def forward(self) -> Forward | NumpyForward:
