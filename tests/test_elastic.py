@@ -156,16 +156,21 @@ def test_scales_from_zero_and_clears_its_request_on_failure_and_ctrl_c(head: Non
     # between two polls and the signal would then land in interpreter shutdown instead of the run.
     write_files(tmp_path / "more", [4000] * 60, features=16, row_group_size=100)
     more = [str(tmp_path / "more") if arg == str(tmp_path / "in") else arg for arg in job]
-    interrupted = subprocess.Popen([sys.executable, "-m", "pipelines", "run", *more, "--output",
-                                    str(tmp_path / "again")], cwd=REPO, env={**os.environ, **ENV},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "interrupted.log"  # a file, not a pipe nobody reads while it runs (a full pipe blocks it)
+    with log.open("w") as stderr:
+        interrupted = subprocess.Popen([sys.executable, "-m", "pipelines", "run", *more, "--output",
+                                        str(tmp_path / "again")], cwd=REPO, env={**os.environ, **ENV},
+                                       stdout=subprocess.DEVNULL, stderr=stderr)
     deadline = time.monotonic() + 300
     while interrupted.poll() is None and not list((tmp_path / "again").glob("*.parquet")):
         assert time.monotonic() < deadline, "timed out waiting for a first committed shard"
         time.sleep(0.05)
+    running = interrupted.poll() is None
     interrupted.send_signal(signal.SIGINT)
     code = interrupted.wait(timeout=120)
-    assert code == 130 and not (tmp_path / "again" / "_SUCCESS").exists(), (code, interrupted.stderr.read()[-3000:])
+    text = log.read_text()
+    assert code == 130 and not (tmp_path / "again" / "_SUCCESS").exists(), \
+        (code, f"running when signalled: {running}", text[:1500], text[-3000:])
     assert autoscaler_request() == []  # Ctrl-C unwinds through the request too
 
 

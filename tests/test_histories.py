@@ -168,9 +168,16 @@ class Histories(RuleBasedStateMachine):
         process = subprocess.Popen([sys.executable, "-m", "pipelines", *args], cwd=REPO, start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         journal = self.root / "out" / "_journal"
+
+        def records() -> int:
+            try:
+                return sum(1 for p in journal.iterdir() if "-c-" in p.name)
+            except FileNotFoundError:  # not made yet, or cleared by a run that has just completed
+                return 0
+
         deadline = time.monotonic() + 120
         while process.poll() is None and time.monotonic() < deadline:
-            if journal.is_dir() and sum(1 for p in journal.iterdir() if "-c-" in p.name) >= commits:
+            if records() >= commits:
                 break
             time.sleep(0.01)
         if TRACE:
