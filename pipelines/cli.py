@@ -19,7 +19,6 @@ from typing import Any
 
 import yaml
 
-from pipelines import interrupts
 from pipelines.config import BOOL_KEYS, KEY_DOCS, LIST_KEYS, JobConfig, KeyDoc, read_yaml
 from pipelines.errors import BatchInferError, ConfigError, StorageError
 
@@ -31,11 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.command, getattr(args, "verbose", False))
     # SIGTERM (cron timeouts, Kubernetes, `ray job stop`) unwinds like Ctrl-C: the manifest is
-    # flushed, replicas are stopped and the lock is released before exiting 130. Both are
-    # recorded too, so one swallowed inside a library call is raised again (pipelines.interrupts).
-    interrupts.reset()
-    signal.signal(signal.SIGTERM, interrupts.handle)
-    signal.signal(signal.SIGINT, interrupts.handle)
+    # flushed, replicas are stopped and the lock is released before exiting 130.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.handler(args))
     except BatchInferError as exc:
@@ -63,6 +59,10 @@ def entry() -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -22,7 +22,6 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines import interrupts
 from pipelines.errors import StorageError
 from pipelines.plan import DEFAULT_SHARD_ROWS, Shard
 from workers.replica import Replica, ReplicaJob
@@ -50,7 +49,6 @@ def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[
     ended = "finished"
     try:
         for position, shard in enumerate(shards):
-            interrupts.check()
             result, error = _process(replica, shard, max_attempts)
             on_result(shard, result)
             if error:

@@ -36,7 +36,6 @@ from typing import Any
 import ray
 import ray.exceptions
 
-from pipelines import interrupts
 from pipelines.cluster import AutoscalerRequest, ReplicaResources
 from pipelines.errors import ModelError, ResourceError, StorageError
 from pipelines.metrics import RunMetrics
@@ -115,7 +114,6 @@ class Scheduler:
         try:
             self.pool.start()
             while self._pending or self._refs:
-                interrupts.check()  # a Ctrl-C swallowed inside a library call is raised here
                 self.pool.maintain(len(self._pending) + len(self._refs), queued=len(self._pending))
                 self._dispatch(on_started)
                 stuck = self._stuck()
