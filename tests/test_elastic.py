@@ -158,9 +158,13 @@ def test_scales_from_zero_and_clears_its_request_on_failure_and_ctrl_c(head: Non
     more = [str(tmp_path / "more") if arg == str(tmp_path / "in") else arg for arg in job]
     log = tmp_path / "interrupted.log"  # a file, not a pipe nobody reads while it runs (a full pipe blocks it)
     with log.open("w") as stderr:
+        # Ctrl-C as in a terminal: SIGINT at its default disposition. A test runner started in the
+        # background by a non-interactive shell (`nohup ... &`) ignores SIGINT, its children inherit
+        # that, and Python then installs no KeyboardInterrupt handler: the signal would be lost.
         interrupted = subprocess.Popen([sys.executable, "-m", "pipelines", "run", *more, "--output",
                                         str(tmp_path / "again")], cwd=REPO, env={**os.environ, **ENV},
-                                       stdout=subprocess.DEVNULL, stderr=stderr)
+                                       stdout=subprocess.DEVNULL, stderr=stderr,
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while interrupted.poll() is None and not list((tmp_path / "again").glob("*.parquet")):
         assert time.monotonic() < deadline, "timed out waiting for a first committed shard"
