@@ -463,7 +463,7 @@ def test_decoding_threads_share_one_budget_of_whole_row_groups(
     path = tmp_path / "t.parquet"
     table = parquet_file(path, rows=4000, row_group_size=1000)
     group = pq.ParquetFile(path).metadata.row_group(0)
-    size = reader._decoded_bytes(group, reader._leaves(pq.ParquetFile(path).metadata, {"id", "f"}))
+    size = reader._decoded_bytes(group, reader._leaves(pq.ParquetFile(path).metadata, ["id", "f"]))
     monkeypatch.setattr(reader, "DECODE_BUDGET_BYTES", 4 * size)  # whole groups for up to 2 threads
 
     class Counting(ParquetSource):
