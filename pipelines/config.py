@@ -196,7 +196,8 @@ _SYSTEM = "chosen by the system"
 # One row per `JobConfig` field, in the same (SPEC) order; tests hold the two together.
 KEY_DOCS: tuple[KeyDoc, ...] = (
     KeyDoc("model", "required",
-           "path/URI of the model file: a `state_dict` (`.pt`/`.pth`) or `.safetensors`", metavar="PATH"),
+           "path/URI of the model file: a `state_dict` (`.pt`/`.pth`) or `.safetensors` of Linear layers "
+           "(BatchNorm1d folded)", metavar="PATH"),
     KeyDoc("input", "required",
            "a Parquet file, a directory (recursive) or a glob; local path or URI (`s3://`, `gs://`, `hdfs://`, "
            "`file://`). In a glob `*` and `?` stay within one directory, `**` recurses; a path that exists is "

@@ -24,7 +24,7 @@ def markdown() -> str:
 
     Example:
         >>> markdown().splitlines()[2]
-        '| `model` | required | path/URI of the model file: a `state_dict` (`.pt`/`.pth`) or `.safetensors` |'
+        '| `model` | required | path/URI of the model file: a `state_dict` (`.pt`/`.pth`) or `.safetensors` of Linear layers (BatchNorm1d folded) |'
     """
     rows = ["| key | default | meaning |", "|---|---|---|"]
     rows += [f"| `{doc.key}` | {doc.default} | {doc.meaning} |" for doc in KEY_DOCS]

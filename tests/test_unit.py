@@ -296,7 +296,7 @@ def test_model_refusals(tmp_path: Path) -> None:
         parse_layers(buf.getvalue(), "bad.pt")
     norm = io.BytesIO()
     torch.save({"0.weight": torch.ones(2, 2), "1.running_mean": torch.ones(2)}, norm)
-    with pytest.raises(ModelError, match="only nn.Linear"):
+    with pytest.raises(ModelError, match="BatchNorm1d '1' has no 'running_var'"):
         parse_layers(norm.getvalue(), "norm.pt")
     with pytest.raises(ModelError, match="does not exist"):
         read_model(str(tmp_path / "missing.pt"))
@@ -317,6 +317,9 @@ def _accepted_models() -> dict[str, bytes]:
 
     model = mlp([4, 8, 8, 8, 8, 8, 8, 8, 8, 8, 8, 2], seed=3)  # 11 layers: "10.weight" after "8.weight"
     no_bias = mlp([3, 5, 1], bias=False)
+    batchnorm = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(),
+                                    torch.nn.Dropout(0.2), torch.nn.Linear(5, 1)).state_dict()
+    batchnorm["1.running_mean"].uniform_(-3, 3)
     return {
         "sequential.pt": _saved(model.state_dict()),
         "sequential.safetensors": save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}),
@@ -327,6 +330,8 @@ def _accepted_models() -> dict[str, bytes]:
         "plain-dict.pt": _saved({"w.weight": torch.ones(2, 3), "w.bias": torch.ones(2)}),
         "strided.pt": _saved({"0.weight": torch.arange(15.0).reshape(5, 3).t(),  # a transposed view
                               "0.bias": torch.arange(6.0)[::2]}),
+        "batchnorm.pt": _saved(batchnorm),  # num_batches_tracked: an int64 scalar
+        "batchnorm.safetensors": save_safetensors({k: v.contiguous() for k, v in batchnorm.items()}),
     }
 
 

@@ -2,7 +2,8 @@
 
 A model is a `state_dict` (`.pt`/`.pth`, loaded with `weights_only=True`) or a
 `.safetensors` file of an `nn.Sequential` whose weighted layers are
-`nn.Linear`. Activations hold no weights; they come from the job config.
+`nn.Linear`, each optionally followed by an `nn.BatchNorm1d` (folded into it).
+Activations and Dropout hold no weights; activations come from the job config.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from pipelines.errors import ModelError
-from workers.modelfile import ModelSpec, looks_like_safetensors, read_model_bytes, safetensors_header
+from workers.modelfile import ModelSpec, linear_stack, looks_like_safetensors, read_model_bytes, safetensors_header
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,41 +49,16 @@ def inspect_model(uri: str) -> ModelSpec:
 
 
 def parse_layers(data: bytes, name: str) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(weight, bias) per Linear layer, in order, with shapes checked to chain."""
+    """(weight, bias) per Linear layer, in order, shapes checked to chain, BatchNorm1d folded
+    (`workers.modelfile.linear_stack`, the parser the torch-free readers share)."""
     if name.endswith(".safetensors") or looks_like_safetensors(data):
         tensors, keys = _load_safetensors(data, name)
     else:
         tensors = _load_state_dict(data, name)
         keys = list(tensors)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key in keys:
-        prefix, _, kind = key.rpartition(".")
-        if kind not in ("weight", "bias"):
-            raise ModelError(
-                f"model {name!r} holds tensor {key!r}: only nn.Linear layers (weight, bias) are supported"
-            )
-        groups.setdefault(prefix, {})[kind] = tensors[key]
-    if not groups:
-        raise ModelError(f"model {name!r} holds no layers")
-    layers: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    for index, (prefix, group) in enumerate(groups.items()):
-        weight, bias = group.get("weight"), group.get("bias")
-        label = f"layer {index} ({prefix or 'root'!r})"
-        if weight is None or weight.dim() != 2:
-            raise ModelError(f"model {name!r}: {label} needs a 2-D 'weight' (out_features, in_features)")
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise ModelError(
-                f"model {name!r}: {label} bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
-            )
-        if layers and layers[-1][0].shape[0] != weight.shape[1]:
-            raise ModelError(
-                f"model {name!r}: {label} takes {weight.shape[1]} inputs but the layer before it "
-                f"gives {layers[-1][0].shape[0]} outputs; layer shapes must chain"
-            )
-        if not weight.is_floating_point():
-            raise ModelError(f"model {name!r}: {label} weight has dtype {weight.dtype}, expected a float type")
-        layers.append((weight.float(), None if bias is None else bias.float()))
-    return layers
+    arrays = {key: (tensors[key].float() if tensors[key].is_floating_point() else tensors[key]).numpy()
+              for key in keys}
+    return [(torch.from_numpy(w), None if b is None else torch.from_numpy(b)) for w, b in linear_stack(arrays, name)]
 
 
 def _load_state_dict(data: bytes, name: str) -> Mapping[str, torch.Tensor]:

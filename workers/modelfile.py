@@ -23,6 +23,7 @@ import re
 import struct
 import zipfile
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -113,39 +114,116 @@ def read_weights(data: bytes, name: str) -> list[tuple[np.ndarray, np.ndarray | 
     """The (weight, bias) float32 arrays per Linear layer, read without torch; None when only torch can tell.
 
     Float storages of any width (fp64, fp16, bf16) become float32, as torch's
-    ``.to(float32)`` makes them. Used by the driver lane's torch-free forward
-    pass (`workers.cpu_forward`); same files, same layers as `workers.model.read_model`.
+    ``.to(float32)`` makes them; a BatchNorm1d after a Linear is folded into it
+    (`linear_stack`). Used by the driver lane's torch-free forward pass
+    (`workers.cpu_forward`); same files, same layers as `workers.model.read_model`.
     """
     try:
         arrays = _safetensors_arrays(data) if name.endswith(".safetensors") or looks_like_safetensors(data) \
             else _state_dict_arrays(data)
-    except Exception:  # anything unexpected: the torch loader decides
+        return None if arrays is None else linear_stack(arrays, name)
+    except Exception:  # anything unexpected, or a refusal: the torch loader decides and says why
         return None
-    if arrays is None:
-        return None
-    return _linear_layers(arrays)
 
 
-def _linear_layers(arrays: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None]] | None:
-    """(weight, bias) per layer in state-dict order, when the keys and shapes make a chain of Linear layers."""
+BATCHNORM_EPS = 1e-5  # nn.BatchNorm1d's default; a state_dict does not store eps
+_BATCHNORM_STATS = ("running_mean", "running_var")
+
+
+def linear_stack(arrays: Mapping[str, np.ndarray], name: str) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(weight, bias) float32 per Linear layer, in state-dict order, each BatchNorm1d folded into its Linear.
+
+    The one parser of a state_dict's layers: the torch loader (`workers.model`)
+    and the torch-free readers both call it, so both accept the same files and
+    give the same weights. `arrays` maps state-dict keys to arrays (floats as
+    float32, `num_batches_tracked` as an integer). A BatchNorm1d group
+    (`running_mean`, `running_var`, optional affine `weight`/`bias`) must
+    directly follow a Linear (`Linear -> BatchNorm1d -> activation -> Dropout`
+    is the usual tabular block): in eval mode it is the affine map
+    ``s * (y - mean) + beta`` with ``s = gamma / sqrt(var + eps)``, folded in
+    float64 as ``W' = s[:, None] * W`` and ``b' = s * (b - mean) + beta``, then
+    rounded once to float32. Raises `ModelError` naming the tensor otherwise.
+
+    Example:
+        >>> one = np.ones(1, np.float32)
+        >>> arrays = {"0.weight": np.array([[2.0, 0.0]], np.float32), "1.running_mean": one, "1.running_var": 4 * one}
+        >>> [np.round(a, 4).tolist() for a in linear_stack(arrays, "m.pt")[0]]  # 2x/2 and (0 - 1)/2
+        [[[1.0, 0.0]], [-0.5]]
+    """
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, array in arrays.items():
         prefix, _, kind = key.rpartition(".")
-        if kind not in ("weight", "bias"):
-            return None
+        if kind not in ("weight", "bias", *_BATCHNORM_STATS, "num_batches_tracked"):
+            raise ModelError(
+                f"model {name!r} holds tensor {key!r}: only nn.Linear layers (weight, bias), each optionally "
+                f"followed by nn.BatchNorm1d, are supported in a state_dict"
+            )
         groups.setdefault(prefix, {})[kind] = array
+    if not groups:
+        raise ModelError(f"model {name!r} holds no layers")
     layers: list[tuple[np.ndarray, np.ndarray | None]] = []
-    for group in groups.values():
-        weight, bias = group.get("weight"), group.get("bias")
-        if weight is None or weight.ndim != 2:
-            return None
-        n_out, n_in = weight.shape
-        if bias is not None and bias.shape != (n_out,):
-            return None
-        if layers and layers[-1][0].shape[0] != n_in:
-            return None
-        layers.append((weight, bias))
-    return layers or None
+    previous = None  # the prefix of the Linear the next BatchNorm1d may follow
+    for prefix, group in groups.items():
+        if any(stat in group for stat in _BATCHNORM_STATS):
+            if previous is None or not _adjacent(previous, prefix):
+                raise ModelError(
+                    f"model {name!r}: BatchNorm1d {prefix!r} does not directly follow a Linear layer; only "
+                    f"Linear -> BatchNorm1d is folded (a BatchNorm1d after an activation changes the result)"
+                )
+            layers[-1] = _fold_batchnorm(*layers[-1], group, f"model {name!r}: BatchNorm1d {prefix!r}")
+            previous = None
+            continue
+        layers.append(_linear(group, layers, f"model {name!r}: layer {len(layers)} ({prefix or 'root'!r})"))
+        previous = prefix
+    return layers
+
+
+def _linear(group: Mapping[str, np.ndarray], before: list[tuple[np.ndarray, np.ndarray | None]],
+            label: str) -> tuple[np.ndarray, np.ndarray | None]:
+    weight, bias = group.get("weight"), group.get("bias")
+    if weight is None or weight.ndim != 2:
+        found = "none" if weight is None else f"shape {tuple(weight.shape)}"
+        raise ModelError(f"{label} needs a 2-D 'weight' (out_features, in_features), found {found} "
+                         f"(LayerNorm, or a BatchNorm1d without running statistics, is not supported)")
+    if not np.issubdtype(weight.dtype, np.floating):
+        raise ModelError(f"{label} weight has dtype {weight.dtype}, expected a float type")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ModelError(f"{label} bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    if before and before[-1][0].shape[0] != weight.shape[1]:
+        raise ModelError(f"{label} takes {weight.shape[1]} inputs but the layer before it gives "
+                         f"{before[-1][0].shape[0]} outputs; layer shapes must chain")
+    return (np.ascontiguousarray(weight, np.float32),
+            None if bias is None else np.ascontiguousarray(bias, np.float32))
+
+
+def _fold_batchnorm(weight: np.ndarray, bias: np.ndarray | None, group: Mapping[str, np.ndarray],
+                    label: str) -> tuple[np.ndarray, np.ndarray]:
+    n = weight.shape[0]
+    parts = {}
+    for kind in ("running_mean", "running_var", "weight", "bias"):
+        value = group.get(kind)
+        if value is None and kind in _BATCHNORM_STATS:
+            raise ModelError(f"{label} has no {kind!r}: a BatchNorm1d is folded from its running statistics")
+        if value is not None and value.shape != (n,):
+            raise ModelError(f"{label} {kind} has shape {tuple(value.shape)}, expected ({n},) "
+                             f"(the Linear before it gives {n} outputs)")
+        parts[kind] = None if value is None else value.astype(np.float64)
+    scale = 1.0 / np.sqrt(parts["running_var"] + BATCHNORM_EPS)  # (n,) float64
+    if parts["weight"] is not None:
+        scale = scale * parts["weight"]
+    shift = -parts["running_mean"] if bias is None else bias.astype(np.float64) - parts["running_mean"]
+    folded_bias = scale * shift + (0.0 if parts["bias"] is None else parts["bias"])
+    return ((weight.astype(np.float64) * scale[:, None]).astype(np.float32),
+            folded_bias.astype(np.float32))
+
+
+def _adjacent(linear: str, norm: str) -> bool:
+    """Whether `norm` can directly follow `linear`: consecutive nn.Sequential indices where both are numbered."""
+    parent_a, _, index_a = linear.rpartition(".")
+    parent_b, _, index_b = norm.rpartition(".")
+    if index_a.isdigit() and index_b.isdigit():
+        return parent_a == parent_b and int(index_b) == int(index_a) + 1
+    return True  # named layers ("fc", "bn"): their order in the state_dict is all there is
 
 
 def looks_like_safetensors(data: bytes) -> bool:
@@ -177,15 +255,19 @@ class _Storage:
         self.name = name
 
 
-# numpy dtypes of the float storages and safetensors dtypes ("bf16": upper halves of float32s)
-_STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "bf16"}
-_SAFETENSORS_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "bf16"}
+# numpy dtypes of the storages and safetensors dtypes ("bf16": upper halves of float32s); integers are
+# BatchNorm1d's `num_batches_tracked` (and weights of the wrong type, which `linear_stack` names)
+_STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "bf16",
+                   "LongStorage": "<i8"}
+_SAFETENSORS_DTYPES = {"F32": "<f4", "F64": "<f8", "F16": "<f2", "BF16": "bf16", "I64": "<i8"}
 
 
-def _float32(raw: bytes, dtype: str) -> np.ndarray:
+def _array(raw: bytes, dtype: str) -> np.ndarray:
+    """Floats of any width as float32 (as torch's `.float()`), integers as they are."""
     if dtype == "bf16":
         return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-    return np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    array = np.frombuffer(raw, dtype=dtype)
+    return array.astype(np.float32) if array.dtype.kind == "f" else array.copy()
 
 
 def _safetensors_arrays(data: bytes) -> dict[str, np.ndarray] | None:
@@ -198,7 +280,7 @@ def _safetensors_arrays(data: bytes) -> dict[str, np.ndarray] | None:
             return None
         start, stop = entry["data_offsets"]
         shape = tuple(int(n) for n in entry["shape"])
-        arrays[key] = _float32(bytes(body[start:stop]), dtype).reshape(shape)
+        arrays[key] = _array(bytes(body[start:stop]), dtype).reshape(shape)
     return arrays
 
 
@@ -224,7 +306,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise _Unsure(repr(pid))
         key = str(pid[2])
         if key not in self.storages:
-            self.storages[key] = _float32(self.archive.read(f"{self.prefix}/data/{key}"),
+            self.storages[key] = _array(self.archive.read(f"{self.prefix}/data/{key}"),
                                           _STORAGE_DTYPES[pid[1].name])
         return self.storages[key]
 
@@ -235,13 +317,13 @@ def _rebuild_array(storage: np.ndarray, offset: int, size: tuple[int, ...], stri
     if not isinstance(storage, np.ndarray) or len(shape) != len(steps) or min(steps, default=0) < 0:
         raise _Unsure("tensor layout")
     if 0 in shape:
-        return np.zeros(shape, dtype=np.float32)
+        return np.zeros(shape, dtype=storage.dtype)
     last = offset + sum((n - 1) * step for n, step in zip(shape, steps))
     if offset < 0 or last >= len(storage):
         raise _Unsure("tensor out of its storage")
     view = np.lib.stride_tricks.as_strided(storage[offset:], shape=shape,
                                            strides=tuple(step * storage.itemsize for step in steps))
-    return np.array(view, dtype=np.float32, order="C")  # a copy: contiguous, and no view of the whole storage
+    return np.array(view, dtype=storage.dtype, order="C")  # a copy: contiguous, and no view of the whole storage
 
 
 def _state_dict_arrays(data: bytes) -> dict[str, np.ndarray] | None:
