@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipelines.config import JobConfig
 from pipelines.errors import ClusterConnectError, ConfigError, ResourceError
@@ -118,6 +119,7 @@ class ClusterView:
     nodes: tuple[Node, ...]
     autoscaling: bool | None = False
     node_types: tuple[dict[str, float], ...] | None = None
+    type_max: tuple[int | None, ...] | None = None  # most nodes of each node type (None: no limit known)
 
     @property
     def totals(self) -> dict[str, float]:
@@ -254,17 +256,24 @@ def observe(*, embedded: bool, settle: float = 6.0) -> ClusterView:
         return ClusterView(nodes, autoscaling=False)
     types = _node_types()
     if types is not None:
-        return ClusterView(nodes, autoscaling=True, node_types=types)
+        return ClusterView(nodes, autoscaling=True, node_types=types[0], type_max=types[1])
     deadline = time.monotonic() + settle
     while True:
         launches = _autoscaler_launches({node.id for node in nodes})
         if launches is not None or time.monotonic() >= deadline:
-            return ClusterView(nodes, autoscaling=launches)
+            break
         time.sleep(0.5)
+    types = _head_config_node_types() if launches else None
+    if types is not None:
+        return ClusterView(nodes, autoscaling=True, node_types=types[0], type_max=types[1])
+    return ClusterView(nodes, autoscaling=launches)
 
 
-def _node_types() -> tuple[dict[str, float], ...] | None:
-    """Resources of each node group in the GCS cluster config (autoscaler v2), or None."""
+NodeTypes = tuple[tuple[dict[str, float], ...], tuple[int | None, ...]]  # resources, most nodes (None: unbounded)
+
+
+def _node_types() -> NodeTypes | None:
+    """Resources and most nodes of each node group in the GCS cluster config (autoscaler v2), or None."""
     try:
         from ray._private.state import state
 
@@ -273,8 +282,97 @@ def _node_types() -> tuple[dict[str, float], ...] | None:
         return None
     if config is None or not config.node_group_configs:
         return None
-    return tuple({k: float(v) for k, v in group.resources.items()}
-                 for group in config.node_group_configs if group.max_count != 0)
+    groups = [group for group in config.node_group_configs if group.max_count != 0]
+    return (tuple({k: float(v) for k, v in group.resources.items()} for group in groups),
+            tuple(group.max_count if group.max_count > 0 else None for group in groups))
+
+
+def _head_config_node_types(timeout: float = 60.0) -> NodeTypes | None:
+    """The worker node types of the autoscaler config the head runs (autoscaler v1), or None.
+
+    Ray 2.60's v1 autoscaler keeps its config to itself (the GCS cluster config
+    stays empty): it is the file its monitor process was started with
+    (`--autoscaling-config`; `ray up` puts it at `~/ray_bootstrap_config.yaml`,
+    with the resources of each type filled in). A zero-CPU task on the head
+    reads it; the driver need not run there.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and _HEAD_RESOURCE in n.get("Resources", {})), None)
+    if head is None:
+        return None
+    read = ray.remote(num_cpus=0, max_retries=0)(read_autoscaling_config).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False))
+    try:
+        config = ray.get(read.remote(), timeout=timeout)
+    except Exception as exc:  # no worker on the head in time, or the task failed: the types stay unknown
+        logger.info("could not read the autoscaler's config on the head: %s", exc)
+        return None
+    return config_node_types(config) if config else None
+
+
+_HEAD_RESOURCE = "node:__internal_head__"
+
+
+def read_autoscaling_config() -> dict[str, Any] | None:
+    """The autoscaling config of this Ray cluster, read on its head (run there as a Ray task).
+
+    The file named by the `--autoscaling-config` of the autoscaler monitor serving
+    this cluster's GCS (matched by port), else `~/ray_bootstrap_config.yaml`.
+    """
+    import ray
+    import yaml
+
+    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[-1]
+    paths = []
+    for pid in (name for name in os.listdir("/proc") if name.isdigit()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if not any(arg.endswith("monitor.py") and "autoscaler" in arg for arg in args):
+            continue
+        options = dict(arg[2:].split("=", 1) for arg in args if arg.startswith("--") and "=" in arg)
+        if options.get("gcs-address", "").rsplit(":", 1)[-1] == port and options.get("autoscaling-config"):
+            paths.append(options["autoscaling-config"])
+    for path in [*paths, "~/ray_bootstrap_config.yaml"]:
+        try:
+            with open(os.path.expanduser(path)) as f:
+                config = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get("available_node_types"), dict):
+            return config
+    return None
+
+
+def config_node_types(config: dict[str, Any]) -> NodeTypes | None:
+    """The worker node types of an autoscaling config (pure): resources and most nodes of each.
+
+    None when a type does not give its resources (left for the cloud provider to
+    fill in): what it holds is then not known here.
+
+    Example:
+        >>> config_node_types({"max_workers": 2, "head_node_type": "head", "available_node_types": {
+        ...     "head": {"resources": {"CPU": 4}}, "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 5}}})
+        (({'CPU': 8.0, 'GPU': 1.0},), (2,))
+    """
+    overall = config.get("max_workers")
+    types, most = [], []
+    for name, spec in config["available_node_types"].items():
+        if name == config.get("head_node_type"):
+            continue  # up already: among the nodes
+        if not isinstance(spec, dict) or not isinstance(spec.get("resources"), dict):
+            return None
+        cap = spec.get("max_workers", overall)
+        cap = min(cap, overall) if cap is not None and overall is not None else cap
+        if cap == 0:
+            continue
+        types.append({str(k): float(v) for k, v in spec["resources"].items()})
+        most.append(None if cap is None else int(cap))
+    return tuple(types), tuple(most)
 
 
 def _autoscaler_launches(node_ids: set[str]) -> bool | None:
