@@ -31,6 +31,7 @@ from conftest import REPO, cli, read_output, save_mlp, stop_group, write_files
 from ray.experimental.internal_kv import _internal_kv_get
 
 import pipelines
+from pipelines.cluster import REQUEST_FILE
 
 pytestmark = pytest.mark.cluster
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -137,8 +138,9 @@ def _run(model: Path, tmp_path: Path, files: int, **options: Any) -> pipelines.R
 
 def test_scale_from_zero_gives_gpu_replicas_and_asks_only_for_what_the_pool_can_use(head: Head, model: Path,
                                                                                    tmp_path: Path) -> None:
-    """Issue 12, item 11: no GPU node up, only GPU node types: the default is GPU replicas
-    (before: CPU replicas on the GPU nodes, `gpu_ids: []`)."""
+    """Issue 12, items 11 and 13: no GPU node up, only GPU node types: the default is GPU replicas
+    (before: CPU replicas on the GPU nodes, `gpu_ids: []`), and the autoscaler is asked for at
+    most the 3 replicas the node types can ever hold (before: one bundle per shard not done, 12)."""
     wait_for(lambda: gpu_nodes() == 0, "no GPU node up")
     asked: list[int] = []
     running = threading.Event()
@@ -160,7 +162,49 @@ def test_scale_from_zero_gives_gpu_replicas_and_asks_only_for_what_the_pool_can_
     assert report.replicas and all(r["gpu_ids"] for r in report.replicas), report.replicas
     assert report.cpus_per_replica == 1.0  # auto: the GPU node type's CPU, shared by its one GPU replica
     assert max(asked) >= 1, asked  # it did ask, from zero
-    assert standing_request() == []
+    assert max(asked) <= 3, asked
+    assert standing_request() == [] and not (tmp_path / "out" / REQUEST_FILE).exists()
+
+
+def _killed_while_asking(head: Head, output: Path) -> None:
+    """A driver that asks the autoscaler for replicas for `output` and is SIGKILLed before it can clear them."""
+    code = (
+        "import os, signal, ray\n"
+        "from pipelines.cluster import AutoscalerRequest\n"
+        "from pipelines.storage import resolve\n"
+        f"ray.init(address={head.address!r}, logging_level='ERROR', log_to_driver=False)\n"
+        f"AutoscalerRequest(enabled=True, output=resolve({str(output)!r})).ask({{'CPU': 1.0, 'GPU': 1.0}}, 2)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, **ENV}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+def test_a_tick_clears_the_request_a_killed_run_left_standing(head: Head, model: Path, tmp_path: Path) -> None:
+    """Issue 12, item 13: the request survives a killed driver; the next tick, even an idle one, clears it
+    (before: it stood until some other run replaced it), but never another job's request."""
+    report = _run(model, tmp_path, 1, gpus_per_replica=0, cpus_per_replica=0.5)
+    assert report.succeeded and report.complete
+    out = tmp_path / "out"
+    _killed_while_asking(head, out)
+    assert standing_request() == [{"CPU": 1.0, "GPU": 1.0}] * 2 and (out / REQUEST_FILE).exists()
+    idle = cli("run", "--model", str(model), "--input", str(tmp_path / "in"), "--output", str(out),
+               "--shard-rows", "200", "--address", head.address, env=ENV)
+    assert idle.returncode == 0 and "nothing to do" in idle.stderr, idle.stderr[-3000:]
+    assert standing_request() == [] and not (out / REQUEST_FILE).exists(), idle.stderr[-3000:]
+
+    _killed_while_asking(head, out)
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"CPU": 1.0}])  # another job's, since: not ours to clear
+    try:
+        idle = cli("run", "--model", str(model), "--input", str(tmp_path / "in"), "--output", str(out),
+                   "--shard-rows", "200", "--address", head.address, env=ENV)
+        assert idle.returncode == 0, idle.stderr[-3000:]
+        assert standing_request() == [{"CPU": 1.0}] and not (out / REQUEST_FILE).exists()
+    finally:
+        request_resources(bundles=[])
 
 
 def test_cpu_replicas_only_when_no_node_type_has_a_gpu(head: Head, model: Path, tmp_path: Path) -> None:

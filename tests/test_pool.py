@@ -6,6 +6,7 @@ started and shut down here. A replica on a fake GPU gets `gpu_ids` and runs on t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,3 +51,27 @@ def test_no_replica_is_started_for_a_shard_another_replica_runs(cluster: Cluster
     assert started <= 4, (started, report.replicas)
     assert sum(r["shards"] for r in report.replicas) == 4
     assert all(r["shards"] > 0 for r in report.replicas), report.replicas
+
+
+def test_the_autoscaler_request_is_capped_and_recorded_in_the_output(cluster: Cluster, tmp_path: Path) -> None:
+    """Issue 12, item 13: never one bundle per shard (100k shards asked for 100k bundles, re-sent as each
+    finished); the pool is capped by what the node types can ever hold, the request by REQUEST_MOST."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from pipelines.cluster import REQUEST_FILE, REQUEST_MOST, AutoscalerRequest, ClusterView, Node, plan_replicas
+    from pipelines.config import JobConfig
+    from pipelines.storage import resolve
+
+    cfg = JobConfig.from_dict({"model": "m", "input": "i", "output": "o"})
+    head = (Node("head", "h", {"CPU": 2.0}),)
+    typed = ClusterView(head, autoscaling=True, node_types=({"CPU": 8.0, "GPU": 2.0},), type_max=(3,))
+    assert plan_replicas(cfg, 100_000, typed).most == 6  # 3 nodes x 2 GPU replicas
+    unbounded = ClusterView(head, autoscaling=True, node_types=({"CPU": 8.0, "GPU": 2.0},), type_max=(None,))
+    assert plan_replicas(cfg, 100_000, unbounded).most == 100_000
+
+    standing = lambda: json.loads(_internal_kv_get(b"autoscaler_resource_request") or b"[]")  # noqa: E731
+    with AutoscalerRequest(enabled=True, output=resolve(str(tmp_path))) as request:
+        request.ask({"CPU": 1.0, "GPU": 1.0}, 100_000)
+        assert len(standing()) == REQUEST_MOST
+        assert json.loads((tmp_path / REQUEST_FILE).read_text())["bundles"] == standing()
+    assert standing() == [] and not (tmp_path / REQUEST_FILE).exists()
