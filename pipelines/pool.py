@@ -3,9 +3,11 @@
 The pool starts with the replicas the nodes up now can hold. An elastic pool
 (`replicas: auto` on a cluster that can grow, or an exact count larger than
 what is up) asks the autoscaler for replica-shaped capacity and starts more
-replicas as it appears, a couple at a time, never more than `resources.most`
-nor more than the shards left to run; when shards run out it releases idle
-replicas and lowers its request, so the autoscaler can scale down. Replicas on
+replicas as it appears, a couple at a time. Never more than `resources.most`,
+nor more than the busy replicas plus the shards not handed out yet: a replica
+is started only for a shard no idle or starting replica will take, and idle or
+starting replicas no shard is left for are released (the request lowered with
+them), so the autoscaler can scale down. Replicas on
 a node being drained (a spot preemption notice, a scale-down) get no new
 shards and are released once idle. Every replica that ever ran is recorded
 for the report: where it ran, what it did and how it ended.
