@@ -143,6 +143,9 @@ def run(
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
             p = _prepare(cfg)
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check)
+        from pipelines.cluster import clear_stale_request
+
+        clear_stale_request(cfg, p.output)  # a killed run's autoscaler request: cleared by the next tick, idle or not
         if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
             return _report(p, [], [], time.perf_counter() - started, complete=True)
@@ -220,7 +223,7 @@ def run(
                                     f", up to {resources.most} as capacity appears"
                                     if resources.most > resources.count else "", ray_session.where)
                         start_timeout = cfg.start_timeout or (600.0 if resources.autoscaling else 300.0)
-                        with AutoscalerRequest(enabled=resources.autoscaling) as request:
+                        with AutoscalerRequest(enabled=resources.autoscaling, output=p.output) as request:
                             scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, request=request,
                                                   start_timeout=start_timeout, shard_timeout=cfg.shard_timeout,
                                                   metrics=metrics)

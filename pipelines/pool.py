@@ -3,9 +3,11 @@
 The pool starts with the replicas the nodes up now can hold. An elastic pool
 (`replicas: auto` on a cluster that can grow, or an exact count larger than
 what is up) asks the autoscaler for replica-shaped capacity and starts more
-replicas as it appears, a couple at a time, never more than `resources.most`
-nor more than the shards left to run; when shards run out it releases idle
-replicas and lowers its request, so the autoscaler can scale down. Replicas on
+replicas as it appears, a couple at a time. Never more than `resources.most`,
+nor more than the busy replicas plus the shards not handed out yet: a replica
+is started only for a shard no idle or starting replica will take, and idle or
+starting replicas no shard is left for are released (the request lowered with
+them), so the autoscaler can scale down. Replicas on
 a node being drained (a spot preemption notice, a scale-down) get no new
 shards and are released once idle. Every replica that ever ran is recorded
 for the report: where it ran, what it did and how it ended.
@@ -59,7 +61,7 @@ class ReplicaPool:
 
     Example:
         >>> pool = ReplicaPool(job, ReplicaResources(2, 1.0, 0.0), max_attempts=3, actor=ray.remote(Replica))  # doctest: +SKIP
-        >>> pool.start(); pool.maintain(remaining=10)
+        >>> pool.start(); pool.maintain(queued=10)
     """
 
     def __init__(self, job: ReplicaJob, resources: ReplicaResources, *, max_attempts: int, actor: Any,
@@ -136,37 +138,50 @@ class ReplicaPool:
             del self.probes[probe]
         return True
 
-    def maintain(self, remaining: int, *, queued: int) -> None:
-        """Resize the pool to the work left: `remaining` shards not done, `queued` of them not dispatched.
+    def starting(self) -> list[Slot]:
+        """Replicas asked for and not ready yet (not on a draining node: those are never asked for)."""
+        return [s for s in self.slots if s.alive and not s.ready]
 
-        Replaces lost replicas (within the loss budget), grows an elastic pool as
-        capacity appears, releases replicas nobody needs, and skips draining nodes.
+    def maintain(self, *, queued: int) -> None:
+        """Resize the pool to the work left: `queued` shards not handed to a replica yet.
+
+        A replica is worth having while it holds shards or one of the queued shards
+        is left for it, so the pool never holds more replicas than the busy ones plus
+        the queued shards: it starts replicas (replacing lost ones, within the loss
+        budget, and growing an elastic pool as capacity appears) only for queued
+        shards no idle or starting replica will take, and releases the idle and
+        starting ones that no queued shard is left for (a starting one first: its
+        model load and CUDA context are not paid yet). Replicas on draining nodes
+        get no new shards and go once idle.
         """
         now = time.monotonic()
-        if now - self._looked >= LOOK_SECONDS:
-            self._looked = now
-            self._drain(draining_nodes())
-            self.request.ask(self.resources.shape, min(self.resources.most, remaining))
-        if self.ready() or not remaining:
-            self.waiting_since = None
-        elif self.waiting_since is None:
-            self.waiting_since = now
         for slot in self.alive():
             if slot.draining and not slot.queue:  # its last shard is done: let the node go
                 self.release(slot, "node draining")
         alive = [s for s in self.alive() if not s.draining]
-        want = min(self.resources.most, remaining)
+        busy = [s for s in alive if s.queue]
+        if now - self._looked >= LOOK_SECONDS:
+            self._looked = now
+            self._drain(draining_nodes())
+            self.request.ask(self.resources.shape, min(self.resources.most, len(busy) + queued))
+        if self.ready() or not (queued or busy):
+            self.waiting_since = None
+        elif self.waiting_since is None:
+            self.waiting_since = now
+        idle = [s for s in alive if s.ready and not s.queue]
         starting = [s for s in alive if not s.ready]
-        while len(alive) < want and self.losses <= self.allowed_losses:
+        spare = len(idle) + len(starting) - queued  # replicas no queued shard is left for
+        for slot in [*reversed(starting), *idle][:max(0, spare)]:
+            self.release(slot, "no shards left")
+        alive = [s for s in alive if s.alive]
+        starting = [s for s in starting if s.alive]
+        wanted = min(self.resources.most - len(alive), -spare)  # queued shards no replica will take yet
+        while wanted > 0 and self.losses <= self.allowed_losses:
             if self.elastic and len(starting) >= PENDING_LIMIT and len(alive) >= self.resources.count:
                 break  # the autoscaler request asks for the rest; more actors only queue
-            slot = self.spawn()
-            alive.append(slot)
-            starting.append(slot)
-        if not queued:  # nothing left to hand out: idle replicas are not needed any more
-            for slot in alive:
-                if not slot.queue and (slot.ready or len(alive) > remaining):
-                    self.release(slot, "no shards left")
+            starting.append(self.spawn())
+            alive.append(starting[-1])
+            wanted -= 1
 
     def _drain(self, draining: set[str]) -> None:
         for slot in self.alive():

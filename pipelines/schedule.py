@@ -114,7 +114,7 @@ class Scheduler:
         try:
             self.pool.start()
             while self._pending or self._refs:
-                self.pool.maintain(len(self._pending) + len(self._refs), queued=len(self._pending))
+                self.pool.maintain(queued=len(self._pending))
                 self._dispatch(on_started)
                 stuck = self._stuck()
                 if stuck:
@@ -142,8 +142,12 @@ class Scheduler:
             if on_started is not None:
                 on_started()
         now = time.monotonic()
-        for slot in ready:
-            while self._pending and len(slot.queue) < self.in_flight:
+        starting = len(self.pool.starting())
+        # The replicas that ran least first (a replica just ready gets a shard before an idle one that
+        # ran some); a shard waits behind another on a replica only when no starting replica is left
+        # without one, so the pool started no replica for nothing.
+        for slot in sorted(ready, key=lambda s: (bool(s.queue), s.shards)):
+            while self._pending and len(slot.queue) < (self.in_flight if len(self._pending) > starting else 1):
                 shard = self._pending.popleft()
                 self._attempts[shard.id] += 1  # refunded if the replica is lost before it starts this shard
                 if not slot.queue:
