@@ -295,7 +295,8 @@ def _prepare(cfg: JobConfig) -> Plan:
             return {}, {}
         return state.spans(files)
 
-    base, files = scan_inputs(source, committed)
+    avoid = os.path.realpath(output.path) if source.is_local and output.is_local else None
+    base, files = scan_inputs(source, committed, avoid=avoid)
     columns, column_source, files = _columns(cfg, model, files, state, source)
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:

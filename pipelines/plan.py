@@ -226,15 +226,17 @@ def _claim(taken: dict[str, str], rel: str, first: int) -> str:
     return name
 
 
-def scan_inputs(location: Location, committed: Committed | None = None) -> tuple[str, list[InputFile]]:
+def scan_inputs(location: Location, committed: Committed | None = None, *,
+                avoid: str | None = None) -> tuple[str, list[InputFile]]:
     """List the input files and read the footers that are needed (in parallel: footers are small reads).
 
     `committed` is given the listed (rel, fingerprint) pairs and returns two
     maps from the output's state: the committed spans covering ALL row groups
     of a file (its footer is not read), and every committed span of a file
-    (reused where they fit its footer).
+    (reused where they fit its footer). `avoid`: the output's real path, which
+    no input may reach through a symlink (`list_files`).
     """
-    base, infos = list_files(location)
+    base, infos = list_files(location, avoid=avoid)
     if not infos:
         raise InputError(f"no input files found at {location.uri!r}")
     listed = [(relative_to(base, i.path), f"size={i.size};mtime_ns={i.mtime_ns}") for i in infos]

@@ -17,6 +17,7 @@ import hashlib
 import os
 import posixpath
 import re
+import stat as statmod
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, InputError, OutputConflictError
 from pipelines.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, BrokenStream, is_transient, retry_transient
 
 _GLOB_CHARS = "*?["
@@ -170,27 +171,135 @@ def is_hidden(relative: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
 
 
-def list_files(location: Location) -> tuple[str, list[pafs.FileInfo]]:
+def list_files(location: Location, *, avoid: str | None = None) -> tuple[str, list[pafs.FileInfo]]:
     """The input files under a file, directory (recursive) or glob, in path order.
 
     Returns the base directory that relative output paths mirror (a glob's static
     prefix), and the files. A path that exists is taken literally, glob characters
-    or not. Hidden names (`_SUCCESS`, `.crc`, ...) are skipped.
+    or not; a glob that matches a directory takes every file below it (as Spark
+    does). Hidden names (`_SUCCESS`, `.crc`, ...) are skipped.
+
+    Local symlinks are followed, each real directory and file once (a loop such as
+    `in/loop -> .` adds nothing): a path that is no symlink wins, then the first in
+    path order. `avoid` is a local real path (the output's): an input whose real
+    path reaches it raises `OutputConflictError`.
     """
     fs, path = location.fs, location.path
-    info = retry_transient(lambda: fs.get_file_info(path), what=f"looking up {location.uri}")
+    try:
+        info = retry_transient(lambda: fs.get_file_info(path), what=f"looking up {location.uri}")
+    except OSError as exc:
+        raise InputError(f"cannot look up the input {location.uri!r}: {exc}") from exc
     if info.type == pafs.FileType.File:
+        if avoid is not None and location.is_local:
+            _refuse_overlap(os.path.realpath(path), avoid, location.uri)
         return posixpath.dirname(path), [info]
     if info.type == pafs.FileType.Directory:
-        base, files = path, _walk(fs, path)
+        base, files = path, _walk_input(location, path, avoid)
     elif has_glob(path, location.glob_chars):
         base = static_prefix(path, location.glob_chars)
         match = glob_matcher(path[len(base):], location.glob_chars)
-        files = [info for info in _walk(fs, base) if match(relative_to(base, info.path))]
+        files = [info for info in _walk_input(location, base, avoid) if match(relative_to(base, info.path))]
     else:
         return path, []
     files = [info for info in files if not is_hidden(relative_to(base, info.path))]
     return base, sorted(files, key=lambda info: info.path)
+
+
+def _walk_input(location: Location, base: str, avoid: str | None) -> list[pafs.FileInfo]:
+    """Every file under `base` (hidden names below it skipped); locally, through symlinks, each real
+    directory and file once."""
+    if not location.is_local:
+        try:
+            return _walk(location.fs, base)
+        except OSError as exc:
+            raise InputError(f"cannot list the input {location.display(base)}: {exc}") from exc
+    files: list[pafs.FileInfo] = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every directory and file taken
+    pending: list[tuple[str, str]] = []  # (path, real path) of directories to read, a stack
+    links: list[str] = []  # symlinks met, followed once every plain path is taken
+    plain: list[tuple[int, int]] = []  # (device, inode) of plain files taken, added to `seen` when a link is
+
+    def take(path: str, real: str, stat: os.stat_result) -> bool:
+        key = (stat.st_dev, stat.st_ino)
+        if key in seen:
+            return False
+        seen.add(key)
+        if avoid is not None:
+            _refuse_overlap(real, avoid, location.display(path))
+        return True
+
+    try:
+        root = os.stat(base)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise InputError(f"cannot list the input {base}: {exc}") from exc
+    if take(base, os.path.realpath(base), root) and stat_is_dir(root):
+        pending.append((base, os.path.realpath(base)))
+    while pending or links:
+        if not pending:
+            seen.update(plain)  # what a link may lead to again
+            plain.clear()
+            link = links.pop(0)
+            real = os.path.realpath(link)
+            try:
+                stat = os.stat(link)
+            except OSError:
+                continue  # a dangling link
+            if not take(link, real, stat):
+                continue
+            if stat_is_dir(stat):
+                pending.append((link, real))
+            elif stat_is_file(stat):
+                files.append(_file_info(link, stat))
+            continue
+        directory, real_dir = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:  # permission denied, I/O error: the listing would be incomplete
+            raise InputError(f"cannot list the input directory {directory}: {exc}") from exc
+        below: list[tuple[str, str]] = []
+        for entry in entries:
+            if entry.name.startswith(("_", ".")):
+                continue  # hidden, as `is_hidden` (and never followed)
+            if entry.is_symlink():
+                links.append(entry.path)
+                continue
+            real = posixpath.join(real_dir, entry.name)
+            try:
+                stat = entry.stat()
+            except OSError:
+                continue  # gone since the directory was read
+            if stat_is_dir(stat):
+                if take(entry.path, real, stat):
+                    below.append((entry.path, real))
+            elif stat_is_file(stat):  # a plain file in a directory taken once is taken once
+                files.append(_file_info(entry.path, stat))
+                plain.append((stat.st_dev, stat.st_ino))
+        pending.extend(reversed(below))  # depth first, in name order
+    return files
+
+
+def stat_is_dir(stat: os.stat_result) -> bool:
+    return statmod.S_ISDIR(stat.st_mode)
+
+
+def stat_is_file(stat: os.stat_result) -> bool:
+    return statmod.S_ISREG(stat.st_mode)
+
+
+def _file_info(path: str, stat: os.stat_result) -> pafs.FileInfo:
+    """The FileInfo pyarrow's LocalFileSystem gives for a regular file (same size and mtime_ns)."""
+    return pafs.FileInfo(path, pafs.FileType.File, mtime_ns=stat.st_mtime_ns, size=stat.st_size)
+
+
+def _refuse_overlap(real: str, avoid: str, shown: str) -> None:
+    if overlaps(real, avoid):
+        raise OutputConflictError(f"input {shown} leads to {real}, inside the output {avoid}; "
+                                  f"remove the link or write predictions elsewhere")
 
 
 def search_root(location: Location) -> str:
