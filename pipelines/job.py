@@ -32,6 +32,7 @@ from pipelines.plan import (
     InputFile,
     Shard,
     check_file,
+    check_quarantine,
     make_shards,
     read_schema,
     resolve_columns,
@@ -298,6 +299,7 @@ def _prepare(cfg: JobConfig) -> Plan:
     avoid = os.path.realpath(output.path) if source.is_local and output.is_local else None
     base, files = scan_inputs(source, committed, avoid=avoid)
     columns, column_source, files = _columns(cfg, model, files, state, source)
+    check_quarantine(columns, cfg.invalid_rows)  # also for columns reused from the manifest
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
         state.check_compatible(model.sha256, settings, output.uri)

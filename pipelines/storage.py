@@ -128,12 +128,15 @@ def glob_matcher(pattern: str, chars: str = _GLOB_CHARS) -> Callable[[str], bool
 
     `*` and `?` match within one path segment, `[...]` is a character class (`[!...]`
     negates; `[[]` is a literal '['), and `**` as a whole segment matches zero or more
-    directories (at the end: every file below). Only the characters in `chars` are wildcards.
+    directories (at the end: every file below). A pattern that matches a directory takes
+    every file below it, as Spark does. Only the characters in `chars` are wildcards.
 
     Example:
         >>> match = glob_matcher("day=*/**/part-*.parquet")
         >>> match("day=1/part-0.parquet"), match("day=1/a/b/part-0.parquet"), match("day=1/part-0.csv")
         (True, True, False)
+        >>> glob_matcher("day=2024-*")("day=2024-01/part-0.parquet")
+        True
     """
     segments: list[re.Pattern[str] | None] = []  # None stands for '**'
     for segment in pattern.strip("/").split("/"):
@@ -153,7 +156,7 @@ def glob_matcher(pattern: str, chars: str = _GLOB_CHARS) -> Callable[[str], bool
         @functools.cache
         def step(i: int, j: int) -> bool:  # pattern segments [i:] against path parts [j:]
             if i == len(segments):
-                return j == len(parts)
+                return True  # the file itself, or a directory above it
             segment = segments[i]
             if segment is None:
                 if i == len(segments) - 1:  # a trailing '**' takes every file below

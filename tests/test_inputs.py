@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import cli, read_output, save_mlp, write_files
 
@@ -64,3 +66,54 @@ def test_an_input_that_leads_into_the_output_is_refused(tmp_path: Path) -> None:
     (tmp_path / "in" / "one").symlink_to(tmp_path / "out" / "part-0000-00000.parquet")  # a file of the output
     with pytest.raises(OutputConflictError, match=r"in/one leads to"):
         pipelines.run(**job, progress=False)
+
+
+# --- item 17: the quarantine's `reason`, hidden inputs, globs over directories ----------------------
+
+def test_a_reason_column_is_refused_where_quarantined_rows_would_carry_two(tmp_path: Path) -> None:
+    write_files(tmp_path / "src", [100], features=4, row_group_size=100)
+    table = pq.read_table(tmp_path / "src" / "part-0000.parquet")
+    f01 = table["f01"].to_numpy().copy()
+    f01[5] = np.nan  # one row to quarantine
+    table = table.set_column(table.schema.get_field_index("f01"), "f01", pa.array(f01))
+    (tmp_path / "in").mkdir()
+    pq.write_table(table.append_column("reason", pa.array(["upstream"] * 100)), tmp_path / "in" / "p.parquet")
+    save_mlp(tmp_path / "m.pt", [4, 8, 1], seed=3)
+    job = ["--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    result = cli("run", *job)
+    # before: exit 0, and _rejected/p-00000.parquet held two `reason` fields (readers refuse it)
+    assert result.returncode == 2, result.stderr
+    assert "passthrough column 'reason' would collide" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    # Named out of passthrough, or with invalid_rows that quarantines nothing, the same input runs.
+    result = cli("run", *job, "--passthrough", "id,name")
+    assert result.returncode == 0, result.stderr
+    rejected = pq.read_table(tmp_path / "out" / "_rejected" / "p-00000.parquet")
+    assert rejected["reason"].to_pylist() == ["null, NaN or inf in feature 'f01'"]
+    result = cli("run", *job[:-1], str(tmp_path / "out2"), "--invalid-rows", "keep")
+    assert result.returncode == 0, result.stderr
+    assert pq.read_table(tmp_path / "out2" / "p-00000.parquet")["reason"].to_pylist() == ["upstream"] * 100
+
+
+def test_a_hidden_input_file_given_explicitly_gets_a_visible_output(tmp_path: Path) -> None:
+    job = _job(tmp_path, [100])
+    (tmp_path / "in" / "part-0000.parquet").rename(tmp_path / "in" / "_x.parquet")
+    report = pipelines.run(**{**job, "input": str(tmp_path / "in" / "_x.parquet")}, progress=False)
+    assert report.complete and (tmp_path / "out" / SUCCESS).exists()
+    assert (tmp_path / "out" / "x-00000.parquet").exists()  # before: _x-00000.parquet, which readers skip
+    assert read_output(tmp_path / "out")["id"].to_pylist() == list(range(100))
+    assert pipelines.verify(str(tmp_path / "out"), sample=10).ok
+
+
+def test_a_glob_that_matches_directories_takes_the_files_below(tmp_path: Path) -> None:
+    for day, start in (("date=2024-01-01", 0), ("date=2024-01-02", 100), ("date=2023-12-31", 200)):
+        write_files(tmp_path / "in" / day, [100], features=4, row_group_size=100, start=start)
+    write_files(tmp_path / "in" / "date=2024-01-02" / "hour=01", [50], features=4, row_group_size=100, start=300)
+    save_mlp(tmp_path / "m.pt", [4, 8, 1], seed=3)
+    assert _listed(tmp_path / "in" / "date=2024-*") == [
+        "date=2024-01-01/part-0000.parquet", "date=2024-01-02/hour=01/part-0000.parquet",
+        "date=2024-01-02/part-0000.parquet"]
+    report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in" / "date=2024-*"),
+                           output=str(tmp_path / "out"), progress=False)
+    assert report.complete and report.rows_out == 250  # before: InputError, no input files found
+    assert (tmp_path / "out" / "date=2024-01-02" / "hour=01" / "part-0000-00000.parquet").exists()
