@@ -39,7 +39,7 @@ from pipelines.plan import (
     scan_inputs,
 )
 from pipelines.report import Progress, RunReport
-from pipelines.storage import Location, absolute, overlaps, resolve, search_root, write_bytes_atomic
+from pipelines.storage import Location, absolute, overlaps, redact, resolve, search_root, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +71,12 @@ class Plan:
     def header(self) -> dict[str, Any]:
         """What the manifest records about the job, beside its shards."""
         cfg = self.config
-        return {
-            "model": {**self.model.to_dict(), "uri": absolute(cfg.model)},
-            "config": cfg.to_dict(),
+        return {  # URIs with their secrets redacted: the manifest is no place for credentials
+            "model": {**self.model.to_dict(), "uri": redact(absolute(cfg.model))},
+            "config": {k: redact(v) if isinstance(v, str) else v for k, v in cfg.to_dict().items()},
             "settings": prediction_settings(cfg, self.columns),
             "columns": self.columns_record,
-            "source": {"input": absolute(cfg.input), "base": self.base},
+            "source": {"input": redact(absolute(cfg.input)), "base": self.base},
         }
 
     @property
@@ -185,6 +185,8 @@ def run(
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
             def on_result(shard: Shard, result: dict[str, Any]) -> None:
+                if result.get("error"):  # recorded in the journal and the report: no secret in it
+                    result = {**result, "error": redact(result["error"])}
                 ok = result["status"] == COMMITTED
                 if ok:
                     if not first_commit:
@@ -323,7 +325,7 @@ def _check_overlap(cfg: JobConfig, source: Location, output: Location) -> None:
     if source.is_local:  # through symlinks too: compare where the paths really lead
         pairs.append((os.path.realpath(root), os.path.realpath(output.path)))
     if any(overlaps(a, b) for a, b in pairs):
-        raise OutputConflictError(f"output {cfg.output!r} overlaps input {cfg.input!r}; write predictions elsewhere")
+        raise OutputConflictError(f"output {output.uri!r} overlaps input {source.uri!r}; write predictions elsewhere")
 
 
 def _column_keys(cfg: JobConfig) -> dict[str, Any]:
@@ -357,7 +359,7 @@ def _columns(
                 continue  # unreadable now; it stays planned from its committed shards
             f = files[index] = read
         return resolve_columns(f.schema, cfg, model.in_features, f.uri), [f.rel, f.fingerprint], files
-    raise InputError(f"no readable Parquet input at {cfg.input!r}: "
+    raise InputError(f"no readable Parquet input at {source.uri!r}: "
                      + "; ".join(f.error or "" for f in files[:3] if f.error))
 
 

@@ -60,8 +60,38 @@ class Location:
         return f"{self.scheme}://{path}" if self.scheme and self.scheme != "file" else path
 
 
+REDACTED = "REDACTED"
+# Query options and URI passwords that hold secrets: never persisted, logged or printed.
+_SECRET_OPTION = re.compile(r"(?i)\b([a-z0-9_.-]*(?:key|secret|token|password|passwd|credential|signature)"
+                            r"[a-z0-9_.-]*)=([^&\s'\"\]),;]*)")
+# `scheme://user:password@`: for S3 the access key id and the secret key (pyarrow's way to give them).
+_URI_USERINFO = re.compile(r"://[^/@:\s'\"?#]+:[^@\s'\"?#]*@")
+_REDACTED_USERINFO = f"{REDACTED}:{REDACTED}@"
+
+
+def redact(text: str) -> str:
+    """`text` (a URI, or a message holding URIs) with every secret replaced by `REDACTED`.
+
+    Secrets are the user and password of `scheme://user:password@` (for `s3://` the access
+    key id and secret key), and the values of options whose name says key, secret, token,
+    password, credential or signature (`access_key=`, `secret_key=`, `session_token=`,
+    ...). Everything else is kept, so a redacted URI still resolves (`resolve` drops what
+    was redacted: credentials then come from the environment, as everywhere else).
+
+    Example:
+        >>> redact("s3://AKIA1:s3cr3t@bucket/in/?endpoint_override=h:9000")
+        's3://REDACTED:REDACTED@bucket/in/?endpoint_override=h:9000'
+        >>> redact("s3://b/in/?region=eu-west-1&secret_key=SK")
+        's3://b/in/?region=eu-west-1&secret_key=REDACTED'
+    """
+    return _URI_USERINFO.sub("://" + _REDACTED_USERINFO, _SECRET_OPTION.sub(rf"\1={REDACTED}", text))
+
+
 def resolve(uri: str) -> Location:
     """Resolve a local path or URI (`s3://`, `gs://`, `hdfs://`, `file://`).
+
+    The location's `uri` is the one given with its secrets redacted (`redact`): it is
+    what messages, the manifest and metrics show.
 
     Example:
         >>> resolve("/tmp/x").path
@@ -71,11 +101,13 @@ def resolve(uri: str) -> Location:
         path = os.path.abspath(os.path.expanduser(uri))
         return Location(pafs.LocalFileSystem(), path, uri, "")
     scheme = uri.split("://", 1)[0].lower()
+    uri = uri.replace("://" + _REDACTED_USERINFO, "://", 1)  # a URI as the manifest records it
     # A trailing "?key=value&..." holds filesystem options (endpoint_override=...),
     # so in URIs only '*' and '[' act as glob characters.
     main, query = uri, ""
     if "?" in uri and "=" in uri.rsplit("?", 1)[1]:
         main, query = uri.rsplit("?", 1)
+        query = "&".join(option for option in query.split("&") if not option.endswith("=" + REDACTED))
     head, tail = main, ""
     glob_at = min((main.index(ch) for ch in _URI_GLOB_CHARS if ch in main), default=-1)
     if glob_at > 0:
@@ -84,9 +116,9 @@ def resolve(uri: str) -> Location:
     try:
         fs, path = pafs.FileSystem.from_uri(head + (f"?{query}" if query else ""))
     except (pa.ArrowInvalid, ValueError, OSError) as exc:
-        raise ConfigError(f"cannot open {uri!r}: {exc}") from exc
+        raise ConfigError(redact(f"cannot open {uri!r}: {exc}")) from exc
     path = path.rstrip("/") + tail
-    return Location(fs, path.rstrip("/") or "/", uri, scheme)
+    return Location(fs, path.rstrip("/") or "/", redact(uri), scheme)
 
 
 def absolute(uri: str) -> str:

@@ -107,14 +107,14 @@ def verify(output: str, *, sample: int = 0, checksums: bool = False, seed: int |
     location = resolve(output)
     state = State.load(location)
     if not state.found:
-        raise ConfigError(f"no batch-infer manifest at {output!r} (nothing has been committed there)")
+        raise ConfigError(f"no batch-infer manifest at {location.uri!r} (nothing has been committed there)")
     check = _Check(location, state)
     check.files(checksums)
     check.inputs()
     check.success()
     if sample > 0:
         check.sample(sample, random.Random(seed))
-    return VerifyReport(output, not check.problems, check.problems, check.notes, check.files_checked,
+    return VerifyReport(location.uri, not check.problems, check.problems, check.notes, check.files_checked,
                         check.rows_on_disk, check.rows_out, check.inputs_checked, check.sampled, check.complete)
 
 
