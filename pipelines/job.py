@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipelines.commit import (
@@ -39,7 +40,17 @@ from pipelines.plan import (
     scan_inputs,
 )
 from pipelines.report import Progress, RunReport
-from pipelines.storage import Location, absolute, overlaps, redact, resolve, search_root, write_bytes_atomic
+from pipelines.storage import (
+    Location,
+    absolute,
+    check_output_path,
+    output_refused,
+    overlaps,
+    redact,
+    resolve,
+    search_root,
+    write_bytes_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +151,7 @@ def run(
     cfg = _config(config, options)
     started = time.perf_counter()
     p = _prepare(cfg)
-    with OutputLock(p.output) as lock:
+    with _refusals(p.output) as refusals, OutputLock(p.output) as lock:
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
             p = _prepare(cfg)
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check)
@@ -169,6 +180,7 @@ def run(
                     done.append({"id": shard.id, "input": shard.input, "status": "failed", "error": shard.error,
                                  "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0})
             recorder.flush(force=True)
+            refusals.started = True  # shards run from here: a refusal now leaves committed work behind
 
         replicas: list[dict[str, Any]] = []
         waited = 0.0
@@ -248,6 +260,21 @@ def run(
         return report
 
 
+class _Refusals:
+    started = False
+
+
+@contextlib.contextmanager
+def _refusals(output: Location) -> Iterator[_Refusals]:
+    """Storage that refuses the output (a file in the way, permissions, read-only, full, access denied)
+    becomes `OutputAccessError` naming the path: exit 2 before any shard ran, 1 after."""
+    refusals = _Refusals()
+    try:
+        yield refusals
+    except OSError as exc:
+        raise output_refused(exc, output, started=refusals.started) from exc
+
+
 def _lane_resources(cfg: JobConfig, shards: list[Shard]) -> Any:
     """The replicas' `ReplicaResources` when this run is done in the driver (pipelines.lane), else None.
 
@@ -286,10 +313,12 @@ def _prepare(cfg: JobConfig) -> Plan:
     from workers.modelfile import inspect_model
 
     source, output = resolve(absolute(cfg.input)), resolve(absolute(cfg.output))
+    check_output_path(output)
     _check_overlap(cfg, source, output)
     model = inspect_model(absolute(cfg.model))
-    snapshot = _snapshot(output)
-    state = State.load(output)
+    with _refusals(output) as _:
+        snapshot = _snapshot(output)
+        state = State.load(output)
     listed: list[tuple[str, str]] = []
 
     def committed(files: list[tuple[str, str]]) -> tuple[dict[Any, Any], dict[Any, Any]]:

@@ -11,6 +11,7 @@ when they outlast the retries, so a flaky store is never mistaken for bad data.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import functools
 import hashlib
@@ -26,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.errors import ConfigError, InputError, OutputConflictError
+from pipelines.errors import ConfigError, InputError, OutputAccessError, OutputConflictError
 from pipelines.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, BrokenStream, is_transient, retry_transient
 
 _GLOB_CHARS = "*?["
@@ -377,6 +378,65 @@ def existing_infos(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     return _walk(fs, root)
 
 
+# --- storage that refuses --------------------------------------------------------------------
+
+_REFUSALS = (  # (errno, words in the message of stores that give no errno, what it means)
+    (errno.ENOTDIR, (), "a file is where a directory is needed"),
+    (errno.EEXIST, (), "a file is where a directory is needed"),
+    (errno.EACCES, ("ACCESS_DENIED", "AccessDenied", "HTTP status 403"), "permission denied"),
+    (errno.EPERM, (), "permission denied"),
+    (errno.EROFS, (), "read-only file system"),
+    (errno.ENOSPC, (), "no space left on the device"),
+    (errno.EDQUOT, (), "disk quota exceeded"),
+    (None, ("NO_SUCH_BUCKET", "NoSuchBucket"), "the bucket does not exist"),
+)
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What a storage error means when it is the storage refusing (not a transient fault), else None.
+
+    Example:
+        >>> refusal(OSError(30, "Read-only file system"))
+        'read-only file system'
+    """
+    if not isinstance(exc, OSError) or is_transient(exc):
+        return None
+    code, text = exc.errno, str(exc)
+    for number, words, meaning in _REFUSALS:
+        if (number is not None and code == number) or any(word in text for word in words):
+            return meaning
+    return None
+
+
+def output_refused(exc: OSError, output: Location, *, started: bool) -> OutputAccessError:
+    """The typed error for an output the storage refuses, naming the path (exit 2, or 1 once a shard ran)."""
+    meaning = refusal(exc) or "storage error"
+    if isinstance(exc.filename, str) and exc.filename.rstrip("/") != output.path:
+        meaning += f" at {output.display(exc.filename)}"
+    then = ("committed shards are kept; fix it and rerun the same command to resume" if started
+            else "nothing was processed; fix it, or choose another output, and rerun")
+    message = redact(f"cannot use the output {output.uri}: {meaning} ({exc}); {then}")
+    return OutputAccessError(message, exit_code=1 if started else 2)
+
+
+def check_output_path(output: Location) -> None:
+    """Refuse (exit 2) a local output that is a file, or lies under one."""
+    if not output.is_local:
+        return  # object stores have no directories to be in the way
+    path = output.path
+    while True:
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                what = "is a file" if path == output.path else f"lies under {path}, which is a file"
+                raise OutputAccessError(f"the output {output.uri} {what}; the output must be a directory: "
+                                        f"choose another output")
+            return
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
 # --- staged output --------------------------------------------------------------------------
 
 TEMP_SUFFIX = ".tmp"
@@ -410,9 +470,10 @@ def sweep_temps(fs: pafs.FileSystem, root: str) -> int:
 class _Hashing:
     """A write-only file object that hashes (sha256) and counts what passes through it."""
 
-    def __init__(self, sink: pa.NativeFile, what: str) -> None:
+    def __init__(self, sink: pa.NativeFile, what: str, path: str) -> None:
         self.sink = sink
         self.what = what
+        self.path = path
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.closed = False
@@ -425,7 +486,9 @@ class _Hashing:
         except OSError as exc:
             if is_transient(exc):
                 raise BrokenStream(f"{self.what}: {exc}") from exc
-            raise
+            if exc.errno:  # no space, read-only, ...: say where
+                raise OSError(exc.errno, os.strerror(exc.errno), self.path) from exc
+            raise OSError(f"{self.what}: {exc}") from exc
         self.size += view.nbytes
         return view.nbytes
 
@@ -472,7 +535,7 @@ class StagedFile:
             with contextlib.suppress(OSError):  # object stores need no directories
                 fs.create_dir(parent, recursive=True)
         self._raw = retry_transient(lambda: fs.open_output_stream(self.tmp), what=f"creating {self.tmp}")
-        self._hashing = _Hashing(self._raw, f"writing {self.tmp}")
+        self._hashing = _Hashing(self._raw, f"writing {self.tmp}", self.tmp)
         self.stream = pa.PythonFile(self._hashing, mode="w")
         self.size = 0
         self.sha256 = ""
