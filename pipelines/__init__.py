@@ -12,6 +12,7 @@ from pipelines.errors import (
     InputError,
     LockHeldError,
     ModelError,
+    OutputAccessError,
     OutputConflictError,
     ResourceError,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "JobConfig",
     "LockHeldError",
     "ModelError",
+    "OutputAccessError",
     "OutputConflictError",
     "Plan",
     "ResourceError",

@@ -21,6 +21,7 @@ import yaml
 
 from pipelines.config import BOOL_KEYS, KEY_DOCS, LIST_KEYS, JobConfig, KeyDoc, read_yaml
 from pipelines.errors import BatchInferError, ConfigError, StorageError
+from pipelines.storage import redact
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INVALID, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -35,10 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except BatchInferError as exc:
-        print(f"batch-infer: error: {exc}", file=sys.stderr)
+        print(redact(f"batch-infer: error: {exc}"), file=sys.stderr)
         return exc.exit_code
     except StorageError as exc:  # the output's storage kept failing: nothing committed is lost; rerun
-        print(f"batch-infer: error: storage kept failing, rerun the same command: {exc}", file=sys.stderr)
+        print(redact(f"batch-infer: error: storage kept failing, rerun the same command: {exc}"), file=sys.stderr)
         return EXIT_FAILED_SHARDS
     except KeyboardInterrupt:
         print("batch-infer: interrupted; committed shards are kept, rerun the same command to resume", file=sys.stderr)
@@ -211,7 +212,7 @@ def _status(args: argparse.Namespace) -> int:
     output = resolve(args.output)
     state = State.load(output)  # the manifest with the journal of a running or killed run applied
     if not state.found:
-        raise ConfigError(f"no batch-infer manifest at {args.output!r} (nothing has been committed there)")
+        raise ConfigError(f"no batch-infer manifest at {output.uri!r} (nothing has been committed there)")
     entries = [*state.files.values(), *state.others.values()]
     counts: dict[str, int] = {}
     for shard in entries:
@@ -221,7 +222,7 @@ def _status(args: argparse.Namespace) -> int:
     model = state.header.get("model") or {"sha256": "?", "layers": []}
     updated = output.fs.get_file_info(output.join(MANIFEST)).mtime
     summary = {
-        "output": args.output, "complete": success, "updated_at": updated.isoformat() if updated else None,
+        "output": redact(args.output), "complete": success, "updated_at": updated.isoformat() if updated else None,
         "model_sha256": model["sha256"], "layers": model["layers"],
         "shards": len(entries), "by_status": counts, "journal_records": not state.journal.empty,
         "rows_in": sum(e["rows_in"] for e in done), "rows_out": sum(e["rows_out"] for e in done),
@@ -232,7 +233,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return EXIT_OK
     label = "complete (_SUCCESS present)" if success else "incomplete (no _SUCCESS)"
-    print(f"{args.output}: {label}, last updated {summary['updated_at']}")
+    print(f"{summary['output']}: {label}, last updated {summary['updated_at']}")
     print(f"model sha256 {summary['model_sha256'][:12]}..., layers {summary['layers']}")
     print(f"shards: {summary['shards']} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
     print(f"rows: {summary['rows_in']:,} in, {summary['rows_out']:,} out, {summary['rows_rejected']:,} rejected")
@@ -255,9 +256,16 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(rows=args.rows, directory=args.dir)
 
 
+class _Redacting(logging.Formatter):
+    """Log lines with the secrets of any URI in them redacted (`pipelines.storage.redact`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def _configure_logging(command: str, verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    handler.setFormatter(_Redacting("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     for name in ("pipelines", "workers"):
         log = logging.getLogger(name)
         log.addHandler(handler)

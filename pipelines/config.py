@@ -200,9 +200,11 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            "(BatchNorm1d folded)", metavar="PATH"),
     KeyDoc("input", "required",
            "a Parquet file, a directory (recursive) or a glob; local path or URI (`s3://`, `gs://`, `hdfs://`, "
-           "`file://`). In a glob `*` and `?` stay within one directory, `**` recurses; a path that exists is "
-           "taken literally even if it holds glob characters. Relative paths are resolved where you run the "
-           "command", metavar="PATH"),
+           "`file://`). In a glob `*` and `?` stay within one directory, `**` recurses, and a directory the "
+           "glob matches gives every file below it (as Spark: `in/date=2024-*`); a path that exists is taken "
+           "literally even if it holds glob characters. Local symlinks are followed, each real directory and "
+           "file once (a loop adds nothing); an input that leads into the output is refused. Relative paths "
+           "are resolved where you run the command", metavar="PATH"),
     KeyDoc("output", "required", "output directory or URI; must not overlap `input`", metavar="PATH"),
     KeyDoc("features", "all floating-point columns not in `passthrough` (from the first readable input file)",
            "list of column names, a glob such as `f*`, or one fixed-size-list column", metavar="A,B,..."),
@@ -249,7 +251,8 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
     KeyDoc("start_timeout", f"{_SYSTEM}: 10 min on an autoscaling cluster, 5 min otherwise",
            "seconds to wait for capacity (from the autoscaler) before the first replica runs", metavar="SECONDS"),
     KeyDoc("invalid_rows", "`quarantine`",
-           "rows with null/NaN/inf features: `quarantine` (to `_rejected/`), `fail` (the shard fails), `keep` "
+           "rows with null/NaN/inf features: `quarantine` (to `_rejected/`, with a `reason` column: an input "
+           "column named `reason` among those read is refused, exit 2), `fail` (the shard fails), `keep` "
            "(predict anyway)", choices=INVALID_ROWS),
     KeyDoc("overwrite", "`false`", "recompute everything, replacing earlier output"),
     KeyDoc("address", "`RAY_ADDRESS` if set, else a new embedded local Ray",

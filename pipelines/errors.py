@@ -6,6 +6,11 @@
     ├── InputError                  no input, no input file that fits the model (exit 2)
     ├── OutputConflictError         output overlaps input, or holds another
     │                               model/config and `overwrite` is not set   (exit 2)
+    ├── OutputAccessError           the output's storage refuses: a file where a
+    │                               directory is needed, permission denied,
+    │                               read-only file system, no space left, access
+    │                               denied, no such bucket (exit 2 before any
+    │                               shard ran, 1 after: committed shards are kept)
     ├── ResourceError               the cluster can never satisfy the replicas (exit 2)
     ├── ClusterConnectError         cannot connect to the Ray address given    (exit 2)
     └── LockHeldError               another run holds the output's lock        (exit 3)
@@ -44,6 +49,17 @@ class InputError(BatchInferError):
 
 class OutputConflictError(BatchInferError):
     """The output can't be written: it overlaps the input or holds another job's results."""
+
+
+class OutputAccessError(BatchInferError):
+    """The output's storage refuses to be written (or read): the message names the path and why.
+
+    `exit_code` is 2 when no shard had run yet (nothing but the lock was written), 1 after.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ResourceError(BatchInferError):

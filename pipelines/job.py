@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipelines.commit import (
@@ -32,13 +33,24 @@ from pipelines.plan import (
     InputFile,
     Shard,
     check_file,
+    check_quarantine,
     make_shards,
     read_schema,
     resolve_columns,
     scan_inputs,
 )
 from pipelines.report import Progress, RunReport
-from pipelines.storage import Location, absolute, overlaps, resolve, search_root, write_bytes_atomic
+from pipelines.storage import (
+    Location,
+    absolute,
+    check_output_path,
+    output_refused,
+    overlaps,
+    redact,
+    resolve,
+    search_root,
+    write_bytes_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +82,12 @@ class Plan:
     def header(self) -> dict[str, Any]:
         """What the manifest records about the job, beside its shards."""
         cfg = self.config
-        return {
-            "model": {**self.model.to_dict(), "uri": absolute(cfg.model)},
-            "config": cfg.to_dict(),
+        return {  # URIs with their secrets redacted: the manifest is no place for credentials
+            "model": {**self.model.to_dict(), "uri": redact(absolute(cfg.model))},
+            "config": {k: redact(v) if isinstance(v, str) else v for k, v in cfg.to_dict().items()},
             "settings": prediction_settings(cfg, self.columns),
             "columns": self.columns_record,
-            "source": {"input": absolute(cfg.input), "base": self.base},
+            "source": {"input": redact(absolute(cfg.input)), "base": self.base},
         }
 
     @property
@@ -139,7 +151,7 @@ def run(
     cfg = _config(config, options)
     started = time.perf_counter()
     p = _prepare(cfg)
-    with OutputLock(p.output) as lock:
+    with _refusals(p.output) as refusals, OutputLock(p.output) as lock:
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
             p = _prepare(cfg)
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check)
@@ -171,6 +183,7 @@ def run(
                     done.append({"id": shard.id, "input": shard.input, "status": "failed", "error": shard.error,
                                  "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0})
             recorder.flush(force=True)
+            refusals.started = True  # shards run from here: a refusal now leaves committed work behind
 
         replicas: list[dict[str, Any]] = []
         waited = 0.0
@@ -187,6 +200,8 @@ def run(
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
             def on_result(shard: Shard, result: dict[str, Any]) -> None:
+                if result.get("error"):  # recorded in the journal and the report: no secret in it
+                    result = {**result, "error": redact(result["error"])}
                 ok = result["status"] == COMMITTED
                 if ok:
                     if not first_commit:
@@ -248,6 +263,21 @@ def run(
         return report
 
 
+class _Refusals:
+    started = False
+
+
+@contextlib.contextmanager
+def _refusals(output: Location) -> Iterator[_Refusals]:
+    """Storage that refuses the output (a file in the way, permissions, read-only, full, access denied)
+    becomes `OutputAccessError` naming the path: exit 2 before any shard ran, 1 after."""
+    refusals = _Refusals()
+    try:
+        yield refusals
+    except OSError as exc:
+        raise output_refused(exc, output, started=refusals.started) from exc
+
+
 def _lane_resources(cfg: JobConfig, shards: list[Shard]) -> Any:
     """The replicas' `ReplicaResources` when this run is done in the driver (pipelines.lane), else None.
 
@@ -286,10 +316,12 @@ def _prepare(cfg: JobConfig) -> Plan:
     from workers.modelfile import inspect_model
 
     source, output = resolve(absolute(cfg.input)), resolve(absolute(cfg.output))
+    check_output_path(output)
     _check_overlap(cfg, source, output)
     model = inspect_model(absolute(cfg.model))
-    snapshot = _snapshot(output)
-    state = State.load(output)
+    with _refusals(output) as _:
+        snapshot = _snapshot(output)
+        state = State.load(output)
     listed: list[tuple[str, str]] = []
 
     def committed(files: list[tuple[str, str]]) -> tuple[dict[Any, Any], dict[Any, Any]]:
@@ -298,8 +330,10 @@ def _prepare(cfg: JobConfig) -> Plan:
             return {}, {}
         return state.spans(files)
 
-    base, files = scan_inputs(source, committed)
+    avoid = os.path.realpath(output.path) if source.is_local and output.is_local else None
+    base, files = scan_inputs(source, committed, avoid=avoid)
     columns, column_source, files = _columns(cfg, model, files, state, source)
+    check_quarantine(columns, cfg.invalid_rows)  # also for columns reused from the manifest
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
         state.check_compatible(model.sha256, settings, output.uri)
@@ -323,7 +357,7 @@ def _check_overlap(cfg: JobConfig, source: Location, output: Location) -> None:
     if source.is_local:  # through symlinks too: compare where the paths really lead
         pairs.append((os.path.realpath(root), os.path.realpath(output.path)))
     if any(overlaps(a, b) for a, b in pairs):
-        raise OutputConflictError(f"output {cfg.output!r} overlaps input {cfg.input!r}; write predictions elsewhere")
+        raise OutputConflictError(f"output {output.uri!r} overlaps input {source.uri!r}; write predictions elsewhere")
 
 
 def _column_keys(cfg: JobConfig) -> dict[str, Any]:
@@ -357,7 +391,7 @@ def _columns(
                 continue  # unreadable now; it stays planned from its committed shards
             f = files[index] = read
         return resolve_columns(f.schema, cfg, model.in_features, f.uri), [f.rel, f.fingerprint], files
-    raise InputError(f"no readable Parquet input at {cfg.input!r}: "
+    raise InputError(f"no readable Parquet input at {source.uri!r}: "
                      + "; ".join(f.error or "" for f in files[:3] if f.error))
 
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import JobConfig
 from pipelines.errors import ConfigError, InputError, StorageError
-from pipelines.storage import Location, list_files, read_parquet_footer, relative_to
+from pipelines.storage import Location, is_hidden, list_files, read_parquet_footer, relative_to
 
 DEFAULT_SHARD_ROWS = 1_000_000
 _FOOTER_THREADS = 16  # object stores: footer reads wait on the network
@@ -141,8 +141,16 @@ def split_row_groups(rows: Sequence[int], shard_rows: int) -> list[tuple[int, in
 
 
 def output_name(rel: str, first_row_group: int) -> str:
-    """The output path of a shard, mirroring the input's relative path."""
-    return f"{_stem(rel)}-{first_row_group:05d}.parquet"
+    """The output path of a shard, mirroring the input's relative path.
+
+    A hidden name (`_x.parquet`, given as the input itself) loses its leading `_` and `.`:
+    readers skip hidden files, so its predictions would be invisible beside `_SUCCESS`.
+
+    Example:
+        >>> output_name("_x.parquet", 0)
+        'x-00000.parquet'
+    """
+    return f"{_visible(_stem(rel))}-{first_row_group:05d}.parquet"
 
 
 def distinct_output_name(rel: str, first_row_group: int) -> str:
@@ -156,7 +164,12 @@ def distinct_output_name(rel: str, first_row_group: int) -> str:
         'a-00000-4bd32b85.parquet'
     """
     digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
-    return f"{_stem(rel)}-{first_row_group:05d}-{digest}.parquet"
+    return f"{_visible(_stem(rel))}-{first_row_group:05d}-{digest}.parquet"
+
+
+def _visible(path: str) -> str:
+    """`path` with the leading `_` and `.` of each part dropped (a part of only those becomes `part`)."""
+    return "/".join(part.lstrip("_.") or "part" for part in path.split("/"))
 
 
 def _stem(rel: str) -> str:
@@ -203,6 +216,8 @@ def _spans(f: InputFile, shard_rows: int) -> list[tuple[int, int, int, str | Non
     for c in committed:
         if c.first < cursor or c.stop > len(rows) or c.first >= c.stop or sum(rows[c.first:c.stop]) != c.rows:
             continue  # does not fit this footer: split anew
+        if is_hidden(c.output):
+            continue  # a hidden name (from before they were made visible): readers skip it, so redo it
         spans.extend(_split(rows, cursor, c.first, shard_rows))
         spans.append((c.first, c.stop, c.rows, c.output))
         cursor = c.stop
@@ -226,15 +241,17 @@ def _claim(taken: dict[str, str], rel: str, first: int) -> str:
     return name
 
 
-def scan_inputs(location: Location, committed: Committed | None = None) -> tuple[str, list[InputFile]]:
+def scan_inputs(location: Location, committed: Committed | None = None, *,
+                avoid: str | None = None) -> tuple[str, list[InputFile]]:
     """List the input files and read the footers that are needed (in parallel: footers are small reads).
 
     `committed` is given the listed (rel, fingerprint) pairs and returns two
     maps from the output's state: the committed spans covering ALL row groups
     of a file (its footer is not read), and every committed span of a file
-    (reused where they fit its footer).
+    (reused where they fit its footer). `avoid`: the output's real path, which
+    no input may reach through a symlink (`list_files`).
     """
-    base, infos = list_files(location)
+    base, infos = list_files(location, avoid=avoid)
     if not infos:
         raise InputError(f"no input files found at {location.uri!r}")
     listed = [(relative_to(base, i.path), f"size={i.size};mtime_ns={i.mtime_ns}") for i in infos]
@@ -338,7 +355,30 @@ def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) 
             f"prediction_column {cfg.prediction_column!r} would overwrite an input column of the same name; "
             f"choose another name or leave that column out of passthrough"
         )
-    return Columns(tuple(features), tuple(passthrough), list_column, width, cfg.prediction_column, cfg.keep_features)
+    columns = Columns(tuple(features), tuple(passthrough), list_column, width, cfg.prediction_column,
+                      cfg.keep_features)
+    check_quarantine(columns, cfg.invalid_rows)
+    return columns
+
+
+REASON_COLUMN = "reason"  # the column quarantined rows carry under `_rejected/`, beside the columns read
+
+
+def check_quarantine(columns: Columns, invalid_rows: str) -> None:
+    """Refuse (ConfigError) an input column named like the quarantine's `reason` column: a `_rejected/`
+    file would hold two fields of that name, which readers refuse.
+
+    Example:
+        >>> check_quarantine(Columns(("x",), ("reason",), False, 1, "prediction", False), "keep")
+    """
+    if invalid_rows == "quarantine" and REASON_COLUMN in columns.read:
+        kind = "feature" if REASON_COLUMN in columns.features else "passthrough"
+        raise ConfigError(
+            f"the {kind} column {REASON_COLUMN!r} would collide with the {REASON_COLUMN!r} column that "
+            f"quarantined rows carry in _rejected/ (invalid_rows: quarantine); "
+            + ("leave it out of passthrough, " if kind == "passthrough" else "rename it, ")
+            + "or set invalid_rows to fail or keep"
+        )
 
 
 def check_file(f: InputFile, columns: Columns) -> str | None:

@@ -11,12 +11,14 @@ when they outlast the retries, so a flaky store is never mistaken for bad data.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
 import functools
 import hashlib
 import os
 import posixpath
 import re
+import stat as statmod
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, InputError, OutputAccessError, OutputConflictError
 from pipelines.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, BrokenStream, is_transient, retry_transient
 
 _GLOB_CHARS = "*?["
@@ -59,8 +61,38 @@ class Location:
         return f"{self.scheme}://{path}" if self.scheme and self.scheme != "file" else path
 
 
+REDACTED = "REDACTED"
+# Query options and URI passwords that hold secrets: never persisted, logged or printed.
+_SECRET_OPTION = re.compile(r"(?i)\b([a-z0-9_.-]*(?:key|secret|token|password|passwd|credential|signature)"
+                            r"[a-z0-9_.-]*)=([^&\s'\"\]),;]*)")
+# `scheme://user:password@`: for S3 the access key id and the secret key (pyarrow's way to give them).
+_URI_USERINFO = re.compile(r"://[^/@:\s'\"?#]+:[^@\s'\"?#]*@")
+_REDACTED_USERINFO = f"{REDACTED}:{REDACTED}@"
+
+
+def redact(text: str) -> str:
+    """`text` (a URI, or a message holding URIs) with every secret replaced by `REDACTED`.
+
+    Secrets are the user and password of `scheme://user:password@` (for `s3://` the access
+    key id and secret key), and the values of options whose name says key, secret, token,
+    password, credential or signature (`access_key=`, `secret_key=`, `session_token=`,
+    ...). Everything else is kept, so a redacted URI still resolves (`resolve` drops what
+    was redacted: credentials then come from the environment, as everywhere else).
+
+    Example:
+        >>> redact("s3://AKIA1:s3cr3t@bucket/in/?endpoint_override=h:9000")
+        's3://REDACTED:REDACTED@bucket/in/?endpoint_override=h:9000'
+        >>> redact("s3://b/in/?region=eu-west-1&secret_key=SK")
+        's3://b/in/?region=eu-west-1&secret_key=REDACTED'
+    """
+    return _URI_USERINFO.sub("://" + _REDACTED_USERINFO, _SECRET_OPTION.sub(rf"\1={REDACTED}", text))
+
+
 def resolve(uri: str) -> Location:
     """Resolve a local path or URI (`s3://`, `gs://`, `hdfs://`, `file://`).
+
+    The location's `uri` is the one given with its secrets redacted (`redact`): it is
+    what messages, the manifest and metrics show.
 
     Example:
         >>> resolve("/tmp/x").path
@@ -70,11 +102,13 @@ def resolve(uri: str) -> Location:
         path = os.path.abspath(os.path.expanduser(uri))
         return Location(pafs.LocalFileSystem(), path, uri, "")
     scheme = uri.split("://", 1)[0].lower()
+    uri = uri.replace("://" + _REDACTED_USERINFO, "://", 1)  # a URI as the manifest records it
     # A trailing "?key=value&..." holds filesystem options (endpoint_override=...),
     # so in URIs only '*' and '[' act as glob characters.
     main, query = uri, ""
     if "?" in uri and "=" in uri.rsplit("?", 1)[1]:
         main, query = uri.rsplit("?", 1)
+        query = "&".join(option for option in query.split("&") if not option.endswith("=" + REDACTED))
     head, tail = main, ""
     glob_at = min((main.index(ch) for ch in _URI_GLOB_CHARS if ch in main), default=-1)
     if glob_at > 0:
@@ -83,9 +117,9 @@ def resolve(uri: str) -> Location:
     try:
         fs, path = pafs.FileSystem.from_uri(head + (f"?{query}" if query else ""))
     except (pa.ArrowInvalid, ValueError, OSError) as exc:
-        raise ConfigError(f"cannot open {uri!r}: {exc}") from exc
+        raise ConfigError(redact(f"cannot open {uri!r}: {exc}")) from exc
     path = path.rstrip("/") + tail
-    return Location(fs, path.rstrip("/") or "/", uri, scheme)
+    return Location(fs, path.rstrip("/") or "/", redact(uri), scheme)
 
 
 def absolute(uri: str) -> str:
@@ -127,12 +161,15 @@ def glob_matcher(pattern: str, chars: str = _GLOB_CHARS) -> Callable[[str], bool
 
     `*` and `?` match within one path segment, `[...]` is a character class (`[!...]`
     negates; `[[]` is a literal '['), and `**` as a whole segment matches zero or more
-    directories (at the end: every file below). Only the characters in `chars` are wildcards.
+    directories (at the end: every file below). A pattern that matches a directory takes
+    every file below it, as Spark does. Only the characters in `chars` are wildcards.
 
     Example:
         >>> match = glob_matcher("day=*/**/part-*.parquet")
         >>> match("day=1/part-0.parquet"), match("day=1/a/b/part-0.parquet"), match("day=1/part-0.csv")
         (True, True, False)
+        >>> glob_matcher("day=2024-*")("day=2024-01/part-0.parquet")
+        True
     """
     segments: list[re.Pattern[str] | None] = []  # None stands for '**'
     for segment in pattern.strip("/").split("/"):
@@ -152,7 +189,7 @@ def glob_matcher(pattern: str, chars: str = _GLOB_CHARS) -> Callable[[str], bool
         @functools.cache
         def step(i: int, j: int) -> bool:  # pattern segments [i:] against path parts [j:]
             if i == len(segments):
-                return j == len(parts)
+                return True  # the file itself, or a directory above it
             segment = segments[i]
             if segment is None:
                 if i == len(segments) - 1:  # a trailing '**' takes every file below
@@ -170,27 +207,135 @@ def is_hidden(relative: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
 
 
-def list_files(location: Location) -> tuple[str, list[pafs.FileInfo]]:
+def list_files(location: Location, *, avoid: str | None = None) -> tuple[str, list[pafs.FileInfo]]:
     """The input files under a file, directory (recursive) or glob, in path order.
 
     Returns the base directory that relative output paths mirror (a glob's static
     prefix), and the files. A path that exists is taken literally, glob characters
-    or not. Hidden names (`_SUCCESS`, `.crc`, ...) are skipped.
+    or not; a glob that matches a directory takes every file below it (as Spark
+    does). Hidden names (`_SUCCESS`, `.crc`, ...) are skipped.
+
+    Local symlinks are followed, each real directory and file once (a loop such as
+    `in/loop -> .` adds nothing): a path that is no symlink wins, then the first in
+    path order. `avoid` is a local real path (the output's): an input whose real
+    path reaches it raises `OutputConflictError`.
     """
     fs, path = location.fs, location.path
-    info = retry_transient(lambda: fs.get_file_info(path), what=f"looking up {location.uri}")
+    try:
+        info = retry_transient(lambda: fs.get_file_info(path), what=f"looking up {location.uri}")
+    except OSError as exc:
+        raise InputError(f"cannot look up the input {location.uri!r}: {exc}") from exc
     if info.type == pafs.FileType.File:
+        if avoid is not None and location.is_local:
+            _refuse_overlap(os.path.realpath(path), avoid, location.uri)
         return posixpath.dirname(path), [info]
     if info.type == pafs.FileType.Directory:
-        base, files = path, _walk(fs, path)
+        base, files = path, _walk_input(location, path, avoid)
     elif has_glob(path, location.glob_chars):
         base = static_prefix(path, location.glob_chars)
         match = glob_matcher(path[len(base):], location.glob_chars)
-        files = [info for info in _walk(fs, base) if match(relative_to(base, info.path))]
+        files = [info for info in _walk_input(location, base, avoid) if match(relative_to(base, info.path))]
     else:
         return path, []
     files = [info for info in files if not is_hidden(relative_to(base, info.path))]
     return base, sorted(files, key=lambda info: info.path)
+
+
+def _walk_input(location: Location, base: str, avoid: str | None) -> list[pafs.FileInfo]:
+    """Every file under `base` (hidden names below it skipped); locally, through symlinks, each real
+    directory and file once."""
+    if not location.is_local:
+        try:
+            return _walk(location.fs, base)
+        except OSError as exc:
+            raise InputError(f"cannot list the input {location.display(base)}: {exc}") from exc
+    files: list[pafs.FileInfo] = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every directory and file taken
+    pending: list[tuple[str, str]] = []  # (path, real path) of directories to read, a stack
+    links: list[str] = []  # symlinks met, followed once every plain path is taken
+    plain: list[tuple[int, int]] = []  # (device, inode) of plain files taken, added to `seen` when a link is
+
+    def take(path: str, real: str, stat: os.stat_result) -> bool:
+        key = (stat.st_dev, stat.st_ino)
+        if key in seen:
+            return False
+        seen.add(key)
+        if avoid is not None:
+            _refuse_overlap(real, avoid, location.display(path))
+        return True
+
+    try:
+        root = os.stat(base)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise InputError(f"cannot list the input {base}: {exc}") from exc
+    if take(base, os.path.realpath(base), root) and stat_is_dir(root):
+        pending.append((base, os.path.realpath(base)))
+    while pending or links:
+        if not pending:
+            seen.update(plain)  # what a link may lead to again
+            plain.clear()
+            link = links.pop(0)
+            real = os.path.realpath(link)
+            try:
+                stat = os.stat(link)
+            except OSError:
+                continue  # a dangling link
+            if not take(link, real, stat):
+                continue
+            if stat_is_dir(stat):
+                pending.append((link, real))
+            elif stat_is_file(stat):
+                files.append(_file_info(link, stat))
+            continue
+        directory, real_dir = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:  # permission denied, I/O error: the listing would be incomplete
+            raise InputError(f"cannot list the input directory {directory}: {exc}") from exc
+        below: list[tuple[str, str]] = []
+        for entry in entries:
+            if entry.name.startswith(("_", ".")):
+                continue  # hidden, as `is_hidden` (and never followed)
+            if entry.is_symlink():
+                links.append(entry.path)
+                continue
+            real = posixpath.join(real_dir, entry.name)
+            try:
+                stat = entry.stat()
+            except OSError:
+                continue  # gone since the directory was read
+            if stat_is_dir(stat):
+                if take(entry.path, real, stat):
+                    below.append((entry.path, real))
+            elif stat_is_file(stat):  # a plain file in a directory taken once is taken once
+                files.append(_file_info(entry.path, stat))
+                plain.append((stat.st_dev, stat.st_ino))
+        pending.extend(reversed(below))  # depth first, in name order
+    return files
+
+
+def stat_is_dir(stat: os.stat_result) -> bool:
+    return statmod.S_ISDIR(stat.st_mode)
+
+
+def stat_is_file(stat: os.stat_result) -> bool:
+    return statmod.S_ISREG(stat.st_mode)
+
+
+def _file_info(path: str, stat: os.stat_result) -> pafs.FileInfo:
+    """The FileInfo pyarrow's LocalFileSystem gives for a regular file (same size and mtime_ns)."""
+    return pafs.FileInfo(path, pafs.FileType.File, mtime_ns=stat.st_mtime_ns, size=stat.st_size)
+
+
+def _refuse_overlap(real: str, avoid: str, shown: str) -> None:
+    if overlaps(real, avoid):
+        raise OutputConflictError(f"input {shown} leads to {real}, inside the output {avoid}; "
+                                  f"remove the link or write predictions elsewhere")
 
 
 def search_root(location: Location) -> str:
@@ -233,6 +378,65 @@ def existing_infos(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     return _walk(fs, root)
 
 
+# --- storage that refuses --------------------------------------------------------------------
+
+_REFUSALS = (  # (errno, words in the message of stores that give no errno, what it means)
+    (errno.ENOTDIR, (), "a file is where a directory is needed"),
+    (errno.EEXIST, (), "a file is where a directory is needed"),
+    (errno.EACCES, ("ACCESS_DENIED", "AccessDenied", "HTTP status 403"), "permission denied"),
+    (errno.EPERM, (), "permission denied"),
+    (errno.EROFS, (), "read-only file system"),
+    (errno.ENOSPC, (), "no space left on the device"),
+    (errno.EDQUOT, (), "disk quota exceeded"),
+    (None, ("NO_SUCH_BUCKET", "NoSuchBucket"), "the bucket does not exist"),
+)
+
+
+def refusal(exc: BaseException) -> str | None:
+    """What a storage error means when it is the storage refusing (not a transient fault), else None.
+
+    Example:
+        >>> refusal(OSError(30, "Read-only file system"))
+        'read-only file system'
+    """
+    if not isinstance(exc, OSError) or is_transient(exc):
+        return None
+    code, text = exc.errno, str(exc)
+    for number, words, meaning in _REFUSALS:
+        if (number is not None and code == number) or any(word in text for word in words):
+            return meaning
+    return None
+
+
+def output_refused(exc: OSError, output: Location, *, started: bool) -> OutputAccessError:
+    """The typed error for an output the storage refuses, naming the path (exit 2, or 1 once a shard ran)."""
+    meaning = refusal(exc) or "storage error"
+    if isinstance(exc.filename, str) and exc.filename.rstrip("/") != output.path:
+        meaning += f" at {output.display(exc.filename)}"
+    then = ("committed shards are kept; fix it and rerun the same command to resume" if started
+            else "nothing was processed; fix it, or choose another output, and rerun")
+    message = redact(f"cannot use the output {output.uri}: {meaning} ({exc}); {then}")
+    return OutputAccessError(message, exit_code=1 if started else 2)
+
+
+def check_output_path(output: Location) -> None:
+    """Refuse (exit 2) a local output that is a file, or lies under one."""
+    if not output.is_local:
+        return  # object stores have no directories to be in the way
+    path = output.path
+    while True:
+        if os.path.lexists(path):
+            if not os.path.isdir(path):
+                what = "is a file" if path == output.path else f"lies under {path}, which is a file"
+                raise OutputAccessError(f"the output {output.uri} {what}; the output must be a directory: "
+                                        f"choose another output")
+            return
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path = parent
+
+
 # --- staged output --------------------------------------------------------------------------
 
 TEMP_SUFFIX = ".tmp"
@@ -266,9 +470,10 @@ def sweep_temps(fs: pafs.FileSystem, root: str) -> int:
 class _Hashing:
     """A write-only file object that hashes (sha256) and counts what passes through it."""
 
-    def __init__(self, sink: pa.NativeFile, what: str) -> None:
+    def __init__(self, sink: pa.NativeFile, what: str, path: str) -> None:
         self.sink = sink
         self.what = what
+        self.path = path
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.closed = False
@@ -281,7 +486,9 @@ class _Hashing:
         except OSError as exc:
             if is_transient(exc):
                 raise BrokenStream(f"{self.what}: {exc}") from exc
-            raise
+            if exc.errno:  # no space, read-only, ...: say where
+                raise OSError(exc.errno, os.strerror(exc.errno), self.path) from exc
+            raise OSError(f"{self.what}: {exc}") from exc
         self.size += view.nbytes
         return view.nbytes
 
@@ -328,7 +535,7 @@ class StagedFile:
             with contextlib.suppress(OSError):  # object stores need no directories
                 fs.create_dir(parent, recursive=True)
         self._raw = retry_transient(lambda: fs.open_output_stream(self.tmp), what=f"creating {self.tmp}")
-        self._hashing = _Hashing(self._raw, f"writing {self.tmp}")
+        self._hashing = _Hashing(self._raw, f"writing {self.tmp}", self.tmp)
         self.stream = pa.PythonFile(self._hashing, mode="w")
         self.size = 0
         self.sha256 = ""

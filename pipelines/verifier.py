@@ -7,14 +7,22 @@ Checks, against storage, everything "the manifest is the truth" promises:
 - every described file exists, with the recorded size and, by its footer, the
   recorded number of rows (with `checksums=True` also the recorded sha256);
 - each input file the output holds shards of, when it is still there unchanged,
-  is covered row group by row group, and its rows add up: `rows_in` from its
+  is covered row group by row group (beside `_SUCCESS`; without it, row groups
+  not committed yet are a note), and its rows add up: `rows_in` from its
   footer == `rows_out + rows_rejected`;
 - `_SUCCESS` only beside a complete output: every entry committed, nothing
-  superseded, failed or pending, no journal, no temporary files.
+  superseded, failed or pending, no journal, no temporary files, and no input
+  file listed now, older than `_SUCCESS`, without a committed shard.
 
 With `sample=N` it also re-reads N random committed rows from the input,
 recomputes them with the recorded model and compares with the stored
-predictions (within the recorded precision's tolerance) and passthrough values.
+predictions and passthrough values. Predictions match within the recorded
+precision's tolerance plus what rounding can do to the magnitudes the
+computation went through (`pipelines.rounding`: un-normalised features make
+large terms that cancel, and two correct kernels then differ by more than a
+fixed tolerance would allow). An output file the sample cannot read is a
+problem (a rerun trusts output files by their size); an input that changed or
+cannot be read is a note.
 It reads footers and the sample, not whole files.
 
     >>> report = verify("preds/", sample=100)  # doctest: +SKIP
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import posixpath
 import random
 from collections.abc import Mapping, Sequence
@@ -39,18 +48,21 @@ import pyarrow.parquet as pq
 from pipelines.commit import COMMITTED, MANIFEST, REJECTED_DIR, SUCCESS, State, file_sha256
 from pipelines.errors import ConfigError
 from pipelines.journal import JOURNAL_DIR
+from pipelines.rounding import rounding_scale, tolerance
 from pipelines.storage import (
     Location,
     existing_infos,
     is_hidden,
     is_temp,
+    list_files,
     read_parquet_footer,
     relative_to,
     resolve,
 )
 
 _THREADS = 16
-# Absolute and relative tolerance per precision for recomputed predictions.
+# Absolute and relative tolerance per precision for recomputed predictions, on top of what rounding
+# can do to the magnitudes the computation went through (`pipelines.rounding`).
 _TOLERANCE = {"fp32": (1e-5, 1e-5), "tf32": (2e-3, 2e-3), "bf16": (2e-2, 2e-2), "fp16": (2e-3, 2e-3)}
 
 
@@ -95,14 +107,14 @@ def verify(output: str, *, sample: int = 0, checksums: bool = False, seed: int |
     location = resolve(output)
     state = State.load(location)
     if not state.found:
-        raise ConfigError(f"no batch-infer manifest at {output!r} (nothing has been committed there)")
+        raise ConfigError(f"no batch-infer manifest at {location.uri!r} (nothing has been committed there)")
     check = _Check(location, state)
     check.files(checksums)
     check.inputs()
     check.success()
     if sample > 0:
         check.sample(sample, random.Random(seed))
-    return VerifyReport(output, not check.problems, check.problems, check.notes, check.files_checked,
+    return VerifyReport(location.uri, not check.problems, check.problems, check.notes, check.files_checked,
                         check.rows_on_disk, check.rows_out, check.inputs_checked, check.sampled, check.complete)
 
 
@@ -169,7 +181,8 @@ class _Check:
                 self.problems.append(f"{path}: sha256 {str(sha)[:12]}... differs from the recorded {want[:12]}...")
 
     def inputs(self) -> None:
-        """Each unchanged input file is covered, row group by row group, and its rows add up."""
+        """Each unchanged input file is covered, row group by row group, and its rows add up; beside
+        `_SUCCESS`, every input file listed now that is older than `_SUCCESS` has committed shards."""
         source_info = self.state.header.get("source") or {}
         uri = source_info.get("input") or (self.state.header.get("config") or {}).get("input")
         if not uri:
@@ -181,6 +194,9 @@ class _Check:
         for entry in self.state.files.values():
             if entry["status"] == COMMITTED:
                 by_file.setdefault((entry["rel"], entry["fingerprint"]), []).append(entry)
+        unfinished: dict[tuple[str, str], list[tuple[int, int]]] = {}  # failed or pending row groups
+        for entry in self.state.others.values():
+            unfinished.setdefault((entry["rel"], entry["fingerprint"]), []).append(tuple(entry["row_groups"]))
         changed = 0
 
         def look(key: tuple[str, str]) -> tuple[str, Any]:
@@ -205,17 +221,50 @@ class _Check:
                 self.notes.append(f"input {key[0]} cannot be re-read now ({found}); its accounting not re-checked")
                 continue
             self.inputs_checked += 1
-            self._covers(key[0], found, sorted(by_file[key], key=lambda e: e["row_groups"][0]))
+            self._covers(key[0], found, sorted(by_file[key], key=lambda e: e["row_groups"][0]),
+                         unfinished.get(key, []))
         if changed:
             self.notes.append(f"{changed} input file(s) changed or vanished since they were committed; "
                               f"the next run processes them")
+        if self.complete:
+            self._listed(source, {rel for rel, _ in by_file} | {rel for rel, _ in unfinished})
 
-    def _covers(self, rel: str, rows: list[int], entries: list[dict[str, Any]]) -> None:
+    def _listed(self, source: Location, known: set[str]) -> None:
+        """Beside `_SUCCESS`: input files listed now that no entry names. One older than `_SUCCESS`
+        (by its mtime, and locally its ctime, which a move into the input sets) was there when the run
+        completed, so `_SUCCESS` claims rows it does not hold; a newer one is for the next run."""
+        try:
+            base, infos = list_files(source)
+        except Exception as exc:  # an input that can't be listed now: say so, precisely
+            self.notes.append(f"the input {source.uri} cannot be listed now ({exc}); files with no shard "
+                              f"not looked for")
+            return
+        success_ns = self.on_disk[SUCCESS].mtime_ns or 0
+        missing, newer = [], 0
+        for info in infos:
+            rel = relative_to(base, info.path)
+            if rel in known:
+                continue
+            if _added_ns(source, info) < success_ns:
+                missing.append(rel)
+            else:
+                newer += 1
+        for rel in missing[:10]:
+            self.problems.append(f"input {rel} has no committed shard, but _SUCCESS says the output is complete "
+                                 f"(the input listed unchanged since before _SUCCESS)")
+        if len(missing) > 10:
+            self.problems.append(f"... and {len(missing) - 10} more input file(s) with no committed shard")
+        if newer:
+            self.notes.append(f"{newer} input file(s) added since _SUCCESS; the next run processes them")
+
+    def _covers(self, rel: str, rows: list[int], entries: list[dict[str, Any]],
+                unfinished: Sequence[tuple[int, int]]) -> None:
         cursor = 0
+        gaps = []
         for entry in entries:
             first, stop = entry["row_groups"]
             if first != cursor and not (first == stop == cursor):
-                self.problems.append(f"input {rel}: row groups [{cursor}, {first}) are in no committed shard")
+                gaps.append((cursor, first))
             want = sum(rows[first:stop])
             if entry["rows_in"] != want:
                 self.problems.append(f"shard {entry['id']}: rows_in={entry['rows_in']}, but the input's footer "
@@ -225,7 +274,12 @@ class _Check:
                                      f"{entry['rows_out']} + rows_rejected={entry['rows_rejected']}")
             cursor = max(cursor, stop)
         if cursor != len(rows):
-            self.problems.append(f"input {rel}: row groups [{cursor}, {len(rows)}) are in no committed shard")
+            gaps.append((cursor, len(rows)))
+        for first, stop in gaps:
+            if self.complete:
+                self.problems.append(f"input {rel}: row groups [{first}, {stop}) are in no committed shard")
+            elif not _covered(first, stop, unfinished):  # an incomplete output: a run was interrupted
+                self.notes.append(f"input {rel}: row groups [{first}, {stop}) are not committed yet")
 
     def success(self) -> None:
         """`_SUCCESS` only beside a complete output."""
@@ -268,26 +322,33 @@ class _Check:
             return
         import torch
 
+        precision = settings.get("precision", "fp32")
+        if precision not in _TOLERANCE:
+            precision = "fp32"
         mlp = MLP(layers, settings.get("activation", "sigmoid"), settings.get("output_activation", "sigmoid"),
-                  torch.device("cpu"), settings.get("precision", "fp32"))
+                  torch.device("cpu"), precision)
+        arrays = [(w.float().numpy(), None if b is None else b.float().numpy()) for w, b in layers]
         columns = header.get("columns") or {}
         picks: dict[str, list[int]] = {}
         for entry in rng.choices(entries, weights=[e["rows_out"] for e in entries], k=count):
             picks.setdefault(entry["output"], []).append(rng.randrange(entry["rows_out"]))
         source_info = header.get("source") or {}
         source = resolve(source_info.get("input") or header["config"]["input"])
-        tolerance = _TOLERANCE.get(settings.get("precision", "fp32"), _TOLERANCE["fp32"])
         for path, rows in sorted(picks.items()):
             entry = self.state.files[path]
             try:
                 self._sample_shard(entry, sorted(set(rows)), source, source_info.get("base") or source.path,
-                                   settings, columns, mlp, tolerance)
-            except Exception as exc:  # an input that changed or can't be read: say so, precisely
+                                   settings, columns, mlp, arrays, precision)
+            except _InputUnavailable as exc:  # an input that changed or can't be read: say so, precisely
                 self.notes.append(f"shard {entry['id']}: sample not recomputed ({exc})")
+            except Exception as exc:  # the output file itself can't be read: its rows are lost to readers
+                self.problems.append(f"{entry['output']}: cannot be read ({type(exc).__name__}: {exc}); "
+                                     f"a rerun trusts it by its size: delete it and rerun to recompute shard "
+                                     f"{entry['id']}")
 
     def _sample_shard(self, entry: Mapping[str, Any], rows: list[int], source: Location, base: str,
                       settings: Mapping[str, Any], columns: Mapping[str, Any], mlp: Any,
-                      tolerance: tuple[float, float]) -> None:
+                      arrays: list[tuple[np.ndarray, np.ndarray | None]], precision: str) -> None:
         import torch
 
         from workers.reader import feature_matrix, invalid_rows
@@ -296,12 +357,17 @@ class _Check:
         passthrough = list(settings["passthrough"])
         list_column = bool(columns.get("list_column", False))
         width = int(columns.get("width") or len(features))
-        info = source.fs.get_file_info(posixpath.join(base, entry["rel"]))
-        if f"size={info.size};mtime_ns={info.mtime_ns}" != entry["fingerprint"]:
-            raise ValueError("its input changed since it was committed")
-        with source.fs.open_input_file(posixpath.join(base, entry["rel"])) as handle:
-            table = pq.ParquetFile(handle).read_row_groups(
-                list(range(*entry["row_groups"])), columns=list(dict.fromkeys(passthrough + features)))
+        try:
+            info = source.fs.get_file_info(posixpath.join(base, entry["rel"]))
+            if f"size={info.size};mtime_ns={info.mtime_ns}" != entry["fingerprint"]:
+                raise _InputUnavailable("its input changed since it was committed")
+            with source.fs.open_input_file(posixpath.join(base, entry["rel"])) as handle:
+                table = pq.ParquetFile(handle).read_row_groups(
+                    list(range(*entry["row_groups"])), columns=list(dict.fromkeys(passthrough + features)))
+        except _InputUnavailable:
+            raise
+        except Exception as exc:
+            raise _InputUnavailable(f"its input cannot be read now: {exc}") from exc
         matrix = feature_matrix(table.combine_chunks().to_batches()[0], features, list_column, width) \
             if table.num_rows else np.zeros((0, width), np.float32)
         keep = np.ones(table.num_rows, dtype=bool)
@@ -316,9 +382,17 @@ class _Check:
             stored = pq.ParquetFile(handle).read(columns=[*passthrough, settings["prediction_column"]])
         got = stored.column(settings["prediction_column"]).take(pa.array(rows)).to_pylist()
         got_array = np.asarray(got, dtype=np.float32).reshape(len(rows), -1)
-        atol, rtol = tolerance
+        # Two correct forwards (the run's device and kernels, this CPU's) differ by their summation
+        # order: within a few unit roundoffs of the magnitudes summed, which un-normalised features make
+        # far larger than the prediction itself.
+        scale = rounding_scale(arrays, matrix[kept], settings.get("activation", "sigmoid"),
+                               settings.get("output_activation", "sigmoid"))
+        atol, rtol = _TOLERANCE[precision]
+        allowed = atol + rtol * np.abs(want.astype(np.float64)) + tolerance(scale, precision)
+        with np.errstate(invalid="ignore"):
+            close = (np.abs(got_array.astype(np.float64) - want) <= allowed) | (np.isnan(got_array) & np.isnan(want))
         for i, row in enumerate(rows):
-            if not np.allclose(got_array[i], want[i], atol=atol, rtol=rtol, equal_nan=True):
+            if not close[i].all():
                 self.problems.append(f"{entry['output']} row {row}: stored prediction {got_array[i].tolist()} != "
                                      f"recomputed {want[i].tolist()} (input {entry['rel']} row "
                                      f"{int(kept[i])} of shard {entry['id']})")
@@ -327,6 +401,31 @@ class _Check:
                 self.problems.append(f"{entry['output']}: passthrough column {name!r} differs from the input "
                                      f"in the sampled rows")
         self.sampled += len(rows)
+
+
+class _InputUnavailable(Exception):
+    """The input side of a sample can't be recomputed now (changed, unreadable): a note, not a problem."""
+
+
+def _covered(first: int, stop: int, spans: Sequence[tuple[int, int]]) -> bool:
+    """Whether the row groups [first, stop) lie within the union of `spans`."""
+    cursor = first
+    for a, b in sorted(spans):
+        if a > cursor:
+            break
+        cursor = max(cursor, b)
+    return cursor >= stop
+
+
+def _added_ns(source: Location, info: Any) -> int:
+    """When a listed input file got where it is: its mtime, and for local files also its ctime."""
+    added = info.mtime_ns or 0
+    if source.is_local:
+        try:
+            added = max(added, os.stat(info.path).st_ctime_ns)
+        except OSError:
+            pass
+    return added
 
 
 def _is_data(path: str) -> bool:
