@@ -315,3 +315,33 @@ def test_a_program_exported_in_training_mode_is_refused(tmp_path: Path) -> None:
     torch.export.save(program, tmp_path / "train.pt2")
     with pytest.raises(ModelError, match=r"training mode .* call model.eval\(\)"):
         inspect_program((tmp_path / "train.pt2").read_bytes(), "train.pt2", "-")
+
+
+@pytest.mark.parametrize("schedule", ["lazy", "random"])
+def test_the_stream_path_stages_features_and_codes_per_slot(
+        schedule: str, programs: dict[str, tuple[Path, torch.nn.Module]]) -> None:
+    """The CUDA path's code with fake streams (tests/test_device.py): codes ride in a second pinned buffer per
+    slot; results collected after the last submit still match, however late each queued copy ran."""
+    from test_device import FakeStreams
+
+    from workers.device import Forward
+    from workers.model import load_model
+
+    path, model = programs["embeddings"]
+    _, program = load_model(str(path), activation="none", output_activation="none", device=torch.device("cpu"),
+                            precision="fp32")
+    streams = FakeStreams(schedule, seed=4)
+    forward = Forward(program, FEATURES, 300, torch.device("cpu"), categories=2, streams=streams)  # type: ignore[arg-type]
+    rng = np.random.default_rng(9)
+    batches, handles = [], []
+    for _ in range(30):
+        rows = int(rng.integers(1, 301))
+        x = rng.standard_normal((rows, FEATURES)).astype(np.float32)
+        codes = np.stack([rng.integers(0, 10, rows), rng.integers(0, 5, rows)], axis=1)
+        batches.append((x, codes))
+        handles.append(forward.submit(x, codes))
+    assert streams.uploads == 60 and streams.computes == 30  # features and codes per batch, one forward
+    for (x, codes), handle in zip(batches, handles):
+        with torch.no_grad():
+            want = model(torch.from_numpy(x), torch.from_numpy(codes)).numpy()
+        np.testing.assert_allclose(handle()[:, 0], want, rtol=1e-5, atol=1e-6)
