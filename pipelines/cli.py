@@ -194,7 +194,7 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(p.to_dict(), indent=2))
         return EXIT_OK
     info = p.to_dict()
-    print(f"model: {p.config.model} (sha256 {p.model.sha256[:12]}..., layers {info['model']['layers']})")
+    print(f"model: {p.config.model} (sha256 {p.model.sha256[:12]}..., {_model_shape(info['model'])})")
     print(f"features ({len(p.columns.features)}): {', '.join(p.columns.features)}")
     print(f"passthrough: {', '.join(p.columns.passthrough) or '(none)'}")
     print(f"{info['files']} file(s), {info['shards_total']} shard(s): {info['shards_todo']} to run "
@@ -203,6 +203,13 @@ def _plan(args: argparse.Namespace) -> int:
         line = f"  [{shard['status']}] {shard['id']}  rows={shard['rows_in']}  -> {shard['output']}"
         print(line + (f"  ({shard['error']})" if shard["error"] else ""))
     return EXIT_OK
+
+
+def _model_shape(record: dict[str, Any]) -> str:
+    """A model's manifest record in a few words: an MLP's layers, or a program's inputs and outputs."""
+    if record.get("format") == "pt2":
+        return f"pt2 program, inputs {record.get('inputs')} -> outputs {record.get('outputs')}"
+    return f"layers {record.get('layers', [])}"
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -223,7 +230,7 @@ def _status(args: argparse.Namespace) -> int:
     updated = output.fs.get_file_info(output.join(MANIFEST)).mtime
     summary = {
         "output": redact(args.output), "complete": success, "updated_at": updated.isoformat() if updated else None,
-        "model_sha256": model["sha256"], "layers": model["layers"],
+        "model_sha256": model["sha256"], "layers": model.get("layers"), "format": model.get("format", "state_dict"),
         "shards": len(entries), "by_status": counts, "journal_records": not state.journal.empty,
         "rows_in": sum(e["rows_in"] for e in done), "rows_out": sum(e["rows_out"] for e in done),
         "rows_rejected": sum(e["rows_rejected"] for e in done),
@@ -234,7 +241,7 @@ def _status(args: argparse.Namespace) -> int:
         return EXIT_OK
     label = "complete (_SUCCESS present)" if success else "incomplete (no _SUCCESS)"
     print(f"{summary['output']}: {label}, last updated {summary['updated_at']}")
-    print(f"model sha256 {summary['model_sha256'][:12]}..., layers {summary['layers']}")
+    print(f"model sha256 {summary['model_sha256'][:12]}..., {_model_shape(model)}")
     print(f"shards: {summary['shards']} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
     print(f"rows: {summary['rows_in']:,} in, {summary['rows_out']:,} out, {summary['rows_rejected']:,} rejected")
     for error in summary["errors"][:10]:

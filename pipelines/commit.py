@@ -63,6 +63,7 @@ def prediction_settings(cfg: JobConfig, columns: Columns) -> dict[str, Any]:
         "output_activation": cfg.output_activation,
         "precision": cfg.precision,
         "invalid_rows": cfg.invalid_rows,
+        **({"categorical": list(columns.categorical)} if columns.categorical else {}),
     }
 
 

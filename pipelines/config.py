@@ -25,7 +25,7 @@ OUTPUT_ACTIVATIONS = (*ACTIVATIONS, "softmax")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 INVALID_ROWS = ("quarantine", "fail", "keep")
 BOOL_KEYS = ("keep_features", "shared_storage", "overwrite")  # CLI: --KEY / --no-KEY switches
-LIST_KEYS = ("features", "passthrough")  # CLI: comma-separated values
+LIST_KEYS = ("features", "passthrough", "categorical")  # CLI: comma-separated values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,7 @@ class JobConfig:
     output: str
     features: tuple[str, ...] | None = None
     passthrough: tuple[str, ...] | None = None
+    categorical: tuple[str, ...] | None = None
     keep_features: bool = False
     prediction_column: str = "prediction"
     activation: str = "sigmoid"
@@ -70,6 +71,11 @@ class JobConfig:
             object.__setattr__(self, key, str(value).strip())
         object.__setattr__(self, "features", _names("features", self.features))
         object.__setattr__(self, "passthrough", _names("passthrough", self.passthrough))
+        object.__setattr__(self, "categorical", _names("categorical", self.categorical))
+        both = sorted(set(self.categorical or ()) & set(self.features or ()))
+        if both:
+            raise ConfigError(f"columns {both} are listed in both 'features' and 'categorical': a categorical "
+                              f"column goes to the program's embeddings as an integer, not as a float feature")
         if self.passthrough is not None and self.features is not None:
             both = sorted(set(self.passthrough) & set(self.features))
             if both:
@@ -160,7 +166,7 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values, as they would be written in YAML."""
         out = dataclasses.asdict(self)
-        for key in ("features", "passthrough"):
+        for key in LIST_KEYS:
             if out[key] is not None:
                 out[key] = list(out[key])
         return out
@@ -197,7 +203,7 @@ _SYSTEM = "chosen by the system"
 KEY_DOCS: tuple[KeyDoc, ...] = (
     KeyDoc("model", "required",
            "path/URI of the model file: a `state_dict` (`.pt`/`.pth`) or `.safetensors` of Linear layers "
-           "(BatchNorm1d folded)", metavar="PATH"),
+           "(BatchNorm1d folded), or a `torch.export` program (`.pt2`, dynamic batch)", metavar="PATH"),
     KeyDoc("input", "required",
            "a Parquet file, a directory (recursive) or a glob; local path or URI (`s3://`, `gs://`, `hdfs://`, "
            "`file://`). In a glob `*` and `?` stay within one directory, `**` recurses, and a directory the "
@@ -210,6 +216,11 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            "list of column names, a glob such as `f*`, or one fixed-size-list column", metavar="A,B,..."),
     KeyDoc("passthrough", "every non-feature column", "columns copied to the output next to the prediction",
            metavar="A,B,..."),
+    KeyDoc("categorical", "none",
+           "integer columns handed to a `.pt2` program as one int64 `[batch, k]` tensor, its second input "
+           "(embeddings); null, negative or out-of-range values (beyond the embedding table read from the "
+           "program) are invalid rows (`invalid_rows`; with `keep` the shard fails). They stay in the output "
+           "as passthrough columns unless `passthrough` leaves them out", metavar="A,B,..."),
     KeyDoc("keep_features", "`false`", "also copy the feature columns"),
     KeyDoc("prediction_column", "`prediction`", "name of the output column", metavar="NAME"),
     KeyDoc("activation", "`sigmoid`", "activation between layers: `sigmoid`, `relu`, `tanh`, `none`",

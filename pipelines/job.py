@@ -196,6 +196,7 @@ def run(
                 keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
                 precision=cfg.precision, batch_size=cfg.batch_size, invalid_rows=cfg.invalid_rows,
                 cpus=cfg.cpus_per_replica or 1.0, rejected_dir=REJECTED_DIR, generation=recorder.generation,
+                categorical=p.columns.categorical,
             )
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
@@ -319,6 +320,7 @@ def _prepare(cfg: JobConfig) -> Plan:
     check_output_path(output)
     _check_overlap(cfg, source, output)
     model = inspect_model(absolute(cfg.model))
+    model.check_categorical(cfg.categorical or ())
     with _refusals(output) as _:
         snapshot = _snapshot(output)
         state = State.load(output)
@@ -364,6 +366,7 @@ def _column_keys(cfg: JobConfig) -> dict[str, Any]:
     """The config that column resolution depends on."""
     return {"features": list(cfg.features) if cfg.features else None,
             "passthrough": list(cfg.passthrough) if cfg.passthrough else None,
+            **({"categorical": list(cfg.categorical)} if cfg.categorical else {}),
             "keep_features": cfg.keep_features, "prediction_column": cfg.prediction_column}
 
 
@@ -384,7 +387,7 @@ def _columns(
             if recorded.get("source") == [f.rel, f.fingerprint] and same_keys and recorded["width"] == model.in_features:
                 columns = Columns(tuple(recorded["resolved_features"]), tuple(recorded["resolved_passthrough"]),
                                   recorded["list_column"], recorded["width"], cfg.prediction_column,
-                                  cfg.keep_features)
+                                  cfg.keep_features, tuple(cfg.categorical or ()))
                 return columns, [f.rel, f.fingerprint], files
             read = read_schema(f, source)
             if read.schema is None:

@@ -83,10 +83,11 @@ class Columns:
     width: int  # number of model inputs
     prediction: str
     keep_features: bool
+    categorical: tuple[str, ...] = ()  # integer columns fed to a .pt2 program's embeddings
 
     @property
     def read(self) -> list[str]:
-        return list(dict.fromkeys(self.passthrough + self.features))
+        return list(dict.fromkeys(self.passthrough + self.features + self.categorical))
 
     @property
     def written(self) -> list[str]:
@@ -317,7 +318,8 @@ def _footer_error(uri: str, exc: Exception) -> str:
 def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) -> Columns:
     """Resolve `features` and `passthrough` against one file's schema and the model's width."""
     names = schema.names
-    passthrough_given = set(cfg.passthrough or ())
+    categorical = tuple(cfg.categorical or ())
+    passthrough_given = set(cfg.passthrough or ()) | set(categorical)  # never features, by default or by glob
     if cfg.features is None:
         features = [f.name for f in schema if pa.types.is_floating(f.type) and f.name not in passthrough_given]
         lists = [f.name for f in schema if _is_float_list(f.type) and f.name not in passthrough_given]
@@ -355,8 +357,13 @@ def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) 
             f"prediction_column {cfg.prediction_column!r} would overwrite an input column of the same name; "
             f"choose another name or leave that column out of passthrough"
         )
+    for name in categorical:
+        if name not in names or not pa.types.is_integer(schema.field(name).type):
+            found = f"has type {schema.field(name).type}" if name in names else "is not there"
+            raise InputError(f"categorical column {name!r} in {source} {found}; expected an integer column "
+                             f"(columns: {', '.join(names)})")
     columns = Columns(tuple(features), tuple(passthrough), list_column, width, cfg.prediction_column,
-                      cfg.keep_features)
+                      cfg.keep_features, categorical)
     check_quarantine(columns, cfg.invalid_rows)
     return columns
 
@@ -399,6 +406,10 @@ def check_file(f: InputFile, columns: Columns) -> str | None:
             ok = pa.types.is_floating(kind) or pa.types.is_integer(kind)
         if not ok:
             return f"{f.uri}: feature column {name!r} has type {kind}, expected a number type"
+    for name in columns.categorical:
+        kind = f.schema.field(name).type
+        if not pa.types.is_integer(kind):
+            return f"{f.uri}: categorical column {name!r} has type {kind}, expected an integer type"
     return None
 
 

@@ -24,7 +24,7 @@ def markdown() -> str:
 
     Example:
         >>> markdown().splitlines()[2]
-        '| `model` | required | path/URI of the model file: a `state_dict` (`.pt`/`.pth`) or `.safetensors` of Linear layers (BatchNorm1d folded) |'
+        '| `model` | required | path/URI of the model file: a `state_dict` (`.pt`/`.pth`) or `.safetensors` of Linear layers (BatchNorm1d folded), or a `torch.export` program (`.pt2`, dynamic batch) |'
     """
     rows = ["| key | default | meaning |", "|---|---|---|"]
     rows += [f"| `{doc.key}` | {doc.default} | {doc.meaning} |" for doc in KEY_DOCS]

@@ -307,12 +307,16 @@ class _Check:
         if not entries:
             self.notes.append("no committed rows to sample")
             return
-        from workers.model import MLP, read_model
+        import torch
+
+        from workers.model import load_model
 
         header = self.state.header
         settings = header.get("settings") or {}
         try:
-            _, spec, layers = read_model(header["model"]["uri"])
+            spec, mlp = load_model(header["model"]["uri"], activation=settings.get("activation", "sigmoid"),
+                                   output_activation=settings.get("output_activation", "sigmoid"),
+                                   device=torch.device("cpu"), precision=settings.get("precision", "fp32"))
         except Exception as exc:
             self.problems.append(f"cannot load the recorded model to recompute the sample: {exc}")
             return
@@ -320,15 +324,14 @@ class _Check:
             self.problems.append(f"the model file {header['model']['uri']} changed since the run "
                                  f"(sha256 {spec.sha256[:12]}...); the sample cannot be recomputed")
             return
-        import torch
-
         precision = settings.get("precision", "fp32")
         if precision not in _TOLERANCE:
             precision = "fp32"
-        mlp = MLP(layers, settings.get("activation", "sigmoid"), settings.get("output_activation", "sigmoid"),
-                  torch.device("cpu"), precision)
-        arrays = [(w.float().numpy(), None if b is None else b.float().numpy()) for w, b in layers]
-        columns = header.get("columns") or {}
+        # An MLP's layers bound what rounding can do (`pipelines.rounding`); a program's cannot be read
+        # off its graph, so its sample is held to the fixed tolerance alone.
+        arrays = [(w.float().cpu().numpy(), None if b is None else b.float().cpu().numpy())
+                  for w, b in mlp.layers] if hasattr(mlp, "layers") else None
+        columns = {**(header.get("columns") or {}), "category_limits": getattr(spec, "category_limits", ())}
         picks: dict[str, list[int]] = {}
         for entry in rng.choices(entries, weights=[e["rows_out"] for e in entries], k=count):
             picks.setdefault(entry["output"], []).append(rng.randrange(entry["rows_out"]))
@@ -348,13 +351,15 @@ class _Check:
 
     def _sample_shard(self, entry: Mapping[str, Any], rows: list[int], source: Location, base: str,
                       settings: Mapping[str, Any], columns: Mapping[str, Any], mlp: Any,
-                      arrays: list[tuple[np.ndarray, np.ndarray | None]], precision: str) -> None:
+                      arrays: list[tuple[np.ndarray, np.ndarray | None]] | None, precision: str) -> None:
         import torch
 
+        from workers.categorical import category_codes
         from workers.reader import feature_matrix, invalid_rows
 
         features = list(settings["features"])
         passthrough = list(settings["passthrough"])
+        categorical = list(settings.get("categorical") or ())
         list_column = bool(columns.get("list_column", False))
         width = int(columns.get("width") or len(features))
         try:
@@ -363,21 +368,28 @@ class _Check:
                 raise _InputUnavailable("its input changed since it was committed")
             with source.fs.open_input_file(posixpath.join(base, entry["rel"])) as handle:
                 table = pq.ParquetFile(handle).read_row_groups(
-                    list(range(*entry["row_groups"])), columns=list(dict.fromkeys(passthrough + features)))
+                    list(range(*entry["row_groups"])),
+                    columns=list(dict.fromkeys(passthrough + features + categorical)))
         except _InputUnavailable:
             raise
         except Exception as exc:
             raise _InputUnavailable(f"its input cannot be read now: {exc}") from exc
-        matrix = feature_matrix(table.combine_chunks().to_batches()[0], features, list_column, width) \
-            if table.num_rows else np.zeros((0, width), np.float32)
+        batch = table.combine_chunks().to_batches()[0] if table.num_rows else None
+        matrix = feature_matrix(batch, features, list_column, width) \
+            if batch is not None else np.zeros((0, width), np.float32)
+        codes, wrong, _ = category_codes(batch, categorical, columns["category_limits"]) \
+            if categorical and batch is not None else (np.zeros((len(matrix), 0), np.int64), None, [])
         keep = np.ones(table.num_rows, dtype=bool)
         if settings.get("invalid_rows") != "keep":
             bad = invalid_rows(matrix)
             if bad is not None:
                 keep = ~bad
+            if wrong is not None:
+                keep &= ~wrong
         kept = np.flatnonzero(keep)[rows]  # output row i is the i-th input row that was not quarantined
         with torch.inference_mode():
-            want = mlp(torch.from_numpy(np.ascontiguousarray(matrix[kept]))).numpy()
+            x = torch.from_numpy(np.ascontiguousarray(matrix[kept]))
+            want = (mlp(x, torch.from_numpy(codes[kept])) if categorical else mlp(x)).numpy()
         with self.output.fs.open_input_file(self.output.join(entry["output"])) as handle:
             stored = pq.ParquetFile(handle).read(columns=[*passthrough, settings["prediction_column"]])
         got = stored.column(settings["prediction_column"]).take(pa.array(rows)).to_pylist()
@@ -385,8 +397,8 @@ class _Check:
         # Two correct forwards (the run's device and kernels, this CPU's) differ by their summation
         # order: within a few unit roundoffs of the magnitudes summed, which un-normalised features make
         # far larger than the prediction itself.
-        scale = rounding_scale(arrays, matrix[kept], settings.get("activation", "sigmoid"),
-                               settings.get("output_activation", "sigmoid"))
+        scale = 0.0 if arrays is None else rounding_scale(arrays, matrix[kept], settings.get("activation", "sigmoid"),
+                                                          settings.get("output_activation", "sigmoid"))
         atol, rtol = _TOLERANCE[precision]
         allowed = atol + rtol * np.abs(want.astype(np.float64)) + tolerance(scale, precision)
         with np.errstate(invalid="ignore"):

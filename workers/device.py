@@ -1,10 +1,12 @@
-"""Running the MLP over feature batches on one device, with reused host buffers.
+"""Running a model (an `MLP`, or a `.pt2` `Program`) over feature batches on one device, with reused host buffers.
 
 Feature batches are stacked into a (width, rows) float32 host buffer that is
 allocated once per slot and reused: a fresh buffer per batch costs a page
 fault per 4 KiB on first touch, which showed up as a third of the stacking
 time. Two slots alternate, so the next batch can be filled while the current
-one is still in flight.
+one is still in flight. A program with categorical inputs gets its (rows, k)
+int64 codes the same way: a second pinned buffer per slot, uploaded on the
+copy stream right after the features.
 
 On CUDA the slots are pinned; each batch is copied host-to-device without
 blocking on a side (copy) stream, multiplied on a compute stream, and its
@@ -40,12 +42,14 @@ stream's work as late or as early as the events allow, on the CPU.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from workers.model import MLP
+if TYPE_CHECKING:
+    from workers.model import MLP
+    from workers.program import Program
 
 _MIN_GPU_ROWS = 1024
 _CPU_ACTIVATION_BYTES = 4 << 20
@@ -105,11 +109,12 @@ class CudaStreams:
 class _Slot:
     """One reusable pair of host buffers and the events of the asynchronous work that still uses them."""
 
-    __slots__ = ("host", "out", "uploaded", "pending")
+    __slots__ = ("host", "out", "codes", "uploaded", "pending")
 
-    def __init__(self, host: torch.Tensor, out: torch.Tensor) -> None:
+    def __init__(self, host: torch.Tensor, out: torch.Tensor, codes: torch.Tensor | None = None) -> None:
         self.host = host  # flat float32 (width * capacity,): features, pinned on CUDA
         self.out = out  # flat float32 (capacity * outputs,): predictions, pinned on CUDA
+        self.codes = codes  # flat int64 (capacity * k,): categorical codes, pinned on CUDA (programs with k > 0)
         self.uploaded: Event | None = None  # the upload that last read `host`
         self.pending: _Result | None = None  # the result whose predictions still sit in `out`
 
@@ -144,7 +149,7 @@ class _Result:
 
 
 class Forward:
-    """Batched forward passes of one MLP on one device.
+    """Batched forward passes of one model (`MLP` or `Program`) on one device.
 
     Example:
         >>> fwd = Forward(mlp, width=2, capacity=4, device=torch.device("cpu"))  # doctest: +SKIP
@@ -153,20 +158,23 @@ class Forward:
     """
 
     def __init__(
-        self, mlp: MLP, width: int, capacity: int, device: torch.device, *, streams: Streams | None = None
+        self, mlp: MLP | Program, width: int, capacity: int, device: torch.device, *, categories: int = 0,
+        streams: Streams | None = None,
     ) -> None:
         self.mlp = mlp
+        self.categories = categories
         self.width = width
         self.capacity = capacity
         self.device = device
         self.cuda = device.type == "cuda"
         self.streams: Streams | None = CudaStreams(device) if self.cuda and streams is None else streams
-        outputs = int(mlp.layers[-1][0].shape[0])
+        outputs = mlp.outputs
         pin = self.cuda
         # Flat storage: the first width*rows values viewed as (width, rows) are contiguous for any rows.
         self._slots = [
             _Slot(torch.empty(width * capacity, dtype=torch.float32, pin_memory=pin),
-                  torch.empty(capacity * outputs, dtype=torch.float32, pin_memory=pin))
+                  torch.empty(capacity * outputs, dtype=torch.float32, pin_memory=pin),
+                  torch.empty(capacity * categories, dtype=torch.int64, pin_memory=pin) if categories else None)
             for _ in range(2)
         ]
         self._next = 0
@@ -175,7 +183,7 @@ class Forward:
         # 2.4x faster than 256k-row passes for 64-256-256-1, ~1.3x for 64-16-1). CUDA: the
         # whole batch, halved on out-of-memory.
         cpu_rows = min(65_536, max(1_024, _CPU_ACTIVATION_BYTES // (4 * mlp.widest)))
-        self.max_rows = capacity if self.cuda else cpu_rows
+        self.max_rows = min(capacity if self.cuda else cpu_rows, mlp.max_batch or capacity)
 
     def buffer(self, rows: int) -> np.ndarray:
         """The next slot's host buffer as a contiguous (width, rows) float32 array, free to fill."""
@@ -185,10 +193,11 @@ class Forward:
         slot.free_host()
         return slot.host[: self.width * rows].numpy().reshape(self.width, rows)
 
-    def submit(self, matrix: np.ndarray) -> Callable[[], np.ndarray]:
+    def submit(self, matrix: np.ndarray, codes: np.ndarray | None = None) -> Callable[[], np.ndarray]:
         """Start the forward pass of a (rows, width) float32 batch; call the result for (rows, outputs).
 
         `matrix` is ideally `buffer(rows).T`; anything else is copied into the slot first.
+        `codes`: the (rows, k) int64 categorical codes of a program that takes them.
         Results may be collected in any order, or not at all.
         """
         rows = matrix.shape[0]
@@ -196,7 +205,8 @@ class Forward:
         self._next = 1 - self._next
         if self.streams is None:  # CPU: synchronous, straight from the caller's matrix
             out = np.empty((rows, self.outputs), dtype=np.float32)
-            self._run(torch.from_numpy(matrix), torch.from_numpy(out))
+            self._run(torch.from_numpy(matrix), torch.from_numpy(out),
+                      None if codes is None else torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64)))
             return lambda: out
         if rows > self.capacity:
             raise ValueError(f"batch of {rows} rows exceeds the buffer capacity {self.capacity}")
@@ -205,15 +215,23 @@ class Forward:
         if not (source.flags.c_contiguous and source.ctypes.data == host.data_ptr()):
             slot.free_host()
             host.numpy()[...] = source
+        staged = None
+        if codes is not None and slot.codes is not None:
+            slot.free_host()  # (3) the codes buffer is read by the same uploads as `host`
+            staged = slot.codes[: rows * self.categories].view(rows, self.categories)  # pinned
+            staged.numpy()[...] = codes
         slot.free_out()
         out = slot.out[: rows * self.outputs].view(rows, self.outputs)  # pinned
         features, slot.uploaded = self.streams.upload(host)  # (width, rows) on the device
+        device_codes = None
+        if staged is not None:  # same copy stream, after the features: its event covers both uploads
+            device_codes, slot.uploaded = self.streams.upload(staged)
         # features.T: (rows, width), a transposed view, no copy
-        done = self.streams.compute(lambda: self._run(features.T, out), slot.uploaded)
+        done = self.streams.compute(lambda: self._run(features.T, out, device_codes), slot.uploaded)
         slot.pending = result = _Result(slot, out, done)
         return result
 
-    def _run(self, features: torch.Tensor, out: torch.Tensor) -> None:
+    def _run(self, features: torch.Tensor, out: torch.Tensor, codes: torch.Tensor | None = None) -> None:
         """Forward (rows, width) features into `out` (rows, outputs), `max_rows` rows per pass.
 
         On CPU `max_rows` keeps activations in cache; on CUDA it starts at the
@@ -225,7 +243,9 @@ class Forward:
                 with torch.inference_mode():
                     for start in range(0, len(features), self.max_rows):
                         stop = start + self.max_rows
-                        out[start:stop].copy_(self.mlp(features[start:stop]), non_blocking=self.cuda)
+                        result = self.mlp(features[start:stop]) if codes is None else \
+                            self.mlp(features[start:stop], codes[start:stop])
+                        out[start:stop].copy_(result, non_blocking=self.cuda)
                 return
             except torch.cuda.OutOfMemoryError:
                 if self.max_rows <= _MIN_GPU_ROWS:

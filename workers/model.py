@@ -12,11 +12,16 @@ import hashlib
 import io
 import pickle
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipelines.errors import ModelError
 from workers.modelfile import ModelSpec, linear_stack, looks_like_safetensors, read_model_bytes, safetensors_header
+from workers.programfile import ProgramSpec, inspect_program, is_program
+
+if TYPE_CHECKING:
+    from workers.program import Program
 
 _DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,7 +46,31 @@ def shapes_of(layers: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[t
     return tuple((int(w.shape[1]), int(w.shape[0]), b is not None) for w, b in layers)
 
 
-def inspect_model(uri: str) -> ModelSpec:
+def load_model(uri: str, *, activation: str, output_activation: str, device: torch.device,
+               precision: str) -> tuple[ModelSpec | ProgramSpec, MLP | Program]:
+    """A model file's spec and its forward pass on `device`, the format chosen once from the bytes.
+
+    A `torch.export` archive becomes a `Program` (`workers.program`), anything
+    else an `MLP` of its Linear layers with the configured activations. Both
+    are called as `model(features)` or `model(features, codes)` and return
+    (rows, outputs) float32.
+
+    Example:
+        >>> spec, model = load_model("m.pt2", activation="relu", output_activation="none",
+        ...                          device=torch.device("cpu"), precision="fp32")  # doctest: +SKIP
+    """
+    data = read_model_bytes(uri)
+    if is_program(data):
+        from workers.program import Program
+
+        spec = inspect_program(data, uri, hashlib.sha256(data).hexdigest())
+        return spec, Program(data, spec, device, precision)
+    layers = parse_layers(data, uri)
+    return (ModelSpec(uri, hashlib.sha256(data).hexdigest(), shapes_of(layers)),
+            MLP(layers, activation, output_activation, device, precision))
+
+
+def inspect_model(uri: str) -> ModelSpec | ProgramSpec:
     """The spec of a model file (what the driver validates against); see `workers.modelfile`."""
     from workers.modelfile import inspect_model as inspect
 
@@ -132,12 +161,18 @@ class MLP:
         ]
         self.activations = [_ACTIVATIONS[activation]] * (len(layers) - 1) + [_ACTIVATIONS[output_activation]]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, in_features) -> (rows, out_features) float32."""
+    def __call__(self, x: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """(rows, in_features) -> (rows, out_features) float32 (an MLP takes no categorical codes)."""
         x = x.to(self.device, self.dtype, non_blocking=True)
         for (weight, bias), act in zip(self.layers, self.activations):
             x = act(torch.nn.functional.linear(x, weight, bias))
         return x.float()
+
+    max_batch = None  # any number of rows per pass
+
+    @property
+    def outputs(self) -> int:
+        return int(self.layers[-1][0].shape[0])
 
     @property
     def widest(self) -> int:

@@ -23,13 +23,14 @@ import re
 import struct
 import zipfile
 from dataclasses import dataclass
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from pipelines.errors import ModelError
+from pipelines.errors import ConfigError, ModelError
 from pipelines.storage import read_bytes, resolve
+from workers.programfile import ProgramSpec, inspect_program, is_program
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -47,12 +48,22 @@ class ModelSpec:
     def out_features(self) -> int:
         return self.layers[-1][1]
 
+    format = "state_dict"
+    categories = 0  # an MLP takes only the features
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "sha256": self.sha256,
             "layers": [[n_in, n_out] for n_in, n_out, _ in self.layers],
             "bias": [bias for _, _, bias in self.layers],
         }
+
+    def check_categorical(self, columns: Sequence[str]) -> None:
+        """`categorical` feeds embeddings, which only a `.pt2` program has (exit 2)."""
+        if columns:
+            raise ConfigError(
+                f"'categorical' ({', '.join(columns)}) needs a torch.export program (.pt2) with embeddings; "
+                f"model {self.uri!r} is a state_dict of Linear layers, which takes only the float features")
 
 
 # What one row costs on one core of the benchmark machine (benchmarks/stages.py): decoding a
@@ -74,14 +85,20 @@ def forward_share(layers: tuple[tuple[int, int, bool], ...]) -> float:
     return forward / (forward + layers[0][0] * _DECODE_SECONDS_PER_VALUE)
 
 
-def inspect_model(uri: str) -> ModelSpec:
+def inspect_model(uri: str) -> ModelSpec | ProgramSpec:
     """The spec of a model file (what the driver validates against); torch only when needed.
+
+    The format is chosen here, once, from the file's bytes: a `torch.export`
+    archive is a `ProgramSpec` (`workers.programfile`, read without torch),
+    anything else a state_dict or safetensors file of Linear layers.
 
     Example:
         >>> inspect_model("model.pt").layers  # doctest: +SKIP
         ((64, 16, True), (16, 1, True))
     """
     data = read_model_bytes(uri)
+    if is_program(data):
+        return inspect_program(data, uri, hashlib.sha256(data).hexdigest())
     shapes = layer_shapes(data, uri)
     if shapes is None:  # the torch loader accepts it, or raises the precise ModelError
         from workers.model import parse_layers, shapes_of

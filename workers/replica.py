@@ -28,6 +28,7 @@ import pyarrow as pa
 from pipelines.errors import ModelError, ShardDataError
 from pipelines.journal import write_commit
 from pipelines.storage import resolve
+from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import decode, describe_invalid, open_parquet
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
@@ -64,6 +65,7 @@ class ReplicaJob:
     cpus: float = 1.0
     rejected_dir: str = "_rejected"
     generation: int = 1  # of the journal records this run writes
+    categorical: tuple[str, ...] = ()  # integer columns fed to a .pt2 program as (rows, k) int64 codes
 
 
 class State(enum.Enum):
@@ -122,6 +124,7 @@ class Replica:
         self.busy_seconds = 0.0
         self._torch_threads = 0  # torch's threads before this replica set its own (CPU)
         self._numpy_forward = numpy_forward and in_driver
+        self._category_limits: tuple[int | None, ...] = ()  # per categorical column, from the loaded program
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
@@ -130,14 +133,14 @@ class Replica:
         self.state = State.READY
 
     def _load(self) -> Forward | NumpyForward:
-        if self._numpy_forward and self.job.precision in ("fp32", "tf32"):
+        if self._numpy_forward and self.job.precision in ("fp32", "tf32") and not self.job.categorical:
             lite = self._load_without_torch()
             if lite is not None:
                 return lite
         import torch
 
         from workers.device import Forward
-        from workers.model import MLP, read_model
+        from workers.model import load_model
 
         job = self.job
         device = torch.device("cuda" if self.gpu_ids and torch.cuda.is_available() else "cpu")
@@ -146,16 +149,18 @@ class Replica:
                            self.index, self.gpu_ids)
         if device.type == "cuda" and job.precision == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
-        _, spec, layers = read_model(job.model)
+        spec, model = load_model(job.model, activation=job.activation, output_activation=job.output_activation,
+                                 device=device, precision=job.precision)
         self._check_unchanged(spec.sha256)
+        spec.check_categorical(job.categorical)  # as the driver checked: the same bytes
+        self._category_limits = getattr(spec, "category_limits", ())
         if device.type == "cpu":
             self._torch_threads = torch.get_num_threads()  # put back on close (the driver lane's are its caller's)
             torch.set_num_threads(torch_threads(job.cpus, spec.layers))
-        mlp = MLP(layers, job.activation, job.output_activation, device, job.precision)
         self.device = str(device)
-        logger.info("[replica %d] model loaded on %s (%s), batch_size=%d", self.index, self.host, device,
-                    self.batch_size)
-        return Forward(mlp, job.width, self.batch_size, device)
+        logger.info("[replica %d] %s model loaded on %s (%s), batch_size=%d", self.index, spec.format, self.host,
+                    device, self.batch_size)
+        return Forward(model, job.width, self.batch_size, device, categories=len(job.categorical))
 
     def _load_without_torch(self) -> NumpyForward | None:
         """The driver lane's forward pass on numpy (`workers.cpu_forward`), or None when only torch can load it.
@@ -239,7 +244,7 @@ class Replica:
         job, uri = self.job, task["input"]
         parquet = open_parquet(self.source, task["path"], uri)
         schema = parquet.schema_arrow
-        columns = list(dict.fromkeys([*job.passthrough, *job.features]))
+        columns = list(dict.fromkeys([*job.passthrough, *job.features, *job.categorical]))
         missing = [c for c in columns if c not in schema.names]
         if missing:
             raise ShardDataError(f"{uri}: missing column(s) {missing}")
@@ -270,8 +275,17 @@ class Replica:
 
             for item in batches:
                 data, matrix, bad = item.batch.data, item.matrix, item.bad
+                reasons = [] if bad is None else describe_invalid(matrix, bad, job.features, job.list_column)
+                codes = None
+                if job.categorical:  # null, negative or beyond its embedding table: an invalid row
+                    codes, wrong, why = category_codes(data, job.categorical, self._category_limits)
+                    if wrong is not None and job.invalid_rows == "keep":
+                        row = item.batch.first_row + int(np.argmax(wrong))
+                        raise ShardDataError(f"{uri}: row {row} (row group {item.batch.row_group}): {why[0]}; "
+                                             f"invalid_rows: keep cannot predict it (the program has no embedding "
+                                             f"for it): use quarantine or fail")
+                    bad, reasons = merge_invalid(data.num_rows, bad, reasons, wrong, why)
                 if bad is not None:
-                    reasons = describe_invalid(matrix, bad, job.features, job.list_column)
                     if job.invalid_rows == "fail":
                         row = item.batch.first_row + int(np.argmax(bad))
                         raise ShardDataError(
@@ -286,7 +300,9 @@ class Replica:
                         [*bad_rows.columns, pa.array(reasons, pa.string())], schema=rejected_schema))
                     rows_rejected += len(reasons)
                     data, matrix = data.filter(pa.array(~bad)), matrix[~bad]
-                handle = forward.submit(matrix)  # on GPU this returns at once; collected one batch later
+                    codes = None if codes is None else codes[~bad]
+                # on GPU this returns at once; collected one batch later
+                handle = forward.submit(matrix) if codes is None else forward.submit(matrix, codes)  # type: ignore[call-arg]
                 item.release()  # submit has consumed (CPU) or copied (GPU) the stacked features
                 if pending is not None:
                     rows_out += write(*pending)
