@@ -176,6 +176,49 @@ def _decoded_bytes(group: pq.RowGroupMetaData, leaves: Sequence[int]) -> int:
 _ROW_GROUP_DONE = object()  # a decoding thread's marker: one row group's batches end here
 
 
+class _Buffers:
+    """The (width, batch_size) stacking buffers of a shard's decoding threads.
+
+    Each thread has `own` buffers only it takes and a shared reserve all may borrow;
+    a buffer goes back to where it came from. The consumer takes row groups in file
+    order and hands each batch's buffer back before it takes the next batch, so when it
+    waits on a thread, none of that thread's buffers is out and its own are free: the
+    thread it waits on can always stack its next batch, whatever the other threads hold.
+    (One pool shared by all deadlocked: with 5+ threads and row groups of 3+ batches,
+    the threads the consumer did not wait on held every buffer.) Buffers are made on
+    first use, so a short shard never allocates them all.
+    """
+
+    def __init__(self, shape: tuple[int, int], threads: int, own: int, shared: int, stop: threading.Event) -> None:
+        self.shape, self.own, self.shared = shape, own, shared
+        self._stop = stop
+        self._ready = threading.Condition()
+        self._free: list[list[np.ndarray]] = [[] for _ in range(threads + 1)]  # per thread; the last: shared
+        self._made = [0] * (threads + 1)
+
+    def take(self, thread: int) -> tuple[np.ndarray, int] | None:
+        """A free buffer for `thread` and where it goes back (its own first); None once stopped."""
+        with self._ready:
+            while not self._stop.is_set():
+                for home, limit in ((thread, self.own), (len(self._free) - 1, self.shared)):
+                    if self._free[home]:
+                        return self._free[home].pop(), home
+                    if self._made[home] < limit:
+                        self._made[home] += 1
+                        return np.empty(self.shape, dtype=np.float32), home
+                self._ready.wait(0.1)
+        return None
+
+    def give(self, buffer: np.ndarray, home: int) -> None:
+        with self._ready:
+            self._free[home].append(buffer)
+            self._ready.notify_all()
+
+    def wake(self) -> None:
+        with self._ready:
+            self._ready.notify_all()
+
+
 @dataclass
 class Decoded:
     """One batch, decoded and stacked: its data, its (rows, width) feature matrix and bad-row mask."""
@@ -184,12 +227,13 @@ class Decoded:
     matrix: np.ndarray
     bad: np.ndarray | None
     _buffer: np.ndarray | None = None
-    _pool: queue.Queue[np.ndarray] | None = None
+    _pool: _Buffers | None = None
+    _home: int = 0
 
     def release(self) -> None:
         """The matrix is consumed (the forward pass has it): its buffer goes back to the pool."""
         if self._buffer is not None and self._pool is not None:
-            self._pool.put(self._buffer)
+            self._pool.give(self._buffer, self._home)
             self._buffer = None
 
 
@@ -199,10 +243,12 @@ class decode:  # noqa: N801 - used like a generator function
     Row groups are dealt round-robin to the threads, each with its own file handle;
     each thread decodes its row group's batches (pyarrow releases the GIL), stacks
     the feature columns into a pooled (width, batch_size) buffer and finds invalid
-    rows, `depth` batches ahead. The consumer takes row group after row group in
-    file order. Memory is bounded by the buffer pool (threads x depth + 2 buffers) and
-    by `DECODE_BUDGET_BYTES` of decoded row groups, whatever the shard's size. With
-    one thread this is the old prefetch: decoding a batch ahead of the forward pass.
+    rows, up to `depth` batches ahead. The consumer takes row group after row group in
+    file order; an item's matrix is valid until its `release()` or until the next item
+    is taken (which releases it). Memory is bounded by the stacking buffers (threads x
+    depth + 2, see `_Buffers`: no arrangement of them can deadlock) and by
+    `DECODE_BUDGET_BYTES` of decoded row groups, whatever the shard's size. With one
+    thread this is the old prefetch: decoding a batch ahead of the forward pass.
     Always `close()` it (or use `with`).
 
     Example:
@@ -220,10 +266,10 @@ class decode:  # noqa: N801 - used like a generator function
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
         if count > 1 and not isinstance(parquet, ParquetSource):
             count = 1  # a plain ParquetFile cannot open a second handle
-        self._pool: queue.Queue[np.ndarray] = queue.Queue()
-        if not list_column:
-            for _ in range(count * depth + 2):
-                self._pool.put(np.empty((width, batch_size), dtype=np.float32))
+        # Two buffers of its own per thread (one stacking while the consumer has the other), the rest of
+        # threads x depth + 2 shared; a deeper queue than the buffers allows just fills with borrowed ones.
+        own = 2
+        self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop)
         self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth) for _ in range(count)]
         self._threads = []
         leaves = _leaves(parquet.metadata, columns)  # once per shard, not per row group
@@ -232,42 +278,37 @@ class decode:  # noqa: N801 - used like a generator function
             mine = range(row_groups[0] + k, row_groups[1], count)
             thread = threading.Thread(
                 target=self._produce, name=f"batch-infer-decode-{k}", daemon=True,
-                args=(handle, k > 0, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
+                args=(k, handle, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
                       check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves))
             self._threads.append(thread)
             thread.start()
 
-    def _produce(self, parquet: pq.ParquetFile, own: bool, mine: range, out: queue.Queue[object], columns: Sequence[str],
+    def _produce(self, k: int, parquet: pq.ParquetFile, mine: range, out: queue.Queue[object], columns: Sequence[str],
                  batch_size: int, uri: str, features: Sequence[str], list_column: bool, width: int,
                  check_invalid: bool, use_threads: bool, whole_bytes: int, leaves: list[int]) -> None:
         try:
             for rg in mine:
                 for batch in iter_batches(parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads,
                                           whole_bytes=whole_bytes, leaves=leaves):
-                    buffer = None if list_column else self._take()
-                    if buffer is None and not list_column:
-                        return  # stopped
+                    buffer, home = None, 0
+                    if not list_column:
+                        taken = self._pool.take(k)
+                        if taken is None:
+                            return  # stopped
+                        buffer, home = taken
                     view = None if buffer is None else buffer[:, : batch.data.num_rows]
                     matrix = feature_matrix(batch.data, features, list_column, width, view)
                     bad = invalid_rows(matrix) if check_invalid else None
-                    if not self._put(out, Decoded(batch, matrix, bad, buffer, self._pool)):
+                    if not self._put(out, Decoded(batch, matrix, bad, buffer, self._pool, home)):
                         return
                 if not self._put(out, _ROW_GROUP_DONE):
                     return
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(out, exc)
         finally:
-            if own and isinstance(parquet, ParquetSource):  # a second handle, opened for this thread
+            if k > 0 and isinstance(parquet, ParquetSource):  # a second handle, opened for this thread
                 with contextlib.suppress(Exception):
                     parquet.handle.close()
-
-    def _take(self) -> np.ndarray | None:
-        while not self._stop.is_set():
-            try:
-                return self._pool.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
 
     def _put(self, out: queue.Queue[object], item: object) -> bool:
         while not self._stop.is_set():
@@ -279,18 +320,24 @@ class decode:  # noqa: N801 - used like a generator function
         return False
 
     def __iter__(self) -> Iterator[Decoded]:
+        previous: Decoded | None = None
         for index in range(self.row_groups[1] - self.row_groups[0]):
             source = self._queues[index % len(self._queues)]
             while True:
+                if previous is not None:  # its buffer goes back before we wait on the next (see _Buffers)
+                    previous.release()
+                    previous = None
                 item = source.get()
                 if item is _ROW_GROUP_DONE:
                     break
                 if isinstance(item, BaseException):
                     raise item
+                previous = item  # type: ignore[assignment]
                 yield item  # type: ignore[misc]
 
     def close(self) -> None:
         self._stop.set()
+        self._pool.wake()
         for thread in self._threads:
             thread.join()
 
