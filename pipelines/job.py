@@ -203,7 +203,8 @@ def run(
                     logger.info("running %d shard(s) in the driver process: %d row(s) need no Ray started",
                                 len(runnable), sum(s.rows_in for s in runnable))
                     begin()
-                    replicas = [run_in_driver(job, runnable, on_result, max_attempts=cfg.max_attempts)]
+                    replicas = run_in_driver(job, runnable, on_result, max_attempts=cfg.max_attempts,
+                                             shard_timeout=cfg.shard_timeout)
                 else:
                     with connect(cfg) as ray_session, metrics.exporting():
                         from pipelines.schedule import Scheduler
