@@ -6,6 +6,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -206,8 +208,11 @@ def run(
                     replicas = run_in_driver(job, runnable, on_result, max_attempts=cfg.max_attempts,
                                              shard_timeout=cfg.shard_timeout)
                 else:
+                    sigterm = signal.getsignal(signal.SIGTERM)
                     with connect(cfg) as ray_session, metrics.exporting():
                         from pipelines.schedule import Scheduler
+
+                        _restore_sigterm(sigterm)
 
                         view = observe(embedded=ray_session.embedded)
                         check_shared_storage(cfg, view, {"model": job.model, "input": job.input,
@@ -244,6 +249,17 @@ def run(
         if timeline:
             _write_timeline(timeline, done)
         return report
+
+
+def _restore_sigterm(handler: Any) -> None:
+    """Give SIGTERM back to the handler it had before Ray started (the CLI's: unwind like Ctrl-C, exit 130).
+
+    `ray.init` installs its own, which exits 1 at once (an embedded Ray's also kills its
+    processes), under Ray's fatal-signal handler that logs and aborts: the lock, the
+    autoscaler request and the journal's last segment were left behind.
+    """
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _lane_resources(cfg: JobConfig, shards: list[Shard]) -> Any:
