@@ -99,10 +99,10 @@ def iter_batches(
 
     A row group whose wanted columns (their leaf indices: `leaves`, found from the footer
     when not given) decode to at most `whole_bytes` (default: half of
-    `DECODE_BUDGET_BYTES`; sized from their Arrow `types`, see `_leaf_bytes`) is read in one call and sliced (zero-copy) into batches:
-    ~15% less decoding time than streaming it (0.28 against 0.33 s per million rows
-    of 64 float columns on one core); a larger one is streamed batch by batch, so
-    memory stays bounded.
+    `DECODE_BUDGET_BYTES`; sized from their Arrow `types`, see `_leaf_bytes`) is read
+    in one call and sliced (zero-copy) into batches: ~15% less decoding time than
+    streaming it (0.28 against 0.33 s per million rows of 64 float columns on one
+    core); a larger one is streamed batch by batch, so memory stays bounded.
 
     A transient storage error re-opens the file (a `ParquetSource`) and resumes at the
     row group that failed, skipping the rows already yielded, so no row comes twice.
@@ -216,11 +216,12 @@ def _leaf_bytes(column: pq.ColumnChunkMetaData, leaf: tuple[pa.DataType, int] | 
 
     Parquet's "uncompressed" size is the *encoded* size: a dictionary-encoded column of a
     few distinct 500-byte strings reported 306 KB for a million rows that decode to 505 MB.
-    Fixed-width values take their Arrow width; variable-width ones their offsets plus their
-    bytes (and values in lists the lists' offsets), which the encoded size holds only for PLAIN-like encodings. A condensed one is
-    sized from its statistics (the longer of min and max, times the values: a guess, not
-    a bound, but of the right order for the columns seen); without statistics it is `inf`
-    (the row group is then streamed).
+    Fixed-width values take their Arrow width; variable-width ones their offsets plus
+    their bytes, which the encoded size holds only for PLAIN-like encodings (values in
+    lists add the lists' offsets). A condensed one is sized from its statistics (the
+    longer of min and max, times the values: a guess, not a bound, but of the right
+    order for the columns seen); without statistics it is `inf` (the row group is then
+    streamed).
     """
     kind, lists = leaf if leaf is not None else (None, 8)
     values = column.num_values
