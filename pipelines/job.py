@@ -7,6 +7,8 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -222,10 +224,14 @@ def run(
                     logger.info("running %d shard(s) in the driver process: %d row(s) need no Ray started",
                                 len(runnable), sum(s.rows_in for s in runnable))
                     begin()
-                    replicas = [run_in_driver(job, runnable, on_result, max_attempts=cfg.max_attempts)]
+                    replicas = run_in_driver(job, runnable, on_result, max_attempts=cfg.max_attempts,
+                                             shard_timeout=cfg.shard_timeout)
                 else:
+                    sigterm = signal.getsignal(signal.SIGTERM)
                     with connect(cfg) as ray_session, metrics.exporting():
                         from pipelines.schedule import Scheduler
+
+                        _restore_sigterm(sigterm)
 
                         view = observe(embedded=ray_session.embedded)
                         check_shared_storage(cfg, view, {"model": job.model, "input": job.input,
@@ -277,6 +283,17 @@ def _refusals(output: Location) -> Iterator[_Refusals]:
         yield refusals
     except OSError as exc:
         raise output_refused(exc, output, started=refusals.started) from exc
+
+
+def _restore_sigterm(handler: Any) -> None:
+    """Give SIGTERM back to the handler it had before Ray started (the CLI's: unwind like Ctrl-C, exit 130).
+
+    `ray.init` installs its own, which exits 1 at once (an embedded Ray's also kills its
+    processes), under Ray's fatal-signal handler that logs and aborts: the lock, the
+    autoscaler request and the journal's last segment were left behind.
+    """
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _lane_resources(cfg: JobConfig, shards: list[Shard]) -> Any:

@@ -19,66 +19,154 @@ start took 24 s instead of about 8.)
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipelines.errors import StorageError
 from pipelines.plan import DEFAULT_SHARD_ROWS, Shard
-from workers.replica import Replica, ReplicaJob
+from workers.replica import Replica, ReplicaJob, State
 
 logger = logging.getLogger(__name__)
 
 LANE_INDEX = -1  # the lane's replica index in results and timelines (Ray replicas count from 0)
 LANE_MAX_ROWS = DEFAULT_SHARD_ROWS  # at most one default shard's worth of rows
+# The default shard timeout, as `pipelines.schedule` has it for Ray replicas (not imported: it imports Ray):
+# max(floor, factor x the slowest seconds per row seen x the shard's rows).
+TIMEOUT_FLOOR_SECONDS = 600.0
+TIMEOUT_FACTOR = 10.0
+STALLED = "replica stalled"
 
 
 def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[[Shard, dict[str, Any]], None],
-                  *, max_attempts: int) -> dict[str, Any]:
-    """Process `shards` in order on a replica in this process; returns the lane's entry for the report.
+                  *, max_attempts: int, shard_timeout: float | None = None) -> list[dict[str, Any]]:
+    """Process `shards` in order on a replica in this process; returns the lane's entries for the report.
 
-    Storage errors are retried up to `max_attempts` like on a Ray replica. An
-    error that is not the shard's (the model does not load here, a bug) fails
-    the shard in hand and every shard after it with that error; the run ends
-    with its report. Ctrl-C stops the shard in hand before its commit.
+    Each shard runs on a thread of its own while this one keeps its clock: a shard not
+    done within `shard_timeout` (default as on Ray: max(600 s, 10 x the slowest seconds
+    per row seen x its rows)) costs its replica, as a stalled Ray replica does: the replica
+    is abandoned (its thread, stuck in a read, can never commit: `Replica.abandon`) and a
+    fresh one retries the shard, up to `max_attempts`; then the shard fails and the lane
+    goes on with the next. Storage errors are retried the same way on the same replica.
+    An error that is not the shard's (the model does not load here, a bug) fails the shard
+    in hand and every shard after it with that error; the run ends with its report.
+    Ctrl-C (or SIGTERM) stops the shard in hand before its commit and returns at once.
 
     Example:
-        >>> run_in_driver(job, plan.todo, on_result, max_attempts=3)["shards"]  # doctest: +SKIP
+        >>> run_in_driver(job, plan.todo, on_result, max_attempts=3)[0]["shards"]  # doctest: +SKIP
         1
     """
-    replica = Replica(LANE_INDEX, job, in_driver=True, numpy_forward=True)
-    ended = "finished"
+    lane = _Lane(job, max_attempts, shard_timeout)
     try:
         for position, shard in enumerate(shards):
-            result, error = _process(replica, shard, max_attempts)
+            result, error = lane.process(shard)
             on_result(shard, result)
             if error:
-                ended = f"lost: {error}"
+                lane.ended = f"lost: {error}"
                 for rest in shards[position + 1:]:
                     on_result(rest, rest.failed(0, f"replica error: {error}"))
                 break
+    except BaseException:
+        lane.abandon("interrupted")  # a shard still in hand must not commit behind the caller's back
+        raise
     finally:
-        replica.close()
-    stats = replica.stats()
-    return {"node": stats["node"], "device": stats["device"], "gpu_ids": [], "shards": stats["shards"],
-            "rows": stats["rows"], "busy_seconds": stats["busy_seconds"], "peak_rss_bytes": stats["peak_rss_bytes"],
-            "ended": ended}
+        lane.close()
+    return lane.records
 
 
-def _process(replica: Replica, shard: Shard, max_attempts: int) -> tuple[dict[str, Any], str]:
-    """One shard's result, and the error that stops the lane ("" when it goes on)."""
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            result = replica.process(shard.to_task())
-        except StorageError as exc:  # transient storage: retried like on a Ray replica
-            logger.warning("driver: storage error on shard %s (attempt %d): %s", shard.id, attempts, exc)
-            if attempts < max_attempts:
-                continue
-            return shard.failed(attempts, f"storage error: {exc}"), ""
-        except Exception as exc:  # not the shard's fault: the model does not load here, or a bug
-            error = f"{type(exc).__name__}: {exc}"
-            logger.error("driver: shard %s: %s", shard.id, error)
-            return shard.failed(attempts, f"replica error: {error}"), error
-        result["attempts"] = attempts
-        return result, ""
+class _Lane:
+    """The driver's replica, replaced when it stalls; the records of every one that ran."""
+
+    def __init__(self, job: ReplicaJob, max_attempts: int, shard_timeout: float | None) -> None:
+        self.job, self.max_attempts, self.shard_timeout = job, max_attempts, shard_timeout
+        self.replica = Replica(LANE_INDEX, job, in_driver=True, numpy_forward=True)
+        self.records: list[dict[str, Any]] = []
+        self.ended = "finished"
+        self._slowest = 0.0  # seconds per row of the slowest committed shard
+
+    def timeout(self, shard: Shard) -> float:
+        if self.shard_timeout is not None:
+            return self.shard_timeout
+        return max(TIMEOUT_FLOOR_SECONDS, TIMEOUT_FACTOR * self._slowest * shard.rows_in)
+
+    def process(self, shard: Shard) -> tuple[dict[str, Any], str]:
+        """One shard's result, and the error that stops the lane ("" when it goes on)."""
+        attempts, kinds = 0, []
+        while True:
+            attempts += 1
+            limit = self.timeout(shard)
+            try:
+                result = self._attempt(shard, limit)
+            except StorageError as exc:  # transient storage: retried like on a Ray replica
+                logger.warning("driver: storage error on shard %s (attempt %d): %s", shard.id, attempts, exc)
+                kinds.append("storage error")
+                if attempts < self.max_attempts:
+                    continue
+                return shard.failed(attempts, _error(kinds, attempts, f"{exc}")), ""
+            except Exception as exc:  # not the shard's fault: the model does not load here, or a bug
+                error = f"{type(exc).__name__}: {exc}"
+                logger.error("driver: shard %s: %s", shard.id, error)
+                return shard.failed(attempts, f"replica error: {error}"), error
+            if result is None:  # stalled: the replica goes, a fresh one retries the shard
+                reason = f"the driver lane held it for more than {limit:g} s (shard_timeout)"
+                logger.warning("driver lane stalled on shard %s: no result within the shard timeout of %g s; "
+                               "abandoning its replica%s", shard.id, limit,
+                               " and retrying the shard" if attempts < self.max_attempts else "")
+                self.abandon(f"{STALLED}: {reason}")
+                self.replica = Replica(LANE_INDEX, self.job, in_driver=True, numpy_forward=True,
+                                       storage=(self.replica.source, self.replica.output))
+                kinds.append(STALLED)
+                if attempts < self.max_attempts:
+                    continue
+                return shard.failed(attempts, _error(kinds, attempts, reason)), ""
+            if result.get("status") == "committed" and "started" in result and "finished" in result:
+                seconds = max(0.0, result["finished"] - result["started"])
+                self._slowest = max(self._slowest, seconds / max(1, shard.rows_in))
+            result["attempts"] = attempts
+            return result, ""
+
+    def _attempt(self, shard: Shard, limit: float) -> dict[str, Any] | None:
+        """`Replica.process` on a thread of its own: its result, or None when it is not done within `limit`."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        replica, task = self.replica, shard.to_task()
+
+        def work() -> None:
+            try:
+                box["result"] = replica.process(task)
+            except BaseException as exc:  # noqa: BLE001 - handed to the lane
+                box["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"batch-infer-lane-{shard.id}", daemon=True).start()
+        if not done.wait(limit):
+            return None
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def abandon(self, why: str) -> None:
+        """The replica is given up (stalled, or the run interrupted): it never commits again."""
+        self.replica.abandon()
+        self._record(f"lost: {why}")
+
+    def close(self) -> None:
+        if self.replica.state is State.READY:
+            self.replica.close()
+            self._record(self.ended)
+
+    def _record(self, ended: str) -> None:
+        stats = self.replica.stats()
+        self.records.append({"node": stats["node"], "device": stats["device"], "gpu_ids": [],
+                             "shards": stats["shards"], "rows": stats["rows"],
+                             "busy_seconds": stats["busy_seconds"], "peak_rss_bytes": stats["peak_rss_bytes"],
+                             "ended": ended})
+
+
+def _error(kinds: list[str], attempts: int, reason: str) -> str:
+    """A failed shard's error, worded as the Ray scheduler words it."""
+    distinct = list(dict.fromkeys(kinds))
+    if len(distinct) == 1:
+        return f"{distinct[0]} on each of {attempts} attempt(s): {reason}"
+    return f"{', '.join(distinct)} over {attempts} attempt(s) (last: {reason})"

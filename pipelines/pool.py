@@ -202,8 +202,12 @@ class ReplicaPool:
             ray.kill(slot.actor, no_restart=True)
 
     def close(self) -> None:
-        """Collect the stats of the replicas still up, then stop them all."""
-        live = [s for s in self.slots if s.alive and s.ready]
+        """Collect the stats of the replicas still up and idle, then stop them all.
+
+        A replica still holding shards (the run was interrupted or gave up) is stopped without
+        them: its stats call would wait behind its shards, and Kubernetes kills a pod 30 s
+        after SIGTERM."""
+        live = [s for s in self.slots if s.alive and s.ready and not s.queue]
         self._fetch_stats(live)
         for slot in self.slots:
             if slot.alive:

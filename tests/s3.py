@@ -81,6 +81,7 @@ class Fault:
     code: str
     reset: bool  # drop the connection (RST) instead of answering
     hits: int = 0
+    stall: threading.Event | None = None  # hold the request until this is set, then forward it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +131,21 @@ class FaultProxy:
             self._faults.append(fault)
         return fault
 
+    def stall(self, method: str | None, path: str, *, header: tuple[str, str] | None = None,
+              times: int | None = None) -> threading.Event:
+        """Hold matching requests (`times` of them, or all) unanswered, as a hung mount or store does,
+        until the returned event is set (`clear()` and `stop()` set it); then they are forwarded."""
+        matcher = (header[0], re.compile(header[1])) if header else None
+        release = threading.Event()
+        with self._lock:
+            self._faults.append(Fault(method, re.compile(path), matcher, times, 1.0, 0, "", False, stall=release))
+        return release
+
     def clear(self) -> None:
         with self._lock:
+            for fault in self._faults:
+                if fault.stall is not None:
+                    fault.stall.set()
             self._faults.clear()
             self.requests.clear()
 
@@ -159,6 +173,7 @@ class FaultProxy:
             self.requests.append(request)
 
     def stop(self) -> None:
+        self.clear()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -193,6 +208,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
         body = self._body()
         fault = proxy._claim(self.command, self.path, self.headers)
+        if fault is not None and fault.stall is not None:
+            proxy._log(Request(self.command, self.path, 0, True, self.headers.get("Range", "")))
+            fault.stall.wait(600)
+            fault = None  # released: answered as if nothing happened
         if fault is not None and fault.reset:
             proxy._log(Request(self.command, self.path, 0, True, self.headers.get("Range", "")))
             # SO_LINGER 0: close() sends a TCP RST, as a dropped connection does.

@@ -5,16 +5,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, cli, read_output, reference, save_mlp, write_files
+from conftest import REPO, cli, output_files, read_output, reference, save_mlp, write_files
+from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtures
 
 import pipelines
 import pipelines.lane
+from pipelines.commit import SUCCESS
 from pipelines.errors import ResourceError
+from pipelines.lock import LOCK
 
 _RUN_AND_SAY_IF_RAY_WAS_IMPORTED = """
 import json, sys
@@ -104,3 +110,60 @@ def test_a_small_run_in_bf16_takes_torch_in_the_lane(tmp_path: Path) -> None:
     inputs = pq.read_table(tmp_path / "in").sort_by("id")
     features = np.stack([inputs[f"f{j:02d}"].to_numpy() for j in range(8)], axis=1)
     np.testing.assert_allclose(out["prediction"].to_numpy(), reference(model, features)[:, 0], rtol=3e-2, atol=1e-2)
+
+
+def _lane_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("batch-infer-lane-")]
+
+
+def test_a_read_that_hangs_in_the_lane_costs_its_shard_after_shard_timeout(
+    tmp_path: Path, s3: FaultProxy, s3_server: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 12, item 9: a stuck read (here a real S3 endpoint that never answers the row group's
+    GETs, as a hung mount or store does) hung the driver lane for good, lock held. Now the shard is
+    retried on a fresh replica after `shard_timeout`, then fails; the run ends (exit 1) with its
+    report, and the abandoned attempts never commit, even once the read comes back."""
+    model = tmp_path / "m.pt"
+    save_mlp(model, [4, 8, 1])
+    for index, start in enumerate((0, 300)):
+        table = pa.table({"id": np.arange(start, start + 300),
+                          **{f"f{j}": np.ones(300, np.float32) * j for j in range(4)}})
+        with s3_server.filesystem().open_output_stream(f"{BUCKET}/lane/part-{index}.parquet") as sink:
+            pq.write_table(table, sink, row_group_size=100)
+    # Footers are read from byte 0 in files this small: only part-0's row group reads hang.
+    release = s3.stall("GET", r"/lane/part-0\.parquet", header=("Range", r"^bytes=[1-9]"))
+    out = tmp_path / "out"
+    began = time.monotonic()
+    report = pipelines.run(model=str(model), input=s3.uri("lane/"), output=str(out), shard_timeout=2,
+                           max_attempts=2, progress=False)
+    took = time.monotonic() - began
+    assert report.status == "failed" and (report.shards_done, report.shards_failed) == (1, 1), report.to_dict()
+    assert "part-0.parquet" in report.errors[0]["input"]
+    assert "replica stalled on each of 2 attempt(s)" in report.errors[0]["error"], report.errors
+    assert "shard_timeout" in report.errors[0]["error"]
+    assert took < 120, took  # two 2-second timeouts and one quick shard, on a loaded machine
+    assert not (out / LOCK).exists() and not (out / SUCCESS).exists()
+    assert [r["ended"].split(":")[0] for r in report.replicas] == ["lost", "lost", "finished"]
+    assert any("stalled on shard" in r.getMessage() for r in caplog.records)
+    assert read_output(out)["id"].to_pylist() == list(range(300, 600))
+    before = output_files(out)
+
+    release.set()  # the hung reads come back: the abandoned attempts decode, predict ... and must not commit
+    deadline = time.monotonic() + 60
+    while _lane_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _lane_threads(), "the abandoned attempts did not end once their reads came back"
+    # no output or journal record from them; their temp files (opened before the reads hung) are gone
+    assert output_files(out) == {name: mtime for name, mtime in before.items() if not name.endswith(".tmp")}
+
+    again = cli("run", "--model", str(model), "--input", s3.uri("lane/"), "--output", str(out), "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["shards_done"] == 1
+    assert read_output(out)["id"].to_pylist() == list(range(300)) + list(range(300, 600))  # each row once
+
+
+def test_the_lanes_default_shard_timeout_is_the_schedulers() -> None:
+    from pipelines import schedule
+
+    assert (pipelines.lane.TIMEOUT_FLOOR_SECONDS, pipelines.lane.TIMEOUT_FACTOR) == \
+        (schedule.TIMEOUT_FLOOR_SECONDS, schedule.TIMEOUT_FACTOR)

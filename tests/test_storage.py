@@ -448,12 +448,19 @@ def test_whole_row_group_reads_count_only_the_wanted_columns(tmp_path: Path) -> 
     sizes = {group.column(i).path_in_schema: group.column(i).total_uncompressed_size for i in range(group.num_columns)}
     assert set(sizes) == {"id", "features.list.element", "blob", "blob.more"}
 
-    def decoded(columns: set[str]) -> int:
-        return reader._decoded_bytes(group, reader._leaves(meta, columns))
+    parquet = pq.ParquetFile(path)
+    types = reader._leaf_types(parquet)
+    leaf = {group.column(i).path_in_schema: reader._leaf_bytes(group.column(i), types[i]) for i in range(4)}
 
-    assert decoded({"id", "features"}) == sizes["id"] + sizes["features.list.element"]
-    assert decoded({"blob.more"}) == sizes["blob.more"]
-    assert decoded({"blob"}) == sizes["blob"] + sizes["blob.more"]  # a dotted neighbour: more, never less
+    def decoded(columns: set[str]) -> float:
+        return reader._decoded_bytes(group, reader._leaves(meta, columns), types)
+
+    assert decoded({"id", "features"}) == leaf["id"] + leaf["features.list.element"]
+    assert decoded({"blob.more"}) == leaf["blob.more"]
+    assert decoded({"blob"}) == leaf["blob"] + leaf["blob.more"]  # a dotted neighbour: more, never less
+    for name in ("id", "features", "blob", "blob.more"):  # each at least what Arrow holds once decoded
+        assert decoded({name}) >= parquet.read_row_group(0, columns=[name]).nbytes, name
+    assert decoded({"blob"}) > 100 * sizes["blob"]  # 200-byte strings, dictionary-encoded: not their encoded size
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
@@ -463,7 +470,8 @@ def test_decoding_threads_share_one_budget_of_whole_row_groups(
     path = tmp_path / "t.parquet"
     table = parquet_file(path, rows=4000, row_group_size=1000)
     group = pq.ParquetFile(path).metadata.row_group(0)
-    size = reader._decoded_bytes(group, reader._leaves(pq.ParquetFile(path).metadata, ["id", "f"]))
+    size = reader._decoded_bytes(group, reader._leaves(pq.ParquetFile(path).metadata, ["id", "f"]),
+                                 reader._leaf_types(pq.ParquetFile(path)))
     monkeypatch.setattr(reader, "DECODE_BUDGET_BYTES", 4 * size)  # whole groups for up to 2 threads
 
     class Counting(ParquetSource):

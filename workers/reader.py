@@ -91,6 +91,7 @@ def iter_batches(
     use_threads: bool = False,
     whole_bytes: int | None = None,
     leaves: Sequence[int] | None = None,
+    types: Sequence[tuple[pa.DataType, int] | None] | None = None,
     attempts: int = RETRY_ATTEMPTS,
     base_delay: float = RETRY_BASE_DELAY,
 ) -> Iterator[Batch]:
@@ -98,10 +99,10 @@ def iter_batches(
 
     A row group whose wanted columns (their leaf indices: `leaves`, found from the footer
     when not given) decode to at most `whole_bytes` (default: half of
-    `DECODE_BUDGET_BYTES`) is read in one call and sliced (zero-copy) into batches:
-    ~15% less decoding time than streaming it (0.28 against 0.33 s per million rows
-    of 64 float columns on one core); a larger one is streamed batch by batch, so
-    memory stays bounded.
+    `DECODE_BUDGET_BYTES`; sized from their Arrow `types`, see `_leaf_bytes`) is read
+    in one call and sliced (zero-copy) into batches: ~15% less decoding time than
+    streaming it (0.28 against 0.33 s per million rows of 64 float columns on one
+    core); a larger one is streamed batch by batch, so memory stays bounded.
 
     A transient storage error re-opens the file (a `ParquetSource`) and resumes at the
     row group that failed, skipping the rows already yielded, so no row comes twice.
@@ -111,9 +112,10 @@ def iter_batches(
     meta = parquet.metadata
     first_row = sum(meta.row_group(i).num_rows for i in range(row_groups[0]))
     leaves = _leaves(meta, columns) if leaves is None else leaves
+    types = _leaf_types(parquet) if types is None else types
     whole_bytes = DECODE_BUDGET_BYTES // 2 if whole_bytes is None else whole_bytes
     for rg in range(*row_groups):
-        whole = _decoded_bytes(meta.row_group(rg), leaves) <= whole_bytes
+        whole = _decoded_bytes(meta.row_group(rg), leaves, types) <= whole_bytes
         yielded = 0  # rows of this row group already handed out
         failures = 0  # transient failures since the last decoded batch
         skip = 0  # rows to drop from the front after re-opening
@@ -168,12 +170,142 @@ def _leaves(meta: pq.FileMetaData, columns: Iterable[str]) -> list[int]:
     return [i for i, path in enumerate(paths) if any(path == n or path.startswith(n + ".") for n in names)]
 
 
-def _decoded_bytes(group: pq.RowGroupMetaData, leaves: Sequence[int]) -> int:
-    """What the row group's `leaves` take once decoded (their uncompressed size)."""
-    return sum(group.column(i).total_uncompressed_size for i in leaves)
+def _leaf_types(parquet: pq.ParquetFile) -> list[tuple[pa.DataType, int] | None]:
+    """Per leaf column, in leaf order: the Arrow type it decodes to and the offset bytes per value
+    of the lists around it (None for every leaf where the Arrow and Parquet schemas do not line up)."""
+    leaves: list[tuple[pa.DataType, int]] = []
+
+    def walk(kind: pa.DataType, offsets: int) -> None:
+        if isinstance(kind, pa.ExtensionType):
+            walk(kind.storage_type, offsets)
+        elif pa.types.is_struct(kind):
+            for i in range(kind.num_fields):
+                walk(kind.field(i).type, offsets)
+        elif pa.types.is_map(kind):
+            walk(kind.key_type, offsets + 4)
+            walk(kind.item_type, offsets + 4)
+        elif pa.types.is_fixed_size_list(kind):
+            walk(kind.value_type, offsets)
+        elif pa.types.is_list(kind):
+            walk(kind.value_type, offsets + 4)
+        elif pa.types.is_large_list(kind) or pa.types.is_list_view(kind):
+            walk(kind.value_type, offsets + 8)
+        elif pa.types.is_large_list_view(kind):
+            walk(kind.value_type, offsets + 16)
+        else:
+            leaves.append((kind, offsets))
+
+    meta = parquet.metadata
+    try:
+        for field in parquet.schema_arrow:
+            walk(field.type, 0)
+    except Exception:  # an Arrow schema pyarrow cannot build: sized from the Parquet types alone
+        leaves = []
+    return list(leaves) if len(leaves) == meta.num_columns else [None] * meta.num_columns
+
+
+# Bytes per value of the Parquet physical types, for leaves without an Arrow type.
+_PHYSICAL_BYTES = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8}
+# Encodings of variable-width values whose encoded size is no measure of the decoded one: a dictionary
+# (each distinct value stored once) or shared prefixes. PLAIN and DELTA_LENGTH_BYTE_ARRAY hold every byte.
+_CONDENSED = {"PLAIN_DICTIONARY", "RLE_DICTIONARY", "DELTA_BYTE_ARRAY"}
+
+
+def _leaf_bytes(column: pq.ColumnChunkMetaData, leaf: tuple[pa.DataType, int] | None) -> float:
+    """What one leaf column chunk takes once decoded to Arrow; `inf` when there is no way to tell.
+
+    Parquet's "uncompressed" size is the *encoded* size: a dictionary-encoded column of a
+    few distinct 500-byte strings reported 306 KB for a million rows that decode to 505 MB.
+    Fixed-width values take their Arrow width; variable-width ones their offsets plus
+    their bytes, which the encoded size holds only for PLAIN-like encodings (values in
+    lists add the lists' offsets). A condensed one is sized from its statistics (the
+    longer of min and max, times the values: a guess, not a bound, but of the right
+    order for the columns seen); without statistics it is `inf` (the row group is then
+    streamed).
+    """
+    kind, lists = leaf if leaf is not None else (None, 8)
+    values = column.num_values
+    encoded = column.total_uncompressed_size
+    extra = values // 8 + 1 + values * lists  # validity bitmap, offsets of the lists around it
+    if kind is not None and pa.types.is_dictionary(kind):  # read back as a dictionary: indices + the dictionary
+        return encoded + values * kind.index_type.bit_width // 8 + extra
+    if kind is not None and (pa.types.is_string(kind) or pa.types.is_binary(kind) or pa.types.is_large_string(kind)
+                             or pa.types.is_large_binary(kind) or pa.types.is_string_view(kind)
+                             or pa.types.is_binary_view(kind)):
+        offsets = 16 if (pa.types.is_string_view(kind) or pa.types.is_binary_view(kind)) else \
+            8 if (pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)) else 4
+    elif kind is None and column.physical_type == "BYTE_ARRAY":
+        offsets = 8
+    else:  # fixed width
+        width = 0.0
+        if kind is not None:
+            try:
+                width = kind.bit_width / 8
+            except ValueError:  # bool (bits) or a type without a fixed width
+                width = 1.0 if pa.types.is_boolean(kind) else 0.0
+        if not width:
+            width = _PHYSICAL_BYTES.get(column.physical_type, 0) or 16  # FIXED_LEN_BYTE_ARRAY: decimals at most 32
+        return max(encoded, values * width) + extra
+    if not _CONDENSED.intersection(column.encodings):
+        return max(encoded, values * offsets + encoded) + extra  # each value's bytes (and a 4-byte length) encoded
+    stats = column.statistics if column.is_stats_set else None
+    if stats is None or not stats.has_min_max or not isinstance(stats.min, (str, bytes)):
+        return float("inf")
+    longest = max(len(stats.min.encode() if isinstance(stats.min, str) else stats.min),
+                  len(stats.max.encode() if isinstance(stats.max, str) else stats.max))
+    return max(encoded, values * (offsets + longest)) + extra
+
+
+def _decoded_bytes(group: pq.RowGroupMetaData, leaves: Sequence[int],
+                   types: Sequence[tuple[pa.DataType, int] | None] | None = None) -> float:
+    """What the row group's `leaves` take once decoded to Arrow (`_leaf_bytes`; `inf`: unknown)."""
+    return sum(_leaf_bytes(group.column(i), types[i] if types is not None else None) for i in leaves)
 
 
 _ROW_GROUP_DONE = object()  # a decoding thread's marker: one row group's batches end here
+
+
+class _Buffers:
+    """The (width, batch_size) stacking buffers of a shard's decoding threads.
+
+    Each thread has `own` buffers only it takes and a shared reserve all may borrow;
+    a buffer goes back to where it came from. The consumer takes row groups in file
+    order and hands each batch's buffer back before it takes the next batch, so when it
+    waits on a thread, none of that thread's buffers is out and its own are free: the
+    thread it waits on can always stack its next batch, whatever the other threads hold.
+    (One pool shared by all deadlocked: with 5+ threads and row groups of 3+ batches,
+    the threads the consumer did not wait on held every buffer.) Buffers are made on
+    first use, so a short shard never allocates them all.
+    """
+
+    def __init__(self, shape: tuple[int, int], threads: int, own: int, shared: int, stop: threading.Event) -> None:
+        self.shape, self.own, self.shared = shape, own, shared
+        self._stop = stop
+        self._ready = threading.Condition()
+        self._free: list[list[np.ndarray]] = [[] for _ in range(threads + 1)]  # per thread; the last: shared
+        self._made = [0] * (threads + 1)
+
+    def take(self, thread: int) -> tuple[np.ndarray, int] | None:
+        """A free buffer for `thread` and where it goes back (its own first); None once stopped."""
+        with self._ready:
+            while not self._stop.is_set():
+                for home, limit in ((thread, self.own), (len(self._free) - 1, self.shared)):
+                    if self._free[home]:
+                        return self._free[home].pop(), home
+                    if self._made[home] < limit:
+                        self._made[home] += 1
+                        return np.empty(self.shape, dtype=np.float32), home
+                self._ready.wait(0.1)
+        return None
+
+    def give(self, buffer: np.ndarray, home: int) -> None:
+        with self._ready:
+            self._free[home].append(buffer)
+            self._ready.notify_all()
+
+    def wake(self) -> None:
+        with self._ready:
+            self._ready.notify_all()
 
 
 @dataclass
@@ -184,12 +316,13 @@ class Decoded:
     matrix: np.ndarray
     bad: np.ndarray | None
     _buffer: np.ndarray | None = None
-    _pool: queue.Queue[np.ndarray] | None = None
+    _pool: _Buffers | None = None
+    _home: int = 0
 
     def release(self) -> None:
         """The matrix is consumed (the forward pass has it): its buffer goes back to the pool."""
         if self._buffer is not None and self._pool is not None:
-            self._pool.put(self._buffer)
+            self._pool.give(self._buffer, self._home)
             self._buffer = None
 
 
@@ -199,10 +332,12 @@ class decode:  # noqa: N801 - used like a generator function
     Row groups are dealt round-robin to the threads, each with its own file handle;
     each thread decodes its row group's batches (pyarrow releases the GIL), stacks
     the feature columns into a pooled (width, batch_size) buffer and finds invalid
-    rows, `depth` batches ahead. The consumer takes row group after row group in
-    file order. Memory is bounded by the buffer pool (threads x depth + 2 buffers) and
-    by `DECODE_BUDGET_BYTES` of decoded row groups, whatever the shard's size. With
-    one thread this is the old prefetch: decoding a batch ahead of the forward pass.
+    rows, up to `depth` batches ahead. The consumer takes row group after row group in
+    file order; an item's matrix is valid until its `release()` or until the next item
+    is taken (which releases it). Memory is bounded by the stacking buffers (threads x
+    depth + 2, see `_Buffers`: no arrangement of them can deadlock) and by
+    `DECODE_BUDGET_BYTES` of decoded row groups, whatever the shard's size. With one
+    thread this is the old prefetch: decoding a batch ahead of the forward pass.
     Always `close()` it (or use `with`).
 
     Example:
@@ -220,54 +355,51 @@ class decode:  # noqa: N801 - used like a generator function
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
         if count > 1 and not isinstance(parquet, ParquetSource):
             count = 1  # a plain ParquetFile cannot open a second handle
-        self._pool: queue.Queue[np.ndarray] = queue.Queue()
-        if not list_column:
-            for _ in range(count * depth + 2):
-                self._pool.put(np.empty((width, batch_size), dtype=np.float32))
+        # Two buffers of its own per thread (one stacking while the consumer has the other), the rest of
+        # threads x depth + 2 shared; a deeper queue than the buffers allows just fills with borrowed ones.
+        own = 2
+        self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop)
         self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth) for _ in range(count)]
         self._threads = []
         leaves = _leaves(parquet.metadata, columns)  # once per shard, not per row group
+        types = _leaf_types(parquet)
         for k in range(count):
             handle = parquet if k == 0 else _second_handle(parquet)
             mine = range(row_groups[0] + k, row_groups[1], count)
             thread = threading.Thread(
                 target=self._produce, name=f"batch-infer-decode-{k}", daemon=True,
-                args=(handle, k > 0, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
-                      check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves))
+                args=(k, handle, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
+                      check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves, types))
             self._threads.append(thread)
             thread.start()
 
-    def _produce(self, parquet: pq.ParquetFile, own: bool, mine: range, out: queue.Queue[object], columns: Sequence[str],
+    def _produce(self, k: int, parquet: pq.ParquetFile, mine: range, out: queue.Queue[object], columns: Sequence[str],
                  batch_size: int, uri: str, features: Sequence[str], list_column: bool, width: int,
-                 check_invalid: bool, use_threads: bool, whole_bytes: int, leaves: list[int]) -> None:
+                 check_invalid: bool, use_threads: bool, whole_bytes: int, leaves: list[int],
+                 types: list[tuple[pa.DataType, int] | None]) -> None:
         try:
             for rg in mine:
                 for batch in iter_batches(parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads,
-                                          whole_bytes=whole_bytes, leaves=leaves):
-                    buffer = None if list_column else self._take()
-                    if buffer is None and not list_column:
-                        return  # stopped
+                                          whole_bytes=whole_bytes, leaves=leaves, types=types):
+                    buffer, home = None, 0
+                    if not list_column:
+                        taken = self._pool.take(k)
+                        if taken is None:
+                            return  # stopped
+                        buffer, home = taken
                     view = None if buffer is None else buffer[:, : batch.data.num_rows]
                     matrix = feature_matrix(batch.data, features, list_column, width, view)
                     bad = invalid_rows(matrix) if check_invalid else None
-                    if not self._put(out, Decoded(batch, matrix, bad, buffer, self._pool)):
+                    if not self._put(out, Decoded(batch, matrix, bad, buffer, self._pool, home)):
                         return
                 if not self._put(out, _ROW_GROUP_DONE):
                     return
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(out, exc)
         finally:
-            if own and isinstance(parquet, ParquetSource):  # a second handle, opened for this thread
+            if k > 0 and isinstance(parquet, ParquetSource):  # a second handle, opened for this thread
                 with contextlib.suppress(Exception):
                     parquet.handle.close()
-
-    def _take(self) -> np.ndarray | None:
-        while not self._stop.is_set():
-            try:
-                return self._pool.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return None
 
     def _put(self, out: queue.Queue[object], item: object) -> bool:
         while not self._stop.is_set():
@@ -279,18 +411,24 @@ class decode:  # noqa: N801 - used like a generator function
         return False
 
     def __iter__(self) -> Iterator[Decoded]:
+        previous: Decoded | None = None
         for index in range(self.row_groups[1] - self.row_groups[0]):
             source = self._queues[index % len(self._queues)]
             while True:
+                if previous is not None:  # its buffer goes back before we wait on the next (see _Buffers)
+                    previous.release()
+                    previous = None
                 item = source.get()
                 if item is _ROW_GROUP_DONE:
                     break
                 if isinstance(item, BaseException):
                     raise item
+                previous = item  # type: ignore[assignment]
                 yield item  # type: ignore[misc]
 
     def close(self) -> None:
         self._stop.set()
+        self._pool.wake()
         for thread in self._threads:
             thread.join()
 

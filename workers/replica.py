@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from pipelines.errors import ModelError, ShardDataError
 from pipelines.journal import write_commit
-from pipelines.storage import resolve
+from pipelines.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import decode, describe_invalid, open_parquet
@@ -73,6 +73,10 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class Abandoned(RuntimeError):
+    """The driver gave this replica up while it held a shard (see `Replica.abandon`): nothing is committed."""
+
+
 def default_batch_size(width: int, on_gpu: bool) -> int:
     """Rows per forward pass when the config leaves it to the system."""
     if on_gpu:
@@ -100,9 +104,13 @@ def torch_threads(cpus: float, layers: tuple[tuple[int, int, bool], ...]) -> int
 class Replica:
     """Holds one model replica; `process` turns a shard into one committed output file."""
 
-    def __init__(self, index: int, job: ReplicaJob, *, in_driver: bool = False, numpy_forward: bool = False) -> None:
+    def __init__(self, index: int, job: ReplicaJob, *, in_driver: bool = False, numpy_forward: bool = False,
+                 storage: tuple[Location, Location] | None = None) -> None:
         """`in_driver`: a CPU replica in the driver process, no Ray. `numpy_forward`: with it, an fp32
-        model whose weights `read_weights` can read runs on numpy (`workers.cpu_forward`), no torch."""
+        model whose weights `read_weights` can read runs on numpy (`workers.cpu_forward`), no torch.
+        `storage`: the (input, output) locations to use, already resolved; the driver lane's replacement
+        for a stalled replica takes its predecessor's, as pyarrow cannot build an S3 client in a process
+        while a request of another one hangs (it waits for it)."""
         self.index = index
         self.job = job
         if in_driver:  # the driver lane (pipelines.lane): a CPU replica in the driver process, no Ray
@@ -115,8 +123,7 @@ class Replica:
             self.node = ray.get_runtime_context().get_node_id()
             pa.set_cpu_count(max(1, int(job.cpus)))  # its own process: its CPUs are its threads
         self.batch_size = job.batch_size or default_batch_size(job.width, bool(self.gpu_ids))
-        self.source = resolve(job.input)
-        self.output = resolve(job.output)
+        self.source, self.output = storage or (resolve(job.input), resolve(job.output))
         self.host = socket.gethostname()
         self.device = "cuda" if self.gpu_ids else "cpu"  # confirmed once torch is loaded
         self.shards = 0
@@ -210,6 +217,16 @@ class Replica:
             import torch
 
             torch.cuda.empty_cache()
+
+    def abandon(self) -> None:
+        """Given up by the driver lane (it stalled past `shard_timeout`, or the run was interrupted) while a
+        shard may still run on it in another thread: that shard never commits, as if its process had
+        been killed. Checked before the journal record and before each publish."""
+        self.close()
+
+    def _check_ready(self, uri: str) -> None:
+        if self.state is not State.READY:
+            raise Abandoned(f"replica {self.index} was given up while it held {uri}; nothing committed")
 
     def process(self, task: dict[str, Any]) -> dict[str, Any]:
         """Read, predict and commit one shard; returns its metadata record.
@@ -320,8 +337,11 @@ class Replica:
                 entry["rejected_bytes"], entry["rejected_sha256"] = rejected.finish()
                 entry["rejected_output"] = rejected_rel
             token = uuid.uuid4().hex
+            self._check_ready(uri)  # a replica the driver lane gave up never commits
             write_commit(self.output, job.generation, token, entry)  # recorded before anything is visible
             if rejected is not None:
+                self._check_ready(uri)
                 rejected.publish()  # the quarantine file first: a record is whole once its output is in place
+            self._check_ready(uri)
             writer.publish()
         return entry, token

@@ -1,0 +1,201 @@
+"""The shard reader (`workers/reader.py`): decoding threads and buffers that cannot deadlock, and a
+decode memory budget that holds for columns Parquet reports small but which decode large."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import save_mlp
+
+import pipelines
+from workers.replica import Replica, ReplicaJob
+
+BATCH = 8  # rows per batch in the thread x batches grid
+GROUPS = 16  # row groups per file: every thread count up to 16 gets row groups of its own
+SHARD_SECONDS = 20.0  # a shard of a few thousand rows takes milliseconds; past this it is stuck
+
+
+def _grid_input(root: Path, batches_per_group: range, width: int) -> None:
+    """One file per batches-per-row-group count: GROUPS row groups of that many BATCH-row batches."""
+    root.mkdir()
+    first = 0
+    rng = np.random.default_rng(5)
+    for per_group in batches_per_group:
+        rows = GROUPS * per_group * BATCH - 3  # the last batch of the last row group is short
+        columns: dict[str, Any] = {"id": pa.array(np.arange(first, first + rows), pa.int64())}
+        for j in range(width):
+            columns[f"f{j}"] = pa.array(rng.standard_normal(rows).astype(np.float32))
+        pq.write_table(pa.table(columns), root / f"b{per_group:02d}.parquet", row_group_size=per_group * BATCH)
+        first += rows
+
+
+def _process_with_timeout(replica: Replica, task: dict[str, Any]) -> dict[str, Any]:
+    """`replica.process(task)` on a thread of its own; a hang fails the test instead of hanging it."""
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["value"] = replica.process(task)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, name="test-reader-process", daemon=True)
+    thread.start()
+    thread.join(SHARD_SECONDS)
+    if thread.is_alive():
+        pytest.fail(f"{replica.job.cpus:g} decoding thread(s), shard {task['id']} "
+                    f"({task['rows_in']} rows): no result within {SHARD_SECONDS:g} s (deadlocked)")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_no_thread_count_and_row_group_length_can_deadlock_the_decoder(tmp_path: Path) -> None:
+    """Issue 12, item 8: with 5+ decoding threads and row groups of 3+ batches every shard stalled."""
+    width, per_group = 3, range(1, 21)
+    _grid_input(tmp_path / "in", per_group, width)
+    save_mlp(tmp_path / "m.pt", [width, 4, 1])
+    plan = pipelines.plan(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                          batch_size=BATCH, shard_rows=1_000_000)
+    assert [s.row_groups for s in plan.todo] == [(0, GROUPS)] * len(per_group)  # one whole file per shard
+    for threads in range(1, 17):
+        job = ReplicaJob(model=str(tmp_path / "m.pt"), model_sha256=plan.model.sha256, input=str(tmp_path / "in"),
+                         output=str(tmp_path / f"out-{threads}"), features=plan.columns.features,
+                         passthrough=plan.columns.passthrough, list_column=False, width=width,
+                         prediction_column="prediction", keep_features=False, batch_size=BATCH, cpus=threads)
+        replica = Replica(0, job, in_driver=True, numpy_forward=True)
+        try:
+            for shard in plan.todo:
+                # the file's first `threads` row groups: one per decoding thread (more would add only time)
+                meta = pq.ParquetFile(shard.path).metadata
+                task = {**shard.to_task(), "row_groups": (0, threads),
+                        "rows_in": sum(meta.row_group(i).num_rows for i in range(threads))}
+                result = _process_with_timeout(replica, task)
+                assert result["status"] == "committed", (threads, shard.id, result)
+                ids = pq.read_table(tmp_path / f"out-{threads}" / shard.output)["id"]
+                expected = pq.read_table(shard.path, columns=["id"])["id"][: task["rows_in"]]
+                assert ids.equals(expected), (threads, shard.id)  # every row once, in order
+        finally:
+            replica.close()
+
+
+@pytest.mark.parametrize("threads", [1, 5, 16])
+def test_taking_the_next_batch_hands_the_last_ones_buffer_back(tmp_path: Path, threads: int) -> None:
+    """A consumer that never calls `release()` still cannot starve the decoder (nor see a reused buffer early)."""
+    from pipelines.storage import resolve
+    from workers.reader import ParquetSource, decode
+
+    path = tmp_path / "t.parquet"
+    rows = 16 * 5 * BATCH
+    values = np.arange(rows, dtype=np.float32)
+    pq.write_table(pa.table({"id": pa.array(np.arange(rows)), "f": values}), path, row_group_size=5 * BATCH)
+    seen: list[np.ndarray] = []
+
+    def consume() -> None:
+        source = ParquetSource(resolve(str(path)), str(path), str(path))
+        with decode(source, (0, 16), ["id", "f"], BATCH, str(path), features=["f"], list_column=False, width=1,
+                    check_invalid=True, threads=threads) as batches:
+            for item in batches:  # never released
+                assert np.array_equal(item.matrix[:, 0], item.batch.data.column("f").to_numpy())
+                seen.append(item.matrix[:, 0].copy())
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    thread.join(SHARD_SECONDS)
+    assert not thread.is_alive(), f"{threads} thread(s): the decoder stalled after {len(seen)} batch(es)"
+    assert np.array_equal(np.concatenate(seen), values)
+
+
+def _long_strings(rows: int, length: int, distinct: int = 20) -> pa.Array:
+    """`distinct` strings of `length` bytes, repeated: Parquet dictionary-encodes them to almost nothing."""
+    values = np.array([f"{i:04d}".ljust(length, "x") for i in range(distinct)], dtype=object)
+    return pa.array(values[np.arange(rows) % distinct], pa.string())
+
+
+def test_a_row_group_reported_small_but_decoding_large_is_streamed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12, item 15: Parquet's "uncompressed" size of a dictionary-encoded string column is its encoded
+    size (306 KB for a million rows that decoded to 505 MB): such a row group must not be read whole."""
+    from pipelines.storage import resolve
+    from workers import reader
+    from workers.reader import ParquetSource, decode
+
+    path = tmp_path / "t.parquet"
+    rows = 20_000
+    table = pa.table({"id": pa.array(np.arange(2 * rows)), "f": pa.array(np.ones(2 * rows, np.float32)),
+                      "s": _long_strings(2 * rows, 500)})
+    pq.write_table(table, path, row_group_size=rows)
+    meta = pq.ParquetFile(path).metadata
+    encoded = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i).total_uncompressed_size
+               for i in range(3)}
+    decoded_s = pq.ParquetFile(path).read_row_group(0, columns=["s"]).nbytes
+    assert encoded["s"] * 100 < decoded_s  # the trap: ~10 MB reported as a few KB
+    monkeypatch.setattr(reader, "DECODE_BUDGET_BYTES", 4 << 20)  # whole row groups up to 2 MiB
+
+    class Counting(ParquetSource):
+        whole = streamed = 0
+
+        def read_row_group(self, *args: Any, **kwargs: Any) -> pa.Table:
+            Counting.whole += 1
+            return super().read_row_group(*args, **kwargs)
+
+        def iter_batches(self, *args: Any, **kwargs: Any) -> Any:
+            Counting.streamed += 1
+            return super().iter_batches(*args, **kwargs)
+
+    def read(columns: list[str]) -> tuple[int, int]:
+        Counting.whole = Counting.streamed = 0
+        source = Counting(resolve(str(path)), str(path), str(path))
+        ids = []
+        with decode(source, (0, 2), columns, 4096, str(path), features=["f"], list_column=False, width=1,
+                    check_invalid=True) as batches:
+            for item in batches:
+                ids.extend(item.batch.data.column("id").to_pylist())
+        assert ids == list(range(2 * rows))
+        return Counting.whole, Counting.streamed
+
+    assert read(["id", "s", "f"]) == (0, 2)  # 2 x ~10 MB decoded: streamed, 4096 rows at a time
+    assert read(["id", "f"]) == (2, 0)  # 240 KB each: whole, as before
+
+
+KINDS = {
+    "int64_few": pa.array(np.arange(5000) % 3, pa.int64()),
+    "float32": pa.array(np.linspace(0, 1, 5000, dtype=np.float32)),
+    "bool": pa.array(np.arange(5000) % 2 == 0),
+    "decimal": pa.array([None] * 10 + [1] * 4990, pa.int64()).cast(pa.decimal128(24, 2)),
+    "timestamp": pa.array(np.full(5000, 1_700_000_000_000, np.int64), pa.timestamp("ms")),
+    "string_few": _long_strings(5000, 300),
+    "string_many": pa.array([f"{i:08d}" * 8 for i in range(5000)]),
+    "large_string": _long_strings(5000, 120).cast(pa.large_string()),
+    "binary": _long_strings(5000, 64).cast(pa.binary()),
+    "dictionary": _long_strings(5000, 200).dictionary_encode(),
+    "list": pa.array([[float(i)] * (i % 7) for i in range(5000)], pa.list_(pa.float32())),
+    "list_strings": pa.array([["a" * 90] * (i % 4) for i in range(5000)], pa.list_(pa.string())),
+    "struct": pa.StructArray.from_arrays([pa.array(np.arange(5000) % 4, pa.int32()), _long_strings(5000, 80)],
+                                         ["n", "s"]),
+    "map": pa.array([[("k" * 30, i)] for i in range(5000)], pa.map_(pa.string(), pa.int64())),
+}
+
+
+@pytest.mark.parametrize("dictionary", [True, False], ids=["dictionary", "plain"])
+def test_the_decoded_size_estimate_is_not_below_what_arrow_holds(tmp_path: Path, dictionary: bool) -> None:
+    from workers.reader import _decoded_bytes, _leaf_types, _leaves
+
+    path = tmp_path / "kinds.parquet"
+    pq.write_table(pa.table(KINDS), path, use_dictionary=dictionary)
+    parquet = pq.ParquetFile(path)
+    meta, types = parquet.metadata, _leaf_types(parquet)
+    assert None not in types  # every leaf has its Arrow type
+    for name in KINDS:
+        estimate = _decoded_bytes(meta.row_group(0), _leaves(meta, [name]), types)
+        actual = parquet.read_row_group(0, columns=[name]).nbytes
+        assert actual <= estimate, (name, actual, estimate)
+        if name != "dictionary" or dictionary:  # PLAIN values read back into a dictionary: far less, never more
+            assert estimate < 3 * actual + 4096, (name, actual, estimate)
