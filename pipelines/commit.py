@@ -4,10 +4,13 @@ The truth about an output is its manifest with its journal applied (`State`):
 every data file under the output is described by exactly one shard entry
 (with its rows, size and sha256) or is on the way out (`retiring`). Replicas
 record their commits in the journal before they publish; the driver records
-confirmations and failures there as they arrive, and rewrites the manifest once
-per run (compaction). `_SUCCESS` is written last, only when the output mirrors
-the current input: every planned shard committed, rows reconciled, and every
-file of an older input version or of a vanished input deleted.
+the run's header when it begins, then confirmations and failures as they
+arrive, and rewrites the manifest once per run (compaction). Every entry
+belongs to the job in the state's header (model sha256, prediction settings,
+input): a commit record of another job is never committed, and a run that
+begins with `overwrite` demotes every earlier entry. `_SUCCESS` is written
+last, only when the output mirrors the current input: every planned shard
+committed, rows reconciled, and every file of an older input version deleted.
 
     >>> state = State.load(resolve("preds/"))  # doctest: +SKIP
     >>> sorted(state.files)[:1]
@@ -66,6 +69,17 @@ def prediction_settings(cfg: JobConfig, columns: Columns) -> dict[str, Any]:
     }
 
 
+def job_digest(header: Mapping[str, Any]) -> str:
+    """The identity of the job that makes an output's predictions: model sha256, prediction settings, input.
+
+    A run's replicas write it into each commit record; `State` commits a record only
+    when it matches the header of the run that wrote it.
+    """
+    key = {"model": (header.get("model") or {}).get("sha256"), "settings": header.get("settings"),
+           "source": header.get("source")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def shard_entry(shard: Shard) -> dict[str, Any]:
     """A shard's manifest entry before it has run."""
     return {
@@ -121,6 +135,12 @@ class State:
     retiring: set[str] = field(default_factory=set)  # files no entry describes: deleted when a run completes
     journal: Journal = field(default_factory=Journal)
     found: bool = False  # a manifest or a journal exists
+    interrupted: bool = False  # the header is that of a run whose journal was never compacted
+
+    @property
+    def digest(self) -> str | None:
+        """`job_digest` of the header, None for an output no run has begun."""
+        return job_digest(self.header) if self.header.get("model") else None
 
     @classmethod
     def load(cls, output: Location) -> State:
@@ -145,10 +165,19 @@ class State:
     def _apply(self, output: Location, journal: Journal) -> None:
         for generation in sorted(journal.generations):
             records = journal.generations[generation]
+            job = None  # the digest of the run that wrote this generation, from its header record
             confirmed = set()
             for op in records.ops:
-                if op["op"] == "confirm" and op["token"] in records.commits:
-                    self.commit({**_V1_DEFAULTS, **records.commits[op["token"]], "attempts": op["attempts"]})
+                if op["op"] == "begin":
+                    self.begin(op["header"], overwrite=bool(op.get("overwrite")))
+                    self.interrupted = True
+                    job = self.digest
+                elif op["op"] == "confirm" and op["token"] in records.commits:
+                    entry = {**_V1_DEFAULTS, **records.commits[op["token"]], "attempts": op["attempts"]}
+                    if job is not None and records.jobs.get(op["token"]) == job:
+                        self.commit(entry)
+                    else:
+                        self.settle(output, entry, trusted=False)
                     confirmed.add(op["token"])
                 elif op["op"] == "fail":
                     self.fail(op["entry"])
@@ -157,17 +186,28 @@ class State:
                         self.retire(path)
             for token, entry in records.commits.items():
                 if token not in confirmed:
-                    self.settle(output, {**_V1_DEFAULTS, **entry})
+                    trusted = job is not None and records.jobs.get(token) == job
+                    self.settle(output, {**_V1_DEFAULTS, **entry}, trusted=trusted)
 
-    def settle(self, output: Location, entry: Mapping[str, Any]) -> None:
-        """A commit record nobody confirmed (its replica or the driver died): the files decide."""
+    def begin(self, header: Mapping[str, Any], *, overwrite: bool) -> None:
+        """A run began with this header: with `overwrite` (the only way another job gets in) every
+        earlier entry is demoted; its files are deleted when a run completes, and never reused."""
+        if overwrite or (self.digest is not None and job_digest(header) != self.digest):
+            for path in list(self.files):
+                self.retire(path)
+            self.others.clear()
+        self.header = dict(header)
+
+    def settle(self, output: Location, entry: Mapping[str, Any], *, trusted: bool = True) -> None:
+        """A commit record nobody confirmed (its replica or the driver died), or one of another job
+        (`trusted` False): the files decide. Another job's published files are retired, never committed."""
         held = self.files.get(entry["output"])
         if held is not None and held.get("sha256") == entry.get("sha256") and held["id"] == entry["id"]:
             return  # already described (another attempt of the same shard, same bytes)
         published = [published_as_recorded(output, path, size, sha) for path, size, sha in _files_of(entry)]
-        if all(published):
+        if trusted and all(published):
             self.commit(entry)
-        elif any(published):  # killed between publishing its files: neither version is whole
+        elif any(published):  # another job's files, or killed between publishing its files: not ours, or not whole
             for path, _, _ in _files_of(entry):
                 self.retire(path)
 
@@ -242,8 +282,9 @@ class State:
             if old.get(key) != value:
                 problems.append(f"{key}: {old.get(key)!r} -> {value!r}")
         if problems:
+            what = "an interrupted run's work" if self.interrupted else "predictions"
             raise OutputConflictError(
-                f"{where} holds predictions made with a different model or config ({'; '.join(problems)}); "
+                f"{where} holds {what} made with a different model or config ({'; '.join(problems)}); "
                 f"set overwrite to recompute everything, or write to a new output"
             )
 
@@ -360,6 +401,16 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._confirmed: set[str] = set()
 
+    @property
+    def digest(self) -> str:
+        """The digest this run's replicas write into their commit records."""
+        return job_digest(self.header)
+
+    def begin(self, *, overwrite: bool) -> None:
+        """The run's first record, before any shard is dispatched: its header (and whether it overwrites)."""
+        self.state.begin(self.header, overwrite=overwrite)
+        self.segments.add({"op": "begin", "header": self.header, "overwrite": overwrite})
+
     def committed(self, entry: Mapping[str, Any], token: str, attempts: int) -> None:
         self.state.commit({**entry, "attempts": attempts})
         self._confirmed.add(token)
@@ -427,7 +478,8 @@ class Recorder:
             return
         for token, entry in records.commits.items():
             if token not in self._confirmed:
-                self.state.settle(self.output, {**_V1_DEFAULTS, **entry})
+                trusted = records.jobs.get(token) == self.digest
+                self.state.settle(self.output, {**_V1_DEFAULTS, **entry}, trusted=trusted)
 
     def manifest(self, complete: bool) -> dict[str, Any]:
         entries = []

@@ -17,6 +17,7 @@ from pipelines.commit import (
     Reconciled,
     Recorder,
     State,
+    job_digest,
     output_listing,
     prediction_settings,
     reconcile,
@@ -161,6 +162,7 @@ def run(
         def begin() -> None:
             """The run's first writes, once a replica is ready (so a refused start writes nothing)."""
             remove_success(p.output)
+            recorder.begin(overwrite=cfg.overwrite)  # the journal says whose work follows, before any of it
             for shard in p.todo:
                 if shard.error is not None:
                     recorder.failed(shard, shard.error, 0)
@@ -180,6 +182,7 @@ def run(
                 keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
                 precision=cfg.precision, batch_size=cfg.batch_size, invalid_rows=cfg.invalid_rows,
                 cpus=cfg.cpus_per_replica or 1.0, rejected_dir=REJECTED_DIR, generation=recorder.generation,
+                job_digest=job_digest(p.header),
             )
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 

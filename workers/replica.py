@@ -64,6 +64,7 @@ class ReplicaJob:
     cpus: float = 1.0
     rejected_dir: str = "_rejected"
     generation: int = 1  # of the journal records this run writes
+    job_digest: str = ""  # of the run's header (model sha256, prediction settings, input): ties commits to it
 
 
 class State(enum.Enum):
@@ -299,12 +300,13 @@ class Replica:
                                                 "output")}
             entry.update(row_groups=list(task["row_groups"]), rows_out=rows_out, rows_rejected=rows_rejected,
                          bytes=size, sha256=sha256, rejected_output=None, rejected_bytes=None, rejected_sha256=None,
-                         status="committed", attempts=0, error=None)
+                         status="committed", attempts=0, error=None, generation=job.generation)
             if rejected is not None:
                 entry["rejected_bytes"], entry["rejected_sha256"] = rejected.finish()
                 entry["rejected_output"] = rejected_rel
             token = uuid.uuid4().hex
-            write_commit(self.output, job.generation, token, entry)  # recorded before anything is visible
+            # Recorded before anything is visible, with the job that made it (another model's is never taken).
+            write_commit(self.output, job.generation, token, entry, job.job_digest)
             if rejected is not None:
                 rejected.publish()  # the quarantine file first: a record is whole once its output is in place
             writer.publish()

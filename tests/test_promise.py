@@ -1,0 +1,122 @@
+"""Exit 0 and `_SUCCESS` keep their promise across histories: interrupt here, change the model or the
+input there, rerun. Each test is one history a user met (issue 12, "The promise broken with exit 0").
+
+Every history ends with `batch-infer verify`, and where it completes, with the predictions of one model
+over what the output should hold.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, TEST_REPLICA, cli, feature_table, read_output, reference, save_mlp, write_files
+
+import pipelines
+from pipelines.commit import MANIFEST, SUCCESS
+
+FEATURES = 16
+
+
+def _files(tmp_path: Path, shards: int = 24) -> list[str]:
+    """`shards` shards of 5,000 rows in 8 files, and two models of the same shape: m1.pt and m2.pt."""
+    write_files(tmp_path / "in", [5000 * shards // 8] * 8, features=FEATURES, row_group_size=5000)
+    for seed in (1, 2):
+        save_mlp(tmp_path / f"m{seed}.pt", [FEATURES, 256, 256, 1], seed=seed)
+    return ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--shard-rows", "5000"]
+
+
+def _interrupted(args: list[str], out: Path) -> int:
+    """`batch-infer run ARGS`, sent SIGTERM once its first shard's commit record is in the journal."""
+    process = subprocess.Popen([sys.executable, "-m", "pipelines", "run", *args], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if any("-c-" in p.name for p in (out / "_journal").glob("*.json")):
+            break
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, (process.returncode, stderr[-2000:])  # it was cut short, work left undone
+    assert not (out / SUCCESS).exists()
+    return process.returncode
+
+
+def _predicted_by(tmp_path: Path, model: str, *, column: str = "prediction") -> None:
+    """The output holds every input row once, in order, each predicted by `model` (and nothing else)."""
+    import torch
+
+    torch_model = torch.nn.Sequential(torch.nn.Linear(FEATURES, 256), torch.nn.Sigmoid(), torch.nn.Linear(256, 256),
+                                      torch.nn.Sigmoid(), torch.nn.Linear(256, 1), torch.nn.Sigmoid())
+    torch_model.load_state_dict(torch.load(tmp_path / model, weights_only=True))
+    files = sorted((tmp_path / "in").rglob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in files])
+    out = read_output(tmp_path / "out")
+    assert out["id"].to_pylist() == table["id"].to_pylist()
+    features = np.stack([table[f"f{j:02d}"].to_numpy() for j in range(FEATURES)], axis=1)
+    np.testing.assert_allclose(out[column].to_numpy(), reference(torch_model, features)[:, 0], rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "out" / SUCCESS).exists()
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["complete"] and manifest["model"]["uri"] == str(tmp_path / model)
+    report = pipelines.verify(str(tmp_path / "out"), sample=20, seed=3)
+    assert report.ok, report.problems
+
+
+def _unchanged(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+# --- 1. journal records are tied to the model and settings that made them ---------------------------
+
+def test_an_interrupted_run_then_another_model_is_refused_and_overwrite_replaces_its_work(tmp_path: Path) -> None:
+    job, out = _files(tmp_path), tmp_path / "out"
+    _interrupted(["--model", str(tmp_path / "m1.pt"), *job], out)  # no manifest yet: only the journal
+    assert not (out / MANIFEST).exists()
+    before = _unchanged(out)
+
+    refused = cli("run", "--model", str(tmp_path / "m2.pt"), *job)
+    assert refused.returncode == 2, refused.stderr
+    assert "different model" in refused.stderr and "overwrite" in refused.stderr
+    assert _unchanged(out) == before  # nothing written, nothing deleted
+
+    replaced = cli("run", "--model", str(tmp_path / "m2.pt"), *job, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    _predicted_by(tmp_path, "m2.pt")  # none of m1's journalled files taken as m2's
+
+
+def test_an_interrupted_overwrite_then_a_tick_with_the_old_model_is_refused(tmp_path: Path) -> None:
+    job, out = _files(tmp_path), tmp_path / "out"
+    first = cli("run", "--model", str(tmp_path / "m1.pt"), *job)
+    assert first.returncode == 0, first.stderr
+    _interrupted(["--model", str(tmp_path / "m2.pt"), *job, "--overwrite"], out)
+    before = _unchanged(out)
+
+    tick = cli("run", "--model", str(tmp_path / "m1.pt"), *job)  # cron's next tick, with the old config
+    assert tick.returncode == 2, tick.stderr
+    assert "different model" in tick.stderr and "interrupted" in tick.stderr
+    assert _unchanged(out) == before
+
+    resumed = cli("run", "--model", str(tmp_path / "m2.pt"), *job)  # the overwrite goes on where it stopped
+    assert resumed.returncode == 0, resumed.stderr
+    _predicted_by(tmp_path, "m2.pt")  # every m1 file replaced or deleted
+
+
+@pytest.mark.parametrize("setting", [["--keep-features"], ["--prediction-column", "score"],
+                                     ["--invalid-rows", "keep"], ["--output-activation", "none"]])
+def test_an_interrupted_run_then_another_setting_is_refused(tmp_path: Path, setting: list[str]) -> None:
+    job, out = _files(tmp_path, shards=16), tmp_path / "out"
+    _interrupted(["--model", str(tmp_path / "m1.pt"), *job], out)
+    refused = cli("run", "--model", str(tmp_path / "m1.pt"), *job, *setting)
+    assert refused.returncode == 2, refused.stderr
+    assert "different model or config" in refused.stderr
+    resumed = cli("run", "--model", str(tmp_path / "m1.pt"), *job)  # the first config resumes as ever
+    assert resumed.returncode == 0, resumed.stderr
+    _predicted_by(tmp_path, "m1.pt")
