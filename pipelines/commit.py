@@ -50,7 +50,8 @@ MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 REJECTED_DIR = "_rejected"
 
-COMMITTED, FAILED, PENDING, SUPERSEDED = "committed", "failed", "pending", "superseded"
+COMMITTED, FAILED, PENDING = "committed", "failed", "pending"
+SUPERSEDED = "superseded"  # in manifests of earlier versions: an entry on its way out (read as `retiring`)
 
 SpanMap = dict[tuple[str, str], list[Span]]  # (rel, fingerprint) -> committed spans of that file
 
@@ -150,13 +151,15 @@ class State:
         if manifest is not None:
             state.header = {k: manifest.get(k) for k in ("model", "config", "settings", "columns", "source")}
             state.generation = int(manifest.get("generation", 0))
+            state.retiring = set(manifest.get("retiring", []))
             for entry in manifest.get("shards", []):
                 entry = {**_V1_DEFAULTS, **entry}
-                if entry["status"] in (COMMITTED, SUPERSEDED):
+                if entry["status"] == COMMITTED:
                     state.files[entry["output"]] = entry
+                elif entry["status"] == SUPERSEDED:  # never reused: its files go when a run completes
+                    state.retiring.update(path for path, _, _ in _files_of(entry))
                 else:
                     state.others[entry["id"]] = entry
-            state.retiring = set(manifest.get("retiring", []))
         state.journal = read_journal(output, after=state.generation)
         state.found = state.found or bool(state.journal.files)
         state._apply(output, state.journal)
@@ -224,10 +227,12 @@ class State:
             self.retiring.discard(entry["rejected_output"])
 
     def fail(self, entry: Mapping[str, Any]) -> None:
-        """A shard failed (its earlier files, if any, stay as they are)."""
+        """A shard failed (its earlier files, if any, stay on disk until a run completes)."""
         held = self.files.get(entry["output"])
         if held is not None and held["id"] == entry["id"] and held["fingerprint"] == entry["fingerprint"]:
-            return  # another attempt committed it
+            if held.get("generation") == entry.get("generation"):
+                return  # another attempt of the same run committed it
+            self.retire(entry["output"])  # an earlier run's entry: this run was told not to trust it
         self.others[entry["id"]] = {**entry, "status": FAILED}
 
     def retire(self, path: str) -> None:
@@ -294,7 +299,7 @@ def _span(entry: Mapping[str, Any]) -> Span:
 
 
 _V1_DEFAULTS = {"file_row_groups": None, "bytes": None, "sha256": None, "rejected_bytes": None,
-                "rejected_sha256": None, "rejected_output": None, "attempts": 0, "error": None}
+                "rejected_sha256": None, "rejected_output": None, "attempts": 0, "error": None, "generation": None}
 
 
 def _files_of(entry: Mapping[str, Any]) -> list[tuple[str, int | None, str | None]]:
@@ -369,7 +374,7 @@ def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int],
 
 def _describes(entry: Mapping[str, Any], shard: Shard) -> bool:
     return (entry["id"] == shard.id and entry["fingerprint"] == shard.fingerprint
-            and tuple(entry["row_groups"]) == shard.row_groups and entry["status"] in (COMMITTED, SUPERSEDED))
+            and tuple(entry["row_groups"]) == shard.row_groups and entry["status"] == COMMITTED)
 
 
 class Recorder:
@@ -406,10 +411,17 @@ class Recorder:
         """The digest this run's replicas write into their commit records."""
         return job_digest(self.header)
 
-    def begin(self, *, overwrite: bool) -> None:
-        """The run's first record, before any shard is dispatched: its header (and whether it overwrites)."""
+    def begin(self, *, overwrite: bool, stale: Sequence[str] = ()) -> None:
+        """The run's first records, before any shard is dispatched: its header (and whether it overwrites,
+        which demotes every earlier entry), then the entries it found stale (an older version of an input
+        file): never reused, even when this run stops short."""
         self.state.begin(self.header, overwrite=overwrite)
         self.segments.add({"op": "begin", "header": self.header, "overwrite": overwrite})
+        stale = [path for path in stale if path in self.state.files]
+        if stale:
+            self.segments.add({"op": "retire", "paths": stale})
+            for path in stale:
+                self.state.retire(path)
 
     def committed(self, entry: Mapping[str, Any], token: str, attempts: int) -> None:
         self.state.commit({**entry, "attempts": attempts})
@@ -418,7 +430,7 @@ class Recorder:
         self.flush()
 
     def failed(self, shard: Shard, error: str, attempts: int) -> None:
-        entry = {**shard_entry(shard), "attempts": attempts, "error": error}
+        entry = {**shard_entry(shard), "attempts": attempts, "error": error, "generation": self.generation}
         self.state.fail(entry)
         self.segments.add({"op": "fail", "entry": {**entry, "status": FAILED}})
         self.flush()
@@ -438,11 +450,11 @@ class Recorder:
         """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
         self._settle_unconfirmed()
         stale = [p for p in self.state.files if not self._current(p)]
-        planned_complete = self._planned_complete()
-        if planned_complete and (stale or self.state.retiring):
+        if stale:  # never reused: deleted when a run completes
+            self.segments.add({"op": "retire", "paths": stale})
             for path in stale:
-                self.segments.add({"op": "retire", "paths": [path]})
                 self.state.retire(path)
+        if self._planned_complete() and self.state.retiring:
             self.flush(force=True)  # the journal says they go before they go
             for path in sorted(self.state.retiring):
                 delete_file(self.output.fs, self.output.join(path))
@@ -483,8 +495,8 @@ class Recorder:
 
     def manifest(self, complete: bool) -> dict[str, Any]:
         entries = []
-        for path, entry in self.state.files.items():
-            entries.append({**entry, "status": COMMITTED if self._current(path) else SUPERSEDED})
+        for entry in self.state.files.values():
+            entries.append({**entry, "status": COMMITTED})
         held = {e["id"] for e in entries if e["status"] == COMMITTED}
         for shard_id in self.order:
             if shard_id in held:

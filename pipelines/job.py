@@ -162,7 +162,8 @@ def run(
         def begin() -> None:
             """The run's first writes, once a replica is ready (so a refused start writes nothing)."""
             remove_success(p.output)
-            recorder.begin(overwrite=cfg.overwrite)  # the journal says whose work follows, before any of it
+            # The journal says whose work follows, before any of it, and which entries are stale.
+            recorder.begin(overwrite=cfg.overwrite, stale=p.reconciled.stale)
             for shard in p.todo:
                 if shard.error is not None:
                     recorder.failed(shard, shard.error, 0)

@@ -120,3 +120,57 @@ def test_an_interrupted_run_then_another_setting_is_refused(tmp_path: Path, sett
     resumed = cli("run", "--model", str(tmp_path / "m1.pt"), *job)  # the first config resumes as ever
     assert resumed.returncode == 0, resumed.stderr
     _predicted_by(tmp_path, "m1.pt")
+
+
+# --- 2. an overwrite demotes every entry when it begins ------------------------------------------------
+
+def _rot_pages(path: Path) -> tuple[bytes, object]:
+    """Zero a Parquet file's data pages, keeping its footer, size and mtime (bit rot under an unchanged
+    fingerprint): planning reads it fine, decoding fails. Returns the good bytes and the stat to put back."""
+    good, stat = path.read_bytes(), path.stat()
+    footer = len(good) - 8 - int.from_bytes(good[-8:-4], "little")
+    path.write_bytes(good[:4] + b"\0" * (footer - 4) + good[footer:])
+    import os
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    return good, stat
+
+
+def test_a_shard_failing_in_an_overwrite_run_keeps_no_entry_of_the_old_model(ray_shared: None, tmp_path: Path) -> None:
+    import os
+
+    write_files(tmp_path / "in", [300, 200, 100], features=4, row_group_size=100)
+    for seed in (1, 2):
+        save_mlp(tmp_path / f"m{seed}.pt", [4, 8, 1], seed=seed)
+    job = {**TEST_REPLICA, "input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "shard_rows": 100,
+           "progress": False}
+    assert pipelines.run(model=str(tmp_path / "m1.pt"), **job).complete
+    victim = tmp_path / "in" / "part-0001.parquet"
+    good, stat = _rot_pages(victim)
+
+    report = pipelines.run(model=str(tmp_path / "m2.pt"), overwrite=True, **job)
+    assert report.status == "failed" and not report.complete
+    assert {e["shard"] for e in report.errors} == {"part-0001.parquet:0-1", "part-0001.parquet:1-2"}
+    out = tmp_path / "out"
+    assert not (out / SUCCESS).exists()
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert not manifest["complete"]
+    statuses = {s["id"]: s["status"] for s in manifest["shards"]}
+    assert statuses["part-0001.parquet:0-1"] == statuses["part-0001.parquet:1-2"] == "failed"
+    assert "part-0001-00000.parquet" in manifest["retiring"]  # m1's file: on its way out, not m2's
+    assert pipelines.verify(str(out)).ok
+
+    again = pipelines.run(model=str(tmp_path / "m2.pt"), **job)  # not "nothing to do": m1's entry is gone
+    assert again.status == "failed" and not again.complete and again.shards_failed == 2
+    victim.write_bytes(good)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same fingerprint as m1 saw
+    healed = pipelines.run(model=str(tmp_path / "m2.pt"), **job)
+    assert healed.complete and healed.shards_done == 2
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").glob("*.parquet"))])
+    model = save_mlp(tmp_path / "m2-again.pt", [4, 8, 1], seed=2)
+    out_table = read_output(out)
+    assert out_table["id"].to_pylist() == table["id"].to_pylist()
+    features = np.stack([table[f"f{j:02d}"].to_numpy() for j in range(4)], axis=1)
+    np.testing.assert_allclose(out_table["prediction"].to_numpy(), reference(model, features)[:, 0],
+                               rtol=1e-5, atol=1e-6)
+    assert pipelines.verify(str(out), sample=20).ok
