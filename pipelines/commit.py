@@ -275,8 +275,13 @@ class State:
                 names.setdefault(entry["output"], entry["rel"])
         return names
 
-    def check_compatible(self, sha256: str, settings: Mapping[str, Any], where: str) -> None:
-        """Refuse to mix outputs of different models or prediction settings (exit 2)."""
+    def check_compatible(self, sha256: str, settings: Mapping[str, Any], source: Mapping[str, Any],
+                         where: str) -> None:
+        """Refuse to mix outputs of different models, prediction settings or inputs (exit 2).
+
+        `source` is the input as the header records it (`input`, and `base`, the directory
+        output paths mirror): another input would silently replace other inputs' predictions.
+        """
         if not self.header.get("model"):
             return
         problems = []
@@ -286,6 +291,10 @@ class State:
         for key, value in settings.items():
             if old.get(key) != value:
                 problems.append(f"{key}: {old.get(key)!r} -> {value!r}")
+        recorded = self.header.get("source") or {}
+        for key in ("input", "base"):
+            if recorded.get(key) is not None and recorded[key] != source.get(key):
+                problems.append(f"{key}: {recorded[key]!r} -> {source.get(key)!r}")
         if problems:
             what = "an interrupted run's work" if self.interrupted else "predictions"
             raise OutputConflictError(

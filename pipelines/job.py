@@ -76,7 +76,7 @@ class Plan:
             "config": cfg.to_dict(),
             "settings": prediction_settings(cfg, self.columns),
             "columns": self.columns_record,
-            "source": {"input": absolute(cfg.input), "base": self.base},
+            "source": source_record(cfg, self.base),
         }
 
     @property
@@ -303,7 +303,7 @@ def _prepare(cfg: JobConfig) -> Plan:
     columns, column_source, files = _columns(cfg, model, files, state, source)
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
-        state.check_compatible(model.sha256, settings, output.uri)
+        state.check_compatible(model.sha256, settings, source_record(cfg, base), output.uri)
     checked = [f if (error := check_file(f, columns)) == f.error else dataclasses.replace(f, error=error)
                for f in files]
     if all(f.error is not None for f in checked):
@@ -314,6 +314,11 @@ def _prepare(cfg: JobConfig) -> Plan:
     reconciled = reconcile(state, shards, present, cfg.overwrite)
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source)
+
+
+def source_record(cfg: JobConfig, base: str) -> dict[str, str]:
+    """The input as the manifest records it: a run with another input is another job (exit 2 unless overwrite)."""
+    return {"input": absolute(cfg.input), "base": base}
 
 
 def _check_overlap(cfg: JobConfig, source: Location, output: Location) -> None:

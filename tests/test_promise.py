@@ -174,3 +174,27 @@ def test_a_shard_failing_in_an_overwrite_run_keeps_no_entry_of_the_old_model(ray
     np.testing.assert_allclose(out_table["prediction"].to_numpy(), reference(model, features)[:, 0],
                                rtol=1e-5, atol=1e-6)
     assert pipelines.verify(str(out), sample=20).ok
+
+
+# --- 3. a changed input is a changed job --------------------------------------------------------------
+
+def test_narrowing_the_input_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    for day in (1, 2, 3):
+        write_files(tmp_path / "in" / f"date={day}", [200], features=4, row_group_size=100, start=1000 * day)
+    save_mlp(tmp_path / "m.pt", [4, 8, 1], seed=3)
+    out = tmp_path / "out"
+    common = ["--model", str(tmp_path / "m.pt"), "--output", str(out)]
+    assert cli("run", *common, "--input", str(tmp_path / "in")).returncode == 0
+    before = _unchanged(out)
+
+    backfill = cli("run", *common, "--input", str(tmp_path / "in" / "date=2"))  # one day, against the whole
+    assert backfill.returncode == 2, backfill.stderr
+    assert "input" in backfill.stderr and "date=2" in backfill.stderr and "overwrite" in backfill.stderr
+    assert _unchanged(out) == before  # every other day's predictions still there
+    assert sorted(p.parent.name for p in out.rglob("*.parquet")) == ["date=1", "date=2", "date=3"]
+    assert pipelines.verify(str(out)).ok
+
+    replaced = cli("run", *common, "--input", str(tmp_path / "in" / "date=2"), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr  # asked for: the output now mirrors the new input
+    assert read_output(out)["id"].to_pylist() == list(range(2000, 2200))
+    assert pipelines.verify(str(out), sample=10).ok
