@@ -267,11 +267,13 @@ class State:
         return ({key: [_span(e) for e in entries] for key, entries in covered.items()},
                 {key: [_span(e) for e in entries] for key, entries in partial.items() if key not in covered})
 
-    def claims(self, listed_rels: set[str]) -> dict[str, str]:
-        """Output names held by inputs that are still listed (a vanished input's names are free)."""
+    def claims(self, listed_rels: set[str], *, keep_vanished: bool) -> dict[str, str]:
+        """Output names held by inputs that are still listed and, with `keep_vanished`, by the kept
+        predictions of inputs that vanished (a new input never takes their names). Without it a
+        vanished input's names are free: its files go when the run completes."""
         names = {}
         for entry in [*self.files.values(), *self.others.values()]:
-            if entry["rel"] in listed_rels:
+            if entry["rel"] in listed_rels or (keep_vanished and self.files.get(entry["output"]) is entry):
                 names.setdefault(entry["output"], entry["rel"])
         return names
 
@@ -348,17 +350,20 @@ class Reconciled:
 
     todo: list[Shard]
     skipped: list[Shard]
-    stale: list[str]  # files of older input versions or vanished inputs: deleted when the run completes
+    stale: list[str]  # files of older input versions (or of vanished inputs, with prune): deleted when a run completes
+    kept: set[str] = field(default_factory=set)  # files of vanished inputs, kept (without prune): still committed
 
 
-def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int], overwrite: bool) -> Reconciled:
+def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int], overwrite: bool, *,
+              listed: set[str] | None = None, prune: bool = False) -> Reconciled:
     """Split the plan into shards to run and shards already committed; find stale files.
 
     `present` maps each file under the output to its size. A shard is skipped
     when its output file is described by a committed entry for the same input
     fingerprint and row groups, and the file is still there with the recorded
     size. An entry whose file was deleted or altered behind our back is dropped
-    (what is left of it retires) and its shard runs again.
+    (what is left of it retires) and its shard runs again. Entries of inputs
+    no longer `listed` (rels) are kept unless `prune` or `overwrite` is set.
     """
     for path in list(state.files):
         entry = state.files[path]
@@ -377,7 +382,10 @@ def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int],
             planned.add(shard.output)
         else:
             result.todo.append(shard)
-    result.stale = sorted(path for path in state.files if path not in planned)
+    if listed is not None and not (prune or overwrite):
+        result.kept = {path for path, entry in state.files.items()
+                       if path not in planned and entry["rel"] not in listed}
+    result.stale = sorted(path for path in state.files if path not in planned and path not in result.kept)
     return result
 
 
@@ -401,6 +409,7 @@ class Recorder:
         header: Mapping[str, Any],
         shards: Sequence[Shard],
         check_lock: Callable[[], None],
+        kept: Iterable[str] = (),
         flush_seconds: float = 1.0,
     ) -> None:
         self.output = output
@@ -408,6 +417,7 @@ class Recorder:
         self.header = dict(header)
         self.shards = {s.id: s for s in shards}
         self.order = [s.id for s in shards]
+        self.kept = set(kept)  # files of vanished inputs that stay committed (no prune)
         self.generation = max(state.generation, state.journal.newest) + 1
         self.segments = SegmentWriter(output, self.generation)
         self.check_lock = check_lock
@@ -452,8 +462,10 @@ class Recorder:
 
     @property
     def complete(self) -> bool:
-        """Every planned shard committed with its rows reconciled, and nothing else under the output."""
-        return self._planned_complete() and len(self.state.files) == len(self.shards) and not self.state.retiring
+        """Every planned shard committed with its rows reconciled, and nothing else under the output
+        but the kept predictions of vanished inputs."""
+        return (self._planned_complete() and all(self._current(path) for path in self.state.files)
+                and not self.state.retiring)
 
     def finish(self) -> bool:
         """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
@@ -482,6 +494,8 @@ class Recorder:
     def _current(self, path: str) -> bool:
         entry = self.state.files[path]
         shard = self.shards.get(entry["id"])
+        if shard is None and path in self.kept:
+            return True  # a vanished input's kept predictions
         return shard is not None and shard.output == path and _describes(entry, shard)
 
     def _planned_complete(self) -> bool:

@@ -143,7 +143,8 @@ def run(
     with OutputLock(p.output) as lock:
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
             p = _prepare(cfg)
-        recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check)
+        recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
+                            kept=p.reconciled.kept)
         if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
             return _report(p, [], [], time.perf_counter() - started, complete=True)
@@ -309,9 +310,11 @@ def _prepare(cfg: JobConfig) -> Plan:
     if all(f.error is not None for f in checked):
         raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
     listed_rels = {rel for rel, _ in listed}
-    shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, state.claims(listed_rels))
+    keep_vanished = not (cfg.prune or cfg.overwrite)
+    shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS,
+                         state.claims(listed_rels, keep_vanished=keep_vanished))
     present = output_listing(output) if state.found else {}
-    reconciled = reconcile(state, shards, present, cfg.overwrite)
+    reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listed_rels, prune=cfg.prune)
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source)
 

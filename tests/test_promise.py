@@ -198,3 +198,55 @@ def test_narrowing_the_input_is_refused_unless_overwrite(tmp_path: Path) -> None
     assert replaced.returncode == 0, replaced.stderr  # asked for: the output now mirrors the new input
     assert read_output(out)["id"].to_pylist() == list(range(2000, 2200))
     assert pipelines.verify(str(out), sample=10).ok
+
+
+# --- 4. predictions of vanished inputs are kept unless `prune` ------------------------------------------
+
+def test_a_vanished_inputs_predictions_are_kept_unless_prune(ray_shared: None, tmp_path: Path) -> None:
+    write_files(tmp_path / "in", [300, 200, 100], features=4, row_group_size=100)
+    model = save_mlp(tmp_path / "m.pt", [4, 8, 1], seed=3)
+    out = tmp_path / "out"
+    job = {**TEST_REPLICA, "model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": str(out),
+           "shard_rows": 100, "progress": False}
+    assert pipelines.run(**job).complete
+    expired = pq.read_table(tmp_path / "in" / "part-0002.parquet")
+    (tmp_path / "in" / "part-0002.parquet").unlink()  # the feature table's retention took it
+    (tmp_path / "in" / "part-0000.parquet").rename(tmp_path / "in" / "a.parquet")  # moved away, a name reused
+    pq.write_table(feature_table(np.arange(900, 950), 4, seed=9), tmp_path / "in" / "part-0001.parquet")  # changed
+    pq.write_table(feature_table(np.arange(950, 960), 4, seed=8), tmp_path / "in" / "part-0000.parq")  # same stem
+
+    kept = pipelines.run(**job)
+    assert kept.complete and kept.status == "succeeded", kept.errors  # every current input committed
+    assert sorted(str(p.relative_to(out)) for p in out.glob("*.parquet")) == [
+        "a-00000.parquet", "a-00001.parquet", "a-00002.parquet",
+        "part-0000-00000-b46ea0e7.parquet",  # the new file never takes a kept file's name
+        "part-0000-00000.parquet", "part-0000-00001.parquet", "part-0000-00002.parquet",  # kept
+        "part-0001-00000.parquet",  # the changed file's new version replaced the old one's two files
+        "part-0002-00000.parquet",  # kept
+    ]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert {s["rel"] for s in manifest["shards"]} == {"a.parquet", "part-0000.parquet", "part-0000.parq",
+                                                      "part-0001.parquet", "part-0002.parquet"}
+    assert all(s["status"] == "committed" for s in manifest["shards"]) and manifest["complete"]
+    assert pq.read_table(out / "part-0002-00000.parquet")["id"] == expired["id"]
+    assert pipelines.verify(str(out), sample=20).ok
+    assert pipelines.run(**job).shards_done == 0  # an unchanged tick: nothing to do, nothing deleted
+
+    pruned = pipelines.run(**job, prune=True)
+    assert pruned.complete and pruned.shards_done == 0
+    assert sorted(str(p.relative_to(out)) for p in out.glob("*.parquet")) == [
+        "a-00000.parquet", "a-00001.parquet", "a-00002.parquet", "part-0000-00000-b46ea0e7.parquet",
+        "part-0001-00000.parquet"]
+    table = pa.concat_tables([pq.read_table(tmp_path / "in" / name) for name in
+                              ("a.parquet", "part-0000.parq", "part-0001.parquet")])
+    got = read_output(out)
+    assert got["id"] == table["id"]
+    features = np.stack([table[f"f{j:02d}"].to_numpy() for j in range(4)], axis=1)
+    np.testing.assert_allclose(got["prediction"].to_numpy(), reference(model, features)[:, 0], rtol=1e-5, atol=1e-6)
+    assert pipelines.verify(str(out), sample=20).ok
+
+
+def test_prune_is_a_switch(tmp_path: Path) -> None:
+    result = cli("run", "--help")
+    assert "--prune" in result.stdout and "--no-prune" in result.stdout
+    assert pipelines.JobConfig.from_dict({"model": "m", "input": "i", "output": "o", "prune": "true"}).prune is True
