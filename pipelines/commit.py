@@ -36,6 +36,8 @@ from pipelines.storage import (
     Location,
     delete_file,
     existing_infos,
+    is_hidden,
+    is_temp,
     read_bytes,
     relative_to,
     sweep_temps,
@@ -344,6 +346,25 @@ def file_sha256(output: Location, path: str) -> str | None:
     return digest.hexdigest()
 
 
+def is_data_file(path: str) -> bool:
+    """Whether a file under the output (relative path) is one readers see as data: a visible file, or
+    one under `_rejected/` (the manifest, journal, lock, `_SUCCESS` and temporary files are not)."""
+    if is_temp(path):
+        return False
+    if path.startswith(REJECTED_DIR + "/"):
+        return not is_hidden(path[len(REJECTED_DIR) + 1:])
+    return not is_hidden(path)
+
+
+def foreign_files(state: State, present: Iterable[str]) -> list[str]:
+    """Data files under the output that no entry describes and none is retiring: not written by batch-infer
+    (an old dataset, a copy). Never deleted or overwritten; no `_SUCCESS` while one is there."""
+    described = set(state.retiring)
+    for entry in state.files.values():
+        described.update(path for path, _, _ in _files_of(entry))
+    return sorted(path for path in present if is_data_file(path) and path not in described)
+
+
 @dataclass
 class Reconciled:
     """What a run has to do, given the plan and the output's committed state."""
@@ -352,6 +373,7 @@ class Reconciled:
     skipped: list[Shard]
     stale: list[str]  # files of older input versions (or of vanished inputs, with prune): deleted when a run completes
     kept: set[str] = field(default_factory=set)  # files of vanished inputs, kept (without prune): still committed
+    foreign: list[str] = field(default_factory=list)  # data files batch-infer did not write: no _SUCCESS beside them
 
 
 def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int], overwrite: bool, *,
@@ -373,7 +395,7 @@ def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int],
         state.files.pop(path)
         state.retiring.update(p for p, _, _ in files if p in present)
     state.retiring.intersection_update(present)
-    result = Reconciled([], [], [])
+    result = Reconciled([], [], [], foreign=foreign_files(state, present))
     planned = set()
     for shard in shards:
         entry = state.files.get(shard.output)
@@ -410,6 +432,7 @@ class Recorder:
         shards: Sequence[Shard],
         check_lock: Callable[[], None],
         kept: Iterable[str] = (),
+        foreign: Sequence[str] = (),
         flush_seconds: float = 1.0,
     ) -> None:
         self.output = output
@@ -418,6 +441,7 @@ class Recorder:
         self.shards = {s.id: s for s in shards}
         self.order = [s.id for s in shards]
         self.kept = set(kept)  # files of vanished inputs that stay committed (no prune)
+        self.foreign = list(foreign)  # data files batch-infer did not write: the output is not complete
         self.generation = max(state.generation, state.journal.newest) + 1
         self.segments = SegmentWriter(output, self.generation)
         self.check_lock = check_lock
@@ -465,7 +489,7 @@ class Recorder:
         """Every planned shard committed with its rows reconciled, and nothing else under the output
         but the kept predictions of vanished inputs."""
         return (self._planned_complete() and all(self._current(path) for path in self.state.files)
-                and not self.state.retiring)
+                and not self.state.retiring and not self.foreign)
 
     def finish(self) -> bool:
         """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""

@@ -17,6 +17,7 @@ from pipelines.commit import (
     Reconciled,
     Recorder,
     State,
+    foreign_files,
     job_digest,
     output_listing,
     prediction_settings,
@@ -144,7 +145,7 @@ def run(
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
             p = _prepare(cfg)
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
-                            kept=p.reconciled.kept)
+                            kept=p.reconciled.kept, foreign=p.reconciled.foreign)
         if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
             return _report(p, [], [], time.perf_counter() - started, complete=True)
@@ -292,6 +293,14 @@ def _prepare(cfg: JobConfig) -> Plan:
     model = inspect_model(absolute(cfg.model))
     snapshot = _snapshot(output)
     state = State.load(output)
+    present = output_listing(output)
+    foreign = foreign_files(state, present)
+    if foreign and not state.found:
+        raise OutputConflictError(
+            f"output {cfg.output!r} holds {len(foreign)} data file(s) not written by batch-infer and no manifest, "
+            f"e.g. {output.display(output.join(foreign[0]))}; batch-infer never deletes or mixes with files it "
+            f"did not write: choose an empty or new output directory, or move them away"
+        )
     listed: list[tuple[str, str]] = []
 
     def committed(files: list[tuple[str, str]]) -> tuple[dict[Any, Any], dict[Any, Any]]:
@@ -311,9 +320,8 @@ def _prepare(cfg: JobConfig) -> Plan:
         raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
     listed_rels = {rel for rel, _ in listed}
     keep_vanished = not (cfg.prune or cfg.overwrite)
-    shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS,
-                         state.claims(listed_rels, keep_vanished=keep_vanished))
-    present = output_listing(output) if state.found else {}
+    claims = {**{path: "" for path in foreign}, **state.claims(listed_rels, keep_vanished=keep_vanished)}
+    shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
     reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listed_rels, prune=cfg.prune)
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source)
@@ -379,7 +387,7 @@ def _snapshot(output: Location) -> tuple[Any, ...]:
 def _unchanged(p: Plan) -> bool:
     """Nothing to run and nothing to record: a rerun then writes no file at all."""
     state = p.state
-    if not state.journal.empty or state.retiring or p.reconciled.stale:
+    if not state.journal.empty or state.retiring or p.reconciled.stale or p.reconciled.foreign:
         return False
     planned = {s.id for s in p.shards}
     if any(other["id"] in planned for other in state.others.values()):
@@ -391,8 +399,15 @@ def _report(p: Plan, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
             seconds: float, *, complete: bool) -> RunReport:
     ok = [r for r in done if r["status"] == COMMITTED]
     failed = [r for r in done if r["status"] != COMMITTED]
+    foreign = [p.output.display(p.output.join(path)) for path in p.reconciled.foreign]
+    errors = [{"shard": r["id"], "input": r["input"], "error": r["error"]} for r in failed]
+    if foreign:  # the run's work is done, but the output is not what _SUCCESS promises
+        errors.append({"shard": None, "input": None, "error": (
+            f"{', '.join(foreign[:3])}{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}: data "
+            f"file(s) not written by batch-infer (no manifest entry describes them) sit in the output; no _SUCCESS "
+            f"while they are there: move them out of the output and rerun")})
     return RunReport(
-        status="failed" if failed else "succeeded",
+        status="failed" if errors else "succeeded",
         output=p.output.uri,
         shards_total=len(p.shards),
         shards_done=len(ok),
@@ -403,7 +418,7 @@ def _report(p: Plan, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
         rows_rejected=sum(r["rows_rejected"] for r in ok),
         seconds=round(seconds, 3),
         rows_per_second=round(sum(r["rows_in"] for r in ok) / seconds, 1) if seconds > 0 else 0.0,
-        errors=[{"shard": r["id"], "input": r["input"], "error": r["error"]} for r in failed],
+        errors=errors,
         replicas=replicas,
         complete=complete,
     )

@@ -250,3 +250,42 @@ def test_prune_is_a_switch(tmp_path: Path) -> None:
     result = cli("run", "--help")
     assert "--prune" in result.stdout and "--no-prune" in result.stdout
     assert pipelines.JobConfig.from_dict({"model": "m", "input": "i", "output": "o", "prune": "true"}).prune is True
+
+
+# --- 5. no _SUCCESS beside files batch-infer did not write -------------------------------------------------
+
+def test_an_output_holding_foreign_data_and_no_manifest_is_refused(tmp_path: Path) -> None:
+    write_files(tmp_path / "in", [200], features=4, row_group_size=100)
+    save_mlp(tmp_path / "m.pt", [4, 8, 1], seed=3)
+    out = tmp_path / "out"
+    write_files(out / "old", [50], features=4, row_group_size=100)  # an old dataset, a copy, a wrong path
+    before = _unchanged(out)
+    result = cli("run", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output", str(out))
+    assert result.returncode == 2, result.stderr
+    assert str(out / "old" / "part-0000.parquet") in result.stderr and "not written by batch-infer" in result.stderr
+    assert _unchanged(out) == before  # nothing written: no manifest, no journal, no lock
+
+
+def test_no_success_while_foreign_data_sits_beside_the_output(tmp_path: Path) -> None:
+    write_files(tmp_path / "in", [200, 100], features=4, row_group_size=100)
+    save_mlp(tmp_path / "m.pt", [4, 8, 1], seed=3)
+    out = tmp_path / "out"
+    job = ["--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output", str(out)]
+    assert cli("run", *job).returncode == 0 and (out / SUCCESS).exists()
+    foreign = out / "part-0002-00000.parquet"  # a copy dropped in, named like a shard a new input would get
+    foreign.write_bytes((tmp_path / "in" / "part-0000.parquet").read_bytes())
+    write_files(tmp_path / "in", [200, 100, 50], features=4, row_group_size=100)  # part-0002 appears upstream
+
+    tick = cli("run", *job, "--json")
+    assert tick.returncode == 1, tick.stderr
+    report = json.loads(tick.stdout)
+    assert not report["complete"] and str(foreign) in report["errors"][0]["error"]
+    assert not (out / SUCCESS).exists() and not json.loads((out / MANIFEST).read_text())["complete"]
+    assert foreign.read_bytes() == (tmp_path / "in" / "part-0000.parquet").read_bytes()  # never touched
+    assert not pipelines.verify(str(out)).ok
+
+    foreign.unlink()
+    healed = cli("run", *job)
+    assert healed.returncode == 0, healed.stderr
+    assert (out / SUCCESS).exists() and read_output(out)["id"].to_pylist() == list(range(350))
+    assert pipelines.verify(str(out), sample=10).ok
