@@ -98,9 +98,9 @@ def read_journal(output: Location, after: int, skip: Container[str] = ()) -> Jou
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
         texts = list(pool.map(lambda item: read_bytes(output.fs, item[2]), wanted))
     for (generation, kind, _), data in zip(wanted, texts):
-        record = _parse(data)
+        record = _parse(data, kind)
         if record is None:
-            continue  # a torn record: its writer died before the files it describes were published
+            continue  # a torn (or foreign) record: not ours to apply; its files, if any, are not committed
         records = journal.generations.setdefault(generation, Generation())
         if kind == "c":
             records.commits[record["token"]] = record["entry"]
@@ -110,14 +110,23 @@ def read_journal(output: Location, after: int, skip: Container[str] = ()) -> Jou
     return journal
 
 
-def _parse(data: bytes | None) -> dict[str, Any] | None:
+def _parse(data: bytes | None, kind: str) -> dict[str, Any] | None:
     if not data:
         return None
     try:
         record = json.loads(data)
     except ValueError:
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    if kind == "c":
+        entry = record.get("entry")
+        whole = isinstance(record.get("token"), str) and isinstance(entry, dict) and all(
+            isinstance(entry.get(key), str) for key in ("id", "output", "rel", "fingerprint"))
+    else:
+        ops = record.get("ops")
+        whole = isinstance(ops, list) and all(isinstance(op, dict) and isinstance(op.get("op"), str) for op in ops)
+    return record if whole else None
 
 
 class SegmentWriter:

@@ -289,3 +289,33 @@ def test_no_success_while_foreign_data_sits_beside_the_output(tmp_path: Path) ->
     assert healed.returncode == 0, healed.stderr
     assert (out / SUCCESS).exists() and read_output(out)["id"].to_pylist() == list(range(350))
     assert pipelines.verify(str(out), sample=10).ok
+
+
+# --- 14. a malformed manifest is a clear exit 2 -------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["no output", "row_groups", "not an object", "model", "shards"])
+def test_a_malformed_manifest_is_a_clear_exit_2(tmp_path: Path, damage: str) -> None:
+    write_files(tmp_path / "in", [200], features=4, row_group_size=100)
+    save_mlp(tmp_path / "m.pt", [4, 8, 1], seed=3)
+    out = tmp_path / "out"
+    job = ["--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output", str(out),
+           "--shard-rows", "100"]
+    assert cli("run", *job).returncode == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    if damage == "no output":
+        del manifest["shards"][1]["output"]
+    elif damage == "row_groups":
+        manifest["shards"][1]["row_groups"] = "1-2"
+    elif damage == "not an object":
+        manifest["shards"][1] = ["part-0000.parquet:1-2"]
+    elif damage == "model":
+        manifest["model"] = "m.pt"
+    else:
+        manifest["shards"] = {"part-0000.parquet:0-1": {}}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    for command in (["run", *job], ["run", *job, "--overwrite"], ["verify", str(out)], ["status", str(out)]):
+        result = cli(*command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert "Traceback" not in result.stderr and str(out / MANIFEST) in result.stderr, result.stderr
+        if damage in ("no output", "row_groups", "not an object"):
+            assert "shard entry 1" in result.stderr and "part-0000.parquet:1-2" in result.stderr
