@@ -319,3 +319,20 @@ def test_a_malformed_manifest_is_a_clear_exit_2(tmp_path: Path, damage: str) -> 
         assert "Traceback" not in result.stderr and str(out / MANIFEST) in result.stderr, result.stderr
         if damage in ("no output", "row_groups", "not an object"):
             assert "shard entry 1" in result.stderr and "part-0000.parquet:1-2" in result.stderr
+
+
+def test_state_fail_compares_generations() -> None:
+    from pipelines.commit import State
+
+    entry = {"id": "a.parquet:0-1", "rel": "a.parquet", "fingerprint": "size=1;mtime_ns=1", "output": "a-00000.parquet",
+             "row_groups": [0, 1], "rows_in": 5, "rows_out": 5, "rows_rejected": 0, "rejected_output": None,
+             "bytes": 10, "sha256": "x", "status": "committed", "generation": 1}
+    same_run = State()
+    same_run.commit(entry)
+    same_run.fail({**entry, "status": "failed", "generation": 1})  # another attempt of the run that committed it
+    assert "a-00000.parquet" in same_run.files and not same_run.others
+    later_run = State()
+    later_run.commit(entry)
+    later_run.fail({**entry, "status": "failed", "generation": 2})  # a later run was told not to trust it
+    assert not later_run.files and later_run.retiring == {"a-00000.parquet"}
+    assert later_run.others["a.parquet:0-1"]["status"] == "failed"
