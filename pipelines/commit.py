@@ -4,10 +4,13 @@ The truth about an output is its manifest with its journal applied (`State`):
 every data file under the output is described by exactly one shard entry
 (with its rows, size and sha256) or is on the way out (`retiring`). Replicas
 record their commits in the journal before they publish; the driver records
-confirmations and failures there as they arrive, and rewrites the manifest once
-per run (compaction). `_SUCCESS` is written last, only when the output mirrors
-the current input: every planned shard committed, rows reconciled, and every
-file of an older input version or of a vanished input deleted.
+the run's header when it begins, then confirmations and failures as they
+arrive, and rewrites the manifest once per run (compaction). Every entry
+belongs to the job in the state's header (model sha256, prediction settings,
+input): a commit record of another job is never committed, and a run that
+begins with `overwrite` demotes every earlier entry. `_SUCCESS` is written
+last, only when the output mirrors the current input: every planned shard
+committed, rows reconciled, and every file of an older input version deleted.
 
     >>> state = State.load(resolve("preds/"))  # doctest: +SKIP
     >>> sorted(state.files)[:1]
@@ -28,12 +31,14 @@ from typing import Any
 from pipelines.config import JobConfig
 from pipelines.errors import OutputConflictError
 from pipelines.journal import Journal, SegmentWriter, clear_journal, read_journal
+from pipelines.manifest import COMMITTED, FAILED, FORMAT, MANIFEST, PENDING, SUPERSEDED, load_manifest
 from pipelines.plan import Columns, Shard, Span
 from pipelines.storage import (
     Location,
     delete_file,
     existing_infos,
-    read_bytes,
+    is_hidden,
+    is_temp,
     relative_to,
     sweep_temps,
     write_bytes_atomic,
@@ -41,13 +46,8 @@ from pipelines.storage import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "batch-infer/manifest/2"
-_READABLE_FORMATS = ("batch-infer/manifest/1", FORMAT)
-MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 REJECTED_DIR = "_rejected"
-
-COMMITTED, FAILED, PENDING, SUPERSEDED = "committed", "failed", "pending", "superseded"
 
 SpanMap = dict[tuple[str, str], list[Span]]  # (rel, fingerprint) -> committed spans of that file
 
@@ -65,6 +65,17 @@ def prediction_settings(cfg: JobConfig, columns: Columns) -> dict[str, Any]:
         "invalid_rows": cfg.invalid_rows,
         **({"categorical": list(columns.categorical)} if columns.categorical else {}),
     }
+
+
+def job_digest(header: Mapping[str, Any]) -> str:
+    """The identity of the job that makes an output's predictions: model sha256, prediction settings, input.
+
+    A run's replicas write it into each commit record; `State` commits a record only
+    when it matches the header of the run that wrote it.
+    """
+    key = {"model": (header.get("model") or {}).get("sha256"), "settings": header.get("settings"),
+           "source": header.get("source")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def shard_entry(shard: Shard) -> dict[str, Any]:
@@ -91,26 +102,6 @@ def shard_entry(shard: Shard) -> dict[str, Any]:
     }
 
 
-def load_manifest(output: Location) -> dict[str, Any] | None:
-    """The manifest of an output as last compacted, or None for a new output."""
-    data = read_bytes(output.fs, output.join(MANIFEST))
-    if data is None:
-        return None
-    try:
-        manifest = json.loads(data)
-    except ValueError as exc:
-        raise OutputConflictError(
-            f"{output.display(output.join(MANIFEST))} is not valid JSON ({exc}); "
-            f"fix or remove it, or run with overwrite to recompute everything"
-        ) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") not in _READABLE_FORMATS:
-        raise OutputConflictError(
-            f"{output.display(output.join(MANIFEST))} is not a batch-infer manifest ({FORMAT}); "
-            f"choose another output or run with overwrite"
-        )
-    return manifest
-
-
 @dataclass
 class State:
     """An output's committed state: its manifest with the journal applied."""
@@ -122,6 +113,12 @@ class State:
     retiring: set[str] = field(default_factory=set)  # files no entry describes: deleted when a run completes
     journal: Journal = field(default_factory=Journal)
     found: bool = False  # a manifest or a journal exists
+    interrupted: bool = False  # the header is that of a run whose journal was never compacted
+
+    @property
+    def digest(self) -> str | None:
+        """`job_digest` of the header, None for an output no run has begun."""
+        return job_digest(self.header) if self.header.get("model") else None
 
     @classmethod
     def load(cls, output: Location) -> State:
@@ -131,13 +128,15 @@ class State:
         if manifest is not None:
             state.header = {k: manifest.get(k) for k in ("model", "config", "settings", "columns", "source")}
             state.generation = int(manifest.get("generation", 0))
+            state.retiring = set(manifest.get("retiring", []))
             for entry in manifest.get("shards", []):
                 entry = {**_V1_DEFAULTS, **entry}
-                if entry["status"] in (COMMITTED, SUPERSEDED):
+                if entry["status"] == COMMITTED:
                     state.files[entry["output"]] = entry
+                elif entry["status"] == SUPERSEDED:  # never reused: its files go when a run completes
+                    state.retiring.update(path for path, _, _ in _files_of(entry))
                 else:
                     state.others[entry["id"]] = entry
-            state.retiring = set(manifest.get("retiring", []))
         state.journal = read_journal(output, after=state.generation)
         state.found = state.found or bool(state.journal.files)
         state._apply(output, state.journal)
@@ -146,10 +145,19 @@ class State:
     def _apply(self, output: Location, journal: Journal) -> None:
         for generation in sorted(journal.generations):
             records = journal.generations[generation]
+            job = None  # the digest of the run that wrote this generation, from its header record
             confirmed = set()
             for op in records.ops:
-                if op["op"] == "confirm" and op["token"] in records.commits:
-                    self.commit({**_V1_DEFAULTS, **records.commits[op["token"]], "attempts": op["attempts"]})
+                if op["op"] == "begin":
+                    self.begin(op["header"], overwrite=bool(op.get("overwrite")))
+                    self.interrupted = True
+                    job = self.digest
+                elif op["op"] == "confirm" and op["token"] in records.commits:
+                    entry = {**_V1_DEFAULTS, **records.commits[op["token"]], "attempts": op["attempts"]}
+                    if job is not None and records.jobs.get(op["token"]) == job:
+                        self.commit(entry)
+                    else:
+                        self.settle(output, entry, trusted=False)
                     confirmed.add(op["token"])
                 elif op["op"] == "fail":
                     self.fail(op["entry"])
@@ -158,17 +166,28 @@ class State:
                         self.retire(path)
             for token, entry in records.commits.items():
                 if token not in confirmed:
-                    self.settle(output, {**_V1_DEFAULTS, **entry})
+                    trusted = job is not None and records.jobs.get(token) == job
+                    self.settle(output, {**_V1_DEFAULTS, **entry}, trusted=trusted)
 
-    def settle(self, output: Location, entry: Mapping[str, Any]) -> None:
-        """A commit record nobody confirmed (its replica or the driver died): the files decide."""
+    def begin(self, header: Mapping[str, Any], *, overwrite: bool) -> None:
+        """A run began with this header: with `overwrite` (the only way another job gets in) every
+        earlier entry is demoted; its files are deleted when a run completes, and never reused."""
+        if overwrite or (self.digest is not None and job_digest(header) != self.digest):
+            for path in list(self.files):
+                self.retire(path)
+            self.others.clear()
+        self.header = dict(header)
+
+    def settle(self, output: Location, entry: Mapping[str, Any], *, trusted: bool = True) -> None:
+        """A commit record nobody confirmed (its replica or the driver died), or one of another job
+        (`trusted` False): the files decide. Another job's published files are retired, never committed."""
         held = self.files.get(entry["output"])
         if held is not None and held.get("sha256") == entry.get("sha256") and held["id"] == entry["id"]:
             return  # already described (another attempt of the same shard, same bytes)
         published = [published_as_recorded(output, path, size, sha) for path, size, sha in _files_of(entry)]
-        if all(published):
+        if trusted and all(published):
             self.commit(entry)
-        elif any(published):  # killed between publishing its files: neither version is whole
+        elif any(published):  # another job's files, or killed between publishing its files: not ours, or not whole
             for path, _, _ in _files_of(entry):
                 self.retire(path)
 
@@ -185,10 +204,12 @@ class State:
             self.retiring.discard(entry["rejected_output"])
 
     def fail(self, entry: Mapping[str, Any]) -> None:
-        """A shard failed (its earlier files, if any, stay as they are)."""
+        """A shard failed (its earlier files, if any, stay on disk until a run completes)."""
         held = self.files.get(entry["output"])
         if held is not None and held["id"] == entry["id"] and held["fingerprint"] == entry["fingerprint"]:
-            return  # another attempt committed it
+            if held.get("generation") == entry.get("generation"):
+                return  # another attempt of the same run committed it
+            self.retire(entry["output"])  # an earlier run's entry: this run was told not to trust it
         self.others[entry["id"]] = {**entry, "status": FAILED}
 
     def retire(self, path: str) -> None:
@@ -223,16 +244,23 @@ class State:
         return ({key: [_span(e) for e in entries] for key, entries in covered.items()},
                 {key: [_span(e) for e in entries] for key, entries in partial.items() if key not in covered})
 
-    def claims(self, listed_rels: set[str]) -> dict[str, str]:
-        """Output names held by inputs that are still listed (a vanished input's names are free)."""
+    def claims(self, listed_rels: set[str], *, keep_vanished: bool) -> dict[str, str]:
+        """Output names held by inputs that are still listed and, with `keep_vanished`, by the kept
+        predictions of inputs that vanished (a new input never takes their names). Without it a
+        vanished input's names are free: its files go when the run completes."""
         names = {}
         for entry in [*self.files.values(), *self.others.values()]:
-            if entry["rel"] in listed_rels:
+            if entry["rel"] in listed_rels or (keep_vanished and self.files.get(entry["output"]) is entry):
                 names.setdefault(entry["output"], entry["rel"])
         return names
 
-    def check_compatible(self, sha256: str, settings: Mapping[str, Any], where: str) -> None:
-        """Refuse to mix outputs of different models or prediction settings (exit 2)."""
+    def check_compatible(self, sha256: str, settings: Mapping[str, Any], source: Mapping[str, Any],
+                         where: str) -> None:
+        """Refuse to mix outputs of different models, prediction settings or inputs (exit 2).
+
+        `source` is the input as the header records it (`input`, and `base`, the directory
+        output paths mirror): another input would silently replace other inputs' predictions.
+        """
         if not self.header.get("model"):
             return
         problems = []
@@ -242,9 +270,14 @@ class State:
         for key, value in settings.items():
             if old.get(key) != value:
                 problems.append(f"{key}: {old.get(key)!r} -> {value!r}")
+        recorded = self.header.get("source") or {}
+        for key in ("input", "base"):
+            if recorded.get(key) is not None and recorded[key] != source.get(key):
+                problems.append(f"{key}: {recorded[key]!r} -> {source.get(key)!r}")
         if problems:
+            what = "an interrupted run's work" if self.interrupted else "predictions"
             raise OutputConflictError(
-                f"{where} holds predictions made with a different model or config ({'; '.join(problems)}); "
+                f"{where} holds {what} made with a different model or config ({'; '.join(problems)}); "
                 f"set overwrite to recompute everything, or write to a new output"
             )
 
@@ -254,7 +287,7 @@ def _span(entry: Mapping[str, Any]) -> Span:
 
 
 _V1_DEFAULTS = {"file_row_groups": None, "bytes": None, "sha256": None, "rejected_bytes": None,
-                "rejected_sha256": None, "rejected_output": None, "attempts": 0, "error": None}
+                "rejected_sha256": None, "rejected_output": None, "attempts": 0, "error": None, "generation": None}
 
 
 def _files_of(entry: Mapping[str, Any]) -> list[tuple[str, int | None, str | None]]:
@@ -288,23 +321,46 @@ def file_sha256(output: Location, path: str) -> str | None:
     return digest.hexdigest()
 
 
+def is_data_file(path: str) -> bool:
+    """Whether a file under the output (relative path) is one readers see as data: a visible file, or
+    one under `_rejected/` (the manifest, journal, lock, `_SUCCESS` and temporary files are not)."""
+    if is_temp(path):
+        return False
+    if path.startswith(REJECTED_DIR + "/"):
+        return not is_hidden(path[len(REJECTED_DIR) + 1:])
+    return not is_hidden(path)
+
+
+def foreign_files(state: State, present: Iterable[str]) -> list[str]:
+    """Data files under the output that no entry describes and none is retiring: not written by batch-infer
+    (an old dataset, a copy). Never deleted or overwritten; no `_SUCCESS` while one is there."""
+    described = set(state.retiring)
+    for entry in state.files.values():
+        described.update(path for path, _, _ in _files_of(entry))
+    return sorted(path for path in present if is_data_file(path) and path not in described)
+
+
 @dataclass
 class Reconciled:
     """What a run has to do, given the plan and the output's committed state."""
 
     todo: list[Shard]
     skipped: list[Shard]
-    stale: list[str]  # files of older input versions or vanished inputs: deleted when the run completes
+    stale: list[str]  # files of older input versions (or of vanished inputs, with prune): deleted when a run completes
+    kept: set[str] = field(default_factory=set)  # files of vanished inputs, kept (without prune): still committed
+    foreign: list[str] = field(default_factory=list)  # data files batch-infer did not write: no _SUCCESS beside them
 
 
-def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int], overwrite: bool) -> Reconciled:
+def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int], overwrite: bool, *,
+              listed: set[str] | None = None, prune: bool = False) -> Reconciled:
     """Split the plan into shards to run and shards already committed; find stale files.
 
     `present` maps each file under the output to its size. A shard is skipped
     when its output file is described by a committed entry for the same input
     fingerprint and row groups, and the file is still there with the recorded
     size. An entry whose file was deleted or altered behind our back is dropped
-    (what is left of it retires) and its shard runs again.
+    (what is left of it retires) and its shard runs again. Entries of inputs
+    no longer `listed` (rels) are kept unless `prune` or `overwrite` is set.
     """
     for path in list(state.files):
         entry = state.files[path]
@@ -314,7 +370,7 @@ def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int],
         state.files.pop(path)
         state.retiring.update(p for p, _, _ in files if p in present)
     state.retiring.intersection_update(present)
-    result = Reconciled([], [], [])
+    result = Reconciled([], [], [], foreign=foreign_files(state, present))
     planned = set()
     for shard in shards:
         entry = state.files.get(shard.output)
@@ -323,13 +379,16 @@ def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int],
             planned.add(shard.output)
         else:
             result.todo.append(shard)
-    result.stale = sorted(path for path in state.files if path not in planned)
+    if listed is not None and not (prune or overwrite):
+        result.kept = {path for path, entry in state.files.items()
+                       if path not in planned and entry["rel"] not in listed}
+    result.stale = sorted(path for path in state.files if path not in planned and path not in result.kept)
     return result
 
 
 def _describes(entry: Mapping[str, Any], shard: Shard) -> bool:
     return (entry["id"] == shard.id and entry["fingerprint"] == shard.fingerprint
-            and tuple(entry["row_groups"]) == shard.row_groups and entry["status"] in (COMMITTED, SUPERSEDED))
+            and tuple(entry["row_groups"]) == shard.row_groups and entry["status"] == COMMITTED)
 
 
 class Recorder:
@@ -347,6 +406,8 @@ class Recorder:
         header: Mapping[str, Any],
         shards: Sequence[Shard],
         check_lock: Callable[[], None],
+        kept: Iterable[str] = (),
+        foreign: Sequence[str] = (),
         flush_seconds: float = 1.0,
     ) -> None:
         self.output = output
@@ -354,12 +415,31 @@ class Recorder:
         self.header = dict(header)
         self.shards = {s.id: s for s in shards}
         self.order = [s.id for s in shards]
+        self.kept = set(kept)  # files of vanished inputs that stay committed (no prune)
+        self.foreign = list(foreign)  # data files batch-infer did not write: the output is not complete
         self.generation = max(state.generation, state.journal.newest) + 1
         self.segments = SegmentWriter(output, self.generation)
         self.check_lock = check_lock
         self.flush_seconds = flush_seconds
         self._last_flush = time.monotonic()
         self._confirmed: set[str] = set()
+
+    @property
+    def digest(self) -> str:
+        """The digest this run's replicas write into their commit records."""
+        return job_digest(self.header)
+
+    def begin(self, *, overwrite: bool, stale: Sequence[str] = ()) -> None:
+        """The run's first records, before any shard is dispatched: its header (and whether it overwrites,
+        which demotes every earlier entry), then the entries it found stale (an older version of an input
+        file): never reused, even when this run stops short."""
+        self.state.begin(self.header, overwrite=overwrite)
+        self.segments.add({"op": "begin", "header": self.header, "overwrite": overwrite})
+        stale = [path for path in stale if path in self.state.files]
+        if stale:
+            self.segments.add({"op": "retire", "paths": stale})
+            for path in stale:
+                self.state.retire(path)
 
     def committed(self, entry: Mapping[str, Any], token: str, attempts: int) -> None:
         self.state.commit({**entry, "attempts": attempts})
@@ -368,7 +448,7 @@ class Recorder:
         self.flush()
 
     def failed(self, shard: Shard, error: str, attempts: int) -> None:
-        entry = {**shard_entry(shard), "attempts": attempts, "error": error}
+        entry = {**shard_entry(shard), "attempts": attempts, "error": error, "generation": self.generation}
         self.state.fail(entry)
         self.segments.add({"op": "fail", "entry": {**entry, "status": FAILED}})
         self.flush()
@@ -381,18 +461,20 @@ class Recorder:
 
     @property
     def complete(self) -> bool:
-        """Every planned shard committed with its rows reconciled, and nothing else under the output."""
-        return self._planned_complete() and len(self.state.files) == len(self.shards) and not self.state.retiring
+        """Every planned shard committed with its rows reconciled, and nothing else under the output
+        but the kept predictions of vanished inputs."""
+        return (self._planned_complete() and all(self._current(path) for path in self.state.files)
+                and not self.state.retiring and not self.foreign)
 
     def finish(self) -> bool:
         """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
         self._settle_unconfirmed()
         stale = [p for p in self.state.files if not self._current(p)]
-        planned_complete = self._planned_complete()
-        if planned_complete and (stale or self.state.retiring):
+        if stale:  # never reused: deleted when a run completes
+            self.segments.add({"op": "retire", "paths": stale})
             for path in stale:
-                self.segments.add({"op": "retire", "paths": [path]})
                 self.state.retire(path)
+        if self._planned_complete() and self.state.retiring:
             self.flush(force=True)  # the journal says they go before they go
             for path in sorted(self.state.retiring):
                 delete_file(self.output.fs, self.output.join(path))
@@ -411,6 +493,8 @@ class Recorder:
     def _current(self, path: str) -> bool:
         entry = self.state.files[path]
         shard = self.shards.get(entry["id"])
+        if shard is None and path in self.kept:
+            return True  # a vanished input's kept predictions
         return shard is not None and shard.output == path and _describes(entry, shard)
 
     def _planned_complete(self) -> bool:
@@ -428,12 +512,13 @@ class Recorder:
             return
         for token, entry in records.commits.items():
             if token not in self._confirmed:
-                self.state.settle(self.output, {**_V1_DEFAULTS, **entry})
+                trusted = records.jobs.get(token) == self.digest
+                self.state.settle(self.output, {**_V1_DEFAULTS, **entry}, trusted=trusted)
 
     def manifest(self, complete: bool) -> dict[str, Any]:
         entries = []
-        for path, entry in self.state.files.items():
-            entries.append({**entry, "status": COMMITTED if self._current(path) else SUPERSEDED})
+        for entry in self.state.files.values():
+            entries.append({**entry, "status": COMMITTED})
         held = {e["id"] for e in entries if e["status"] == COMMITTED}
         for shard_id in self.order:
             if shard_id in held:

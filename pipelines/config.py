@@ -24,7 +24,7 @@ ACTIVATIONS = ("sigmoid", "relu", "tanh", "none")
 OUTPUT_ACTIVATIONS = (*ACTIVATIONS, "softmax")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 INVALID_ROWS = ("quarantine", "fail", "keep")
-BOOL_KEYS = ("keep_features", "shared_storage", "overwrite")  # CLI: --KEY / --no-KEY switches
+BOOL_KEYS = ("keep_features", "shared_storage", "overwrite", "prune")  # CLI: --KEY / --no-KEY switches
 LIST_KEYS = ("features", "passthrough", "categorical")  # CLI: comma-separated values
 
 
@@ -61,6 +61,7 @@ class JobConfig:
     start_timeout: float | None = None  # seconds; None means "chosen by the system"
     invalid_rows: str = "quarantine"
     overwrite: bool = False
+    prune: bool = False
     address: str | None = None
 
     def __post_init__(self) -> None:
@@ -265,7 +266,12 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            "rows with null/NaN/inf features: `quarantine` (to `_rejected/`, with a `reason` column: an input "
            "column named `reason` among those read is refused, exit 2), `fail` (the shard fails), `keep` "
            "(predict anyway)", choices=INVALID_ROWS),
-    KeyDoc("overwrite", "`false`", "recompute everything, replacing earlier output"),
+    KeyDoc("overwrite", "`false`",
+           "recompute everything, replacing earlier output (predictions of inputs that vanished go too: no "
+           "input is left to recompute them from)"),
+    KeyDoc("prune", "`false`",
+           "when a run completes, delete the predictions of input files that no longer exist; without it they "
+           "are kept (and still listed in the manifest). Predictions of a changed file are replaced either way"),
     KeyDoc("address", "`RAY_ADDRESS` if set, else a new embedded local Ray",
            "the Ray cluster to join: `auto`, `host:port` or `ray://host:10001`; a `ray start` cluster on this "
            "machine is never joined implicitly", metavar="ADDRESS"),

@@ -20,6 +20,8 @@ from pipelines.commit import (
     Reconciled,
     Recorder,
     State,
+    foreign_files,
+    job_digest,
     output_listing,
     prediction_settings,
     reconcile,
@@ -89,7 +91,7 @@ class Plan:
             "config": {k: redact(v) if isinstance(v, str) else v for k, v in cfg.to_dict().items()},
             "settings": prediction_settings(cfg, self.columns),
             "columns": self.columns_record,
-            "source": {"input": redact(absolute(cfg.input)), "base": self.base},
+            "source": source_record(cfg, self.base),
         }
 
     @property
@@ -156,7 +158,8 @@ def run(
     with _refusals(p.output) as refusals, OutputLock(p.output) as lock:
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
             p = _prepare(cfg)
-        recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check)
+        recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
+                            kept=p.reconciled.kept, foreign=p.reconciled.foreign)
         from pipelines.cluster import clear_stale_request
 
         clear_stale_request(cfg, p.output)  # a killed run's autoscaler request: cleared by the next tick, idle or not
@@ -178,6 +181,8 @@ def run(
         def begin() -> None:
             """The run's first writes, once a replica is ready (so a refused start writes nothing)."""
             remove_success(p.output)
+            # The journal says whose work follows, before any of it, and which entries are stale.
+            recorder.begin(overwrite=cfg.overwrite, stale=p.reconciled.stale)
             for shard in p.todo:
                 if shard.error is not None:
                     recorder.failed(shard, shard.error, 0)
@@ -198,7 +203,7 @@ def run(
                 keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
                 precision=cfg.precision, batch_size=cfg.batch_size, invalid_rows=cfg.invalid_rows,
                 cpus=cfg.cpus_per_replica or 1.0, rejected_dir=REJECTED_DIR, generation=recorder.generation,
-                categorical=p.columns.categorical,
+                categorical=p.columns.categorical, job_digest=job_digest(p.header),
             )
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
@@ -341,6 +346,14 @@ def _prepare(cfg: JobConfig) -> Plan:
     with _refusals(output) as _:
         snapshot = _snapshot(output)
         state = State.load(output)
+        present = output_listing(output)
+    foreign = foreign_files(state, present)
+    if foreign and not state.found:
+        raise OutputConflictError(
+            f"output {output.uri!r} holds {len(foreign)} data file(s) not written by batch-infer and no manifest, "
+            f"e.g. {output.display(output.join(foreign[0]))}; batch-infer never deletes or mixes with files it "
+            f"did not write: choose an empty or new output directory, or move them away"
+        )
     listed: list[tuple[str, str]] = []
 
     def committed(files: list[tuple[str, str]]) -> tuple[dict[Any, Any], dict[Any, Any]]:
@@ -355,17 +368,23 @@ def _prepare(cfg: JobConfig) -> Plan:
     check_quarantine(columns, cfg.invalid_rows)  # also for columns reused from the manifest
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
-        state.check_compatible(model.sha256, settings, output.uri)
+        state.check_compatible(model.sha256, settings, source_record(cfg, base), output.uri)
     checked = [f if (error := check_file(f, columns)) == f.error else dataclasses.replace(f, error=error)
                for f in files]
     if all(f.error is not None for f in checked):
         raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
     listed_rels = {rel for rel, _ in listed}
-    shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, state.claims(listed_rels))
-    present = output_listing(output) if state.found else {}
-    reconciled = reconcile(state, shards, present, cfg.overwrite)
+    keep_vanished = not (cfg.prune or cfg.overwrite)
+    claims = {**{path: "" for path in foreign}, **state.claims(listed_rels, keep_vanished=keep_vanished)}
+    shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
+    reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listed_rels, prune=cfg.prune)
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source)
+
+
+def source_record(cfg: JobConfig, base: str) -> dict[str, str]:
+    """The input as the manifest records it: a run with another input is another job (exit 2 unless overwrite)."""
+    return {"input": redact(absolute(cfg.input)), "base": base}  # no credentials in the manifest or journal
 
 
 def _check_overlap(cfg: JobConfig, source: Location, output: Location) -> None:
@@ -424,7 +443,7 @@ def _snapshot(output: Location) -> tuple[Any, ...]:
 def _unchanged(p: Plan) -> bool:
     """Nothing to run and nothing to record: a rerun then writes no file at all."""
     state = p.state
-    if not state.journal.empty or state.retiring or p.reconciled.stale:
+    if not state.journal.empty or state.retiring or p.reconciled.stale or p.reconciled.foreign:
         return False
     planned = {s.id for s in p.shards}
     if any(other["id"] in planned for other in state.others.values()):
@@ -436,8 +455,15 @@ def _report(p: Plan, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
             seconds: float, *, complete: bool) -> RunReport:
     ok = [r for r in done if r["status"] == COMMITTED]
     failed = [r for r in done if r["status"] != COMMITTED]
+    foreign = [p.output.display(p.output.join(path)) for path in p.reconciled.foreign]
+    errors = [{"shard": r["id"], "input": r["input"], "error": r["error"]} for r in failed]
+    if foreign:  # the run's work is done, but the output is not what _SUCCESS promises
+        errors.append({"shard": None, "input": None, "error": (
+            f"{', '.join(foreign[:3])}{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}: data "
+            f"file(s) not written by batch-infer (no manifest entry describes them) sit in the output; no _SUCCESS "
+            f"while they are there: move them out of the output and rerun")})
     return RunReport(
-        status="failed" if failed else "succeeded",
+        status="failed" if errors else "succeeded",
         output=p.output.uri,
         shards_total=len(p.shards),
         shards_done=len(ok),
@@ -448,7 +474,7 @@ def _report(p: Plan, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
         rows_rejected=sum(r["rows_rejected"] for r in ok),
         seconds=round(seconds, 3),
         rows_per_second=round(sum(r["rows_in"] for r in ok) / seconds, 1) if seconds > 0 else 0.0,
-        errors=[{"shard": r["id"], "input": r["input"], "error": r["error"]} for r in failed],
+        errors=errors,
         replicas=replicas,
         complete=complete,
     )

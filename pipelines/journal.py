@@ -3,7 +3,8 @@
     OUTPUT/_journal/g000007-c-<token>.json     one shard's commit record, written by its replica
                                                BEFORE the shard's files are published
     OUTPUT/_journal/g000007-d-00000012.json    the driver's records since its last flush
-                                               (confirmations, failures, retirements)
+                                               (the run's header first, then confirmations,
+                                               failures, retirements)
 
 Recording a commit costs one small file, whatever the size of the output, so
 the driver's cost per shard stays flat from 1k to 100k shards; the manifest is
@@ -11,6 +12,12 @@ rewritten once per run (compaction), not once per flush. Every record carries
 the generation of the manifest it follows; records of generations the manifest
 already holds are ignored, so a crash between writing the manifest and
 clearing the journal is harmless.
+
+Every record is tied to the job that made it: a run's first driver record
+holds its header (model sha256, prediction settings, input), written before
+any shard is dispatched, and each commit record carries the digest of that
+header (`pipelines.commit.job_digest`). A commit of another model or config is
+never taken as this output's.
 
 Because a replica writes its record (rows, size and sha256 of each file) before
 it publishes, no committed file can ever be missing from manifest + journal:
@@ -42,9 +49,10 @@ def commit_path(output: Location, generation: int, token: str) -> str:
     return output.join(f"{JOURNAL_DIR}/g{generation:06d}-c-{token}.json")
 
 
-def write_commit(output: Location, generation: int, token: str, entry: Mapping[str, Any]) -> None:
-    """Record a shard's files (replica side), before they are published."""
-    record = {"generation": generation, "token": token, "entry": dict(entry)}
+def write_commit(output: Location, generation: int, token: str, entry: Mapping[str, Any], job: str) -> None:
+    """Record a shard's files (replica side), before they are published; `job` is the digest of the
+    header of the run that made them."""
+    record = {"generation": generation, "token": token, "job": job, "entry": dict(entry)}
     write_bytes_atomic(output.fs, commit_path(output, generation, token), json.dumps(record).encode())
 
 
@@ -53,6 +61,7 @@ class Generation:
     """The records of one run (one generation)."""
 
     commits: dict[str, dict[str, Any]] = field(default_factory=dict)  # token -> shard entry
+    jobs: dict[str, str | None] = field(default_factory=dict)  # token -> digest of the job that made it
     ops: list[dict[str, Any]] = field(default_factory=list)  # driver records, in flush order
 
 
@@ -89,25 +98,35 @@ def read_journal(output: Location, after: int, skip: Container[str] = ()) -> Jou
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
         texts = list(pool.map(lambda item: read_bytes(output.fs, item[2]), wanted))
     for (generation, kind, _), data in zip(wanted, texts):
-        record = _parse(data)
+        record = _parse(data, kind)
         if record is None:
-            continue  # a torn record: its writer died before the files it describes were published
+            continue  # a torn (or foreign) record: not ours to apply; its files, if any, are not committed
         records = journal.generations.setdefault(generation, Generation())
         if kind == "c":
             records.commits[record["token"]] = record["entry"]
+            records.jobs[record["token"]] = record.get("job")  # None: a record older than job digests
         else:
             records.ops.extend(record["ops"])
     return journal
 
 
-def _parse(data: bytes | None) -> dict[str, Any] | None:
+def _parse(data: bytes | None, kind: str) -> dict[str, Any] | None:
     if not data:
         return None
     try:
         record = json.loads(data)
     except ValueError:
         return None
-    return record if isinstance(record, dict) else None
+    if not isinstance(record, dict):
+        return None
+    if kind == "c":
+        entry = record.get("entry")
+        whole = isinstance(record.get("token"), str) and isinstance(entry, dict) and all(
+            isinstance(entry.get(key), str) for key in ("id", "output", "rel", "fingerprint"))
+    else:
+        ops = record.get("ops")
+        whole = isinstance(ops, list) and all(isinstance(op, dict) and isinstance(op.get("op"), str) for op in ops)
+    return record if whole else None
 
 
 class SegmentWriter:

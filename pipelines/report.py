@@ -61,8 +61,8 @@ class RunReport:
             + f". Output: {self.output}"
             + (" (complete, _SUCCESS written)." if self.complete else " (incomplete: no _SUCCESS).")
         )
-        for error in self.errors[:5]:
-            text += f"\n  failed {error['shard']}: {error['error']}"
+        for error in self.errors[:5]:  # a shard's failure, or (shard None) what keeps the output incomplete
+            text += f"\n  failed {error['shard']}: {error['error']}" if error["shard"] else f"\n  {error['error']}"
         if len(self.errors) > 5:
             text += f"\n  ... and {len(self.errors) - 5} more failed shard(s); see the report or _manifest.json"
         return text

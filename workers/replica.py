@@ -66,6 +66,7 @@ class ReplicaJob:
     rejected_dir: str = "_rejected"
     generation: int = 1  # of the journal records this run writes
     categorical: tuple[str, ...] = ()  # integer columns fed to a .pt2 program as (rows, k) int64 codes
+    job_digest: str = ""  # of the run's header (model sha256, prediction settings, input): ties commits to it
 
 
 class State(enum.Enum):
@@ -332,13 +333,14 @@ class Replica:
                                                 "output")}
             entry.update(row_groups=list(task["row_groups"]), rows_out=rows_out, rows_rejected=rows_rejected,
                          bytes=size, sha256=sha256, rejected_output=None, rejected_bytes=None, rejected_sha256=None,
-                         status="committed", attempts=0, error=None)
+                         status="committed", attempts=0, error=None, generation=job.generation)
             if rejected is not None:
                 entry["rejected_bytes"], entry["rejected_sha256"] = rejected.finish()
                 entry["rejected_output"] = rejected_rel
             token = uuid.uuid4().hex
             self._check_ready(uri)  # a replica the driver lane gave up never commits
-            write_commit(self.output, job.generation, token, entry)  # recorded before anything is visible
+            # Recorded before anything is visible, with the job that made it (another model's is never taken).
+            write_commit(self.output, job.generation, token, entry, job.job_digest)
             if rejected is not None:
                 self._check_ready(uri)
                 rejected.publish()  # the quarantine file first: a record is whole once its output is in place
