@@ -45,14 +45,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.commit import COMMITTED, MANIFEST, REJECTED_DIR, SUCCESS, State, file_sha256
+from pipelines.commit import COMMITTED, SUCCESS, State, file_sha256, is_data_file
 from pipelines.errors import ConfigError
 from pipelines.journal import JOURNAL_DIR
 from pipelines.rounding import rounding_scale, tolerance
 from pipelines.storage import (
     Location,
     existing_infos,
-    is_hidden,
     is_temp,
     list_files,
     read_parquet_footer,
@@ -137,7 +136,7 @@ class _Check:
             if entry.get("rejected_output"):
                 described[entry["rejected_output"]] = (entry, "rejected")
         for path in sorted(self.on_disk):
-            if _is_data(path) and path not in described and path not in self.state.retiring:
+            if is_data_file(path) and path not in described and path not in self.state.retiring:
                 self.problems.append(f"{path}: a data file no manifest entry describes")
         todo = []
         for path, (entry, kind) in sorted(described.items()):
@@ -197,12 +196,14 @@ class _Check:
         unfinished: dict[tuple[str, str], list[tuple[int, int]]] = {}  # failed or pending row groups
         for entry in self.state.others.values():
             unfinished.setdefault((entry["rel"], entry["fingerprint"]), []).append(tuple(entry["row_groups"]))
-        changed = 0
+        changed = vanished = 0
 
         def look(key: tuple[str, str]) -> tuple[str, Any]:
             path = posixpath.join(base, key[0])
             info = source.fs.get_file_info(path)
-            if info.type.name != "File" or f"size={info.size};mtime_ns={info.mtime_ns}" != key[1]:
+            if info.type.name != "File":
+                return "vanished", None
+            if f"size={info.size};mtime_ns={info.mtime_ns}" != key[1]:
                 return "changed", None
             try:
                 meta = read_parquet_footer(source.fs, path)
@@ -214,8 +215,9 @@ class _Check:
         with ThreadPoolExecutor(max_workers=_THREADS) as pool:
             looked = list(pool.map(look, keys))
         for key, (status, found) in zip(keys, looked):
-            if status == "changed":
-                changed += 1
+            if status in ("changed", "vanished"):
+                changed += status == "changed"
+                vanished += status == "vanished"
                 continue
             if status == "unreadable":
                 self.notes.append(f"input {key[0]} cannot be re-read now ({found}); its accounting not re-checked")
@@ -224,8 +226,11 @@ class _Check:
             self._covers(key[0], found, sorted(by_file[key], key=lambda e: e["row_groups"][0]),
                          unfinished.get(key, []))
         if changed:
-            self.notes.append(f"{changed} input file(s) changed or vanished since they were committed; "
-                              f"the next run processes them")
+            self.notes.append(f"{changed} input file(s) changed since they were committed; the next run "
+                              f"replaces their predictions")
+        if vanished:
+            self.notes.append(f"{vanished} input file(s) vanished since they were committed; their predictions "
+                              f"are kept (a run with prune deletes them)")
         if self.complete:
             self._listed(source, {rel for rel, _ in by_file} | {rel for rel, _ in unfinished})
 
@@ -438,12 +443,3 @@ def _added_ns(source: Location, info: Any) -> int:
         except OSError:
             pass
     return added
-
-
-def _is_data(path: str) -> bool:
-    """A file readers would see as data: a visible file, or one under `_rejected/`."""
-    if path in (MANIFEST, SUCCESS, "_LOCK") or is_temp(path):
-        return False
-    if path.startswith(REJECTED_DIR + "/"):
-        return not is_hidden(path[len(REJECTED_DIR) + 1:])
-    return not is_hidden(path)
