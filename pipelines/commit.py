@@ -73,8 +73,9 @@ def job_digest(header: Mapping[str, Any]) -> str:
     A run's replicas write it into each commit record; `State` commits a record only
     when it matches the header of the run that wrote it.
     """
+    source = header.get("source") or {}  # which input; a table's snapshot scored is no part of the job
     key = {"model": (header.get("model") or {}).get("sha256"), "settings": header.get("settings"),
-           "source": header.get("source")}
+           "source": {k: source.get(k) for k in ("input", "base")}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -24,6 +24,8 @@ ACTIVATIONS = ("sigmoid", "relu", "tanh", "none")
 OUTPUT_ACTIVATIONS = (*ACTIVATIONS, "softmax")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 INVALID_ROWS = ("quarantine", "fail", "keep")
+INPUT_FORMATS = ("auto", "parquet", "delta", "iceberg")
+OUTPUT_FORMATS = ("auto", "parquet")  # delta and iceberg output: not supported yet (issue 13, item 3)
 BOOL_KEYS = ("keep_features", "shared_storage", "overwrite", "prune")  # CLI: --KEY / --no-KEY switches
 LIST_KEYS = ("features", "passthrough", "categorical")  # CLI: comma-separated values
 
@@ -62,6 +64,9 @@ class JobConfig:
     invalid_rows: str = "quarantine"
     overwrite: bool = False
     prune: bool = False
+    input_format: str = "auto"
+    output_format: str = "auto"
+    catalog: Mapping[str, Any] | None = None  # PyIceberg catalog properties; None: PyIceberg's own config
     address: str | None = None
 
     def __post_init__(self) -> None:
@@ -89,6 +94,13 @@ class JobConfig:
         _choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("invalid_rows", self.invalid_rows, INVALID_ROWS)
+        _choice("input_format", self.input_format, INPUT_FORMATS)
+        if self.output_format in ("delta", "iceberg"):
+            raise ConfigError(f"'output_format: {self.output_format}' is not supported yet: predictions are "
+                              f"written as Parquet files (output_format: parquet); a {self.output_format} table "
+                              f"can be created over them by its own tools")
+        _choice("output_format", self.output_format, OUTPUT_FORMATS)
+        object.__setattr__(self, "catalog", _catalog(self.catalog))
         object.__setattr__(self, "batch_size", _positive_int("batch_size", self.batch_size, auto=True))
         object.__setattr__(self, "replicas", _positive_int("replicas", self.replicas, auto=True))
         object.__setattr__(self, "shard_rows", _positive_int("shard_rows", self.shard_rows, auto=True))
@@ -272,6 +284,20 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
     KeyDoc("prune", "`false`",
            "when a run completes, delete the predictions of input files that no longer exist; without it they "
            "are kept (and still listed in the manifest). Predictions of a changed file are replaced either way"),
+    KeyDoc("input_format", "`auto`",
+           "what `input` is: `parquet` (files, a directory or a glob), `delta` (a Delta Lake table's path or URI: "
+           "the rows of its latest version), `iceberg` (`input: namespace.table` through `catalog`: the rows of "
+           "its current snapshot); `auto` = `delta` when the path holds `_delta_log/`, else `parquet`. Files "
+           "a table has removed are never read; deleted rows that cannot be masked (Delta deletion vectors, "
+           "Iceberg delete files) are refused before any work (exit 2)", choices=INPUT_FORMATS),
+    KeyDoc("output_format", "`auto`",
+           "`parquet` (`auto` is the same): Parquet files, a manifest and `_SUCCESS`; `delta` and `iceberg` "
+           "output are not supported yet (exit 2)", choices=OUTPUT_FORMATS),
+    KeyDoc("catalog", "unset: PyIceberg's own configuration (`.pyiceberg.yaml`, `PYICEBERG_CATALOG__*`), "
+           "catalog `default`",
+           "PyIceberg catalog properties for `iceberg` input, a mapping (on the command line as YAML), e.g. "
+           "`{type: sql, uri: \"sqlite:///cat.db\", warehouse: \"file:///wh\"}`; `name` picks the catalog's "
+           "name (default `default`)", metavar="MAPPING"),
     KeyDoc("address", "`RAY_ADDRESS` if set, else a new embedded local Ray",
            "the Ray cluster to join: `auto`, `host:port` or `ray://host:10001`; a `ray start` cluster on this "
            "machine is never joined implicitly", metavar="ADDRESS"),
@@ -307,6 +333,23 @@ def _names(key: str, value: Any) -> tuple[str, ...] | None:
     if len(set(value)) != len(value):
         raise ConfigError(f"{key!r} lists a column twice: {list(value)}")
     return tuple(value)
+
+
+def _catalog(value: Any) -> dict[str, str] | None:
+    """The `catalog` key as a mapping of string properties (a string is read as YAML: the CLI's form)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"'catalog' is not a valid YAML mapping: {exc}") from None
+    if not isinstance(value, Mapping) or not value or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"'catalog' must be a mapping of PyIceberg catalog properties, e.g. "
+                          f"{{type: sql, uri: 'sqlite:///cat.db', warehouse: 'file:///wh'}}; got {value!r}")
+    if any(isinstance(v, (Mapping, list, tuple)) or v is None for v in value.values()):
+        raise ConfigError("'catalog' properties must be plain values (strings, numbers, booleans)")
+    return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()}
 
 
 def _bool(key: str, value: Any) -> bool:

@@ -41,9 +41,10 @@ from pipelines.plan import (
     make_shards,
     read_schema,
     resolve_columns,
-    scan_inputs,
+    scan_source,
 )
 from pipelines.report import Progress, RunReport
+from pipelines.tables import Source, catalog_record, check_output, open_source
 from pipelines.storage import (
     Location,
     absolute,
@@ -77,6 +78,7 @@ class Plan:
     reconciled: Reconciled
     snapshot: tuple[Any, ...]  # the output's manifest + journal as planned from
     columns_source: list[str]  # [rel, fingerprint] of the file the columns were resolved from
+    input: Source  # the input's format: its files, its snapshot, where replicas read it
 
     @property
     def rows_todo(self) -> int:
@@ -88,10 +90,11 @@ class Plan:
         cfg = self.config
         return {  # URIs with their secrets redacted: the manifest is no place for credentials
             "model": {**self.model.to_dict(), "uri": redact(absolute(cfg.model))},
-            "config": {k: redact(v) if isinstance(v, str) else v for k, v in cfg.to_dict().items()},
+            "config": {k: redact(v) if isinstance(v, str) else v
+                       for k, v in {**cfg.to_dict(), "catalog": catalog_record(cfg.catalog)}.items()},
             "settings": prediction_settings(cfg, self.columns),
             "columns": self.columns_record,
-            "source": source_record(cfg, self.base),
+            "source": {**source_record(self.input, self.base), **self.input.record()},
         }
 
     @property
@@ -197,7 +200,7 @@ def run(
         chosen: list[float] = []  # the CPUs and GPUs each replica reserved
         if runnable:
             job = ReplicaJob(
-                model=absolute(cfg.model), model_sha256=p.model.sha256, input=absolute(cfg.input),
+                model=absolute(cfg.model), model_sha256=p.model.sha256, input=p.input.uri,
                 output=absolute(cfg.output), features=p.columns.features, passthrough=p.columns.passthrough,
                 list_column=p.columns.list_column, width=p.columns.width, prediction_column=cfg.prediction_column,
                 keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
@@ -338,8 +341,10 @@ def _prepare(cfg: JobConfig) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan."""
     from workers.modelfile import inspect_model
 
-    source, output = resolve(absolute(cfg.input)), resolve(absolute(cfg.output))
+    table, output = open_source(cfg), resolve(absolute(cfg.output))  # the input's format, chosen once
+    source = table.location
     check_output_path(output)
+    check_output(cfg, output)
     _check_overlap(cfg, source, output)
     model = inspect_model(absolute(cfg.model))
     model.check_categorical(cfg.categorical or ())
@@ -363,12 +368,12 @@ def _prepare(cfg: JobConfig) -> Plan:
         return state.spans(files)
 
     avoid = os.path.realpath(output.path) if source.is_local and output.is_local else None
-    base, files = scan_inputs(source, committed, avoid=avoid)
+    base, files = scan_source(table, committed, avoid=avoid)
     columns, column_source, files = _columns(cfg, model, files, state, source)
     check_quarantine(columns, cfg.invalid_rows)  # also for columns reused from the manifest
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
-        state.check_compatible(model.sha256, settings, source_record(cfg, base), output.uri)
+        state.check_compatible(model.sha256, settings, source_record(table, base), output.uri)
     checked = [f if (error := check_file(f, columns)) == f.error else dataclasses.replace(f, error=error)
                for f in files]
     if all(f.error is not None for f in checked):
@@ -379,12 +384,13 @@ def _prepare(cfg: JobConfig) -> Plan:
     shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
     reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listed_rels, prune=cfg.prune)
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
-                state, reconciled, snapshot, column_source)
+                state, reconciled, snapshot, column_source, table)
 
 
-def source_record(cfg: JobConfig, base: str) -> dict[str, str]:
-    """The input as the manifest records it: a run with another input is another job (exit 2 unless overwrite)."""
-    return {"input": redact(absolute(cfg.input)), "base": base}  # no credentials in the manifest or journal
+def source_record(source: Source, base: str) -> dict[str, str]:
+    """Which input the manifest records (a table's snapshot beside it is not part of it): a run with another
+    input is another job (exit 2 unless overwrite)."""
+    return {"input": redact(source.uri), "base": base}  # no credentials in the manifest or journal
 
 
 def _check_overlap(cfg: JobConfig, source: Location, output: Location) -> None:

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.config import JobConfig
 from pipelines.errors import ConfigError, InputError, StorageError
-from pipelines.storage import Location, is_hidden, list_files, read_parquet_footer, relative_to
+from pipelines.storage import Location, is_hidden, read_parquet_footer
+from pipelines.tables import DataFile, Source
 
 DEFAULT_SHARD_ROWS = 1_000_000
 _FOOTER_THREADS = 16  # object stores: footer reads wait on the network
@@ -244,7 +244,16 @@ def _claim(taken: dict[str, str], rel: str, first: int) -> str:
 
 def scan_inputs(location: Location, committed: Committed | None = None, *,
                 avoid: str | None = None) -> tuple[str, list[InputFile]]:
-    """List the input files and read the footers that are needed (in parallel: footers are small reads).
+    """`scan_source` over the Parquet files, directory or glob at `location`."""
+    from pipelines.tables.parquet import ParquetSource
+
+    return scan_source(ParquetSource(location, location.uri), committed, avoid=avoid)
+
+
+def scan_source(source: Source, committed: Committed | None = None, *,
+                avoid: str | None = None) -> tuple[str, list[InputFile]]:
+    """List the input's live data files (`Source.files`) and read the footers that are needed (in
+    parallel: footers are small reads).
 
     `committed` is given the listed (rel, fingerprint) pairs and returns two
     maps from the output's state: the committed spans covering ALL row groups
@@ -252,10 +261,9 @@ def scan_inputs(location: Location, committed: Committed | None = None, *,
     (reused where they fit its footer). `avoid`: the output's real path, which
     no input may reach through a symlink (`list_files`).
     """
-    base, infos = list_files(location, avoid=avoid)
-    if not infos:
-        raise InputError(f"no input files found at {location.uri!r}")
-    listed = [(relative_to(base, i.path), f"size={i.size};mtime_ns={i.mtime_ns}") for i in infos]
+    location = source.location
+    base, data_files = source.files(avoid=avoid)
+    listed = [(f.rel, f.fingerprint) for f in data_files]
     known, partial = committed(listed) if committed else ({}, {})
     schemas: list[tuple[pq.ParquetSchema, pa.Schema]] = []  # distinct schemas: 100k files often share one
 
@@ -267,32 +275,36 @@ def scan_inputs(location: Location, committed: Committed | None = None, *,
         schemas.append((parquet, schema))
         return schema
 
-    def footer(info: pafs.FileInfo, rel: str, fingerprint: str) -> InputFile:
-        uri = location.display(info.path)
+    def footer(data: DataFile) -> InputFile:
+        rel, fingerprint = data.rel, data.fingerprint
+        uri = location.display(data.path)
         reusable = tuple(partial.get((rel, fingerprint), ())) or None
         try:
-            meta = read_parquet_footer(location.fs, info.path)
+            meta = read_parquet_footer(location.fs, data.path)
             schema = arrow_schema(meta.schema)
             rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
-            return InputFile(info.path, rel, uri, fingerprint, error=_footer_error(uri, exc))
-        return InputFile(info.path, rel, uri, fingerprint, rows, schema, committed=reusable)
+            return InputFile(data.path, rel, uri, fingerprint, error=_footer_error(uri, exc))
+        if data.rows is not None and sum(rows) != data.rows:
+            return InputFile(data.path, rel, uri, fingerprint, error=(
+                f"{uri}: the footer holds {sum(rows)} row(s) but the {source.format} table records {data.rows}"))
+        return InputFile(data.path, rel, uri, fingerprint, rows, schema, committed=reusable)
 
     files: list[InputFile | None] = []
-    needed: list[tuple[int, pafs.FileInfo, str, str]] = []
-    for info, (rel, fingerprint) in zip(infos, listed):
+    needed: list[tuple[int, DataFile]] = []
+    for data, (rel, fingerprint) in zip(data_files, listed):
         spans = known.get((rel, fingerprint))
         if spans:  # committed over all its row groups: planned from the manifest, never opened
-            files.append(InputFile(info.path, rel, location.display(info.path), fingerprint, committed=tuple(spans)))
+            files.append(InputFile(data.path, rel, location.display(data.path), fingerprint, committed=tuple(spans)))
         else:
-            needed.append((len(files), info, rel, fingerprint))
+            needed.append((len(files), data))
             files.append(None)
     # Footers in chunks: one pool task per file costs more than the read itself on 100k small files.
     chunks = [needed[i:i + _FOOTER_CHUNK] for i in range(0, len(needed), _FOOTER_CHUNK)]
     threads = _LOCAL_FOOTER_THREADS if location.is_local else _FOOTER_THREADS
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
-        for chunk, read in zip(chunks, pool.map(lambda chunk: [footer(*item[1:]) for item in chunk], chunks)):
-            for (index, *_), f in zip(chunk, read):
+        for chunk, read in zip(chunks, pool.map(lambda chunk: [footer(item[1]) for item in chunk], chunks)):
+            for (index, _), f in zip(chunk, read):
                 files[index] = f
     return base, [f for f in files if f is not None]
 

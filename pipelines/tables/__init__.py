@@ -1,0 +1,115 @@
+"""Where the input rows come from: a Parquet directory, a Delta Lake table or an Iceberg table.
+
+Each format is one small class with the same methods (`Source`), chosen once
+from the config by `open_source`; the planner calls it and never asks which
+format it holds:
+
+    Source                       the input, as the planner sees it
+    ├── ParquetSource            files, a directory or a glob      (parquet.py)
+    ├── DeltaSource              a Delta table's latest version    (delta.py)
+    └── IcebergSource            an Iceberg table's current snapshot (iceberg.py)
+
+`files()` lists the live data files (a table's own file list, never a
+directory listing, so files a table has removed are not read) with their
+fingerprints; deleted rows that cannot be masked per file are refused there
+(`InputError`, exit 2), before any work. `record()` is what the manifest's
+header keeps about the input (a table's format and the snapshot scored).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.config import JobConfig
+from pipelines.errors import ConfigError
+from pipelines.storage import Location, absolute, redact, resolve
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One live data file of the input."""
+
+    path: str  # filesystem path under `Source.location.fs`
+    rel: str  # relative to the input's base; output names mirror it
+    fingerprint: str  # changes when the file is rewritten
+    rows: int | None = None  # as the table records it (checked against the footer); None: not known
+
+
+class Source(ABC):
+    """The input of a job: where its data files live and which of them hold live rows."""
+
+    format: str  # "parquet", "delta", "iceberg"
+    location: Location  # where the data files are read from (the planner's and the replicas' filesystem)
+    uri: str  # what replicas resolve to read `DataFile.path` (a URI or absolute local path)
+    name: str  # the input as the user named it (messages, the manifest)
+
+    @abstractmethod
+    def files(self, *, avoid: str | None = None) -> tuple[str, list[DataFile]]:
+        """The base that output paths mirror, and the live data files in a stable order.
+
+        Raises `InputError` (exit 2) for what cannot be scored exactly: deleted rows
+        that cannot be masked, a file format or table feature not supported.
+        `avoid`: the output's real local path, which no input may reach (Parquet
+        directories: symlinks).
+        """
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest's header records about the input besides its URI (a table's snapshot)."""
+        return {}
+
+
+def open_source(cfg: JobConfig) -> Source:
+    """The source `cfg.input_format` names (`auto`: a path holding `_delta_log/` is Delta, else Parquet)."""
+    fmt = cfg.input_format
+    if fmt == "iceberg":
+        from pipelines.tables.iceberg import IcebergSource
+
+        return IcebergSource(cfg.input, cfg.catalog)
+    if cfg.catalog is not None:
+        raise ConfigError(f"'catalog' is set but the input {redact(cfg.input)!r} is not read through a catalog; "
+                          f"set 'input_format: iceberg' (input: namespace.table) or remove 'catalog'")
+    location = resolve(absolute(cfg.input))
+    if fmt == "delta" or (fmt == "auto" and is_delta_table(location)):
+        from pipelines.tables.delta import DeltaSource
+
+        return DeltaSource(location, absolute(cfg.input))
+    from pipelines.tables.parquet import ParquetSource
+
+    return ParquetSource(location, absolute(cfg.input))
+
+
+def check_output(cfg: JobConfig, output: Location) -> None:
+    """Refuse (exit 2) an output that is a table: writing tables is not supported yet."""
+    if is_delta_table(output):
+        raise ConfigError(f"output {output.uri!r} is a Delta table (it holds _delta_log/); writing predictions "
+                          f"into a table is not supported yet: choose a directory for the Parquet output")
+
+
+def is_delta_table(location: Location) -> bool:
+    """Whether `location` holds a `_delta_log/` directory."""
+    import pyarrow.fs as pafs
+
+    try:
+        info = location.fs.get_file_info(location.join("_delta_log"))
+    except OSError:
+        return False
+    return info.type == pafs.FileType.Directory
+
+
+_SECRET_PROPERTY = re.compile(r"(?i)(secret|password|passwd|token|credential|key)")
+
+
+def catalog_record(catalog: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Catalog properties as the manifest may keep them: secrets replaced by REDACTED.
+
+    Example:
+        >>> catalog_record({"type": "rest", "token": "t0k", "s3.secret-access-key": "x", "uri": "http://h"})
+        {'type': 'rest', 'token': 'REDACTED', 's3.secret-access-key': 'REDACTED', 'uri': 'http://h'}
+    """
+    if catalog is None:
+        return None
+    return {k: "REDACTED" if _SECRET_PROPERTY.search(k) else redact(v) for k, v in catalog.items()}
