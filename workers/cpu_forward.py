@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -53,16 +53,27 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
 
 
 class NumpyForward:
-    """`workers.device.Forward`'s CPU interface (`outputs`, `submit`) on numpy."""
+    """`workers.device.Forward`'s CPU interface (`outputs`, `each`, `submit`) on numpy.
+
+    `more`: the layers of a model set's other models; each chunk of rows goes through every model while it
+    is in cache, and the result holds their outputs side by side, in order.
+    """
 
     def __init__(self, layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str,
-                 output_activation: str) -> None:
-        self.layers = [(np.ascontiguousarray(w, dtype=np.float32),
-                        None if b is None else np.asarray(b, dtype=np.float32)[:, None]) for w, b in layers]
-        self.activations = [_ACTIVATIONS[activation]] * (len(layers) - 1) + [_ACTIVATIONS[output_activation]]
-        self.outputs = int(self.layers[-1][0].shape[0])
-        widest = max(int(w.shape[0]) for w, _ in self.layers)
+                 output_activation: str, *, more: Sequence[list[tuple[np.ndarray, np.ndarray | None]]] = ()) -> None:
+        self.models = [self._model(stack, activation, output_activation) for stack in (layers, *more)]
+        self.layers, self.activations = self.models[0]
+        self.each = [int(stack[-1][0].shape[0]) for stack, _ in self.models]
+        self.outputs = sum(self.each)
+        widest = max(int(w.shape[0]) for stack, _ in self.models for w, _ in stack)
         self.max_rows = min(65_536, max(1_024, _ACTIVATION_BYTES // (4 * widest)))
+
+    @staticmethod
+    def _model(layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str, output_activation: str
+               ) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], list[Callable[[np.ndarray], None]]]:
+        stack = [(np.ascontiguousarray(w, dtype=np.float32),
+                  None if b is None else np.asarray(b, dtype=np.float32)[:, None]) for w, b in layers]
+        return stack, [_ACTIVATIONS[activation]] * (len(layers) - 1) + [_ACTIVATIONS[output_activation]]
 
     def submit(self, matrix: np.ndarray) -> Callable[[], np.ndarray]:
         """The (rows, outputs) float32 predictions of a (rows, width) batch (computed now; call to collect)."""
@@ -71,11 +82,15 @@ class NumpyForward:
         features = matrix.T  # (width, rows): C-contiguous when matrix is a stacked buffer's transpose
         with np.errstate(over="ignore", invalid="ignore"):
             for start in range(0, rows, self.max_rows):
-                h = features[:, start : start + self.max_rows]
-                for (weight, bias), activate in zip(self.layers, self.activations):
-                    h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
-                    if bias is not None:
-                        h += bias
-                    activate(h)
-                out[start : start + h.shape[1]] = h.T
+                chunk = features[:, start : start + self.max_rows]
+                column = 0
+                for stack, activations in self.models:
+                    h = chunk
+                    for (weight, bias), activate in zip(stack, activations):
+                        h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
+                        if bias is not None:
+                            h += bias
+                        activate(h)
+                    out[start : start + h.shape[1], column : column + h.shape[0]] = h.T
+                    column += h.shape[0]
         return lambda: out
