@@ -176,7 +176,7 @@ class Replica:
         else:
             from workers.modelset import ModelSet
 
-            spec = ModelSet(tuple((column, spec) for (column, _, _), (spec, _) in zip(job.members, loaded)))
+            spec = ModelSet(tuple((member[0], each) for member, (each, _) in zip(job.members, loaded)))
             self._category_limits = spec.category_limits
         if device.type == "cpu":
             self._torch_threads = torch.get_num_threads()  # put back on close (the driver lane's are its caller's)
