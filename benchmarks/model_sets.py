@@ -8,7 +8,8 @@ forward pass(es) and write and commit the output; its wall time from plan to
 last commit is measured. "4 runs" is the sum of four such runs, one model each;
 "set of 4" one run with `model: {m0: ..., m3: ...}`, each batch decoded once and
 fed to all four. The arms alternate (one, set, four runs, one, ...) and the
-median of `--repeats` is reported, the machine may be shared. `--forward numpy`
+median of `--repeats` is reported, wall and CPU seconds (all threads; the
+steadier figure when the machine is shared). `--forward numpy`
 runs the models on numpy (the driver lane's fp32 path) instead of torch.
 """
 
@@ -53,14 +54,15 @@ def _make(root: Path, rows: int, files: int) -> tuple[list[Path], Path]:
     return models, data
 
 
-def _run(model: str | dict[str, str], data: Path, out: Path, *, numpy_forward: bool, cpus: float) -> float:
-    """Seconds of one whole run in this process: plan, load, every shard read, predicted, written, committed."""
+def _run(model: str | dict[str, str], data: Path, out: Path, *, numpy_forward: bool, cpus: float) -> tuple[float, float]:
+    """(wall, CPU) seconds of one whole run in this process: plan, load, every shard read, predicted, written,
+    committed. The CPU seconds (all threads) are the steadier figure on a shared machine."""
     import pipelines
     from pipelines.storage import absolute
     from workers.replica import Replica, ReplicaJob
 
     shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     plan = pipelines.plan(model=model, input=str(data), output=str(out))
     members = plan.model.members if isinstance(model, dict) else ()
     job = ReplicaJob(model=members[0][1].uri if members else absolute(str(model)), model_sha256=plan.model.sha256,
@@ -71,9 +73,9 @@ def _run(model: str | dict[str, str], data: Path, out: Path, *, numpy_forward: b
     replica = Replica(0, job, in_driver=True, numpy_forward=numpy_forward)
     rows = sum(replica.process(shard.to_task())["rows_out"] for shard in plan.todo)
     replica.close()
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     assert rows == sum(s.rows_in for s in plan.todo)
-    return seconds
+    return seconds, cpu
 
 
 def main() -> None:
@@ -90,20 +92,22 @@ def main() -> None:
         models, data = _make(root, args.rows, args.files)
         out = root / "out"
         _run(str(models[0]), data, out, numpy_forward=numpy_forward, cpus=args.cpus)  # warm-up: imports, page cache
-        arms: dict[str, list[float]] = {"one model": [], f"set of {MODELS}": [], f"{MODELS} runs": []}
+        arms: dict[str, list[tuple[float, float]]] = {"one model": [], f"set of {MODELS}": [], f"{MODELS} runs": []}
         for _ in range(args.repeats):
             arms["one model"].append(_run(str(models[0]), data, out, numpy_forward=numpy_forward, cpus=args.cpus))
             arms[f"set of {MODELS}"].append(_run({f"m{i}": str(m) for i, m in enumerate(models)}, data, out,
                                                  numpy_forward=numpy_forward, cpus=args.cpus))
-            arms[f"{MODELS} runs"].append(sum(_run(str(m), data, out, numpy_forward=numpy_forward, cpus=args.cpus)
-                                              for m in models))
-            print({name: round(times[-1], 2) for name, times in arms.items()}, flush=True)
-        median = {name: statistics.median(times) for name, times in arms.items()}
-        print(json.dumps({"rows": args.rows, "cpus": args.cpus, "forward": args.forward, "repeats": args.repeats,
-                          "median_seconds": {k: round(v, 3) for k, v in median.items()},
-                          "set_vs_one": round(median[f"set of {MODELS}"] / median["one model"], 3),
-                          "runs_vs_set": round(median[f"{MODELS} runs"] / median[f"set of {MODELS}"], 3)}))
-
+            runs = [_run(str(m), data, out, numpy_forward=numpy_forward, cpus=args.cpus) for m in models]
+            arms[f"{MODELS} runs"].append((sum(r[0] for r in runs), sum(r[1] for r in runs)))
+            print({name: [round(t, 2) for t in times[-1]] for name, times in arms.items()}, flush=True)
+        result: dict[str, object] = {"rows": args.rows, "cpus": args.cpus, "forward": args.forward,
+                                     "repeats": args.repeats}
+        for which, index in (("wall", 0), ("cpu", 1)):
+            median = {name: statistics.median(t[index] for t in times) for name, times in arms.items()}
+            result[f"median_{which}_seconds"] = {k: round(v, 3) for k, v in median.items()}
+            result[f"{which}_set_vs_one"] = round(median[f"set of {MODELS}"] / median["one model"], 3)
+            result[f"{which}_runs_vs_set"] = round(median[f"{MODELS} runs"] / median[f"set of {MODELS}"], 3)
+        print(json.dumps(result))
 
 if __name__ == "__main__":
     main()
