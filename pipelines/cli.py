@@ -194,7 +194,12 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(p.to_dict(), indent=2))
         return EXIT_OK
     info = p.to_dict()
-    print(f"model: {p.config.model} (sha256 {p.model.sha256[:12]}..., {_model_shape(info['model'])})")
+    if p.config.model_set is None:
+        print(f"model: {p.config.model} (sha256 {p.model.sha256[:12]}..., {_model_shape(info['model'])})")
+    else:
+        print(f"model set of {len(p.config.model_set)}, one prediction column each:")
+        for name, record in info["model"]["models"].items():
+            print(f"  {name}: {record['uri']} (sha256 {record['sha256'][:12]}..., {_model_shape(record)})")
     print(f"features ({len(p.columns.features)}): {', '.join(p.columns.features)}")
     print(f"passthrough: {', '.join(p.columns.passthrough) or '(none)'}")
     print(f"{info['files']} file(s), {info['shards_total']} shard(s): {info['shards_todo']} to run "
@@ -231,6 +236,8 @@ def _status(args: argparse.Namespace) -> int:
     summary = {
         "output": redact(args.output), "complete": success, "updated_at": updated.isoformat() if updated else None,
         "model_sha256": model["sha256"], "layers": model.get("layers"), "format": model.get("format", "state_dict"),
+        **({"models": {name: {"uri": m.get("uri"), "sha256": m["sha256"], "format": m.get("format", "state_dict")}
+                       for name, m in model["models"].items()}} if model.get("format") == "set" else {}),
         "shards": len(entries), "by_status": counts, "journal_records": not state.journal.empty,
         "rows_in": sum(e["rows_in"] for e in done), "rows_out": sum(e["rows_out"] for e in done),
         "rows_rejected": sum(e["rows_rejected"] for e in done),
@@ -241,7 +248,12 @@ def _status(args: argparse.Namespace) -> int:
         return EXIT_OK
     label = "complete (_SUCCESS present)" if success else "incomplete (no _SUCCESS)"
     print(f"{summary['output']}: {label}, last updated {summary['updated_at']}")
-    print(f"model sha256 {summary['model_sha256'][:12]}..., {_model_shape(model)}")
+    if model.get("format") == "set":
+        print(f"model set of {len(model['models'])}, one prediction column each:")
+        for name, member in model["models"].items():
+            print(f"  {name}: {member.get('uri')} (sha256 {member['sha256'][:12]}..., {_model_shape(member)})")
+    else:
+        print(f"model sha256 {summary['model_sha256'][:12]}..., {_model_shape(model)}")
     print(f"shards: {summary['shards']} ({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))})")
     print(f"rows: {summary['rows_in']:,} in, {summary['rows_out']:,} out, {summary['rows_rejected']:,} rejected")
     for error in summary["errors"][:10]:

@@ -255,18 +255,22 @@ class State:
                 names.setdefault(entry["output"], entry["rel"])
         return names
 
-    def check_compatible(self, sha256: str, settings: Mapping[str, Any], source: Mapping[str, Any],
+    def check_compatible(self, model: Mapping[str, Any], settings: Mapping[str, Any], source: Mapping[str, Any],
                          where: str) -> None:
         """Refuse to mix outputs of different models, prediction settings or inputs (exit 2).
 
+        `model` is the manifest's `model` record of this run (one model's, or a model set's: a set's
+        `sha256` covers its names and members, so adding, removing, replacing or renaming one is a change).
         `source` is the input as the header records it (`input`, and `base`, the directory
         output paths mirror): another input would silently replace other inputs' predictions.
         """
         if not self.header.get("model"):
             return
         problems = []
-        if self.header["model"]["sha256"] != sha256:
-            problems.append(f"model sha256 {self.header['model']['sha256'][:12]}... -> {sha256[:12]}...")
+        if self.header["model"]["sha256"] != model["sha256"]:
+            from workers.modelset import describe_change
+
+            problems.extend(describe_change(self.header["model"], model))
         old = self.header.get("settings") or {}
         for key, value in settings.items():
             if old.get(key) != value:

@@ -40,14 +40,14 @@ class JobConfig:
         'quarantine'
     """
 
-    model: str
+    model: str | dict[str, str]  # one model file, or a model set: {column name: model file}
     input: str
     output: str
     features: tuple[str, ...] | None = None
     passthrough: tuple[str, ...] | None = None
     categorical: tuple[str, ...] | None = None
     keep_features: bool = False
-    prediction_column: str = "prediction"
+    prediction_column: str | None = None  # None: "prediction" for one model; a set names its columns by its keys
     activation: str = "sigmoid"
     output_activation: str = "sigmoid"
     batch_size: int | None = None
@@ -70,8 +70,19 @@ class JobConfig:
     address: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, Mapping):
+            object.__setattr__(self, "model", _model_set(self.model))
+            if self.prediction_column is not None:
+                raise ConfigError(
+                    f"'prediction_column' ({self.prediction_column!r}) does not apply to a model set: each model's "
+                    f"predictions go to the column named by its key ({', '.join(self.model)}); rename the keys "
+                    f"instead")
+        elif self.prediction_column is None:
+            object.__setattr__(self, "prediction_column", "prediction")
         for key in ("model", "input", "output"):
             value = getattr(self, key)
+            if key == "model" and isinstance(value, dict):
+                continue
             if not isinstance(value, (str, Path)) or not str(value).strip():
                 raise ConfigError(f"config key {key!r} is required: give a path or URI")
             object.__setattr__(self, key, str(value).strip())
@@ -88,7 +99,7 @@ class JobConfig:
                 raise ConfigError(f"columns {both} are listed in both 'features' and 'passthrough'")
         for key in BOOL_KEYS:
             object.__setattr__(self, key, _bool(key, getattr(self, key)))
-        if not isinstance(self.prediction_column, str) or not self.prediction_column:
+        if self.model_set is None and (not isinstance(self.prediction_column, str) or not self.prediction_column):
             raise ConfigError("'prediction_column' must be a non-empty column name")
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("output_activation", self.output_activation, OUTPUT_ACTIVATIONS)
@@ -132,6 +143,21 @@ class JobConfig:
                 raise ConfigError("'address' must be 'auto', 'host:port' or 'ray://host:10001'")
             object.__setattr__(self, "address", self.address.strip())
 
+    @property
+    def model_set(self) -> dict[str, str] | None:
+        """The model set's {column: model file}, or None for one model."""
+        return self.model if isinstance(self.model, dict) else None
+
+    @property
+    def models(self) -> dict[str, str]:
+        """{prediction column: model file}: a set's keys, or `prediction_column` for one model.
+
+        Example:
+            >>> JobConfig.from_dict({"model": {"a": "a.pt", "b": "b.pt2"}, "input": "i", "output": "o"}).models
+            {'a': 'a.pt', 'b': 'b.pt2'}
+        """
+        return dict(self.model) if isinstance(self.model, dict) else {str(self.prediction_column): self.model}
+
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """The config keys, in SPEC order."""
@@ -174,7 +200,11 @@ class JobConfig:
 
     def replace(self, **changes: Any) -> JobConfig:
         """A copy with some keys changed (validated again)."""
-        return JobConfig.from_dict({**self.to_dict(), **changes})
+        values = {**self.to_dict(), **changes}
+        if isinstance(changes.get("model"), Mapping) and "prediction_column" not in changes \
+                and self.prediction_column == "prediction":  # the default of one model, not a choice
+            values["prediction_column"] = None
+        return JobConfig.from_dict(values)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values, as they would be written in YAML."""
@@ -216,7 +246,11 @@ _SYSTEM = "chosen by the system"
 KEY_DOCS: tuple[KeyDoc, ...] = (
     KeyDoc("model", "required",
            "path/URI of the model file: a `state_dict` (`.pt`/`.pth`) or `.safetensors` of Linear layers "
-           "(BatchNorm1d folded), or a `torch.export` program (`.pt2`, dynamic batch)", metavar="PATH"),
+           "(BatchNorm1d folded), or a `torch.export` program (`.pt2`, dynamic batch). A model set maps output "
+           "column names to model files (`{champion: a.pt, challenger: b.pt2}`; CLI: "
+           "`--set model={champion: a.pt, challenger: b.pt2}`): every model takes the same features, each batch "
+           "is read, decoded and copied to the device once, and each model's predictions go to the column "
+           "named by its key", metavar="PATH"),
     KeyDoc("input", "required",
            "a Parquet file, a directory (recursive) or a glob; local path or URI (`s3://`, `gs://`, `hdfs://`, "
            "`file://`). In a glob `*` and `?` stay within one directory, `**` recurses, and a directory the "
@@ -235,7 +269,8 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            "program) are invalid rows (`invalid_rows`; with `keep` the shard fails). They stay in the output "
            "as passthrough columns unless `passthrough` leaves them out", metavar="A,B,..."),
     KeyDoc("keep_features", "`false`", "also copy the feature columns"),
-    KeyDoc("prediction_column", "`prediction`", "name of the output column", metavar="NAME"),
+    KeyDoc("prediction_column", "`prediction`",
+           "name of the output column; not with a model set, whose keys name its columns", metavar="NAME"),
     KeyDoc("activation", "`sigmoid`", "activation between layers: `sigmoid`, `relu`, `tanh`, `none`",
            choices=ACTIVATIONS),
     KeyDoc("output_activation", "`sigmoid`",
@@ -319,6 +354,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _model_set(value: Mapping[Any, Any]) -> dict[str, str]:
+    """A model set's {column name: model file}, checked: names and paths non-empty, at least one model."""
+    if not value:
+        raise ConfigError("'model' is an empty mapping: give a model file, or map column names to model files")
+    models = {}
+    for name, path in value.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"model set: key {name!r} must be a non-empty column name")
+        if not isinstance(path, (str, Path)) or not str(path).strip():
+            raise ConfigError(f"model set: {name!r} must map to a model file path or URI, got {path!r}")
+        models[name.strip()] = str(path).strip()
+    if len(models) != len(value):
+        raise ConfigError(f"model set: two keys name the same column: {list(value)}")
+    return models
 
 
 def _names(key: str, value: Any) -> tuple[str, ...] | None:

@@ -89,13 +89,20 @@ class Plan:
         """What the manifest records about the job, beside its shards."""
         cfg = self.config
         return {  # URIs with their secrets redacted: the manifest is no place for credentials
-            "model": {**self.model.to_dict(), "uri": redact(absolute(cfg.model))},
+            "model": self.model_record,
             "config": {k: redact(v) if isinstance(v, str) else v
                        for k, v in {**cfg.to_dict(), "catalog": catalog_record(cfg.catalog)}.items()},
             "settings": prediction_settings(cfg, self.columns),
             "columns": self.columns_record,
             "source": {**source_record(self.input, self.base), **self.input.record()},
         }
+
+    @property
+    def model_record(self) -> dict[str, Any]:
+        """The manifest's `model`: one model's spec and URI, or a set's digest and each member's (`workers.modelset`)."""
+        if self.config.model_set is not None:
+            return self.model.to_dict(uri=redact)
+        return {**self.model.to_dict(), "uri": redact(absolute(self.config.model))}
 
     @property
     def columns_record(self) -> dict[str, Any]:
@@ -107,7 +114,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         skipped = {s.id for s in self.skipped}
         return {
-            "model": self.model.to_dict(),
+            "model": self.model_record,
             "features": list(self.columns.features),
             "passthrough": list(self.columns.passthrough),
             "files": len(self.files),
@@ -199,14 +206,18 @@ def run(
         waited = 0.0
         chosen: list[float] = []  # the CPUs and GPUs each replica reserved
         if runnable:
+            members = p.model.members if cfg.model_set is not None else ()
             job = ReplicaJob(
-                model=absolute(cfg.model), model_sha256=p.model.sha256, input=p.input.uri,
+                model=members[0][1].uri if members else absolute(cfg.model), model_sha256=p.model.sha256,
+                input=p.input.uri,
                 output=absolute(cfg.output), features=p.columns.features, passthrough=p.columns.passthrough,
-                list_column=p.columns.list_column, width=p.columns.width, prediction_column=cfg.prediction_column,
+                list_column=p.columns.list_column, width=p.columns.width,
+                prediction_column=cfg.prediction_column or "",
                 keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
                 precision=cfg.precision, batch_size=cfg.batch_size, invalid_rows=cfg.invalid_rows,
                 cpus=cfg.cpus_per_replica or 1.0, rejected_dir=REJECTED_DIR, generation=recorder.generation,
                 categorical=p.columns.categorical, job_digest=job_digest(p.header),
+                models=tuple((name, spec.uri, spec.sha256) for name, spec in members),
             )
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
@@ -242,8 +253,9 @@ def run(
                         _restore_sigterm(sigterm)
 
                         view = observe(embedded=ray_session.embedded)
-                        check_shared_storage(cfg, view, {"model": job.model, "input": job.input,
-                                                         "output": job.output})
+                        check_shared_storage(cfg, view, {**{f"model {name!r}" if job.models else "model": uri
+                                                            for name, uri, _ in job.members},
+                                                         "input": job.input, "output": job.output})
                         resources = plan_replicas(cfg, len(runnable), view, p.model.layers)
                         job = dataclasses.replace(job, cpus=resources.num_cpus)
                         chosen[:] = [resources.num_cpus, resources.num_gpus]
@@ -346,7 +358,12 @@ def _prepare(cfg: JobConfig) -> Plan:
     check_output_path(output)
     check_output(cfg, output)
     _check_overlap(cfg, source, output)
-    model = inspect_model(absolute(cfg.model))
+    if cfg.model_set is None:
+        model = inspect_model(absolute(cfg.model))
+    else:
+        from workers.modelset import inspect_set
+
+        model = inspect_set({name: absolute(uri) for name, uri in cfg.model_set.items()}, inspect_model)
     model.check_categorical(cfg.categorical or ())
     with _refusals(output) as _:
         snapshot = _snapshot(output)
@@ -373,7 +390,7 @@ def _prepare(cfg: JobConfig) -> Plan:
     check_quarantine(columns, cfg.invalid_rows)  # also for columns reused from the manifest
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
-        state.check_compatible(model.sha256, settings, source_record(table, base), output.uri)
+        state.check_compatible(model.to_dict(), settings, source_record(table, base), output.uri)
     checked = [f if (error := check_file(f, columns)) == f.error else dataclasses.replace(f, error=error)
                for f in files]
     if all(f.error is not None for f in checked):
@@ -409,7 +426,8 @@ def _column_keys(cfg: JobConfig) -> dict[str, Any]:
     return {"features": list(cfg.features) if cfg.features else None,
             "passthrough": list(cfg.passthrough) if cfg.passthrough else None,
             **({"categorical": list(cfg.categorical)} if cfg.categorical else {}),
-            "keep_features": cfg.keep_features, "prediction_column": cfg.prediction_column}
+            "keep_features": cfg.keep_features, "prediction_column": cfg.prediction_column,
+            **({"prediction_columns": list(cfg.models)} if cfg.model_set is not None else {})}
 
 
 def _columns(
@@ -428,7 +446,7 @@ def _columns(
             same_keys = {k: recorded.get(k) for k in _column_keys(cfg)} == _column_keys(cfg)
             if recorded.get("source") == [f.rel, f.fingerprint] and same_keys and recorded["width"] == model.in_features:
                 columns = Columns(tuple(recorded["resolved_features"]), tuple(recorded["resolved_passthrough"]),
-                                  recorded["list_column"], recorded["width"], cfg.prediction_column,
+                                  recorded["list_column"], recorded["width"], cfg.prediction_column or "",
                                   cfg.keep_features, tuple(cfg.categorical or ()))
                 return columns, [f.rel, f.fingerprint], files
             read = read_schema(f, source)

@@ -92,7 +92,7 @@ class Columns:
     @property
     def written(self) -> list[str]:
         kept = self.features if self.keep_features else ()
-        return [*self.passthrough, *kept, self.prediction]
+        return [*self.passthrough, *kept, *([self.prediction] if self.prediction else [])]
 
 
 @dataclass(frozen=True)
@@ -364,17 +364,19 @@ def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) 
     if missing:
         raise InputError(f"passthrough column(s) {missing} not found in {source} (columns: {', '.join(names)})")
     written = passthrough + (features if cfg.keep_features else [])
-    if cfg.prediction_column in written:
-        raise ConfigError(
-            f"prediction_column {cfg.prediction_column!r} would overwrite an input column of the same name; "
-            f"choose another name or leave that column out of passthrough"
-        )
+    for name in cfg.models:
+        if name in written:
+            what = f"prediction_column {name!r}" if cfg.model_set is None else f"model set key {name!r} (its column)"
+            raise ConfigError(
+                f"{what} would overwrite an input column of the same name; "
+                f"choose another name or leave that column out of passthrough"
+            )
     for name in categorical:
         if name not in names or not pa.types.is_integer(schema.field(name).type):
             found = f"has type {schema.field(name).type}" if name in names else "is not there"
             raise InputError(f"categorical column {name!r} in {source} {found}; expected an integer column "
                              f"(columns: {', '.join(names)})")
-    columns = Columns(tuple(features), tuple(passthrough), list_column, width, cfg.prediction_column,
+    columns = Columns(tuple(features), tuple(passthrough), list_column, width, cfg.prediction_column or "",
                       cfg.keep_features, categorical)
     check_quarantine(columns, cfg.invalid_rows)
     return columns

@@ -322,25 +322,37 @@ class _Check:
 
         header = self.state.header
         settings = header.get("settings") or {}
-        try:
-            spec, mlp = load_model(header["model"]["uri"], activation=settings.get("activation", "sigmoid"),
-                                   output_activation=settings.get("output_activation", "sigmoid"),
-                                   device=torch.device("cpu"), precision=settings.get("precision", "fp32"))
-        except Exception as exc:
-            self.problems.append(f"cannot load the recorded model to recompute the sample: {exc}")
-            return
-        if spec.sha256 != header["model"]["sha256"]:
-            self.problems.append(f"the model file {header['model']['uri']} changed since the run "
-                                 f"(sha256 {spec.sha256[:12]}...); the sample cannot be recomputed")
-            return
+        record = header["model"]
+        members = list((record.get("models") or {}).items()) if record.get("format") == "set" else \
+            [(settings.get("prediction_column") or "prediction", record)]
+        models = []  # (column, model, its weights for the rounding bound or None)
+        limits: list[int | None] = []
+        for column, member in members:  # every model of a set is recomputed
+            try:
+                spec, mlp = load_model(member["uri"], activation=settings.get("activation", "sigmoid"),
+                                       output_activation=settings.get("output_activation", "sigmoid"),
+                                       device=torch.device("cpu"), precision=settings.get("precision", "fp32"))
+            except Exception as exc:
+                self.problems.append(f"cannot load the recorded model to recompute the sample: {exc}")
+                return
+            if spec.sha256 != member["sha256"]:
+                self.problems.append(f"the model file {member['uri']} changed since the run "
+                                     f"(sha256 {spec.sha256[:12]}...); the sample cannot be recomputed")
+                return
+            # An MLP's layers bound what rounding can do (`pipelines.rounding`); a program's cannot be read
+            # off its graph, so its sample is held to the fixed tolerance alone.
+            arrays = [(w.float().cpu().numpy(), None if b is None else b.float().cpu().numpy())
+                      for w, b in mlp.layers] if hasattr(mlp, "layers") else None
+            models.append((column, mlp, arrays))
+            for i, limit in enumerate(getattr(spec, "category_limits", ())):  # a code must fit every model
+                if i == len(limits):
+                    limits.append(limit)
+                elif limit is not None:
+                    limits[i] = limit if limits[i] is None else min(limit, limits[i])  # type: ignore[type-var]
         precision = settings.get("precision", "fp32")
         if precision not in _TOLERANCE:
             precision = "fp32"
-        # An MLP's layers bound what rounding can do (`pipelines.rounding`); a program's cannot be read
-        # off its graph, so its sample is held to the fixed tolerance alone.
-        arrays = [(w.float().cpu().numpy(), None if b is None else b.float().cpu().numpy())
-                  for w, b in mlp.layers] if hasattr(mlp, "layers") else None
-        columns = {**(header.get("columns") or {}), "category_limits": getattr(spec, "category_limits", ())}
+        columns = {**(header.get("columns") or {}), "category_limits": tuple(limits)}
         picks: dict[str, list[int]] = {}
         for entry in rng.choices(entries, weights=[e["rows_out"] for e in entries], k=count):
             picks.setdefault(entry["output"], []).append(rng.randrange(entry["rows_out"]))
@@ -350,7 +362,7 @@ class _Check:
             entry = self.state.files[path]
             try:
                 self._sample_shard(entry, sorted(set(rows)), source, source_info.get("base") or source.path,
-                                   settings, columns, mlp, arrays, precision)
+                                   settings, columns, models, precision)
             except _InputUnavailable as exc:  # an input that changed or can't be read: say so, precisely
                 self.notes.append(f"shard {entry['id']}: sample not recomputed ({exc})")
             except Exception as exc:  # the output file itself can't be read: its rows are lost to readers
@@ -359,8 +371,9 @@ class _Check:
                                      f"{entry['id']}")
 
     def _sample_shard(self, entry: Mapping[str, Any], rows: list[int], source: Location, base: str,
-                      settings: Mapping[str, Any], columns: Mapping[str, Any], mlp: Any,
-                      arrays: list[tuple[np.ndarray, np.ndarray | None]] | None, precision: str) -> None:
+                      settings: Mapping[str, Any], columns: Mapping[str, Any],
+                      models: list[tuple[str, Any, list[tuple[np.ndarray, np.ndarray | None]] | None]],
+                      precision: str) -> None:
         import torch
 
         from workers.categorical import category_codes
@@ -396,27 +409,29 @@ class _Check:
             if wrong is not None:
                 keep &= ~wrong
         kept = np.flatnonzero(keep)[rows]  # output row i is the i-th input row that was not quarantined
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(matrix[kept]))
-            want = (mlp(x, torch.from_numpy(codes[kept])) if categorical else mlp(x)).numpy()
         with self.output.fs.open_input_file(self.output.join(entry["output"])) as handle:
-            stored = pq.ParquetFile(handle).read(columns=[*passthrough, settings["prediction_column"]])
-        got = stored.column(settings["prediction_column"]).take(pa.array(rows)).to_pylist()
-        got_array = np.asarray(got, dtype=np.float32).reshape(len(rows), -1)
-        # Two correct forwards (the run's device and kernels, this CPU's) differ by their summation
-        # order: within a few unit roundoffs of the magnitudes summed, which un-normalised features make
-        # far larger than the prediction itself.
-        scale = 0.0 if arrays is None else rounding_scale(arrays, matrix[kept], settings.get("activation", "sigmoid"),
-                                                          settings.get("output_activation", "sigmoid"))
-        atol, rtol = _TOLERANCE[precision]
-        allowed = atol + rtol * np.abs(want.astype(np.float64)) + tolerance(scale, precision)
-        with np.errstate(invalid="ignore"):
-            close = (np.abs(got_array.astype(np.float64) - want) <= allowed) | (np.isnan(got_array) & np.isnan(want))
-        for i, row in enumerate(rows):
-            if not close[i].all():
-                self.problems.append(f"{entry['output']} row {row}: stored prediction {got_array[i].tolist()} != "
-                                     f"recomputed {want[i].tolist()} (input {entry['rel']} row "
-                                     f"{int(kept[i])} of shard {entry['id']})")
+            stored = pq.ParquetFile(handle).read(columns=[*passthrough, *(column for column, _, _ in models)])
+        x = torch.from_numpy(np.ascontiguousarray(matrix[kept]))
+        for column, mlp, arrays in models:
+            with torch.inference_mode():
+                want = (mlp(x, torch.from_numpy(codes[kept])) if categorical else mlp(x)).numpy()
+            got = stored.column(column).take(pa.array(rows)).to_pylist()
+            got_array = np.asarray(got, dtype=np.float32).reshape(len(rows), -1)
+            # Two correct forwards (the run's device and kernels, this CPU's) differ by their summation
+            # order: within a few unit roundoffs of the magnitudes summed, which un-normalised features make
+            # far larger than the prediction itself.
+            scale = 0.0 if arrays is None else rounding_scale(arrays, matrix[kept], settings.get("activation", "sigmoid"),
+                                                              settings.get("output_activation", "sigmoid"))
+            atol, rtol = _TOLERANCE[precision]
+            allowed = atol + rtol * np.abs(want.astype(np.float64)) + tolerance(scale, precision)
+            with np.errstate(invalid="ignore"):
+                close = (np.abs(got_array.astype(np.float64) - want) <= allowed) | (np.isnan(got_array) & np.isnan(want))
+            label = f" column {column!r}" if len(models) > 1 else ""
+            for i, row in enumerate(rows):
+                if not close[i].all():
+                    self.problems.append(f"{entry['output']} row {row}{label}: stored prediction {got_array[i].tolist()} "
+                                         f"!= recomputed {want[i].tolist()} (input {entry['rel']} row "
+                                         f"{int(kept[i])} of shard {entry['id']})")
         for name in passthrough:
             if stored.column(name).take(pa.array(rows)) != table.column(name).take(pa.array(kept)):
                 self.problems.append(f"{entry['output']}: passthrough column {name!r} differs from the input "

@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -53,16 +53,36 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
 
 
 class NumpyForward:
-    """`workers.device.Forward`'s CPU interface (`outputs`, `submit`) on numpy."""
+    """`workers.device.Forward`'s CPU interface (`outputs`, `each`, `submit`) on numpy.
+
+    `more`: the layers of a model set's other models; each chunk of rows goes through every model while it
+    is in cache, and the result holds their outputs side by side, in order.
+    """
 
     def __init__(self, layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str,
-                 output_activation: str) -> None:
-        self.layers = [(np.ascontiguousarray(w, dtype=np.float32),
-                        None if b is None else np.asarray(b, dtype=np.float32)[:, None]) for w, b in layers]
-        self.activations = [_ACTIVATIONS[activation]] * (len(layers) - 1) + [_ACTIVATIONS[output_activation]]
-        self.outputs = int(self.layers[-1][0].shape[0])
-        widest = max(int(w.shape[0]) for w, _ in self.layers)
+                 output_activation: str, *, more: Sequence[list[tuple[np.ndarray, np.ndarray | None]]] = ()) -> None:
+        self.models = [self._model(stack, activation, output_activation) for stack in (layers, *more)]
+        self.layers, self.activations = self.models[0]
+        self.each = [int(stack[-1][0].shape[0]) for stack, _ in self.models]
+        self.outputs = sum(self.each)
+        widest = max(int(w.shape[0]) for stack, _ in self.models for w, _ in stack)
         self.max_rows = min(65_536, max(1_024, _ACTIVATION_BYTES // (4 * widest)))
+        # A set's first layers all read the same features: stacked into one (sum of outputs, width) product,
+        # the chunk is read from memory once, not once per model (a set of 4 64-16-1 MLPs: 1.74x one model's
+        # run time unstacked).
+        self._first: tuple[np.ndarray, np.ndarray | None] | None = None
+        if len(self.models) > 1:
+            firsts = [stack[0] for stack, _ in self.models]
+            biases = [b if b is not None else np.zeros((w.shape[0], 1), np.float32) for w, b in firsts]
+            self._first = (np.ascontiguousarray(np.concatenate([w for w, _ in firsts])),
+                           None if all(b is None for _, b in firsts) else np.concatenate(biases))
+
+    @staticmethod
+    def _model(layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str, output_activation: str
+               ) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], list[Callable[[np.ndarray], None]]]:
+        stack = [(np.ascontiguousarray(w, dtype=np.float32),
+                  None if b is None else np.asarray(b, dtype=np.float32)[:, None]) for w, b in layers]
+        return stack, [_ACTIVATIONS[activation]] * (len(layers) - 1) + [_ACTIVATIONS[output_activation]]
 
     def submit(self, matrix: np.ndarray) -> Callable[[], np.ndarray]:
         """The (rows, outputs) float32 predictions of a (rows, width) batch (computed now; call to collect)."""
@@ -71,11 +91,24 @@ class NumpyForward:
         features = matrix.T  # (width, rows): C-contiguous when matrix is a stacked buffer's transpose
         with np.errstate(over="ignore", invalid="ignore"):
             for start in range(0, rows, self.max_rows):
-                h = features[:, start : start + self.max_rows]
-                for (weight, bias), activate in zip(self.layers, self.activations):
-                    h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
-                    if bias is not None:
-                        h += bias
-                    activate(h)
-                out[start : start + h.shape[1]] = h.T
+                chunk = features[:, start : start + self.max_rows]
+                first = None
+                if self._first is not None:  # every model's first layer in one product
+                    first = self._first[0] @ chunk
+                    if self._first[1] is not None:
+                        first += self._first[1]
+                column = row = 0
+                for stack, activations in self.models:
+                    h = chunk
+                    for index, ((weight, bias), activate) in enumerate(zip(stack, activations)):
+                        if index == 0 and first is not None:
+                            h = first[row : row + weight.shape[0]]  # this model's rows: a contiguous view
+                            row += weight.shape[0]
+                        else:
+                            h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
+                            if bias is not None:
+                                h += bias
+                        activate(h)
+                    out[start : start + h.shape[1], column : column + h.shape[0]] = h.T
+                    column += h.shape[0]
         return lambda: out

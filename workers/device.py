@@ -41,7 +41,7 @@ stream's work as late or as early as the events allow, on the CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -133,16 +133,18 @@ class _Slot:
 class _Result:
     """Call for a submitted batch's (rows, outputs) float32 predictions; waits for them on first call."""
 
-    __slots__ = ("_slot", "_out", "_done", "_value")
+    __slots__ = ("_slot", "_outs", "_done", "_value")
 
-    def __init__(self, slot: _Slot, out: torch.Tensor, done: Event) -> None:
-        self._slot, self._out, self._done = slot, out, done
+    def __init__(self, slot: _Slot, outs: list[torch.Tensor], done: Event) -> None:
+        self._slot, self._outs, self._done = slot, outs, done
         self._value: np.ndarray | None = None
 
     def __call__(self) -> np.ndarray:
         if self._value is None:
             self._done.synchronize()  # (4) the copy back into the pinned slot has landed
-            self._value = self._out.numpy().copy()  # the slot is written again by a later batch
+            # the slot is written again by a later batch: copied out (a set's models side by side)
+            self._value = self._outs[0].numpy().copy() if len(self._outs) == 1 else \
+                np.concatenate([out.numpy() for out in self._outs], axis=1)
             if self._slot.pending is self:
                 self._slot.pending = None
         return self._value
@@ -158,17 +160,21 @@ class Forward:
     """
 
     def __init__(
-        self, mlp: MLP | Program, width: int, capacity: int, device: torch.device, *, categories: int = 0,
-        streams: Streams | None = None,
+        self, mlp: MLP | Program | Sequence[MLP | Program], width: int, capacity: int, device: torch.device, *,
+        categories: int = 0, streams: Streams | None = None,
     ) -> None:
-        self.mlp = mlp
+        """`mlp`: one model, or a model set's models (each batch is staged and uploaded once, and every
+        model runs on that one copy; the result holds their outputs side by side, in order)."""
+        self.models = list(mlp) if isinstance(mlp, Sequence) else [mlp]
+        self.mlp = self.models[0]
         self.categories = categories
         self.width = width
         self.capacity = capacity
         self.device = device
         self.cuda = device.type == "cuda"
         self.streams: Streams | None = CudaStreams(device) if self.cuda and streams is None else streams
-        outputs = mlp.outputs
+        self.each = [model.outputs for model in self.models]  # outputs per model
+        outputs = sum(self.each)
         pin = self.cuda
         # Flat storage: the first width*rows values viewed as (width, rows) are contiguous for any rows.
         self._slots = [
@@ -182,8 +188,9 @@ class Forward:
         # Rows per forward pass. CPU: the widest activation stays ~4 MiB, in cache (measured
         # 2.4x faster than 256k-row passes for 64-256-256-1, ~1.3x for 64-16-1). CUDA: the
         # whole batch, halved on out-of-memory.
-        cpu_rows = min(65_536, max(1_024, _CPU_ACTIVATION_BYTES // (4 * mlp.widest)))
-        self.max_rows = min(capacity if self.cuda else cpu_rows, mlp.max_batch or capacity)
+        cpu_rows = min(65_536, max(1_024, _CPU_ACTIVATION_BYTES // (4 * max(m.widest for m in self.models))))
+        limits = [m.max_batch for m in self.models if m.max_batch]
+        self.max_rows = min(capacity if self.cuda else cpu_rows, *limits, capacity)
 
     def buffer(self, rows: int) -> np.ndarray:
         """The next slot's host buffer as a contiguous (width, rows) float32 array, free to fill."""
@@ -205,7 +212,7 @@ class Forward:
         self._next = 1 - self._next
         if self.streams is None:  # CPU: synchronous, straight from the caller's matrix
             out = np.empty((rows, self.outputs), dtype=np.float32)
-            self._run(torch.from_numpy(matrix), torch.from_numpy(out),
+            self._run(torch.from_numpy(matrix), self._columns(torch.from_numpy(out)),
                       None if codes is None else torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64)))
             return lambda: out
         if rows > self.capacity:
@@ -221,18 +228,31 @@ class Forward:
             staged = slot.codes[: rows * self.categories].view(rows, self.categories)  # pinned
             staged.numpy()[...] = codes
         slot.free_out()
-        out = slot.out[: rows * self.outputs].view(rows, self.outputs)  # pinned
+        # pinned; one contiguous (rows, k) block per model, so each copy back is one plain copy
+        outs, start = [], 0
+        for k in self.each:
+            outs.append(slot.out[start : start + rows * k].view(rows, k))
+            start += rows * k
         features, slot.uploaded = self.streams.upload(host)  # (width, rows) on the device
         device_codes = None
         if staged is not None:  # same copy stream, after the features: its event covers both uploads
             device_codes, slot.uploaded = self.streams.upload(staged)
         # features.T: (rows, width), a transposed view, no copy
-        done = self.streams.compute(lambda: self._run(features.T, out, device_codes), slot.uploaded)
-        slot.pending = result = _Result(slot, out, done)
+        done = self.streams.compute(lambda: self._run(features.T, outs, device_codes), slot.uploaded)
+        slot.pending = result = _Result(slot, outs, done)
         return result
 
-    def _run(self, features: torch.Tensor, out: torch.Tensor, codes: torch.Tensor | None = None) -> None:
-        """Forward (rows, width) features into `out` (rows, outputs), `max_rows` rows per pass.
+    def _columns(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """Each model's columns of a (rows, outputs) result."""
+        views, start = [], 0
+        for k in self.each:
+            views.append(out[:, start : start + k])
+            start += k
+        return views
+
+    def _run(self, features: torch.Tensor, outs: list[torch.Tensor], codes: torch.Tensor | None = None) -> None:
+        """Forward (rows, width) features into each model's `outs` (rows, k), `max_rows` rows per pass
+        (every model over a chunk before the next chunk: the chunk's features stay in cache).
 
         On CPU `max_rows` keeps activations in cache; on CUDA it starts at the
         whole batch and halves on out-of-memory (chunks already written are simply
@@ -243,9 +263,10 @@ class Forward:
                 with torch.inference_mode():
                     for start in range(0, len(features), self.max_rows):
                         stop = start + self.max_rows
-                        result = self.mlp(features[start:stop]) if codes is None else \
-                            self.mlp(features[start:stop], codes[start:stop])
-                        out[start:stop].copy_(result, non_blocking=self.cuda)
+                        for model, out in zip(self.models, outs):
+                            result = model(features[start:stop]) if codes is None else \
+                                model(features[start:stop], codes[start:stop])
+                            out[start:stop].copy_(result, non_blocking=self.cuda)
                 return
             except torch.cuda.OutOfMemoryError:
                 if self.max_rows <= _MIN_GPU_ROWS:

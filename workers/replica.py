@@ -67,6 +67,12 @@ class ReplicaJob:
     generation: int = 1  # of the journal records this run writes
     categorical: tuple[str, ...] = ()  # integer columns fed to a .pt2 program as (rows, k) int64 codes
     job_digest: str = ""  # of the run's header (model sha256, prediction settings, input): ties commits to it
+    models: tuple[tuple[str, str, str], ...] = ()  # a model set: (column, model URI, sha256) per model
+
+    @property
+    def members(self) -> tuple[tuple[str, str, str], ...]:
+        """(prediction column, model URI, sha256) of each model this job scores: a set's, or the one model's."""
+        return self.models or ((self.prediction_column, self.model, self.model_sha256),)
 
 
 class State(enum.Enum):
@@ -157,18 +163,30 @@ class Replica:
                            self.index, self.gpu_ids)
         if device.type == "cuda" and job.precision == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
-        spec, model = load_model(job.model, activation=job.activation, output_activation=job.output_activation,
-                                 device=device, precision=job.precision)
-        self._check_unchanged(spec.sha256)
-        spec.check_categorical(job.categorical)  # as the driver checked: the same bytes
-        self._category_limits = getattr(spec, "category_limits", ())
+        loaded = []
+        for _, uri, sha256 in job.members:  # a set's models on the same device: one upload feeds them all
+            spec, model = load_model(uri, activation=job.activation, output_activation=job.output_activation,
+                                     device=device, precision=job.precision)
+            self._check_unchanged(uri, sha256, spec.sha256)
+            spec.check_categorical(job.categorical)  # as the driver checked: the same bytes
+            loaded.append((spec, model))
+        if len(loaded) == 1:
+            spec = loaded[0][0]
+            self._category_limits = getattr(spec, "category_limits", ())
+        else:
+            from workers.modelset import ModelSet
+
+            spec = ModelSet(tuple((member[0], each) for member, (each, _) in zip(job.members, loaded)))
+            self._category_limits = spec.category_limits
         if device.type == "cpu":
             self._torch_threads = torch.get_num_threads()  # put back on close (the driver lane's are its caller's)
             torch.set_num_threads(torch_threads(job.cpus, spec.layers))
         self.device = str(device)
         logger.info("[replica %d] %s model loaded on %s (%s), batch_size=%d", self.index, spec.format, self.host,
                     device, self.batch_size)
-        return Forward(model, job.width, self.batch_size, device, categories=len(job.categorical))
+        models = [model for _, model in loaded]
+        return Forward(models if len(models) > 1 else models[0], job.width, self.batch_size, device,
+                       categories=len(job.categorical))
 
     def _load_without_torch(self) -> NumpyForward | None:
         """The driver lane's forward pass on numpy (`workers.cpu_forward`), or None when only torch can load it.
@@ -179,18 +197,21 @@ class Replica:
         from workers.modelfile import read_model_bytes, read_weights
 
         job = self.job
-        data = read_model_bytes(job.model)
-        self._check_unchanged(hashlib.sha256(data).hexdigest())
-        layers = read_weights(data, job.model)
-        if layers is None:
-            return None
-        logger.info("[replica %d] model loaded on %s (cpu, numpy), batch_size=%d", self.index, self.host,
-                    self.batch_size)
-        return NumpyForward(layers, job.activation, job.output_activation)
+        stacks = []
+        for _, uri, sha256 in job.members:
+            data = read_model_bytes(uri)
+            self._check_unchanged(uri, sha256, hashlib.sha256(data).hexdigest())
+            layers = read_weights(data, uri)
+            if layers is None:  # every model of a set on numpy, or all on torch
+                return None
+            stacks.append(layers)
+        logger.info("[replica %d] %d model(s) loaded on %s (cpu, numpy), batch_size=%d", self.index, len(stacks),
+                    self.host, self.batch_size)
+        return NumpyForward(stacks[0], job.activation, job.output_activation, more=stacks[1:])
 
-    def _check_unchanged(self, sha256: str) -> None:
-        if sha256 != self.job.model_sha256:
-            raise ModelError(f"model {self.job.model!r} changed since the run was planned (sha256 {sha256[:12]}...)")
+    def _check_unchanged(self, uri: str, planned: str, sha256: str) -> None:
+        if sha256 != planned:
+            raise ModelError(f"model {uri!r} changed since the run was planned (sha256 {sha256[:12]}...)")
 
     @property
     def forward(self) -> Forward | NumpyForward:
@@ -278,8 +299,9 @@ class Replica:
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches, contextlib.ExitStack() as files:
             forward = self.forward  # the first shard's batches decode while the model loads
-            prediction = pa.field(job.prediction_column, prediction_type(forward.outputs))
-            out_schema = output_schema(schema, written, [prediction])
+            predictions = [pa.field(column, prediction_type(k)) for (column, _, _), k in zip(job.members, forward.each)]
+            out_schema = output_schema(schema, written, predictions)
+            splits = np.cumsum([0, *forward.each])
             writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema))
             # With several CPUs the output is encoded and compressed on a thread of its own, overlapping
             # the next batch's forward pass; with one, in line.
@@ -287,7 +309,9 @@ class Replica:
 
             def write(data: pa.RecordBatch, result: Callable[[], np.ndarray]) -> int:
                 arrays = [data.column(name) for name in written]
-                batch = pa.RecordBatch.from_arrays([*arrays, prediction_array(result())], schema=out_schema)
+                values = result()  # (rows, outputs): each model's columns side by side
+                arrays += [prediction_array(values[:, a:b]) for a, b in zip(splits[:-1], splits[1:])]
+                batch = pa.RecordBatch.from_arrays(arrays, schema=out_schema)
                 background.run(writer.write, batch)
                 return data.num_rows
 
