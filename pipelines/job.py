@@ -400,6 +400,14 @@ def _prepare(cfg: JobConfig) -> Plan:
     claims = {**{path: "" for path in foreign}, **state.claims(listed_rels, keep_vanished=keep_vanished)}
     shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
     reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listed_rels, prune=cfg.prune)
+    if reconciled.kept and table.removal_rewrites_rows:
+        removed = sorted({state.files[path]["rel"] for path in reconciled.kept})
+        raise OutputConflictError(
+            f"{table.name} ({', '.join(f'{k} {v}' for k, v in table.record().items())}) no longer holds "
+            f"{len(removed)} data file(s) whose rows {output.uri!r} already scored, e.g. {removed[0]!r}: a delete, "
+            f"update or compaction removed or rewrote them. Set prune to drop their predictions (rows rewritten "
+            f"into other files are scored again), or overwrite to score the table afresh"
+        )
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source, table)
 

@@ -19,7 +19,7 @@ from deltalake import DeltaTable, write_deltalake
 
 import pipelines
 from pipelines.commit import MANIFEST, SUCCESS
-from pipelines.errors import ConfigError, InputError
+from pipelines.errors import ConfigError, InputError, OutputConflictError
 
 FEATURES = 4
 
@@ -176,3 +176,28 @@ def test_catalog_key_is_a_mapping_kept_without_its_secrets(tmp_path: Path) -> No
 
     assert catalog_record({"type": "glue", "s3.secret-access-key": "SK", "token": "T"}) == {
         "type": "glue", "s3.secret-access-key": "REDACTED", "token": "REDACTED"}
+
+
+def test_a_delete_of_scored_rows_is_refused_until_prune_or_overwrite(tmp_path: Path) -> None:
+    """A table's delete rewrites a scored file: keeping the old file's predictions beside the rewritten
+    file's would score its surviving rows twice (and keep the deleted ones), so the run stops (exit 2)."""
+    table = tmp_path / "delta"
+    write_deltalake(str(table), rows(0, 3000, 1))
+    write_deltalake(str(table), rows(3000, 6000, 2), mode="append")
+    model = save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=3)
+    out = tmp_path / "out"
+    job = {"model": str(tmp_path / "m.pt"), "input": str(table), "output": str(out), "shard_rows": 1000}
+    assert run(**job).rows_out == 6000
+    DeltaTable(str(table)).delete("id >= 1000 AND id < 1500")  # rewrites the first append's file (version 2)
+    before = sorted(p.name for p in out.rglob("*") if p.is_file())
+
+    with pytest.raises(OutputConflictError, match=r"\(format delta, version 2\) no longer holds 1 data file.*prune"):
+        run(**job)
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == before  # nothing written
+    refused = cli("run", "--model", job["model"], "--input", job["input"], "--output", job["output"])
+    assert refused.returncode == 2 and "version 2" in refused.stderr
+
+    report = run(**job, prune=True)
+    assert report.status == "succeeded" and report.complete and (out / SUCCESS).exists()
+    check_scored(out, model, DeltaTable(str(table)).to_pyarrow_table())  # 5,500 live rows, each once
+    assert cli("verify", str(out)).returncode == 0

@@ -43,6 +43,10 @@ class Source(ABC):
     """The input of a job: where its data files live and which of them hold live rows."""
 
     format: str  # "parquet", "delta", "iceberg"
+    # Whether a data file that leaves the input took its rows with it (a table's delete, update or compaction:
+    # they are gone, or rewritten into other files), rather than aged out (a Parquet partition): then the kept
+    # predictions of a removed file would stand beside those of its rewritten rows.
+    removal_rewrites_rows: bool = True
     location: Location  # where the data files are read from (the planner's and the replicas' filesystem)
     uri: str  # what replicas resolve to read `DataFile.path` (a URI or absolute local path)
     name: str  # the input as the user named it (messages, the manifest)

@@ -11,6 +11,7 @@ class ParquetSource(Source):
     """Every visible file under the input, listed; its fingerprint is size + modification time."""
 
     format = "parquet"
+    removal_rewrites_rows = False  # a vanished file aged out: its predictions are kept unless prune
 
     def __init__(self, location: Location, uri: str) -> None:
         self.location, self.uri, self.name = location, uri, location.uri
