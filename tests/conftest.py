@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -133,3 +134,25 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
                 process.wait(timeout=5)
                 return
             time.sleep(0.5)
+
+
+def fake_autoscaler_config(address: str, worker_types: dict[str, Any]) -> dict[str, Any]:
+    """An autoscaling config for Ray's `fake_multinode` provider: a head of 0 CPUs and `worker_types`,
+    at most 3 workers, scaled up at once and down after 6 s idle (nodes are processes on this machine)."""
+    return {
+        "cluster_name": "fake-gpus",
+        "max_workers": 3,
+        "upscaling_speed": 10.0,
+        "idle_timeout_minutes": 0.1,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": address},
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                                 **worker_types},
+        "head_node_type": "ray.head.default",
+        **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
+                               "setup_commands", "head_setup_commands", "worker_setup_commands",
+                               "head_start_ray_commands", "worker_start_ray_commands")},
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+    }

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import ray
 import yaml
-from conftest import REPO, cli, read_output, save_mlp, stop_group, write_files
+from conftest import REPO, cli, fake_autoscaler_config, read_output, save_mlp, stop_group, write_files
 from ray.experimental.internal_kv import _internal_kv_get
 
 import pipelines
@@ -45,33 +45,13 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _config(address: str, worker_types: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "cluster_name": "fake-gpus-from-zero",
-        "max_workers": 3,
-        "upscaling_speed": 10.0,
-        "idle_timeout_minutes": 0.1,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                     "disable_launch_config_check": True, "gcs_address": address},
-        "auth": {"ssh_user": "ubuntu"},
-        "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-                                 **worker_types},
-        "head_node_type": "ray.head.default",
-        **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
-                               "setup_commands", "head_setup_commands", "worker_setup_commands",
-                               "head_start_ray_commands", "worker_start_ray_commands")},
-        "file_mounts": {},
-        "file_mounts_sync_continuously": False,
-    }
-
-
 class Head:
     def __init__(self, address: str, config: Path) -> None:
         self.address, self.config = address, config
 
     def node_types(self, worker_types: dict[str, Any]) -> None:
         """Replace the worker node types (the autoscaler reads the file again on its next update)."""
-        self.config.write_text(yaml.safe_dump(_config(self.address, worker_types)))
+        self.config.write_text(yaml.safe_dump(fake_autoscaler_config(self.address, worker_types)))
 
 
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 180.0) -> None:

@@ -22,32 +22,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, cli, read_output, save_mlp, stop_group, write_files
+from conftest import REPO, cli, fake_autoscaler_config, read_output, save_mlp, stop_group, write_files
 
 pytestmark = pytest.mark.cluster
 RAY = str(Path(sys.executable).with_name("ray"))
 ADDRESS = "127.0.0.1:6379"
 ENV = {"RAY_AUTH_MODE": "token"}
 
-AUTOSCALING = {
-    "cluster_name": "fake-gpus",
-    "max_workers": 3,
-    "upscaling_speed": 10.0,
-    "idle_timeout_minutes": 0.1,
-    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                 "disable_launch_config_check": True, "gcs_address": ADDRESS},
-    "auth": {"ssh_user": "ubuntu"},
-    "available_node_types": {
-        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-        "gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 3},
-    },
-    "head_node_type": "ray.head.default",
-    **{key: [] for key in ("cluster_synced_files", "rsync_exclude", "rsync_filter", "initialization_commands",
-                           "setup_commands", "head_setup_commands", "worker_setup_commands",
-                           "head_start_ray_commands", "worker_start_ray_commands")},
-    "file_mounts": {},
-    "file_mounts_sync_continuously": False,
-}
+AUTOSCALING = fake_autoscaler_config(ADDRESS, {
+    "gpu": {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 3},
+})
 
 
 def _python(code: str) -> str:
