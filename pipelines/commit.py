@@ -67,6 +67,9 @@ def prediction_settings(cfg: JobConfig, columns: Columns) -> dict[str, Any]:
     }
 
 
+SOURCE_IDENTITY = ("input", "base")  # what in the header's `source` names the input (a table's snapshot does not)
+
+
 def job_digest(header: Mapping[str, Any]) -> str:
     """The identity of the job that makes an output's predictions: model sha256, prediction settings, input.
 
@@ -75,7 +78,7 @@ def job_digest(header: Mapping[str, Any]) -> str:
     """
     source = header.get("source") or {}  # which input; a table's snapshot scored is no part of the job
     key = {"model": (header.get("model") or {}).get("sha256"), "settings": header.get("settings"),
-           "source": {k: source.get(k) for k in ("input", "base")}}
+           "source": {k: source.get(k) for k in SOURCE_IDENTITY}}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -276,7 +279,7 @@ class State:
             if old.get(key) != value:
                 problems.append(f"{key}: {old.get(key)!r} -> {value!r}")
         recorded = self.header.get("source") or {}
-        for key in ("input", "base"):
+        for key in SOURCE_IDENTITY:
             if recorded.get(key) is not None and recorded[key] != source.get(key):
                 problems.append(f"{key}: {recorded[key]!r} -> {source.get(key)!r}")
         if problems:
@@ -420,6 +423,7 @@ class Recorder:
         self.header = dict(header)
         self.shards = {s.id: s for s in shards}
         self.order = [s.id for s in shards]
+        self.digest = job_digest(self.header)  # what this run's replicas write into their commit records
         self.kept = set(kept)  # files of vanished inputs that stay committed (no prune)
         self.foreign = list(foreign)  # data files batch-infer did not write: the output is not complete
         self.generation = max(state.generation, state.journal.newest) + 1
@@ -429,21 +433,19 @@ class Recorder:
         self._last_flush = time.monotonic()
         self._confirmed: set[str] = set()
 
-    @property
-    def digest(self) -> str:
-        """The digest this run's replicas write into their commit records."""
-        return job_digest(self.header)
-
     def begin(self, *, overwrite: bool, stale: Sequence[str] = ()) -> None:
         """The run's first records, before any shard is dispatched: its header (and whether it overwrites,
         which demotes every earlier entry), then the entries it found stale (an older version of an input
         file): never reused, even when this run stops short."""
         self.state.begin(self.header, overwrite=overwrite)
         self.segments.add({"op": "begin", "header": self.header, "overwrite": overwrite})
-        stale = [path for path in stale if path in self.state.files]
-        if stale:
-            self.segments.add({"op": "retire", "paths": stale})
-            for path in stale:
+        self._retire([path for path in stale if path in self.state.files])
+
+    def _retire(self, paths: Sequence[str]) -> None:
+        """Entries never reused again: journalled, then their files go when a run completes."""
+        if paths:
+            self.segments.add({"op": "retire", "paths": list(paths)})
+            for path in paths:
                 self.state.retire(path)
 
     def committed(self, entry: Mapping[str, Any], token: str, attempts: int) -> None:
@@ -474,11 +476,7 @@ class Recorder:
     def finish(self) -> bool:
         """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
         self._settle_unconfirmed()
-        stale = [p for p in self.state.files if not self._current(p)]
-        if stale:  # never reused: deleted when a run completes
-            self.segments.add({"op": "retire", "paths": stale})
-            for path in stale:
-                self.state.retire(path)
+        self._retire([p for p in self.state.files if not self._current(p)])
         if self._planned_complete() and self.state.retiring:
             self.flush(force=True)  # the journal says they go before they go
             for path in sorted(self.state.retiring):
@@ -524,7 +522,7 @@ class Recorder:
         entries = []
         for entry in self.state.files.values():
             entries.append({**entry, "status": COMMITTED})
-        held = {e["id"] for e in entries if e["status"] == COMMITTED}
+        held = {e["id"] for e in entries}
         for shard_id in self.order:
             if shard_id in held:
                 continue

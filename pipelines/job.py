@@ -21,7 +21,6 @@ from pipelines.commit import (
     Recorder,
     State,
     foreign_files,
-    job_digest,
     output_listing,
     prediction_settings,
     reconcile,
@@ -216,7 +215,7 @@ def run(
                 keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
                 precision=cfg.precision, batch_size=cfg.batch_size, invalid_rows=cfg.invalid_rows,
                 cpus=cfg.cpus_per_replica or 1.0, rejected_dir=REJECTED_DIR, generation=recorder.generation,
-                categorical=p.columns.categorical, job_digest=job_digest(p.header),
+                categorical=p.columns.categorical, job_digest=recorder.digest,
                 models=tuple((name, spec.uri, spec.sha256) for name, spec in members),
             )
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)

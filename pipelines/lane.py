@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipelines.attempts import STALLED, STORAGE, attempts_error, default_timeout
 from pipelines.errors import StorageError
 from pipelines.plan import DEFAULT_SHARD_ROWS, Shard
 from workers.replica import Replica, ReplicaJob, State
@@ -31,11 +32,6 @@ logger = logging.getLogger(__name__)
 
 LANE_INDEX = -1  # the lane's replica index in results and timelines (Ray replicas count from 0)
 LANE_MAX_ROWS = DEFAULT_SHARD_ROWS  # at most one default shard's worth of rows
-# The default shard timeout, as `pipelines.schedule` has it for Ray replicas (not imported: it imports Ray):
-# max(floor, factor x the slowest seconds per row seen x the shard's rows).
-TIMEOUT_FLOOR_SECONDS = 600.0
-TIMEOUT_FACTOR = 10.0
-STALLED = "replica stalled"
 
 
 def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[[Shard, dict[str, Any]], None],
@@ -85,9 +81,7 @@ class _Lane:
         self._slowest = 0.0  # seconds per row of the slowest committed shard
 
     def timeout(self, shard: Shard) -> float:
-        if self.shard_timeout is not None:
-            return self.shard_timeout
-        return max(TIMEOUT_FLOOR_SECONDS, TIMEOUT_FACTOR * self._slowest * shard.rows_in)
+        return default_timeout(self.shard_timeout, self._slowest, shard.rows_in)
 
     def process(self, shard: Shard) -> tuple[dict[str, Any], str]:
         """One shard's result, and the error that stops the lane ("" when it goes on)."""
@@ -99,10 +93,10 @@ class _Lane:
                 result = self._attempt(shard, limit)
             except StorageError as exc:  # transient storage: retried like on a Ray replica
                 logger.warning("driver: storage error on shard %s (attempt %d): %s", shard.id, attempts, exc)
-                kinds.append("storage error")
+                kinds.append(STORAGE)
                 if attempts < self.max_attempts:
                     continue
-                return shard.failed(attempts, _error(kinds, attempts, f"{exc}")), ""
+                return shard.failed(attempts, attempts_error(kinds, attempts, f"{exc}")), ""
             except Exception as exc:  # not the shard's fault: the model does not load here, or a bug
                 error = f"{type(exc).__name__}: {exc}"
                 logger.error("driver: shard %s: %s", shard.id, error)
@@ -118,7 +112,7 @@ class _Lane:
                 kinds.append(STALLED)
                 if attempts < self.max_attempts:
                     continue
-                return shard.failed(attempts, _error(kinds, attempts, reason)), ""
+                return shard.failed(attempts, attempts_error(kinds, attempts, reason)), ""
             if result.get("status") == "committed" and "started" in result and "finished" in result:
                 seconds = max(0.0, result["finished"] - result["started"])
                 self._slowest = max(self._slowest, seconds / max(1, shard.rows_in))
@@ -163,10 +157,3 @@ class _Lane:
                              "busy_seconds": stats["busy_seconds"], "peak_rss_bytes": stats["peak_rss_bytes"],
                              "ended": ended})
 
-
-def _error(kinds: list[str], attempts: int, reason: str) -> str:
-    """A failed shard's error, worded as the Ray scheduler words it."""
-    distinct = list(dict.fromkeys(kinds))
-    if len(distinct) == 1:
-        return f"{distinct[0]} on each of {attempts} attempt(s): {reason}"
-    return f"{', '.join(distinct)} over {attempts} attempt(s) (last: {reason})"

@@ -36,6 +36,7 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from pipelines.attempts import DIED, STALLED, STORAGE, attempts_error, default_timeout
 from pipelines.cluster import AutoscalerRequest, ReplicaResources
 from pipelines.errors import ModelError, ResourceError, StorageError
 from pipelines.metrics import RunMetrics
@@ -55,12 +56,6 @@ _INFRA_ERRORS = (
     ray.exceptions.ActorUnschedulableError,
 )
 
-# Default shard timeout: max(floor, factor x slowest observed seconds per row x the shard's rows).
-# The floor covers a first shard that includes importing torch and loading the model.
-TIMEOUT_FLOOR_SECONDS = 600.0
-TIMEOUT_FACTOR = 10.0
-
-DIED, STALLED, STORAGE = "replica died", "replica stalled", "storage error"
 
 OnResult = Callable[[Shard, dict[str, Any]], None]
 
@@ -219,9 +214,7 @@ class Scheduler:
             self._lost(slot, STALLED, f"replica {slot.index} held it for more than {limit:g} s (shard_timeout)")
 
     def _timeout(self, shard: Shard) -> float:
-        if self.shard_timeout is not None:
-            return self.shard_timeout
-        return max(TIMEOUT_FLOOR_SECONDS, TIMEOUT_FACTOR * self._slowest * shard.rows_in)
+        return default_timeout(self.shard_timeout, self._slowest, shard.rows_in)
 
     def _next_deadline(self) -> float:
         """Seconds to wait for a result: at most 1 s, less when a shard's timeout is nearer."""
@@ -254,12 +247,7 @@ class Scheduler:
             self._pending.appendleft(shard)
             self.metrics.shard_retried()
             return
-        kinds = list(dict.fromkeys(self._failures[shard.id]))
-        if len(kinds) == 1:
-            error = f"{kinds[0]} on each of {attempts} attempt(s): {reason}"
-        else:
-            error = f"{', '.join(kinds)} over {attempts} attempt(s) (last: {reason})"
-        self._on_result(shard, shard.failed(attempts, error))
+        self._on_result(shard, shard.failed(attempts, attempts_error(self._failures[shard.id], attempts, reason)))
 
     def _stuck(self) -> str | None:
         """Why no replica can run the remaining shards, or None while one can (or still may)."""

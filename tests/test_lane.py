@@ -163,7 +163,9 @@ def test_a_read_that_hangs_in_the_lane_costs_its_shard_after_shard_timeout(
 
 
 def test_the_lanes_default_shard_timeout_is_the_schedulers() -> None:
-    from pipelines import schedule
+    from pipelines import attempts, schedule
 
-    assert (pipelines.lane.TIMEOUT_FLOOR_SECONDS, pipelines.lane.TIMEOUT_FACTOR) == \
-        (schedule.TIMEOUT_FLOOR_SECONDS, schedule.TIMEOUT_FACTOR)
+    assert pipelines.lane.default_timeout is schedule.default_timeout is attempts.default_timeout  # one policy
+    assert attempts.default_timeout(None, 0.0, 1000) == attempts.TIMEOUT_FLOOR_SECONDS == 600.0
+    assert attempts.default_timeout(None, 0.01, 10_000) == attempts.TIMEOUT_FACTOR * 0.01 * 10_000 == 1000.0
+    assert attempts.default_timeout(7.0, 0.01, 10_000) == 7.0
