@@ -58,7 +58,7 @@ def _run(model: str | dict[str, str], data: Path, out: Path, *, numpy_forward: b
     """(wall, CPU) seconds of one whole run in this process: plan, load, every shard read, predicted, written,
     committed. The CPU seconds (all threads) are the steadier figure on a shared machine."""
     import pipelines
-    from pipelines.storage import absolute
+    from basis.storage import absolute
     from workers.replica import Replica, ReplicaJob
 
     shutil.rmtree(out, ignore_errors=True)

@@ -50,7 +50,7 @@ def _make(root: Path, rows: int, files: int) -> tuple[Path, Path, Path]:
 def _run(model: Path, data: Path, out: Path, *, numpy_forward: bool, cpus: float) -> float:
     """Rows per second of every shard of `data`, run in this process."""
     import pipelines
-    from pipelines.storage import absolute
+    from basis.storage import absolute
     from workers.replica import Replica, ReplicaJob
 
     shutil.rmtree(out, ignore_errors=True)

@@ -42,7 +42,7 @@ def profile(workload: str = "data", scale: float = 0.25) -> dict[str, Any]:
 
     from pipelines.config import JobConfig
     from pipelines.job import _prepare
-    from pipelines.storage import resolve
+    from basis.storage import resolve
     from workers.device import Forward
     from workers.model import MLP, read_model
     from workers.reader import feature_matrix, invalid_rows, iter_batches, open_parquet

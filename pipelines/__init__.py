@@ -5,7 +5,7 @@
 """
 
 from pipelines.config import JobConfig
-from pipelines.errors import (
+from basis.errors import (
     BatchInferError,
     ClusterConnectError,
     ConfigError,

@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from pipelines.config import BOOL_KEYS, KEY_DOCS, LIST_KEYS, JobConfig, KeyDoc, read_yaml
-from pipelines.errors import BatchInferError, ConfigError, StorageError
-from pipelines.storage import redact
+from basis.errors import BatchInferError, ConfigError, StorageError
+from basis.storage import redact
 
 EXIT_OK, EXIT_FAILED_SHARDS, EXIT_INVALID, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -219,7 +219,7 @@ def _model_shape(record: dict[str, Any]) -> str:
 
 def _status(args: argparse.Namespace) -> int:
     from pipelines.commit import COMMITTED, MANIFEST, SUCCESS, State
-    from pipelines.storage import resolve
+    from basis.storage import resolve
 
     output = resolve(args.output)
     state = State.load(output)  # the manifest with the journal of a running or killed run applied
@@ -276,7 +276,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 class _Redacting(logging.Formatter):
-    """Log lines with the secrets of any URI in them redacted (`pipelines.storage.redact`)."""
+    """Log lines with the secrets of any URI in them redacted (`basis.storage.redact`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.config import JobConfig
-from pipelines.errors import ClusterConnectError, ConfigError, ResourceError
-from pipelines.storage import Location, delete_file, read_bytes, write_bytes_atomic
+from basis.errors import ClusterConnectError, ConfigError, ResourceError
+from basis.storage import Location, delete_file, read_bytes, write_bytes_atomic
 from workers.modelfile import forward_share
 
 logger = logging.getLogger(__name__)

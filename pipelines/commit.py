@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.config import JobConfig
-from pipelines.errors import OutputConflictError
+from basis.errors import OutputConflictError
 from pipelines.journal import Journal, SegmentWriter, clear_journal, read_journal
 from pipelines.manifest import COMMITTED, FAILED, FORMAT, MANIFEST, PENDING, SUPERSEDED, load_manifest
 from pipelines.plan import Columns, Shard, Span
-from pipelines.storage import (
+from basis.storage import (
     Location,
     delete_file,
     existing_infos,

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pipelines.errors import ConfigError
+from basis.errors import ConfigError
 
 ACTIVATIONS = ("sigmoid", "relu", "tanh", "none")
 OUTPUT_ACTIVATIONS = (*ACTIVATIONS, "softmax")

@@ -27,7 +27,7 @@ from pipelines.commit import (
     remove_success,
 )
 from pipelines.config import JobConfig
-from pipelines.errors import ConfigError, InputError, OutputConflictError
+from basis.errors import ConfigError, InputError, OutputConflictError
 from pipelines.journal import journal_names
 from pipelines.lock import OutputLock
 from pipelines.plan import (
@@ -44,7 +44,7 @@ from pipelines.plan import (
 )
 from pipelines.report import Progress, RunReport
 from pipelines.tables import Source, catalog_record, check_output, open_source
-from pipelines.storage import (
+from basis.storage import (
     Location,
     absolute,
     check_output_path,

@@ -37,23 +37,11 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.storage import Location, delete_file, read_bytes, write_bytes_atomic
+from basis.record import JOURNAL_DIR
+from basis.storage import Location, delete_file, read_bytes, write_bytes_atomic
 
-JOURNAL_DIR = "_journal"
 _NAME = re.compile(r"^g(\d{6,})-([cd])-([0-9a-f]+)\.json$")
 _READ_THREADS = 16
-
-
-def commit_path(output: Location, generation: int, token: str) -> str:
-    """Where a replica writes the record of one commit attempt."""
-    return output.join(f"{JOURNAL_DIR}/g{generation:06d}-c-{token}.json")
-
-
-def write_commit(output: Location, generation: int, token: str, entry: Mapping[str, Any], job: str) -> None:
-    """Record a shard's files (replica side), before they are published; `job` is the digest of the
-    header of the run that made them."""
-    record = {"generation": generation, "token": token, "job": job, "entry": dict(entry)}
-    write_bytes_atomic(output.fs, commit_path(output, generation, token), json.dumps(record).encode())
 
 
 @dataclass

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipelines.attempts import STALLED, STORAGE, attempts_error, default_timeout
-from pipelines.errors import StorageError
+from basis.errors import StorageError
 from pipelines.plan import DEFAULT_SHARD_ROWS, Shard
 from workers.replica import Replica, ReplicaJob, State
 

@@ -39,8 +39,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from pipelines.errors import LockHeldError
-from pipelines.storage import Location, delete_file, read_bytes, temp_name, write_bytes_atomic
+from basis.errors import LockHeldError
+from basis.storage import Location, delete_file, read_bytes, temp_name, write_bytes_atomic
 
 LOCK = "_LOCK"
 DEFAULT_TTL = 60.0

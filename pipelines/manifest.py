@@ -16,8 +16,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.errors import OutputConflictError
-from pipelines.storage import Location, read_bytes
+from basis.errors import OutputConflictError
+from basis.storage import Location, read_bytes
 
 FORMAT = "batch-infer/manifest/2"
 _READABLE_FORMATS = ("batch-infer/manifest/1", FORMAT)

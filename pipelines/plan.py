@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import JobConfig
-from pipelines.errors import ConfigError, InputError, StorageError
-from pipelines.storage import Location, is_hidden, read_parquet_footer
+from basis.errors import ConfigError, InputError, StorageError
+from basis.storage import Location, is_hidden, read_parquet_footer
 from pipelines.tables import DataFile, Source
 
 DEFAULT_SHARD_ROWS = 1_000_000

@@ -25,7 +25,7 @@ import ray
 import ray.exceptions
 
 from pipelines.cluster import AutoscalerRequest, ReplicaResources, draining_nodes
-from pipelines.errors import ModelError
+from basis.errors import ModelError
 from pipelines.metrics import RunMetrics
 from pipelines.plan import Shard
 from workers.replica import ReplicaJob

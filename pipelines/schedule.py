@@ -38,7 +38,7 @@ import ray.exceptions
 
 from pipelines.attempts import DIED, STALLED, STORAGE, attempts_error, default_timeout
 from pipelines.cluster import AutoscalerRequest, ReplicaResources
-from pipelines.errors import ModelError, ResourceError, StorageError
+from basis.errors import ModelError, ResourceError, StorageError
 from pipelines.metrics import RunMetrics
 from pipelines.plan import Shard
 from pipelines.pool import ReplicaPool, Slot

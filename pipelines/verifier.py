@@ -46,10 +46,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.commit import COMMITTED, SUCCESS, State, file_sha256, is_data_file
-from pipelines.errors import ConfigError
-from pipelines.journal import JOURNAL_DIR
+from basis.errors import ConfigError
+from basis.record import JOURNAL_DIR
 from pipelines.rounding import rounding_scale, tolerance
-from pipelines.storage import (
+from basis.storage import (
     Location,
     existing_infos,
     is_temp,

@@ -9,9 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipelines.errors import LockHeldError
+from basis.errors import LockHeldError
 from pipelines.lock import OutputLock
-from pipelines.storage import resolve
+from basis.storage import resolve
 
 BARRIER_TIMEOUT = 60.0
 

@@ -151,7 +151,7 @@ def _killed_while_asking(head: Head, output: Path) -> None:
     code = (
         "import os, signal, ray\n"
         "from pipelines.cluster import AutoscalerRequest\n"
-        "from pipelines.storage import resolve\n"
+        "from basis.storage import resolve\n"
         f"ray.init(address={head.address!r}, logging_level='ERROR', log_to_driver=False)\n"
         f"AutoscalerRequest(enabled=True, output=resolve({str(output)!r})).ask({{'CPU': 1.0, 'GPU': 1.0}}, 2)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"

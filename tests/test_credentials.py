@@ -16,7 +16,7 @@ from conftest import cli, save_mlp
 from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtures
 
 import pipelines
-from pipelines.storage import REDACTED, redact, resolve
+from basis.storage import REDACTED, redact, resolve
 
 ACCESS, SECRET, TOKEN = "AKIALEAKCHECK0001", "sEcReTlEaKcHeCk42", "tOkEnLeAkCheck77"
 LEAKS = (ACCESS, SECRET, TOKEN)

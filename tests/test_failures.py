@@ -19,7 +19,7 @@ from conftest import TEST_REPLICA, cli, read_output, save_mlp, write_files
 import pipelines
 from pipelines.cluster import ReplicaResources
 from pipelines.commit import MANIFEST, SUCCESS
-from pipelines.errors import ResourceError
+from basis.errors import ResourceError
 from pipelines.plan import Shard
 from pipelines.schedule import Scheduler
 from workers.replica import ReplicaJob
@@ -196,7 +196,7 @@ def _test_replica() -> type:
             import os
             import time
 
-            from pipelines.errors import ModelError, StorageError
+            from basis.errors import ModelError, StorageError
 
             started = time.time()
             kind = task["id"].split("-")[0]

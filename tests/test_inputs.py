@@ -16,8 +16,8 @@ from conftest import cli, read_output, save_mlp, write_files
 
 import pipelines
 from pipelines.commit import SUCCESS
-from pipelines.errors import OutputConflictError
-from pipelines.storage import list_files, resolve
+from basis.errors import OutputConflictError
+from basis.storage import list_files, resolve
 
 
 def _job(tmp_path: Path, rows: list[int], **extra: object) -> dict[str, object]:

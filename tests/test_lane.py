@@ -19,7 +19,7 @@ from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtu
 import pipelines
 import pipelines.lane
 from pipelines.commit import SUCCESS
-from pipelines.errors import ResourceError
+from basis.errors import ResourceError
 from pipelines.lock import LOCK
 
 _RUN_AND_SAY_IF_RAY_WAS_IMPORTED = """

@@ -19,9 +19,9 @@ import pytest
 from conftest import REPO, read_output, save_mlp, write_files
 from lock_contenders import BARRIER_TIMEOUT, churn, take_over_rounds
 
-from pipelines.errors import ConfigError, LockHeldError
+from basis.errors import ConfigError, LockHeldError
 from pipelines.lock import LOCK, OutputLock
-from pipelines.storage import Location, resolve
+from basis.storage import Location, resolve
 
 CONTENDERS = 10
 

@@ -18,7 +18,7 @@ from conftest import REPO, TEST_REPLICA, cli, read_output, reference, save_mlp
 from test_pt2 import FEATURES, Tabular, expected, export, table, write
 
 import pipelines
-from pipelines.errors import ConfigError, ModelError, OutputConflictError
+from basis.errors import ConfigError, ModelError, OutputConflictError
 from pipelines.verifier import verify
 
 

@@ -14,7 +14,7 @@ from conftest import read_output, write_files
 from safetensors.torch import save as save_safetensors
 
 import pipelines
-from pipelines.errors import ModelError
+from basis.errors import ModelError
 from workers.cpu_forward import NumpyForward
 from workers.model import MLP, parse_layers
 from workers.modelfile import inspect_model, read_weights

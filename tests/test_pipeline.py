@@ -189,7 +189,7 @@ def test_whole_job_problems_raise_before_anything_is_written(tmp_path: Path) -> 
 
 def test_lock_held_by_a_live_run(tmp_path: Path) -> None:
     from pipelines.lock import OutputLock
-    from pipelines.storage import resolve
+    from basis.storage import resolve
 
     write_files(tmp_path / "in", [100], features=4, row_group_size=100)
     save_mlp(tmp_path / "m.pt", [4, 1])

@@ -60,7 +60,7 @@ def test_the_autoscaler_request_is_capped_and_recorded_in_the_output(cluster: Cl
 
     from pipelines.cluster import REQUEST_FILE, REQUEST_MOST, AutoscalerRequest, ClusterView, Node, plan_replicas
     from pipelines.config import JobConfig
-    from pipelines.storage import resolve
+    from basis.storage import resolve
 
     cfg = JobConfig.from_dict({"model": "m", "input": "i", "output": "o"})
     head = (Node("head", "h", {"CPU": 2.0}),)

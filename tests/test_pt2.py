@@ -19,7 +19,7 @@ import torch
 from conftest import REPO, TEST_REPLICA, cli, read_output, save_mlp
 
 import pipelines
-from pipelines.errors import ConfigError, ModelError
+from basis.errors import ConfigError, ModelError
 from pipelines.verifier import verify
 from workers.programfile import inspect_program
 

@@ -89,7 +89,7 @@ def test_no_thread_count_and_row_group_length_can_deadlock_the_decoder(tmp_path:
 @pytest.mark.parametrize("threads", [1, 5, 16])
 def test_taking_the_next_batch_hands_the_last_ones_buffer_back(tmp_path: Path, threads: int) -> None:
     """A consumer that never calls `release()` still cannot starve the decoder (nor see a reused buffer early)."""
-    from pipelines.storage import resolve
+    from basis.storage import resolve
     from workers.reader import ParquetSource, decode
 
     path = tmp_path / "t.parquet"
@@ -123,7 +123,7 @@ def test_a_row_group_reported_small_but_decoding_large_is_streamed(tmp_path: Pat
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 12, item 15: Parquet's "uncompressed" size of a dictionary-encoded string column is its encoded
     size (306 KB for a million rows that decoded to 505 MB): such a row group must not be read whole."""
-    from pipelines.storage import resolve
+    from basis.storage import resolve
     from workers import reader
     from workers.reader import ParquetSource, decode
 

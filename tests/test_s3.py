@@ -22,8 +22,8 @@ from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtu
 
 import pipelines
 from pipelines.commit import MANIFEST, SUCCESS
-from pipelines.errors import ShardDataError, StorageError
-from pipelines.storage import (
+from basis.errors import ShardDataError, StorageError
+from basis.storage import (
     Location,
     StagedFile,
     delete_file,
@@ -106,7 +106,7 @@ def test_a_killed_writer_leaves_nothing_visible_and_sweep_removes_finished_temps
         s3: FaultProxy, s3_server: S3Server) -> None:
     script = (
         "import sys, time\n"
-        "from pipelines.storage import StagedFile, resolve\n"
+        "from basis.storage import StagedFile, resolve\n"
         "location = resolve(sys.argv[1])\n"
         "staged = StagedFile(location.fs, location.join('part-0-00000.parquet'))\n"
         "staged.stream.write(b'x' * (12 << 20))\n"

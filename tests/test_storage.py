@@ -18,9 +18,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.errors import ShardDataError, StorageError
-from pipelines.retry import is_transient, retry_transient
-from pipelines.storage import (
+from basis.errors import ShardDataError, StorageError
+from basis.retry import is_transient, retry_transient
+from basis.storage import (
     Location,
     StagedFile,
     atomic_sink,

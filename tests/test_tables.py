@@ -19,7 +19,7 @@ from deltalake import DeltaTable, write_deltalake
 
 import pipelines
 from pipelines.commit import MANIFEST, SUCCESS
-from pipelines.errors import ConfigError, InputError, OutputConflictError
+from basis.errors import ConfigError, InputError, OutputConflictError
 
 FEATURES = 4
 

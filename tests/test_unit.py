@@ -21,7 +21,7 @@ import workers
 from pipelines.cluster import ClusterView, Node, plan_replicas
 from pipelines.commit import COMMITTED, State, reconcile, shard_entry
 from pipelines.config import JobConfig
-from pipelines.errors import ConfigError, InputError, ModelError
+from basis.errors import ConfigError, InputError, ModelError
 from pipelines.plan import (
     InputFile,
     Span,
@@ -31,7 +31,7 @@ from pipelines.plan import (
     resolve_columns,
     split_row_groups,
 )
-from pipelines.storage import list_files, resolve, static_prefix
+from basis.storage import list_files, resolve, static_prefix
 from workers.model import MLP, parse_layers, read_model
 from workers.reader import feature_matrix, invalid_rows
 
@@ -532,3 +532,20 @@ def test_auto_cpus_per_replica_uses_node_types_and_says_when_it_cannot_see_a_gpu
     assert fixed.num_cpus == 3.0 and fixed.cpus_chosen == ""  # an explicit value is used as it is
     assert JobConfig.from_dict({"model": "m", "input": "i", "output": "o", "cpus_per_replica": "auto"}) \
         .cpus_per_replica is None
+
+
+def test_the_actor_side_never_imports_the_driver():
+    """One way down: `pipelines` may import `workers` and `basis`; `workers` and `basis` never import `pipelines`,
+    and `basis` imports neither side."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    offenders = []
+    for package, banned in (("workers", ("pipelines",)), ("basis", ("pipelines", "workers"))):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                offenders += [f"{path.relative_to(root)}:{node.lineno} imports {n}"
+                              for n in names if n.split(".")[0] in banned]
+    assert offenders == []

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipelines.errors import ModelError
+from basis.errors import ModelError
 from workers.modelfile import ModelSpec, linear_stack, looks_like_safetensors, read_model_bytes, safetensors_header
 from workers.programfile import ProgramSpec, inspect_program, is_program
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.errors import ConfigError, ModelError
-from pipelines.storage import read_bytes, resolve
+from basis.errors import ConfigError, ModelError
+from basis.storage import read_bytes, resolve
 from workers.programfile import ProgramSpec, inspect_program, is_program
 
 @dataclass(frozen=True)

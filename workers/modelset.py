@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.errors import ModelError
+from basis.errors import ModelError
 
 SET_FORMAT = "set"
 

@@ -20,7 +20,7 @@ import io
 
 import torch
 
-from pipelines.errors import ModelError
+from basis.errors import ModelError
 from workers.programfile import ProgramSpec, safe_archive
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

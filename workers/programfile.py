@@ -53,7 +53,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.errors import ConfigError, ModelError
+from basis.errors import ConfigError, ModelError
 
 _FLOAT, _LONG = 7, 5  # torch._export.serde.schema.ScalarType
 _FLOATS = {6: "float16", 7: "float32", 8: "float64", 13: "bfloat16"}
@@ -282,7 +282,7 @@ def check_expression(text: str, uri: str) -> None:
         >>> check_expression("__import__('os').system('true')", "m.pt2")
         Traceback (most recent call last):
         ...
-        pipelines.errors.ModelError: model 'm.pt2' holds the symbolic size "__import__('os').system('true')", ...
+        basis.errors.ModelError: model 'm.pt2' holds the symbolic size "__import__('os').system('true')", ...
     """
     position = 0
     text = str(text)

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.errors import ShardDataError, StorageError
-from pipelines.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
-from pipelines.storage import Location
+from basis.errors import ShardDataError, StorageError
+from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
+from basis.storage import Location
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.errors import ModelError, ShardDataError
-from pipelines.journal import write_commit
-from pipelines.storage import Location, resolve
+from basis.errors import ModelError, ShardDataError
+from basis.record import write_commit
+from basis.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import decode, describe_invalid, open_parquet

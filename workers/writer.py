@@ -1,6 +1,6 @@
 """Writing one shard's output file, atomically.
 
-The file is written under a hidden temporary name (`pipelines.storage.StagedFile`),
+The file is written under a hidden temporary name (`basis.storage.StagedFile`),
 hashed on the way out, and appears under its final name whole or not at all.
 Only string-like columns are dictionary-encoded; compression is snappy.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.storage import Location, StagedFile
+from basis.storage import Location, StagedFile
 
 
 def prediction_type(outputs: int) -> pa.DataType:

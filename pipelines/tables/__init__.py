@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import JobConfig
-from pipelines.errors import ConfigError
-from pipelines.storage import Location, absolute, redact, resolve
+from basis.errors import ConfigError
+from basis.storage import Location, absolute, redact, resolve
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import posixpath
 from typing import Any
 from urllib.parse import unquote
 
-from pipelines.errors import InputError
-from pipelines.storage import Location, redact
+from basis.errors import InputError
+from basis.storage import Location, redact
 from pipelines.tables import DataFile, Source
 
 # Reader features whose files read correctly as plain Parquet by column name (deletion vectors are

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pipelines.errors import ConfigError, InputError
-from pipelines.storage import redact, resolve
+from basis.errors import ConfigError, InputError
+from basis.storage import redact, resolve
 from pipelines.tables import DataFile, Source
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipelines.errors import InputError
-from pipelines.storage import Location, list_files, relative_to
+from basis.errors import InputError
+from basis.storage import Location, list_files, relative_to
 from pipelines.tables import DataFile, Source
 
 

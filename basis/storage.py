@@ -4,7 +4,7 @@ Used by the driver (listing, manifest, lock) and by replicas (reading shards,
 committing output files). Nothing here imports Ray or torch.
 
 Object stores fail transiently (throttling, 5xx, resets, timeouts). Every
-operation here retries those (`pipelines.retry`) and raises `StorageError`
+operation here retries those (`basis.retry`) and raises `StorageError`
 when they outlast the retries, so a flaky store is never mistaken for bad data.
 """
 
@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.errors import ConfigError, InputError, OutputAccessError, OutputConflictError
-from pipelines.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, BrokenStream, is_transient, retry_transient
+from basis.errors import ConfigError, InputError, OutputAccessError, OutputConflictError
+from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, BrokenStream, is_transient, retry_transient
 
 _GLOB_CHARS = "*?["
 _URI_GLOB_CHARS = "*["  # in URIs a '?' starts the filesystem options (see `resolve`)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from pipelines.errors import StorageError
+from basis.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
