@@ -548,6 +548,7 @@ def fake_install(tmp_path: Path) -> dict[str, str]:
         "#!/usr/bin/env bash\n"
         'printf "%s\\n" "$@" > "$FAKE_OUT/args"\n'
         'printf "%s" "${RAY_ADDRESS-<unset>}" > "$FAKE_OUT/ray_address"\n'
+        'env > "$FAKE_OUT/environment"\n'
         'exit "$FAKE_RC"\n'
     )
     fake.chmod(0o755)
@@ -592,6 +593,20 @@ def test_cron_wrapper_passes_ray_address(fake_install: dict[str, str], where: st
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert (Path(env["FAKE_OUT"]) / "ray_address").read_text() == "10.0.0.5:6379"
+
+
+def test_cron_wrapper_exports_the_env_files_catalog_variables(fake_install: dict[str, str]) -> None:
+    """An Iceberg job's catalog (REST, Glue: with secrets) can come from the env file, not the job file."""
+    settings = "PYICEBERG_CATALOG__DEFAULT__URI=https://catalog.example.com/api\n"
+    Path(fake_install["BATCH_INFER_ENV_FILE"]).write_text(settings + "PYICEBERG_CATALOG__DEFAULT__CREDENTIAL=id:s\n")
+
+    result = subprocess.run(["bash", str(WRAPPER)], env=fake_install, capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = (Path(fake_install["FAKE_OUT"]) / "environment").read_text().splitlines()
+    assert "PYICEBERG_CATALOG__DEFAULT__URI=https://catalog.example.com/api" in seen
+    assert "PYICEBERG_CATALOG__DEFAULT__CREDENTIAL=id:s" in seen
+    assert "id:s" not in result.stdout + result.stderr  # the wrapper's log does not print it
 
 
 def test_cron_wrapper_without_its_virtualenv_is_a_config_error(fake_install: dict[str, str]) -> None:
