@@ -208,7 +208,7 @@ def run(
             members = p.model.members if cfg.model_set is not None else ()
             job = ReplicaJob(
                 model=members[0][1].uri if members else absolute(cfg.model), model_sha256=p.model.sha256,
-                input=p.input.uri,
+                input=p.input.replica_uri,
                 output=absolute(cfg.output), features=p.columns.features, passthrough=p.columns.passthrough,
                 list_column=p.columns.list_column, width=p.columns.width,
                 prediction_column=cfg.prediction_column or "",

@@ -27,16 +27,23 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 WRAPPER = DEPLOY / "cron" / "run-batch-infer.sh"
+CATALOG_SECRET = "batch-infer-catalog"  # the Secret kuberay/rayjob.yaml hands to the head pod
+# PyIceberg's environment configuration: PYICEBERG_CATALOG__<NAME>__<PROPERTY>
+CATALOG_VARIABLE = re.compile(r"PYICEBERG_CATALOG__([A-Z0-9]+(?:_[A-Z0-9]+)*)__([A-Z0-9]+(?:_{1,2}[A-Z0-9]+)*)")
 
 # SPEC "Config keys".
 SPEC_KEYS = {
     "model", "input", "output", "features", "passthrough", "keep_features", "prediction_column",
     "activation", "output_activation", "batch_size", "replicas", "gpus_per_replica",
     "cpus_per_replica", "precision", "shard_rows", "max_replicas", "max_attempts", "shard_timeout",
-    "shared_storage", "start_timeout", "invalid_rows", "overwrite", "address",
+    "shared_storage", "start_timeout", "invalid_rows", "overwrite", "address", "categorical",
+    "prune", "input_format", "output_format", "catalog",
 }  # fmt: skip
 GPU_INSTANCE_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p4d", "p4de", "p5", "p5e", "p5en", "p6-b200")
 RAY_PORTS = {6379, 8265, 10001}
+# Kubernetes fields that name a Secret object (envFrom.secretRef, env.valueFrom.secretKeyRef, a volume's
+# secret.secretName): references, not the secret's values (those are scanned like any other setting).
+K8S_SECRET_REFERENCES = {"secretRef", "secretKeyRef", "secretName"}
 
 # Names of settings that hold secrets, and secret values wherever they appear (comments included).
 SECRET_NAME = re.compile(r"(?i)(secret|passw(or)?d|api_?key|access_?key|private_?key|(^|_)token$|credentials?$)")
@@ -91,7 +98,8 @@ def find_secrets(tree: Any, text: str = "") -> list[str]:
                 found.append(f"{where}: env {name} has a literal value")
             for key, value in node.items():
                 key_s = str(key)
-                if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_s) and SECRET_NAME.search(key_s):
+                if (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_s) and SECRET_NAME.search(key_s)
+                        and key_s not in K8S_SECRET_REFERENCES):
                     if not is_reference(value):
                         found.append(f"{where}.{key_s} holds a literal value")
                 walk(value, f"{where}.{key_s}")
@@ -232,14 +240,17 @@ def test_secret_scan_finds_planted_secrets() -> None:
     raw["provider"]["aws_secret_access_key"] = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
     raw["auth"]["ssh_private_key"] = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEA\n"
     raw["setup_commands"].append("echo export RAY_AUTH_TOKEN=abc123 >> ~/.bashrc")
-    env = [{"name": "AWS_ACCESS_KEY_ID", "value": "AKIAIOSFODNN7EXAMPLE"}]
+    env = [{"name": "AWS_ACCESS_KEY_ID", "value": "AKIAIOSFODNN7EXAMPLE"},
+           {"name": "PYICEBERG_CATALOG__DEFAULT__CREDENTIAL", "value": "client:s3cr3t"}]
 
-    found = find_secrets({**raw, "env": env})
+    found = find_secrets({**raw, "env": env, "envFrom": [{"secretRef": {"name": "catalog"}}]})
 
     assert any("aws_secret_access_key" in f for f in found)
     assert any("ssh_private_key" in f for f in found)
     assert any("literal Ray token" in f for f in found)
     assert any("AWS_ACCESS_KEY_ID" in f for f in found)
+    assert any("PYICEBERG_CATALOG__DEFAULT__CREDENTIAL" in f for f in found)
+    assert not any("secretRef" in f for f in found)  # a reference to a Secret, not a secret
     assert find_secrets({}, "key: AKIAIOSFODNN7EXAMPLE") == ["AWS access key id in the text"]
 
 
@@ -337,23 +348,106 @@ def test_rayjob_is_private_authenticated_and_on_the_pinned_ray() -> None:
         assert find_secrets(tree, text) == [], path
 
 
-def test_configmap_job_file_uses_spec_config_keys() -> None:
+def configmap_jobs() -> dict[str, dict[str, Any]]:
     _, configmap = kuberay()
-    job = yaml.safe_load(configmap["data"]["job.yaml"])
-
-    assert {"model", "input", "output"} <= set(job)
-    assert set(job) <= SPEC_KEYS, f"not SPEC config keys: {sorted(set(job) - SPEC_KEYS)}"
-    assert find_secrets(job) == []
+    return {name: yaml.safe_load(text) for name, text in configmap["data"].items()}
 
 
-def test_configmap_job_file_builds_a_job_config() -> None:
+def test_configmap_job_files_use_spec_config_keys() -> None:
+    jobs = configmap_jobs()
+
+    assert {"job.yaml", "iceberg.yaml"} <= set(jobs)
+    for name, job in jobs.items():
+        assert {"model", "input", "output"} <= set(job), name
+        assert set(job) <= SPEC_KEYS, f"{name}: not SPEC config keys: {sorted(set(job) - SPEC_KEYS)}"
+        assert find_secrets(job) == [], name
+
+
+@pytest.mark.parametrize("name", ["job.yaml", "iceberg.yaml"])
+def test_configmap_job_file_builds_a_job_config(name: str) -> None:
     from pipelines import JobConfig
 
-    _, configmap = kuberay()
-
-    cfg = JobConfig.from_dict(yaml.safe_load(configmap["data"]["job.yaml"]), source="job-configmap.yaml")
+    cfg = JobConfig.from_dict(configmap_jobs()[name], source=f"job-configmap.yaml: {name}")
 
     assert cfg.replicas == 2 and cfg.gpus_per_replica == 1
+
+
+def test_dockerfile_copies_every_package_it_installs() -> None:
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    copied = set(re.findall(r"(?m)^COPY --chown=\S+ (\w+) \./\1$", (DEPLOY / "kuberay" / "Dockerfile").read_text()))
+
+    assert {package.split(".")[0] for package in packages} <= copied  # pip install . needs each one
+
+
+def catalog_variables() -> dict[str, str]:
+    """The KEY=value lines of kuberay/catalog.env.example, what the catalog Secret is created from."""
+    lines = (DEPLOY / "kuberay" / "catalog.env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def test_rayjob_takes_the_iceberg_catalog_from_a_secret_not_the_yaml() -> None:
+    job, configmap = kuberay()
+    cluster = job["spec"]["rayClusterSpec"]
+    head = containers(cluster["headGroupSpec"])
+    refs = [source["secretRef"] for c in head for source in c.get("envFrom", []) if "secretRef" in source]
+    variables = catalog_variables()
+
+    # The driver runs on the head: the Secret's variables are its environment; the Parquet job runs without it.
+    assert [ref["name"] for ref in refs] == [CATALOG_SECRET] and refs[0]["optional"] is True
+    assert f"kubectl create secret generic {CATALOG_SECRET} --from-env-file=" in (
+        DEPLOY / "kuberay" / "catalog.env.example").read_text()
+    # The job names the table only: no catalog properties in the ConfigMap, so PyIceberg's own
+    # configuration (the environment) supplies catalog "default".
+    iceberg = configmap_jobs()["iceberg.yaml"]
+    assert iceberg["input_format"] == "iceberg" and "catalog" not in iceberg
+    assert variables and all(CATALOG_VARIABLE.fullmatch(key) for key in variables), sorted(variables)
+    assert {CATALOG_VARIABLE.fullmatch(key).group(1) for key in variables} == {"DEFAULT"}  # type: ignore[union-attr]
+    assert {"PYICEBERG_CATALOG__DEFAULT__TYPE", "PYICEBERG_CATALOG__DEFAULT__URI"} <= set(variables)
+    # The example holds no secret: secret-named variables are left empty, to be filled in a copy.
+    assert all(value == "" for key, value in variables.items() if SECRET_NAME.search(key.rsplit("__", 1)[1]))
+    for c in head + [c for g in cluster["workerGroupSpecs"] for c in containers(g)]:
+        assert not [e for e in c.get("env", []) if e["name"].startswith("PYICEBERG_")], "catalog config in YAML"
+
+
+def test_iceberg_job_loads_its_catalog_from_the_secrets_variables(tmp_path: Path) -> None:
+    """The Secret's variable names, given a real SQLite catalog's values, configure the catalog that
+    `batch-infer run iceberg.yaml` (no `catalog` key) reads its input table from: PyIceberg 0.12's
+    PYICEBERG_CATALOG__DEFAULT__* environment, read by `load_catalog("default")`."""
+    import numpy as np
+    from conftest import cli, feature_table, save_mlp
+    from pyiceberg.catalog import load_catalog
+
+    job = configmap_jobs()["iceberg.yaml"]
+    values = {"TYPE": "sql", "URI": f"sqlite:///{tmp_path}/catalog.db", "WAREHOUSE": f"file://{tmp_path}/wh"}
+    secret = {key: values[key.rsplit("__", 1)[1]] for key in catalog_variables() if key.rsplit("__", 1)[1] in values}
+    assert len(secret) == 3, sorted(catalog_variables())
+    catalog = load_catalog("default", **{key.rsplit("__", 1)[1].lower(): v for key, v in secret.items()})
+    namespace = job["input"].split(".")[0]
+    catalog.create_namespace(namespace)
+    table = catalog.create_table(job["input"], schema=feature_table(np.arange(1), 4, 0).schema)
+    table.append(feature_table(np.arange(300), 4, 1))
+    save_mlp(tmp_path / "m.pt", [4, 1])
+    (tmp_path / "iceberg.yaml").write_text(yaml.safe_dump(job))
+    isolated = {"PYICEBERG_HOME": str(tmp_path), "HOME": str(tmp_path)}  # no ~/.pyiceberg.yaml
+
+    def local(output: str) -> list[str]:  # no GPU and no cluster here; the output is a Parquet directory
+        settings = {"model": tmp_path / "m.pt", "output": tmp_path / output, "output_format": "parquet",
+                    "gpus_per_replica": 0, "precision": "fp32", "replicas": "auto", "cpus_per_replica": "auto"}
+        return [word for key, value in settings.items() for word in ("--set", f"{key}={value}")]
+
+    result = cli("run", str(tmp_path / "iceberg.yaml"), *local("out"), "--json", env={**isolated, **secret})
+
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["rows_out"] == 300
+    manifest = yaml.safe_load((tmp_path / "out" / "_manifest.json").read_text())
+    assert manifest["source"]["table"] == job["input"] and manifest["config"]["catalog"] is None
+    assert manifest["source"]["snapshot_id"] == catalog.load_table(job["input"]).current_snapshot().snapshot_id
+    # Without the Secret's variables there is no catalog: exit 2 before any work, naming it.
+    missing = cli("run", str(tmp_path / "iceberg.yaml"), *local("o2"), env=isolated)
+    assert missing.returncode == 2 and "Iceberg catalog 'default'" in missing.stderr
+    assert not (tmp_path / "o2").exists()
 
 
 # --- cron ---------------------------------------------------------------------------------------
@@ -367,19 +461,80 @@ def test_cron_wrapper_is_strict_valid_bash() -> None:
     subprocess.run(["bash", "-n", str(WRAPPER)], check=True)
 
 
-def test_crontab_runs_the_wrapper_hourly() -> None:
-    lines = [
-        line for line in (DEPLOY / "cron" / "batch-infer.cron").read_text().splitlines()
+def cron_lines(path: Path) -> list[str]:
+    """The job lines of a cron.d file (no comments, blank lines or VAR=value settings)."""
+    return [
+        line for line in path.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#") and not re.match(r"^[A-Z_]+=", line)
     ]  # fmt: skip
 
-    assert len(lines) == 1, lines
-    minute, hour, day, month, weekday, user, command = lines[0].split(None, 6)
-    assert minute.isdigit() and 0 <= int(minute) <= 59
-    assert (hour, day, month, weekday) == ("*", "*", "*", "*")
+
+def cron_command(line: str) -> tuple[dict[str, str], list[str]]:
+    """A cron.d line's command: the variables it sets before the wrapper, and the wrapper's argv."""
+    minute, hour, day, month, weekday, user, command = line.split(None, 6)
+    assert minute.isdigit() and 0 <= int(minute) <= 59, line
+    assert (hour, day, month, weekday) == ("*", "*", "*", "*"), f"not hourly: {line}"
     assert re.fullmatch(r"[a-z_][a-z0-9_-]*", user), "cron.d lines name the user in field six"
-    assert Path(shlex.split(command)[0]).name == WRAPPER.name
     assert "%" not in command, "cron turns % into a newline"
+    words = shlex.split(command.split(">>")[0])
+    settings = {}
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        settings[key] = value
+    return settings, words
+
+
+def test_crontab_runs_the_wrapper_hourly() -> None:
+    lines = cron_lines(DEPLOY / "cron" / "batch-infer.cron")
+
+    assert len(lines) == 1, lines
+    settings, argv = cron_command(lines[0])
+    assert settings == {} and Path(argv[0]).name == WRAPPER.name
+
+
+def test_table_crontab_runs_each_table_job_hourly_through_the_same_wrapper() -> None:
+    lines = cron_lines(DEPLOY / "cron" / "batch-infer-tables.cron")
+    jobs = {}
+    for line in lines:
+        settings, argv = cron_command(line)
+        assert Path(argv[0]).name == WRAPPER.name and len(argv) == 1, line
+        assert set(settings) == {"BATCH_INFER_CONFIG"}, line
+        config = Path(settings["BATCH_INFER_CONFIG"])
+        assert config.parent == Path("/etc/batch-infer") and (DEPLOY / "cron" / config.name).exists(), line
+        jobs[config.name] = load(DEPLOY / "cron" / config.name)
+
+    assert sorted(jobs) == ["delta-to-delta.yaml", "iceberg-to-iceberg.yaml"]
+    assert len({line.split()[0] for line in lines}) == len(lines), "stagger the minutes"
+    assert len({line.split(">>")[1].split()[0] for line in lines}) == len(lines), "one log per job"
+    iceberg, delta = jobs["iceberg-to-iceberg.yaml"], jobs["delta-to-delta.yaml"]
+    assert (iceberg["input_format"], iceberg["output_format"]) == ("iceberg", "iceberg")
+    assert re.fullmatch(r"\w+\.\w+", iceberg["input"]) and re.fullmatch(r"\w+\.\w+", iceberg["output"])
+    assert iceberg["catalog"]["type"] == "sql" and iceberg["catalog"]["uri"].startswith("sqlite:///")
+    assert delta["output_format"] == "delta" and delta.get("input_format", "auto") in ("auto", "delta")
+
+
+@pytest.mark.parametrize("path", ["cron/iceberg-to-iceberg.yaml", "cron/delta-to-delta.yaml"])
+def test_cron_table_job_files_build_a_job_config(path: str) -> None:
+    from pipelines import JobConfig
+
+    raw = load(DEPLOY / path)
+
+    assert set(raw) <= SPEC_KEYS, f"not SPEC config keys: {sorted(set(raw) - SPEC_KEYS)}"
+    assert find_secrets(raw, (DEPLOY / path).read_text()) == []
+    cfg = JobConfig.from_dict(raw, source=path)
+    assert cfg.output_format == raw["output_format"] and not cfg.overwrite and not cfg.prune
+
+
+def test_cron_line_hands_its_job_file_to_the_wrapper(fake_install: dict[str, str]) -> None:
+    for line in cron_lines(DEPLOY / "cron" / "batch-infer-tables.cron"):
+        settings, _ = cron_command(line)
+        env = {**fake_install, **settings}
+
+        result = subprocess.run(["bash", str(WRAPPER)], env=env, capture_output=True, text=True, timeout=30)
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (Path(env["FAKE_OUT"]) / "args").read_text().split() == ["run", settings["BATCH_INFER_CONFIG"]]
+        assert settings["BATCH_INFER_CONFIG"] in result.stdout  # the log names the job
 
 
 @pytest.fixture
@@ -393,6 +548,7 @@ def fake_install(tmp_path: Path) -> dict[str, str]:
         "#!/usr/bin/env bash\n"
         'printf "%s\\n" "$@" > "$FAKE_OUT/args"\n'
         'printf "%s" "${RAY_ADDRESS-<unset>}" > "$FAKE_OUT/ray_address"\n'
+        'env > "$FAKE_OUT/environment"\n'
         'exit "$FAKE_RC"\n'
     )
     fake.chmod(0o755)
@@ -437,6 +593,20 @@ def test_cron_wrapper_passes_ray_address(fake_install: dict[str, str], where: st
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert (Path(env["FAKE_OUT"]) / "ray_address").read_text() == "10.0.0.5:6379"
+
+
+def test_cron_wrapper_exports_the_env_files_catalog_variables(fake_install: dict[str, str]) -> None:
+    """An Iceberg job's catalog (REST, Glue: with secrets) can come from the env file, not the job file."""
+    settings = "PYICEBERG_CATALOG__DEFAULT__URI=https://catalog.example.com/api\n"
+    Path(fake_install["BATCH_INFER_ENV_FILE"]).write_text(settings + "PYICEBERG_CATALOG__DEFAULT__CREDENTIAL=id:s\n")
+
+    result = subprocess.run(["bash", str(WRAPPER)], env=fake_install, capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = (Path(fake_install["FAKE_OUT"]) / "environment").read_text().splitlines()
+    assert "PYICEBERG_CATALOG__DEFAULT__URI=https://catalog.example.com/api" in seen
+    assert "PYICEBERG_CATALOG__DEFAULT__CREDENTIAL=id:s" in seen
+    assert "id:s" not in result.stdout + result.stderr  # the wrapper's log does not print it
 
 
 def test_cron_wrapper_without_its_virtualenv_is_a_config_error(fake_install: dict[str, str]) -> None:

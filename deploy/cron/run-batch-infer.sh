@@ -7,6 +7,9 @@
 #                       RAY_AUTH_TOKEN_PATH; keep it out of this file and of job.yaml)
 #   BATCH_INFER_VENV    the virtualenv batch-infer is installed in (/opt/batch-infer/venv)
 #   BATCH_INFER_CONFIG  the job file (/etc/batch-infer/job.yaml)
+#   PYICEBERG_CATALOG__DEFAULT__URI, ...__CREDENTIAL, ...  an Iceberg job's catalog when its job file
+#                       leaves `catalog` unset (PyIceberg reads them from the environment); keep this
+#                       file mode 0600 when it holds them
 #
 # Exit status, from batch-infer's:
 #   0  success; also when another run still holds the output's lock (an overlapping tick)

@@ -65,6 +65,12 @@ class Source(ABC):
         """What the manifest's header records about the input besides its URI (a table's snapshot)."""
         return {}
 
+    @property
+    def replica_uri(self) -> str:
+        """What replicas resolve to read `DataFile.path`: `uri`, unless the table's own configuration says
+        how to reach its store (an Iceberg catalog's `s3.endpoint`, keys: `stores.iceberg_uri`)."""
+        return self.uri
+
 
 def open_source(cfg: JobConfig) -> Source:
     """The source `cfg.input_format` names (`auto`: a path holding `_delta_log/` is Delta, else Parquet)."""

@@ -9,6 +9,7 @@ from urllib.parse import unquote
 from basis.errors import InputError
 from basis.storage import Location, redact
 from pipelines.tables import DataFile, Source
+from pipelines.tables.stores import delta_storage_options, delta_table_uri
 
 # Reader features whose files read correctly as plain Parquet by column name (deletion vectors are
 # checked per file below). Anything else (columnMapping: the files' columns have physical names) is refused.
@@ -26,7 +27,7 @@ class DeltaSource(Source):
 
         self.location, self.uri, self.name = location, uri, location.uri
         try:
-            self.table = DeltaTable(location.path if location.is_local else uri)
+            self.table = DeltaTable(delta_table_uri(location), storage_options=delta_storage_options(location) or None)
         except Exception as exc:  # deltalake raises TableNotFoundError, DeltaError, OSError, ...
             raise InputError(f"cannot open the Delta table {location.uri!r}: {redact(str(exc))}") from exc
         self.version = self.table.version()

@@ -8,6 +8,7 @@ from typing import Any
 from basis.errors import ConfigError, InputError
 from basis.storage import redact, resolve
 from pipelines.tables import DataFile, Source
+from pipelines.tables.stores import iceberg_location, iceberg_uri
 
 
 class IcebergSource(Source):
@@ -33,7 +34,12 @@ class IcebergSource(Source):
                              f"{redact(str(exc)) or type(exc).__name__}") from exc
         self.snapshot = self.table.current_snapshot()
         self.uri = self.table.location().rstrip("/")
-        self.location = resolve(self.uri)
+        self._replica_uri = iceberg_uri(self.uri, self.table.io.properties)  # the FileIO's endpoint, region, keys
+        self.location = iceberg_location(self.uri, self.table.io.properties)
+
+    @property
+    def replica_uri(self) -> str:
+        return self._replica_uri
 
     def record(self) -> dict[str, Any]:
         return {"format": "iceberg", "table": self.name,

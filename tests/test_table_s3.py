@@ -1,0 +1,269 @@
+"""Delta and Iceberg input on S3 (issue 13, item 5): moto's S3 server on loopback behind the fault proxy
+of tests/s3.py, real deltalake and pyiceberg (its SQL catalog on SQLite in tmp_path), no mocks.
+
+delta-rs reads the Delta log and PyIceberg the Iceberg metadata, each with its own S3 client configured
+from our URI or the catalog (pipelines/tables/stores.py); the data files are read by our storage layer,
+as for any input. The jobs are small: they run in the driver (pipelines.lane), no Ray started.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import cli, feature_table, reference, save_mlp
+from deltalake import DeltaTable, write_deltalake
+from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtures
+
+import pipelines
+from basis.errors import ConfigError
+from basis.storage import REDACTED, resolve
+from pipelines.commit import MANIFEST, SUCCESS
+from pipelines.tables import stores
+from pipelines.tables.stores import (
+    delta_storage_options,
+    delta_table_uri,
+    iceberg_location,
+    iceberg_properties,
+    iceberg_uri,
+)
+
+FEATURES = 4
+DATA_READ = ("Range", r"^bytes=[1-9]")  # a row group's column chunks (footers are read from byte 0)
+ACCESS, SECRET, TOKEN = "AKIATABLELEAK0001", "sEcReTtAbLeLeAk42", "tOkEnTaBlEcHeCk77"
+LEAKS = (ACCESS, SECRET, TOKEN)
+
+
+def rows(first: int, stop: int, seed: int) -> pa.Table:
+    return feature_table(np.arange(first, stop), FEATURES, seed)
+
+
+def direct_options(server: S3Server) -> dict[str, str]:
+    """delta-rs options for setting tables up on the server itself (no proxy, no faults)."""
+    return {"AWS_ENDPOINT_URL": f"http://{server.endpoint}", "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
+
+
+def delta_on_s3(server: S3Server, key: str) -> pa.Table:
+    """Two appends of 600 rows, then 100 rows deleted (the rewritten file's old version stays on S3).
+    Returns the table's live rows."""
+    uri, options = f"s3://{BUCKET}/{key}", direct_options(server)
+    write_deltalake(uri, rows(0, 600, 1), storage_options=options)
+    write_deltalake(uri, rows(600, 1200, 2), mode="append", storage_options=options)
+    assert DeltaTable(uri, storage_options=options).delete("id >= 100 AND id < 200")["num_deleted_rows"] == 100
+    assert len([k for k in server.keys(key) if k.endswith(".parquet")]) == 3  # the removed file is still there
+    return DeltaTable(uri, storage_options=options).to_pyarrow_table()
+
+
+def warehouse(tmp_path: Path) -> str:
+    """The test's own warehouse prefix in the session's bucket."""
+    return f"ice/{tmp_path.name}/wh"
+
+
+def iceberg_catalog(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
+    return {"type": "sql", "uri": f"sqlite:///{tmp_path}/catalog.db",
+            "warehouse": f"s3://{BUCKET}/{warehouse(tmp_path)}", "s3.endpoint": f"http://{endpoint}",
+            "s3.region": "us-east-1", **extra}
+
+
+def iceberg_on_s3(server: S3Server, tmp_path: Path) -> pa.Table:
+    """`feats.users` in a SQLite catalog, its files on S3: two appends, then a copy-on-write delete."""
+    from pyiceberg.catalog import load_catalog
+
+    catalog = load_catalog("default", **iceberg_catalog(tmp_path, server.endpoint))
+    catalog.create_namespace("feats")
+    table = catalog.create_table("feats.users", schema=rows(0, 1, 0).schema)
+    table.append(rows(0, 600, 1))
+    table.append(rows(600, 1200, 2))
+    table.delete("id >= 100 and id < 200")
+    table = catalog.load_table("feats.users")
+    assert table.location() == f"s3://{BUCKET}/{warehouse(tmp_path)}/feats/users"
+    assert len([k for k in server.keys(f"{warehouse(tmp_path)}/feats/users/data/") if k.endswith(".parquet")]) == 3
+    return table.scan().to_arrow()
+
+
+def read_output(server: S3Server, prefix: str) -> pa.Table:
+    fs = server.filesystem()
+    keys = [k for k in server.keys(prefix) if k.endswith(".parquet") and "_rejected" not in k
+            and not any(part.startswith(("_", ".")) for part in k[len(prefix):].split("/"))]
+    return pa.concat_tables([pq.read_table(f"{BUCKET}/{k}", filesystem=fs).select(["id", "prediction"])
+                             for k in keys])
+
+
+def check_scored(server: S3Server, prefix: str, model: Any, live: pa.Table) -> None:
+    """The output holds every live row exactly once, equal to a plain torch forward of it."""
+    got, live = read_output(server, prefix).sort_by("id"), live.sort_by("id")
+    assert got["id"].to_pylist() == live["id"].to_pylist()  # each live row once, no deleted row
+    features = np.stack([live[f"f{j:02d}"].to_numpy() for j in range(FEATURES)], axis=1)
+    np.testing.assert_allclose(np.asarray(got["prediction"].to_pylist(), np.float32),
+                               reference(model, features)[:, 0], rtol=1e-5, atol=1e-7)
+
+
+def manifest(server: S3Server, prefix: str) -> dict[str, Any]:
+    return json.loads(server.filesystem().open_input_stream(f"{BUCKET}/{prefix}{MANIFEST}").read())
+
+
+def hit(proxy: FaultProxy, method: str, path: str) -> bool:
+    """Whether a fault was injected into a `method` request whose path matches `path`."""
+    return any(re.search(path, r.path) for r in proxy.injected(method))
+
+
+def leaked(text: str) -> list[str]:
+    return [secret for secret in LEAKS if secret in text]
+
+
+# --- the translation, no server ------------------------------------------------------------------
+
+def test_store_settings_translate_between_our_uris_delta_rs_and_pyiceberg() -> None:
+    assert doctest.testmod(stores).failed == 0
+    location = resolve(f"s3://{ACCESS}:{SECRET}@b/t/?endpoint_override=127.0.0.1:9000&scheme=http&region=eu-west-1")
+
+    assert delta_table_uri(location) == "s3://b/t"
+    assert delta_storage_options(location) == {
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ALLOW_HTTP": "true", "AWS_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": ACCESS, "AWS_SECRET_ACCESS_KEY": SECRET}
+    properties = iceberg_properties(location)
+    assert properties == {"s3.endpoint": "http://127.0.0.1:9000", "s3.region": "eu-west-1",
+                          "s3.access-key-id": ACCESS, "s3.secret-access-key": SECRET}
+    # And back: the same store and keys; the replicas' URI carries the keys as a user writes them in an input URI.
+    assert iceberg_uri("s3://b/t", properties) == (f"s3://{ACCESS}:{SECRET}@b/t?endpoint_override=127.0.0.1:9000"
+                                                   f"&scheme=http&region=eu-west-1")
+    assert iceberg_location("s3://b/t", properties).uri == iceberg_uri("s3://b/t", properties).replace(
+        f"{ACCESS}:{SECRET}", f"{REDACTED}:{REDACTED}")
+    # Temporary keys: the token cannot go into a URI, so the keys reach the driver's filesystem only.
+    temporary = {**properties, "s3.session-token": TOKEN}
+    assert leaked(iceberg_uri("s3://b/t", temporary)) == []
+    back = iceberg_location("s3://b/t", temporary)
+    assert back.path == "b/t" and leaked(back.uri) == []
+    options = back.fs.__reduce__()[1][0]
+    assert (options["access_key"], options["secret_key"], options["session_token"]) == (ACCESS, SECRET, TOKEN)
+    assert (options["endpoint_override"], options["scheme"], options["region"]) == ("127.0.0.1:9000", "http",
+                                                                                     "eu-west-1")
+    # PyIceberg's `client.*` fallbacks and Hadoop's scheme names; https by default.
+    hadoop = iceberg_location("s3a://b/wh/t/", {"client.region": "us-west-2", "s3.endpoint": "minio.local:9000"})
+    assert hadoop.uri == "s3://b/wh/t?endpoint_override=minio.local:9000&scheme=https&region=us-west-2"
+    # Other stores keep their libraries' defaults.
+    assert delta_storage_options(resolve("/tmp/t")) == iceberg_properties(resolve("/tmp/t")) == {}
+    assert delta_table_uri(resolve("/tmp/t/")) == "/tmp/t"
+    assert iceberg_location("file:///tmp/wh/t", {"s3.endpoint": "http://h:1"}).path == "/tmp/wh/t"
+    with pytest.raises(ConfigError, match="only one of s3.access-key-id and s3.secret-access-key") as bad:
+        iceberg_location("s3://b/t", {"s3.endpoint": "http://127.0.0.1:9000", "s3.access-key-id": ACCESS})
+    assert leaked(str(bad.value)) == []
+
+
+# --- runs through the fault proxy ----------------------------------------------------------------
+
+def test_delta_table_on_s3_under_503s_scores_each_live_row_once(s3: FaultProxy, s3_server: S3Server,
+                                                                 tmp_path: Path) -> None:
+    live = delta_on_s3(s3_server, "dt/delta")
+    model = save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=3)
+    job = {"model": str(tmp_path / "m.pt"), "input": s3.uri("dt/delta"), "output": s3.uri("dt/out"),
+           "shard_rows": 200}
+    s3.fail("GET", r"/dt/delta/_delta_log/", times=3)  # delta-rs reading the log
+    s3.fail("GET", r"list-type=2", times=2)  # listings: ours (is it a Delta table?) and delta-rs's
+    s3.fail("GET", r"/dt/delta/part-", header=DATA_READ, times=5)  # the replica's row group reads
+    s3.fail("GET", r"/dt/delta/part-", header=("Range", r"^bytes=0-"), times=2)  # footers
+    s3.fail("PUT", r"/dt/out/part-.*\.parquet$", times=3)  # publishing a shard's file
+    s3.fail(None, r"/dt/out/\.part-", fraction=0.3)  # and scattered ones on the staged uploads
+
+    report = pipelines.run(**job, progress=False)
+
+    assert (report.status, report.shards_failed, report.errors) == ("succeeded", 0, [])
+    assert report.rows_out == live.num_rows == 1100  # not 1,700: the removed file is not read
+    check_scored(s3_server, "dt/out/", model, live)
+    assert f"dt/out/{SUCCESS}" in s3_server.keys("dt/out/")
+    header = manifest(s3_server, "dt/out/")
+    assert header["source"]["format"] == "delta" and header["source"]["version"] == 2
+    assert all(s["status"] == "committed" and not s["error"] for s in header["shards"])
+    assert hit(s3, "GET", r"/dt/delta/_delta_log/") and hit(s3, "GET", r"/dt/delta/part-")  # each kind of
+    assert hit(s3, "GET", r"list-type=2") and hit(s3, "PUT", r"/dt/out/part-")  # fault was injected
+    # delta-rs and our layer went through the proxy: the endpoint reached the replica too.
+    assert [r for r in s3.requests if r.method == "GET" and "/dt/delta/part-" in r.path and not r.injected
+            and r.range.startswith("bytes=4")]
+
+    s3.clear()
+    again = pipelines.run(**job, progress=False)
+    assert (again.shards_done, again.shards_skipped) == (0, report.shards_total)
+    check_scored(s3_server, "dt/out/", model, live)
+
+
+def test_iceberg_table_on_s3_under_503s_scores_each_live_row_once(s3: FaultProxy, s3_server: S3Server,
+                                                                   tmp_path: Path) -> None:
+    live = iceberg_on_s3(s3_server, tmp_path)
+    model = save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=4)
+    # The run reaches the table's files through the proxy: the catalog's s3.endpoint is the proxy's.
+    job = {"model": str(tmp_path / "m.pt"), "input": "feats.users", "input_format": "iceberg",
+           "catalog": iceberg_catalog(tmp_path, s3.endpoint), "output": s3.uri("ice/out"), "shard_rows": 200}
+    s3.fail("GET", r"/feats/users/metadata/", times=2)  # PyIceberg reading metadata and manifests
+    s3.fail("GET", r"/feats/users/data/", header=DATA_READ, times=5)
+    s3.fail("GET", r"/feats/users/data/", header=("Range", r"^bytes=0-"), times=2)
+    s3.fail("PUT", r"/ice/out/data/[^./][^/]*\.parquet$", times=3)  # output names mirror the table's data/
+    s3.fail(None, r"/ice/out/data/\.", fraction=0.3)
+
+    report = pipelines.run(**job, progress=False)
+
+    assert (report.status, report.shards_failed, report.errors) == ("succeeded", 0, [])
+    assert report.rows_out == live.num_rows == 1100
+    check_scored(s3_server, "ice/out/", model, live)
+    header = manifest(s3_server, "ice/out/")
+    assert header["source"]["format"] == "iceberg" and header["source"]["table"] == "feats.users"
+    assert all(s["status"] == "committed" and not s["error"] for s in header["shards"])
+    assert hit(s3, "GET", r"/users/metadata/") and hit(s3, "GET", r"/users/data/") and hit(s3, "PUT", r"/ice/out/data/")
+    assert [r for r in s3.requests if r.method == "GET" and "/feats/users/data/" in r.path
+            and not r.injected and r.range.startswith("bytes=4")]
+
+    s3.clear()
+    again = pipelines.run(**job, progress=False)
+    assert (again.shards_done, again.shards_skipped) == (0, report.shards_total)
+
+
+def test_no_credential_of_a_table_on_s3_is_persisted_or_printed(s3: FaultProxy, s3_server: S3Server,
+                                                                 tmp_path: Path) -> None:
+    """Keys in a Delta URI (`s3://KEY_ID:SECRET@...`) or in the Iceberg catalog's properties are used, and
+    appear nowhere in the manifest, the report, the output or an error message."""
+    live = delta_on_s3(s3_server, "leak/delta")
+    iceberg_on_s3(s3_server, tmp_path)
+    save_mlp(tmp_path / "m.pt", [FEATURES, 1], seed=3)
+    delta = s3.uri("leak/delta").replace("s3://", f"s3://{ACCESS}:{SECRET}@", 1)
+    catalog = json.dumps(iceberg_catalog(tmp_path, s3.endpoint, **{
+        "s3.access-key-id": ACCESS, "s3.secret-access-key": SECRET, "s3.session-token": TOKEN}))
+    runs = {
+        "delta": ["--input", delta, "--output", s3.uri("leak/out-delta")],
+        "iceberg": ["--input", "feats.users", "--input-format", "iceberg", "--catalog", catalog,
+                    "--output", s3.uri("leak/out-iceberg")],
+    }
+    printed = []
+    for name, args in runs.items():
+        result = cli("run", "--model", str(tmp_path / "m.pt"), *args, "--json", "-v",
+                     "--report", str(tmp_path / f"{name}.json"))
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["rows_out"] == live.num_rows
+        printed.append(result.stdout + result.stderr + (tmp_path / f"{name}.json").read_text())
+    stored = " ".join(s3_server.filesystem().open_input_stream(f"{BUCKET}/{key}").read().decode(errors="replace")
+                      for key in s3_server.keys("leak/out-"))
+    assert MANIFEST in " ".join(s3_server.keys("leak/out-iceberg/")) and leaked(stored) == []
+    assert leaked(" ".join(printed)) == []
+    header = manifest(s3_server, "leak/out-delta/")
+    assert REDACTED in header["source"]["input"] and "endpoint_override" in header["source"]["input"]
+    header = manifest(s3_server, "leak/out-iceberg/")
+    assert header["config"]["catalog"]["s3.secret-access-key"] == REDACTED
+
+    # Errors name the table, without its secrets.
+    missing = cli("run", "--model", str(tmp_path / "m.pt"), "--input", delta.replace("leak/delta", "leak/nope"),
+                  "--input-format", "delta", "--output", s3.uri("leak/o2"))
+    assert missing.returncode == 2 and "leak/nope" in missing.stderr and "Traceback" not in missing.stderr
+    no_table = cli("run", "--model", str(tmp_path / "m.pt"), "--input", "feats.nope", "--input-format", "iceberg",
+                   "--catalog", catalog, "--output", s3.uri("leak/o3"))
+    assert no_table.returncode == 2 and "feats.nope" in no_table.stderr and "Traceback" not in no_table.stderr
+    half = json.dumps({**json.loads(catalog), "s3.secret-access-key": ""})  # a key id without its secret
+    refused = cli("run", "--model", str(tmp_path / "m.pt"), "--input", "feats.users", "--input-format", "iceberg",
+                  "--catalog", half, "--output", s3.uri("leak/o4"))
+    assert refused.returncode == 2 and "secret_key" in refused.stderr and "Traceback" not in refused.stderr
+    assert leaked(missing.stderr + no_table.stderr + refused.stderr) == []
+    assert [k for k in s3_server.keys("leak/") if k.startswith(("leak/o2", "leak/o3", "leak/o4"))] == []
