@@ -381,6 +381,16 @@ def test_dockerfile_copies_every_package_it_installs() -> None:
     assert {package.split(".")[0] for package in packages} <= copied  # pip install . needs each one
 
 
+def test_cluster_yaml_mounts_every_package_it_installs() -> None:
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    mounts = yaml.safe_load((ROOT / "cluster.yaml").read_text())["file_mounts"]
+
+    # setup_commands pip-install ~/batch-infer: a package left unmounted breaks `ray up` on every node
+    assert {f"~/batch-infer/{package.split('.')[0]}" for package in packages} <= set(mounts)
+
+
 def catalog_variables() -> dict[str, str]:
     """The KEY=value lines of kuberay/catalog.env.example, what the catalog Secret is created from."""
     lines = (DEPLOY / "kuberay" / "catalog.env.example").read_text().splitlines()
