@@ -387,6 +387,11 @@ def _names(key: str, value: Any) -> tuple[str, ...] | None:
     return tuple(value)
 
 
+def parse_catalog(value: Any) -> dict[str, str] | None:
+    """The `catalog` key's value as `JobConfig` holds it (`batch-infer verify --catalog`)."""
+    return _catalog(value)
+
+
 def _catalog(value: Any) -> dict[str, str] | None:
     """The `catalog` key as a mapping of string properties (a string is read as YAML: the CLI's form)."""
     if value is None:
