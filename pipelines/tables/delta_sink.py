@@ -5,8 +5,8 @@ root, mirroring the input's paths, each run's new files named with its
 generation. One commit per run: the files added, the retired ones removed, and
 a `txn` action (app id `batch-infer`, version = the run's generation). delta-rs
 records the `txn` but does not enforce it (delta-rs#2580), so the sink reads
-the table's `txn` version before committing and after an error: a version at
-or above the run's generation means that commit is already in the table.
+the table's `txn` version before committing and after an error: the run's
+generation there means that commit is already in the table.
 A missing table is created by the run's first commit, with the files in it.
 """
 
@@ -75,8 +75,9 @@ class DeltaSink(TableSink):
         table = self._open()
         if table is None:
             return False
-        version = table.transaction_version(APP_ID)  # type: ignore[attr-defined]
-        return version is not None and version >= generation
+        # Generations only grow, and a run asks only about its own: equality, not Spark's `>=`, so that a
+        # table whose txn is ahead of a restarted manifest is never taken to hold a commit it does not.
+        return table.transaction_version(APP_ID) == generation  # type: ignore[attr-defined]
 
     def _commit(self, adds: Sequence[OutputFile], removes: Sequence[str], generation: int) -> None:
         from deltalake.transaction import (
