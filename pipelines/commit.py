@@ -514,30 +514,12 @@ class Recorder:
         return complete
 
     def _commit_table(self) -> None:
-        """One table transaction: the committed files the table lacks in, the retired files it holds out.
-
-        The journal holds every file's commit record before the table does, so a driver killed after
-        the table commit and before the manifest leaves a state the next run recognises: the table
-        already holds the files (nothing to add) and the generation's commit is in the table.
-        """
-        from pipelines.tables.sink import OutputFile
-
+        """The table commit (`TableSink.publish`), after the journal holds every file's commit record: a
+        driver killed after it and before the manifest leaves a state the next run recognises."""
         assert self.sink is not None
-        table = self.sink.files()
-        adds = [OutputFile(path, entry["rows_out"], entry["bytes"] if entry.get("bytes") is not None
-                           else self.output.fs.get_file_info(self.output.join(path)).size)
-                for path, entry in sorted(self.state.files.items()) if path not in table]
-        removes = sorted(path for path in table if path in self.state.retiring)
-        if not adds and not removes:
-            return  # nothing new: no commit
         self.flush(force=True)
         self.check_lock()
-        if self.sink.commit(adds, removes, self.generation):
-            logger.info("committed %d file(s) into the %s table %s (%d removed), generation %d", len(adds),
-                        self.sink.format, self.sink.name, len(removes), self.generation)
-        else:
-            logger.info("the %s table %s already holds generation %d's commit", self.sink.format,
-                        self.sink.name, self.generation)
+        self.sink.publish(self.output, self.state.files, self.state.retiring, self.generation)  # type: ignore
 
     def _current(self, path: str) -> bool:
         entry = self.state.files[path]

@@ -27,6 +27,7 @@ remove_orphan_files), never deleted by a run.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +39,8 @@ import pyarrow as pa
 from basis.errors import ConfigError
 from basis.storage import Location, absolute, redact, resolve
 from pipelines.config import JobConfig
+
+logger = logging.getLogger(__name__)
 
 RUN_PROPERTY = "batch-infer.generation"  # Iceberg snapshot summary / Delta commitInfo: the run that committed
 APP_ID = "batch-infer"  # Delta `txn` application id; its version is the run's generation
@@ -138,6 +141,21 @@ class TableSink(Sink):
 
     @abstractmethod
     def _commit(self, adds: Sequence[OutputFile], removes: Sequence[str], generation: int) -> None: ...
+
+    def publish(self, output: Location, committed: Mapping[str, Mapping[str, Any]], retiring: set[str],
+                generation: int) -> None:
+        """One table transaction: the committed files (the manifest's, path -> entry) the table lacks in,
+        the retiring files it holds out; none when the table already is the manifest."""
+        table = self.files()
+        adds = [OutputFile(path, entry["rows_out"], entry["bytes"] if entry.get("bytes") is not None
+                           else output.fs.get_file_info(output.join(path)).size)
+                for path, entry in sorted(committed.items()) if path not in table]
+        removes = sorted(path for path in table if path in retiring)
+        if self.commit(adds, removes, generation):
+            logger.info("committed %d file(s) into the %s table %s (%d removed), generation %d", len(adds),
+                        self.format, self.name, len(removes), generation)
+        elif adds or removes:
+            logger.info("the %s table %s already holds generation %d's commit", self.format, self.name, generation)
 
     def commit(self, adds: Sequence[OutputFile], removes: Sequence[str], generation: int) -> bool:
         if not adds and not removes:
