@@ -88,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_status)
 
     verify = commands.add_parser("verify", help="check an output against its manifest (exit 1 listing what does not hold)")
-    verify.add_argument("output", help="output directory or URI")
+    verify.add_argument("output", help="output directory or URI (a table's path or location; with --catalog, an "
+                                       "Iceberg table's namespace.table)")
+    verify.add_argument("--catalog", default=None, metavar="MAPPING",
+                        help="PyIceberg catalog properties (YAML) to find an Iceberg output table by name")
     verify.add_argument("--sample", type=int, default=0, metavar="N",
                         help="also re-read N random input rows, recompute them with the recorded model and compare")
     verify.add_argument("--checksums", action="store_true",
@@ -264,7 +267,10 @@ def _status(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from pipelines.verifier import verify
 
-    report = verify(args.output, sample=args.sample, checksums=args.checksums, seed=args.seed)
+    from pipelines.config import parse_catalog
+
+    report = verify(args.output, sample=args.sample, checksums=args.checksums, seed=args.seed,
+                    catalog=parse_catalog(args.catalog))
     print(report.to_json() if args.json else report.summary())
     return EXIT_OK if report.ok else EXIT_FAILED_SHARDS
 

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import JobConfig
 from basis.errors import OutputConflictError
@@ -43,6 +43,9 @@ from basis.storage import (
     sweep_temps,
     write_bytes_atomic,
 )
+
+if TYPE_CHECKING:
+    from pipelines.tables.sink import Sink
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ def prediction_settings(cfg: JobConfig, columns: Columns) -> dict[str, Any]:
         "precision": cfg.precision,
         "invalid_rows": cfg.invalid_rows,
         **({"categorical": list(columns.categorical)} if columns.categorical else {}),
+        # A table output is another output than the directory of files under it (not recorded for Parquet,
+        # so that manifests written before table outputs existed keep their identity).
+        **({"output_format": cfg.output_format} if cfg.output_format not in ("auto", "parquet") else {}),
     }
 
 
@@ -339,12 +345,18 @@ def is_data_file(path: str) -> bool:
     return not is_hidden(path)
 
 
-def foreign_files(state: State, present: Iterable[str]) -> list[str]:
-    """Data files under the output that no entry describes and none is retiring: not written by batch-infer
-    (an old dataset, a copy). Never deleted or overwritten; no `_SUCCESS` while one is there."""
+def described_files(state: State) -> set[str]:
+    """The files an entry describes (a committed shard's output and quarantine file) or that are retiring."""
     described = set(state.retiring)
     for entry in state.files.values():
         described.update(path for path, _, _ in _files_of(entry))
+    return described
+
+
+def foreign_files(state: State, present: Iterable[str]) -> list[str]:
+    """Data files under the output that no entry describes and none is retiring: not written by batch-infer
+    (an old dataset, a copy). Never deleted or overwritten; no `_SUCCESS` while one is there."""
+    described = described_files(state)
     return sorted(path for path in present if is_data_file(path) and path not in described)
 
 
@@ -417,6 +429,7 @@ class Recorder:
         kept: Iterable[str] = (),
         foreign: Sequence[str] = (),
         flush_seconds: float = 1.0,
+        sink: Sink | None = None,
     ) -> None:
         self.output = output
         self.state = state
@@ -430,6 +443,7 @@ class Recorder:
         self.segments = SegmentWriter(output, self.generation)
         self.check_lock = check_lock
         self.flush_seconds = flush_seconds
+        self.sink = sink  # a table output: the run's files are committed into it (`pipelines.tables.sink`)
         self._last_flush = time.monotonic()
         self._confirmed: set[str] = set()
 
@@ -477,10 +491,16 @@ class Recorder:
         """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
         self._settle_unconfirmed()
         self._retire([p for p in self.state.files if not self._current(p)])
-        if self._planned_complete() and self.state.retiring:
+        planned = self._planned_complete()
+        if planned and self.sink is not None and self.sink.is_table:
+            self._commit_table()
+        if planned and self.state.retiring:
             self.flush(force=True)  # the journal says they go before they go
             for path in sorted(self.state.retiring):
-                delete_file(self.output.fs, self.output.join(path))
+                if self.sink is None or not self.sink.is_table or path.startswith(REJECTED_DIR + "/"):
+                    delete_file(self.output.fs, self.output.join(path))
+                # a table's own data files stay: older versions of the table still reference them, and the
+                # table's maintenance (VACUUM, expire_snapshots / remove_orphan_files) removes them
             self.state.retiring.clear()
         complete = self.complete
         if complete:
@@ -492,6 +512,14 @@ class Recorder:
             self.check_lock()
             write_bytes_atomic(self.output.fs, self.output.join(SUCCESS), b"")
         return complete
+
+    def _commit_table(self) -> None:
+        """The table commit (`TableSink.publish`), after the journal holds every file's commit record: a
+        driver killed after it and before the manifest leaves a state the next run recognises."""
+        assert self.sink is not None
+        self.flush(force=True)
+        self.check_lock()
+        self.sink.publish(self.output, self.state.files, self.state.retiring, self.generation)  # type: ignore
 
     def _current(self, path: str) -> bool:
         entry = self.state.files[path]

@@ -25,7 +25,7 @@ OUTPUT_ACTIVATIONS = (*ACTIVATIONS, "softmax")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 INVALID_ROWS = ("quarantine", "fail", "keep")
 INPUT_FORMATS = ("auto", "parquet", "delta", "iceberg")
-OUTPUT_FORMATS = ("auto", "parquet")  # delta and iceberg output: not supported yet (issue 13, item 3)
+OUTPUT_FORMATS = ("auto", "parquet", "delta", "iceberg")
 BOOL_KEYS = ("keep_features", "shared_storage", "overwrite", "prune")  # CLI: --KEY / --no-KEY switches
 LIST_KEYS = ("features", "passthrough", "categorical")  # CLI: comma-separated values
 
@@ -106,10 +106,6 @@ class JobConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("invalid_rows", self.invalid_rows, INVALID_ROWS)
         _choice("input_format", self.input_format, INPUT_FORMATS)
-        if self.output_format in ("delta", "iceberg"):
-            raise ConfigError(f"'output_format: {self.output_format}' is not supported yet: predictions are "
-                              f"written as Parquet files (output_format: parquet); a {self.output_format} table "
-                              f"can be created over them by its own tools")
         _choice("output_format", self.output_format, OUTPUT_FORMATS)
         object.__setattr__(self, "catalog", _catalog(self.catalog))
         object.__setattr__(self, "batch_size", _positive_int("batch_size", self.batch_size, auto=True))
@@ -326,11 +322,16 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            "a table has removed are never read; deleted rows that cannot be masked (Delta deletion vectors, "
            "Iceberg delete files) are refused before any work (exit 2)", choices=INPUT_FORMATS),
     KeyDoc("output_format", "`auto`",
-           "`parquet` (`auto` is the same): Parquet files, a manifest and `_SUCCESS`; `delta` and `iceberg` "
-           "output are not supported yet (exit 2)", choices=OUTPUT_FORMATS),
+           "`parquet` (`auto` is the same; a Delta table there is refused): Parquet files, a manifest and "
+           "`_SUCCESS`; `delta` (`output`: the table's path or URI) or `iceberg` (`output: namespace.table` through "
+           "`catalog`): the files are committed into the table, created when missing with the passthrough and "
+           "prediction columns, in one transaction per run that carries the run's generation (Delta `txn`, "
+           "Iceberg snapshot summary), never twice; a run with nothing new makes no commit; an existing table "
+           "with other columns is refused (exit 2). The manifest, journal, `_LOCK` and `_SUCCESS` are in the "
+           "table's root (Iceberg: its location; data files under `data/`)", choices=OUTPUT_FORMATS),
     KeyDoc("catalog", "unset: PyIceberg's own configuration (`.pyiceberg.yaml`, `PYICEBERG_CATALOG__*`), "
            "catalog `default`",
-           "PyIceberg catalog properties for `iceberg` input, a mapping (on the command line as YAML), e.g. "
+           "PyIceberg catalog properties for `iceberg` input or output, a mapping (on the command line as YAML), e.g. "
            "`{type: sql, uri: \"sqlite:///cat.db\", warehouse: \"file:///wh\"}`; `name` picks the catalog's "
            "name (default `default`)", metavar="MAPPING"),
     KeyDoc("address", "`RAY_ADDRESS` if set, else a new embedded local Ray",
@@ -384,6 +385,11 @@ def _names(key: str, value: Any) -> tuple[str, ...] | None:
     if len(set(value)) != len(value):
         raise ConfigError(f"{key!r} lists a column twice: {list(value)}")
     return tuple(value)
+
+
+def parse_catalog(value: Any) -> dict[str, str] | None:
+    """The `catalog` key's value as `JobConfig` holds it (`batch-infer verify --catalog`)."""
+    return _catalog(value)
 
 
 def _catalog(value: Any) -> dict[str, str] | None:

@@ -43,7 +43,8 @@ from pipelines.plan import (
     scan_source,
 )
 from pipelines.report import Progress, RunReport
-from pipelines.tables import Source, catalog_record, check_output, open_source
+from pipelines.tables import Source, catalog_record, open_source
+from pipelines.tables.sink import Sink, open_sink, output_schema
 from basis.storage import (
     Location,
     absolute,
@@ -78,6 +79,7 @@ class Plan:
     snapshot: tuple[Any, ...]  # the output's manifest + journal as planned from
     columns_source: list[str]  # [rel, fingerprint] of the file the columns were resolved from
     input: Source  # the input's format: its files, its snapshot, where replicas read it
+    sink: Sink  # the output's format: where replicas write, what the run commits into
 
     @property
     def rows_todo(self) -> int:
@@ -168,7 +170,7 @@ def run(
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
             p = _prepare(cfg)
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
-                            kept=p.reconciled.kept, foreign=p.reconciled.foreign)
+                            kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.cluster import clear_stale_request
 
         clear_stale_request(cfg, p.output)  # a killed run's autoscaler request: cleared by the next tick, idle or not
@@ -209,7 +211,7 @@ def run(
             job = ReplicaJob(
                 model=members[0][1].uri if members else absolute(cfg.model), model_sha256=p.model.sha256,
                 input=p.input.replica_uri,
-                output=absolute(cfg.output), features=p.columns.features, passthrough=p.columns.passthrough,
+                output=p.sink.uri, features=p.columns.features, passthrough=p.columns.passthrough,
                 list_column=p.columns.list_column, width=p.columns.width,
                 prediction_column=cfg.prediction_column or "",
                 keep_features=cfg.keep_features, activation=cfg.activation, output_activation=cfg.output_activation,
@@ -352,10 +354,9 @@ def _prepare(cfg: JobConfig) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan."""
     from workers.modelfile import inspect_model
 
-    table, output = open_source(cfg), resolve(absolute(cfg.output))  # the input's format, chosen once
-    source = table.location
+    table, sink = open_source(cfg), open_sink(cfg)  # the input's and the output's formats, chosen once
+    source, output = table.location, sink.location
     check_output_path(output)
-    check_output(cfg, output)
     _check_overlap(cfg, source, output)
     if cfg.model_set is None:
         model = inspect_model(absolute(cfg.model))
@@ -367,7 +368,7 @@ def _prepare(cfg: JobConfig) -> Plan:
     with _refusals(output) as _:
         snapshot = _snapshot(output)
         state = State.load(output)
-        present = output_listing(output)
+        present = sink.present(state, output_listing(output))  # a table: what it references, or we wrote
     foreign = foreign_files(state, present)
     if foreign and not state.found:
         raise OutputConflictError(
@@ -399,6 +400,8 @@ def _prepare(cfg: JobConfig) -> Plan:
     claims = {**{path: "" for path in foreign}, **state.claims(listed_rels, keep_vanished=keep_vanished)}
     shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
     reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listed_rels, prune=cfg.prune)
+    shards, reconciled.todo = _name_outputs(sink, state, shards, reconciled.todo)
+    sink.check_schema(lambda: _output_schema(cfg, model, columns, checked, source))
     if reconciled.kept and table.removal_rewrites_rows:
         removed = sorted({state.files[path]["rel"] for path in reconciled.kept})
         raise OutputConflictError(
@@ -408,7 +411,27 @@ def _prepare(cfg: JobConfig) -> Plan:
             f"into other files are scored again), or overwrite to score the table afresh"
         )
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
-                state, reconciled, snapshot, column_source, table)
+                state, reconciled, snapshot, column_source, table, sink)
+
+
+def _name_outputs(sink: Sink, state: State, shards: list[Shard], todo: list[Shard]) -> tuple[list[Shard], list[Shard]]:
+    """The shards to run, named as the sink names this run's files (a table's: with the run's generation,
+    so that no file a table version references is ever rewritten in place)."""
+    generation = max(state.generation, state.journal.newest) + 1  # the Recorder's: this run's
+    renamed = {s.id: dataclasses.replace(s, output=sink.data_name(s.output, generation)) for s in todo}
+    return [renamed.get(s.id, s) for s in shards], [renamed[s.id] for s in todo]
+
+
+def _output_schema(cfg: JobConfig, model: Any, columns: Columns, files: list[InputFile], source: Location) -> Any:
+    """The schema the replicas will write (`workers.writer`), from the first readable input file's footer."""
+    for f in files:
+        if f.error is None:
+            f = read_schema(f, source)
+        if f.schema is not None:
+            written = [*columns.passthrough, *(columns.features if cfg.keep_features else ())]
+            members = model.members if cfg.model_set is not None else ((cfg.prediction_column, model),)
+            return output_schema(f.schema, written, [(name, spec.out_features) for name, spec in members])
+    raise InputError(f"no readable Parquet input at {source.uri!r} to take the output table's columns from")
 
 
 def source_record(source: Source, base: str) -> dict[str, str]:

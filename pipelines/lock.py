@@ -1,5 +1,11 @@
 """One run per output at a time: the `_LOCK` file.
 
+The output is the sink's location (`pipelines.tables.sink`): a Parquet
+directory, a Delta table's root (beside its data and `_delta_log/`; Delta
+readers and VACUUM skip names starting with `_`) or an Iceberg table's location
+(beside `metadata/` and `data/`; orphan-file removal skips `_` names), so one
+run per output table holds whichever catalog or path names it.
+
 The lock is a small JSON record (token, pid, host, started, heartbeat). The
 holder rewrites its heartbeat every `ttl / 4` seconds. A lock whose heartbeat
 is older than `ttl`, whose holder process is gone (same host), or that can't

@@ -14,6 +14,11 @@ Checks, against storage, everything "the manifest is the truth" promises:
   superseded, failed or pending, no journal, no temporary files, and no input
   file listed now, older than `_SUCCESS`, without a committed shard.
 
+- a table output (Delta, Iceberg): the table's current data files are exactly
+  the manifest's committed ones (beside `_SUCCESS`; before it, committed files
+  the table does not hold yet are a note), each with the recorded rows; data
+  files under the table that no version references now are not looked at.
+
 With `sample=N` it also re-reads N random committed rows from the input,
 recomputes them with the recorded model and compares with the stored
 predictions and passthrough values. Predictions match within the recorded
@@ -95,19 +100,34 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify(output: str, *, sample: int = 0, checksums: bool = False, seed: int | None = None) -> VerifyReport:
+def verify(output: str, *, sample: int = 0, checksums: bool = False, seed: int | None = None,
+           catalog: Mapping[str, str] | None = None) -> VerifyReport:
     """Check an output against its manifest (and `sample` recomputed rows); raises ConfigError for a
     path that holds no batch-infer output.
+
+    `output` is the output directory, a Delta table's path, an Iceberg table's location, or with
+    `catalog` (PyIceberg catalog properties) an Iceberg table's `namespace.table`.
 
     Example:
         >>> verify("preds/").ok  # doctest: +SKIP
         True
     """
-    location = resolve(output)
+    from pipelines.tables.sink import reopen_sink
+
+    sink = None
+    if catalog is not None:
+        sink = reopen_sink({"output_format": "iceberg", "output": output}, output, catalog)
+        location = sink.location
+    else:
+        location = resolve(output)
     state = State.load(location)
     if not state.found:
         raise ConfigError(f"no batch-infer manifest at {location.uri!r} (nothing has been committed there)")
+    if sink is None:
+        sink = reopen_sink(state.header.get("config") or {}, location.uri, None)
     check = _Check(location, state)
+    if sink.is_table:
+        check.check_table(sink.name, sink.format, sink.files())
     check.files(checksums)
     check.inputs()
     check.success()
@@ -127,6 +147,26 @@ class _Check:
         self.on_disk = {relative_to(output.path, info.path): info for info in existing_infos(output.fs, output.path)}
         self.complete = SUCCESS in self.on_disk
         self.rows_out = sum(e["rows_out"] for e in state.files.values() if e["status"] == COMMITTED)
+        self.table_files: dict[str, Any] | None = None  # a table output's current files (path -> OutputFile)
+
+    def check_table(self, name: str, fmt: str, files: Mapping[str, Any]) -> None:
+        """A table output: its current files are the manifest's committed ones, with their rows."""
+        self.table_files = dict(files)
+        committed = {e["output"]: e for e in self.state.files.values() if e["status"] == COMMITTED}
+        for path in sorted(set(files) - set(committed)):
+            self.problems.append(f"{path}: in the {fmt} table {name}, but no committed manifest entry describes it")
+        missing = sorted(set(committed) - set(files))
+        if missing and self.complete:
+            self.problems.append(f"{len(missing)} committed file(s) are not in the {fmt} table {name}, e.g. "
+                                 f"{missing[0]}, but _SUCCESS says the output is complete")
+        elif missing:
+            self.notes.append(f"{len(missing)} committed file(s) are not in the {fmt} table {name} yet; the next "
+                              f"complete run commits them")
+        for path in sorted(set(files) & set(committed)):
+            rows = files[path].rows
+            if rows >= 0 and rows != committed[path]["rows_out"]:
+                self.problems.append(f"{path}: the {fmt} table records {rows} rows, the manifest "
+                                     f"{committed[path]['rows_out']} (shard {committed[path]['id']})")
 
     def files(self, checksums: bool) -> None:
         """Every data file described; every described file as recorded."""
@@ -136,6 +176,8 @@ class _Check:
             if entry.get("rejected_output"):
                 described[entry["rejected_output"]] = (entry, "rejected")
         for path in sorted(self.on_disk):
+            if self.table_files is not None and path not in self.table_files:
+                continue  # a table's: a file of an older version (or of no version), left for its maintenance
             if is_data_file(path) and path not in described and path not in self.state.retiring:
                 self.problems.append(f"{path}: a data file no manifest entry describes")
         todo = []

@@ -79,9 +79,10 @@ def open_source(cfg: JobConfig) -> Source:
         from pipelines.tables.iceberg import IcebergSource
 
         return IcebergSource(cfg.input, cfg.catalog)
-    if cfg.catalog is not None:
-        raise ConfigError(f"'catalog' is set but the input {redact(cfg.input)!r} is not read through a catalog; "
-                          f"set 'input_format: iceberg' (input: namespace.table) or remove 'catalog'")
+    if cfg.catalog is not None and cfg.output_format != "iceberg":
+        raise ConfigError(f"'catalog' is set but neither the input {redact(cfg.input)!r} nor the output is an "
+                          f"Iceberg table; set 'input_format: iceberg' (input: namespace.table) or "
+                          f"'output_format: iceberg' (output: namespace.table), or remove 'catalog'")
     location = resolve(absolute(cfg.input))
     if fmt == "delta" or (fmt == "auto" and is_delta_table(location)):
         from pipelines.tables.delta import DeltaSource
@@ -90,13 +91,6 @@ def open_source(cfg: JobConfig) -> Source:
     from pipelines.tables.parquet import ParquetSource
 
     return ParquetSource(location, absolute(cfg.input))
-
-
-def check_output(cfg: JobConfig, output: Location) -> None:
-    """Refuse (exit 2) an output that is a table: writing tables is not supported yet."""
-    if is_delta_table(output):
-        raise ConfigError(f"output {output.uri!r} is a Delta table (it holds _delta_log/); writing predictions "
-                          f"into a table is not supported yet: choose a directory for the Parquet output")
 
 
 def is_delta_table(location: Location) -> bool:

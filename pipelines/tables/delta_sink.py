@@ -1,0 +1,134 @@
+"""Predictions committed into a Delta Lake table (delta-rs): the run's data files as add actions.
+
+The table lives at `output` (a path or URI); the data files are written at its
+root, mirroring the input's paths, each run's new files named with its
+generation. One commit per run: the files added, the retired ones removed, and
+a `txn` action (app id `batch-infer`, version = the run's generation). delta-rs
+records the `txn` but does not enforce it (delta-rs#2580), so the sink reads
+the table's `txn` version before committing and after an error: the run's
+generation there means that commit is already in the table.
+A missing table is created by the run's first commit, with the files in it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import unquote
+
+import pyarrow as pa
+
+from basis.errors import OutputConflictError
+from basis.storage import absolute, read_parquet_footer, redact, resolve
+from pipelines.tables import is_delta_table
+from pipelines.tables.sink import APP_ID, RUN_PROPERTY, OutputFile, TableSink, describe_mismatch
+
+
+class DeltaSink(TableSink):
+    """`output_format: delta`: a Delta table at `output`, created by the first commit when missing."""
+
+    format = "delta"
+
+    def __init__(self, output: str) -> None:
+        self.uri = absolute(output)
+        self.location = resolve(self.uri)
+        self.name = self.location.uri
+        self._table = None
+
+    def _open(self) -> object | None:
+        """The table as it is now, or None when there is none yet."""
+        from deltalake import DeltaTable
+
+        if not is_delta_table(self.location):
+            return None
+        try:
+            return DeltaTable(self.location.path if self.location.is_local else self.uri)
+        except Exception as exc:  # TableNotFoundError, DeltaError, OSError ...
+            raise OutputConflictError(f"cannot open the Delta table {self.name!r} to write predictions into: "
+                                      f"{redact(str(exc))}") from exc
+
+    def _check_schema(self, schema: pa.Schema) -> None:
+        table = self._open()
+        if table is None:
+            return
+        found = pa.schema(table.schema().to_arrow())  # type: ignore[attr-defined]
+        partitions = table.metadata().partition_columns  # type: ignore[attr-defined]
+        problems = describe_mismatch(found, schema)
+        if partitions:
+            problems.append(f"the table is partitioned by {partitions}; predictions are written unpartitioned")
+        if problems:
+            raise OutputConflictError(f"the Delta table {self.name!r} does not fit this job's predictions: "
+                                      f"{'; '.join(problems)}; write to a new table, or drop this one")
+
+    def files(self) -> dict[str, OutputFile]:
+        table = self._open()
+        if table is None:
+            return {}
+        actions = table.get_add_actions(flatten=True)  # type: ignore[attr-defined]
+        columns = {name: actions.column(name).to_pylist() for name in ("path", "size_bytes", "num_records")}
+        return {unquote(path): OutputFile(unquote(path), rows if rows is not None else -1, size)
+                for path, size, rows in zip(columns["path"], columns["size_bytes"], columns["num_records"])}
+
+    def committed(self, generation: int) -> bool:
+        table = self._open()
+        if table is None:
+            return False
+        # Generations only grow, and a run asks only about its own: equality, not Spark's `>=`, so that a
+        # table whose txn is ahead of a restarted manifest is never taken to hold a commit it does not.
+        return table.transaction_version(APP_ID) == generation  # type: ignore[attr-defined]
+
+    def _commit(self, adds: Sequence[OutputFile], removes: Sequence[str], generation: int) -> None:
+        from deltalake.transaction import (
+            AddAction,
+            CommitProperties,
+            RemoveAction,
+            Transaction,
+            create_table_with_add_actions,
+        )
+
+        if self.schema is None:
+            raise RuntimeError("DeltaSink.check_schema() comes before commit()")
+        check_files(self.location, adds, self.schema, self.name)
+        now = int(time.time() * 1000)
+        added = [AddAction(f.path, f.size, {}, now, True, json.dumps({"numRecords": f.rows})) for f in adds]
+        props = CommitProperties(app_transactions=[Transaction(APP_ID, generation, now)],
+                                 custom_metadata={RUN_PROPERTY: generation})
+        table = self._open()
+        target = self.location.path if self.location.is_local else self.uri
+        if table is None:
+            create_table_with_add_actions(target, _delta_schema(self.schema), added, mode="error",
+                                          commit_properties=props)
+            return
+        sizes = {path: f.size for path, f in self.files().items()}
+        removed = [RemoveAction(path, True, now, sizes.get(path), {}) for path in removes]
+        table.create_write_transaction([*added, *removed], mode="append",  # type: ignore[attr-defined]
+                                       schema=_delta_schema(self.schema), commit_properties=props)
+
+
+def _delta_schema(schema: pa.Schema) -> object:
+    from deltalake import Schema
+
+    return Schema.from_arrow(schema)
+
+
+def check_files(location: object, adds: Sequence[OutputFile], schema: pa.Schema, name: str) -> None:
+    """Every file about to be committed has the job's schema (by its footer), so a table never
+    references a file its readers cannot read as the table's columns."""
+    from pipelines.tables.sink import _same_type
+
+    def look(f: OutputFile) -> str | None:
+        found = read_parquet_footer(location.fs, location.join(f.path)).schema.to_arrow_schema()  # type: ignore
+        want = {field.name: field.type for field in schema}
+        have = {field.name: field.type for field in found}
+        if set(want) != set(have) or any(not _same_type(have[n], want[n]) for n in want):
+            return f"{f.path} has columns {found} but the table's are {schema}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        wrong = [w for w in pool.map(look, adds) if w]
+    if wrong:
+        raise OutputConflictError(f"{name}: {len(wrong)} data file(s) do not have the table's schema (an input "
+                                  f"file typed its columns differently), e.g. {wrong[0]}; nothing was committed "
+                                  f"to the table")

@@ -1,0 +1,159 @@
+"""Predictions committed into an Iceberg table (PyIceberg): the run's data files in one snapshot.
+
+`output: namespace.table` through `catalog`. The data files go under the
+table's location in `data/` (mirroring the input's paths, each run's new files
+named with its generation); the manifest, journal, `_LOCK` and `_SUCCESS` at
+the table's location (names starting with `_`, which Iceberg's orphan-file
+removal skips). One snapshot per run: an `append` when it only adds files, an
+`overwrite` when it also removes retired ones, its summary carrying
+`batch-infer.generation`; a run whose generation is already in a snapshot's
+summary (an earlier try whose outcome was unknown landed) commits nothing. A
+missing table (and its namespace) is created by the run's first commit, in the
+same catalog transaction as its first snapshot, at the location it would get
+by default (`<namespace location>/<table>` or `<warehouse>/<namespace>.db/<table>`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+
+from basis.errors import ConfigError, OutputConflictError
+from basis.storage import redact, resolve
+from pipelines.tables.sink import RUN_PROPERTY, OutputFile, TableSink, describe_mismatch
+
+
+class IcebergSink(TableSink):
+    """`output_format: iceberg`: `output: namespace.table` through the `catalog` properties."""
+
+    format = "iceberg"
+    data_prefix = "data/"
+
+    def __init__(self, name: str, catalog: Mapping[str, str] | None) -> None:
+        from pyiceberg.catalog import load_catalog
+        from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+        self.name = name
+        props = dict(catalog or {})
+        catalog_name = props.pop("name", "default")
+        try:
+            self.catalog = load_catalog(catalog_name, **props)
+        except Exception as exc:  # ValueError, NotInstalledError, ... for a bad configuration
+            raise ConfigError(f"cannot load the Iceberg catalog {catalog_name!r} for output {name!r} "
+                              f"(config key 'catalog'): {redact(str(exc))}") from exc
+        try:
+            self.namespace, self.table_name = self.catalog.identifier_to_database_and_table(name)
+        except Exception as exc:
+            raise ConfigError(f"output {name!r} is not an Iceberg table identifier: give 'namespace.table'") from exc
+        try:
+            table = self.catalog.load_table(name)
+            self.uri = table.location().rstrip("/")
+        except (NoSuchTableError, NoSuchNamespaceError):
+            self.uri = self._default_location()
+        except Exception as exc:
+            raise OutputConflictError(f"cannot load the Iceberg table {name!r} from catalog {catalog_name!r}: "
+                                      f"{redact(str(exc)) or type(exc).__name__}") from exc
+        self.location = resolve(self.uri)
+
+    def _default_location(self) -> str:
+        """Where the catalog would put a new table (PyIceberg's default), so that the files written before
+        the first commit are under the location the table is created with."""
+        from pyiceberg.exceptions import NoSuchNamespaceError
+
+        try:
+            ns_location = self.catalog.load_namespace_properties(self.namespace).get("location")
+        except NoSuchNamespaceError:
+            ns_location = None
+        if ns_location:
+            return f"{ns_location.rstrip('/')}/{self.table_name}"
+        warehouse = self.catalog.properties.get("warehouse")
+        if not warehouse:
+            raise ConfigError(f"the Iceberg table {self.name!r} does not exist and the catalog has no 'warehouse' "
+                              f"to create it in: add 'warehouse' to 'catalog', or create the table first")
+        return f"{warehouse.rstrip('/')}/{self.namespace}.db/{self.table_name}"
+
+    def _open(self) -> Any:
+        from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+        try:
+            return self.catalog.load_table(self.name)
+        except (NoSuchTableError, NoSuchNamespaceError):
+            return None
+
+    def _check_schema(self, schema: pa.Schema) -> None:
+        table = self._open()
+        if table is None:
+            return
+        problems = describe_mismatch(table.schema().as_arrow(), schema)
+        if table.spec().fields:
+            problems.append(f"the table is partitioned ({table.spec()}); predictions are written unpartitioned")
+        if not problems:
+            from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible
+
+            try:  # what PyIceberg itself checks when the files are added
+                _check_pyarrow_schema_compatible(table.schema(), schema, format_version=table.format_version)
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise OutputConflictError(f"the Iceberg table {self.name!r} does not fit this job's predictions: "
+                                      f"{'; '.join(problems)}; write to a new table, or drop this one")
+
+    def files(self) -> dict[str, OutputFile]:
+        table = self._open()
+        if table is None or table.current_snapshot() is None:
+            return {}
+        found = {}
+        for task in table.scan().plan_files():
+            data = task.file
+            path = data.file_path
+            rel = path[len(self.uri) + 1:] if path.startswith(self.uri + "/") else path
+            found[rel] = OutputFile(rel, int(data.record_count), int(data.file_size_in_bytes))
+        return found
+
+    def committed(self, generation: int) -> bool:
+        table = self._open()
+        if table is None:
+            return False
+        return any(s.summary is not None and s.summary.additional_properties.get(RUN_PROPERTY) == str(generation)
+                   for s in table.snapshots())
+
+    def _commit(self, adds: Sequence[OutputFile], removes: Sequence[str], generation: int) -> None:
+        from pyiceberg.io.pyarrow import parquet_file_to_data_file
+        from pyiceberg.table import TableProperties
+
+        if self.schema is None:
+            raise RuntimeError("IcebergSink.check_schema() comes before commit()")
+        table = self._open()
+        if table is None:
+            self.catalog.create_namespace_if_not_exists(self.namespace)
+            tx = self.catalog.create_table_transaction(self.name, schema=self.schema, location=self.uri)
+            io = tx._table.io
+        else:
+            tx = table.transaction()
+            io = table.io
+        if tx.table_metadata.name_mapping() is None:  # our files carry no field ids: read them by name
+            tx.set_properties(**{TableProperties.DEFAULT_NAME_MAPPING:
+                                 tx.table_metadata.schema().name_mapping.model_dump_json()})
+        metadata = tx.table_metadata
+        with ThreadPoolExecutor(max_workers=8) as pool:  # one footer each: stats, and the schema checked
+            try:
+                data_files = list(pool.map(lambda f: parquet_file_to_data_file(io, metadata, f"{self.uri}/{f.path}"),
+                                           adds))
+            except ValueError as exc:
+                raise OutputConflictError(f"{self.name}: a data file does not have the table's schema (an input "
+                                          f"file typed its columns differently): {exc}; nothing was committed "
+                                          f"to the table") from exc
+        current = {}
+        if removes:
+            wanted = {f"{self.uri}/{p}" if "://" not in p and not p.startswith("/") else p for p in removes}
+            current = {t.file.file_path: t.file for t in table.scan().plan_files() if t.file.file_path in wanted}
+        update = tx.update_snapshot(snapshot_properties={RUN_PROPERTY: str(generation)})
+        with (update.overwrite() if current else update.fast_append()) as snapshot:
+            for data_file in data_files:
+                snapshot.append_data_file(data_file)
+            for data_file in current.values():
+                snapshot.delete_data_file(data_file)
+        tx.commit_transaction()
