@@ -406,7 +406,7 @@ def _prepare(cfg: JobConfig, *, from_manifest: bool = True) -> Plan:
         state.check_compatible(model.to_dict(), settings, source_record(table, base), output.uri)
     checked = [f if (error := check_file(f, columns)) == f.error else dataclasses.replace(f, error=error)
                for f in files]
-    if all(f.error is not None for f in checked):
+    if checked and all(f.error is not None for f in checked):
         raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
     listed_rels = {rel for rel, _ in listed}
     keep_vanished = not (cfg.prune or cfg.overwrite)
@@ -472,6 +472,12 @@ def _columns(
                 continue  # unreadable now; it stays planned from its committed shards
             f = files[index] = read
         return resolve_columns(f.schema, cfg, model.in_features, f.uri), [f.rel, f.fingerprint], files
+    same_keys = {k: recorded.get(k) for k in _column_keys(cfg)} == _column_keys(cfg)
+    if not files and recorded.get("source") and same_keys and recorded["width"] == model.in_features:
+        # a table whose every file a compaction group holds (nothing to score): the columns stay as resolved
+        return (Columns(tuple(recorded["resolved_features"]), tuple(recorded["resolved_passthrough"]),
+                        recorded["list_column"], recorded["width"], cfg.prediction_column or "", cfg.keep_features,
+                        tuple(cfg.categorical or ())), list(recorded["source"]), files)
     raise InputError(f"no readable Parquet input at {source.uri!r}: "
                      + "; ".join(f.error or "" for f in files[:3] if f.error))
 

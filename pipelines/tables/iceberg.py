@@ -62,7 +62,17 @@ class IcebergSource(Source):
         where = f"Iceberg table {self.name!r} (snapshot {self.snapshot.snapshot_id})"
         files = []
         positions: dict[str, Any] = {}  # delete file path -> its (file_path, pos) table, read once
-        for task in self.table.scan().plan_files():
+        try:
+            tasks = list(self.table.scan().plan_files())
+        except ValueError as exc:  # PyIceberg refuses to plan a table with equality deletes
+            found = self._equality_deletes()
+            if not found:
+                raise
+            raise InputError(f"{where}: data files have equality deletes in {found[0]}"
+                             f"{f' and {len(found) - 1} more file(s)' if len(found) > 1 else ''}: equality deletes "
+                             f"cannot be applied as a per-file row mask; rewrite the table's deletes (e.g. Spark "
+                             f"rewrite_data_files); nothing was scored") from exc
+        for task in tasks:
             data = task.file
             shown = data.file_path
             if getattr(data.file_format, "name", str(data.file_format)) != "PARQUET":
@@ -130,6 +140,17 @@ class IcebergSource(Source):
         if not positions.size:
             return None
         return masks.encode(positions), int(positions.size)
+
+    def _equality_deletes(self) -> list[str]:
+        """The equality-delete files of the current snapshot."""
+        io, found = self.table.io, []
+        for manifest in self.snapshot.manifests(io):
+            if getattr(manifest.content, "name", "") != "DELETES":
+                continue
+            for entry in manifest.fetch_manifest_entry(io):
+                if getattr(entry.data_file.content, "name", "") == "EQUALITY_DELETES":
+                    found.append(entry.data_file.file_path)
+        return sorted(found)
 
     def commits_since(self, recorded: Mapping[str, Any]) -> list[Commit] | None:
         first = recorded.get("snapshot_id")
