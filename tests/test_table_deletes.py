@@ -254,3 +254,29 @@ def test_unchanged_tick_plans_no_file_and_reads_no_footer(tmp_path: Path) -> Non
     assert figures["files"] == 100 and figures["first_footer_reads"] == 100
     assert figures["tick_footer_reads"] == 0 and figures["tick_planned_files"] == 0
     assert figures["tick_shards_skipped"] == 100 and figures["tick_rows_in"] == 0
+
+
+def test_masks_and_history_examples_hold() -> None:
+    import doctest
+
+    import basis.masks
+    import pipelines.tables.history
+
+    for module in (basis.masks, pipelines.tables.history):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_follow_chains_compactions_and_refuses_mixed_ones() -> None:
+    from pipelines.tables.history import Commit, follow
+
+    compact = lambda name, old, new: Commit(name, tuple((r, False) for r in old), tuple((r, False) for r in new))  # noqa: E731
+    chained = follow([compact("v2", ["a", "b"], ["c"]), compact("v3", ["c", "d"], ["e", "f"])], scored={"a", "b", "d"})
+    assert [(sorted(g.files), sorted(g.covers)) for g in chained.groups] == [(["e", "f"], ["a", "b", "d"])]
+    assert not chained.removed_by
+    appended = follow([Commit("v2 (WRITE)", added=(("n", True),)), compact("v3", ["a", "n"], ["c"])], scored={"a"})
+    assert not appended.groups and appended.removed_by == {"a": "v3, which compacted scored and unscored rows together"}
+    unscored = follow([compact("v2", ["n", "m"], ["c"])], scored={"a"})
+    assert not unscored.groups and not unscored.removed_by  # only new rows compacted: the new file is new
+    broken = follow([compact("v2", ["a"], ["c"]), Commit("v3 (DELETE)", removed=(("c", True),), added=(("c2", True),))],
+                    scored={"a"})
+    assert not broken.groups and broken.removed_by == {"a": "v3 (DELETE)"}
