@@ -131,7 +131,8 @@ def measure(root: Path, *, snapshots: int, files_per_snapshot: int, rows_per_fil
     return {"snapshots": snapshots, "files": snapshots * files_per_snapshot, "build_seconds": round(built, 1),
             "first_seconds": round(first_s, 2), "first_footer_reads": first_counts["footers"],
             "tick_seconds": round(tick_s, 3), "tick_footer_reads": tick_counts["footers"],
-            "tick_planned_files": tick_counts["plan_files"], "tick_data_files_opened": opened and len(opened),
+            "tick_planned_files": tick_counts["plan_files"],
+            "tick_data_files_opened": None if opened is None else len(opened),
             "tick_shards_skipped": tick.shards_skipped, "tick_rows_in": tick.rows_in,
             "tick_target_seconds": TICK_TARGET_S, "tick_within_target": tick_s < TICK_TARGET_S}
 
