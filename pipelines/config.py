@@ -319,8 +319,9 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            "what `input` is: `parquet` (files, a directory or a glob), `delta` (a Delta Lake table's path or URI: "
            "the rows of its latest version), `iceberg` (`input: namespace.table` through `catalog`: the rows of "
            "its current snapshot); `auto` = `delta` when the path holds `_delta_log/`, else `parquet`. Files "
-           "a table has removed are never read; deleted rows that cannot be masked (Delta deletion vectors, "
-           "Iceberg delete files) are refused before any work (exit 2)", choices=INPUT_FORMATS),
+           "a table has removed are never read; rows deleted by Delta deletion vectors or Iceberg position "
+           "deletes are masked, never scored; deletes that cannot be masked (Iceberg equality deletes) are "
+           "refused before any work (exit 2)", choices=INPUT_FORMATS),
     KeyDoc("output_format", "`auto`",
            "`parquet` (`auto` is the same; a Delta table there is refused): Parquet files, a manifest and "
            "`_SUCCESS`; `delta` (`output`: the table's path or URI) or `iceberg` (`output: namespace.table` through "

@@ -44,6 +44,7 @@ from pipelines.plan import (
 )
 from pipelines.report import Progress, RunReport
 from pipelines.tables import Source, catalog_record, open_source
+from pipelines.tables.history import check_removals
 from pipelines.tables.sink import Sink, open_sink, output_schema
 from basis.storage import (
     Location,
@@ -350,8 +351,11 @@ def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:
     return config.replace(**options) if options else config
 
 
-def _prepare(cfg: JobConfig) -> Plan:
-    """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan."""
+def _prepare(cfg: JobConfig, *, from_manifest: bool = True) -> Plan:
+    """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan.
+
+    A table whose snapshot is the one the complete output recorded is planned from the manifest
+    (`from_manifest`: no file list, no footer); should that plan find work after all, it is planned again."""
     from workers.modelfile import inspect_model
 
     table, sink = open_source(cfg), open_sink(cfg)  # the input's and the output's formats, chosen once
@@ -376,6 +380,16 @@ def _prepare(cfg: JobConfig) -> Plan:
             f"e.g. {output.display(output.join(foreign[0]))}; batch-infer never deletes or mixes with files it "
             f"did not write: choose an empty or new output directory, or move them away"
         )
+    fast = False
+    if not cfg.overwrite:
+        recorded = dict(state.header.get("source") or {})
+        fast = from_manifest and _complete(state, present) and table.unchanged(recorded)
+        if fast:
+            table.from_manifest(recorded, [(e["rel"], e["fingerprint"]) for e in state.files.values()])
+        else:
+            whole, _ = state.spans([(e["rel"], e["fingerprint"]) for e in state.files.values()])
+            scored = {rel for rel, _ in whole}
+            table.since(recorded, scored, {e["rel"] for e in state.files.values()} - scored)
     listed: list[tuple[str, str]] = []
 
     def committed(files: list[tuple[str, str]]) -> tuple[dict[Any, Any], dict[Any, Any]]:
@@ -393,23 +407,20 @@ def _prepare(cfg: JobConfig) -> Plan:
         state.check_compatible(model.to_dict(), settings, source_record(table, base), output.uri)
     checked = [f if (error := check_file(f, columns)) == f.error else dataclasses.replace(f, error=error)
                for f in files]
-    if all(f.error is not None for f in checked):
+    if checked and all(f.error is not None for f in checked):
         raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
     listed_rels = {rel for rel, _ in listed}
     keep_vanished = not (cfg.prune or cfg.overwrite)
-    claims = {**{path: "" for path in foreign}, **state.claims(listed_rels, keep_vanished=keep_vanished)}
+    claims = {**{path: "" for path in foreign},  # names of predictions a compaction covers stay taken
+              **state.claims(listed_rels | table.covered, keep_vanished=keep_vanished)}
     shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
     reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listed_rels, prune=cfg.prune)
+    check_removals(table, state.files, reconciled, dict(listed), prune=cfg.prune, overwrite=cfg.overwrite,
+                   output=output.uri)
+    if fast and (reconciled.todo or reconciled.stale or reconciled.kept):
+        return _prepare(cfg, from_manifest=False)  # planned from the manifest, but there is work: plan the table
     shards, reconciled.todo = _name_outputs(sink, state, shards, reconciled.todo)
     sink.check_schema(lambda: _output_schema(cfg, model, columns, checked, source))
-    if reconciled.kept and table.removal_rewrites_rows:
-        removed = sorted({state.files[path]["rel"] for path in reconciled.kept})
-        raise OutputConflictError(
-            f"{table.name} ({', '.join(f'{k} {v}' for k, v in table.record().items())}) no longer holds "
-            f"{len(removed)} data file(s) whose rows {output.uri!r} already scored, e.g. {removed[0]!r}: a delete, "
-            f"update or compaction removed or rewrote them. Set prune to drop their predictions (rows rewritten "
-            f"into other files are scored again), or overwrite to score the table afresh"
-        )
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source, table, sink)
 
@@ -484,6 +495,12 @@ def _columns(
                 continue  # unreadable now; it stays planned from its committed shards
             f = files[index] = read
         return resolve_columns(f.schema, cfg, model.in_features, f.uri), [f.rel, f.fingerprint], files
+    same_keys = {k: recorded.get(k) for k in _column_keys(cfg)} == _column_keys(cfg)
+    if not files and recorded.get("source") and same_keys and recorded["width"] == model.in_features:
+        # a table whose every file a compaction group holds (nothing to score): the columns stay as resolved
+        return (Columns(tuple(recorded["resolved_features"]), tuple(recorded["resolved_passthrough"]),
+                        recorded["list_column"], recorded["width"], cfg.prediction_column or "", cfg.keep_features,
+                        tuple(cfg.categorical or ())), list(recorded["source"]), files)
     raise InputError(f"no readable Parquet input at {source.uri!r}: "
                      + "; ".join(f.error or "" for f in files[:3] if f.error))
 
@@ -494,11 +511,18 @@ def _snapshot(output: Location) -> tuple[Any, ...]:
     return (info.mtime_ns, info.size, tuple(sorted(journal_names(output))))
 
 
+def _complete(state: State, present: Mapping[str, int]) -> bool:
+    """The output is complete as its manifest was written: `_SUCCESS`, nothing pending or on its way out."""
+    return SUCCESS in present and state.journal.empty and not state.others and not state.retiring
+
+
 def _unchanged(p: Plan) -> bool:
     """Nothing to run and nothing to record: a rerun then writes no file at all."""
     state = p.state
     if not state.journal.empty or state.retiring or p.reconciled.stale or p.reconciled.foreign:
         return False
+    if (state.header.get("source") or {}) != p.header["source"]:
+        return False  # a table's new snapshot (a compaction, nothing to score): the manifest records it
     planned = {s.id for s in p.shards}
     if any(other["id"] in planned for other in state.others.values()):
         return False

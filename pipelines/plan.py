@@ -29,6 +29,8 @@ import pyarrow.parquet as pq
 
 from pipelines.config import JobConfig
 from basis.errors import ConfigError, InputError, StorageError
+from basis.masks import decode as decode_mask
+from basis.masks import deleted_between
 from basis.storage import Location, is_hidden, read_parquet_footer
 from pipelines.tables import DataFile, Source
 
@@ -54,6 +56,7 @@ class InputFile:
     schema: pa.Schema | None = None
     error: str | None = None
     committed: tuple[Span, ...] | None = None  # the output's committed shards of this very file (no footer read)
+    deleted: bytes | None = None  # the file's deleted rows (`basis.masks`): a table's row mask, never scored
 
     @property
     def row_groups(self) -> int | None:
@@ -109,12 +112,16 @@ class Shard:
     output: str  # relative to the output root
     error: str | None = None  # known at planning: the file can't be read or doesn't fit
     file_row_groups: int | None = None  # row groups in the whole file (None: unknown, the file failed)
+    deleted: bytes | None = None  # the file's deleted rows (`basis.masks`): dropped by the reader; not in rows_in
 
     def to_task(self) -> dict[str, object]:
         """The small record a replica needs (no Arrow, no tensors)."""
-        return {"id": self.id, "input": self.input, "path": self.path, "rel": self.rel,
-                "fingerprint": self.fingerprint, "file_row_groups": self.file_row_groups,
-                "row_groups": self.row_groups, "rows_in": self.rows_in, "output": self.output}
+        task: dict[str, object] = {"id": self.id, "input": self.input, "path": self.path, "rel": self.rel,
+                                   "fingerprint": self.fingerprint, "file_row_groups": self.file_row_groups,
+                                   "row_groups": self.row_groups, "rows_in": self.rows_in, "output": self.output}
+        if self.deleted is not None:
+            task["deleted"] = self.deleted
+        return task
 
     def failed(self, attempts: int, error: str) -> dict[str, Any]:
         """The result record of this shard when it did not run to a commit (as `Replica.process` returns one)."""
@@ -200,36 +207,52 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
         total = f.row_groups
         for first, stop, rows, name in _spans(f, shard_rows):
             shards.append(Shard(f"{f.rel}:{first}-{stop}", f.uri, f.path, f.rel, f.fingerprint, (first, stop),
-                                rows, name or _claim(taken, f.rel, first), file_row_groups=total))
+                                rows, name or _claim(taken, f.rel, first), file_row_groups=total, deleted=f.deleted))
     return shards
 
 
 def _spans(f: InputFile, shard_rows: int) -> list[tuple[int, int, int, str | None]]:
-    """(first, stop, rows, committed output name or None) covering every row group of `f` once."""
+    """(first, stop, live rows, committed output name or None) covering every row group of `f` once."""
     committed = sorted(f.committed or (), key=lambda span: span.first)
     if f.row_group_rows is None:
         return [(c.first, c.stop, c.rows, c.output) for c in committed]
     rows = f.row_group_rows
     if not rows:
         return [(0, 0, 0, next((c.output for c in committed if (c.first, c.stop) == (0, 0)), None))]
+    live = _live_rows(rows, f.deleted)
     spans: list[tuple[int, int, int, str | None]] = []
     cursor = 0
     for c in committed:
-        if c.first < cursor or c.stop > len(rows) or c.first >= c.stop or sum(rows[c.first:c.stop]) != c.rows:
+        if c.first < cursor or c.stop > len(rows) or c.first >= c.stop or live(c.first, c.stop) != c.rows:
             continue  # does not fit this footer: split anew
         if is_hidden(c.output):
             continue  # a hidden name (from before they were made visible): readers skip it, so redo it
-        spans.extend(_split(rows, cursor, c.first, shard_rows))
+        spans.extend(_split(rows, cursor, c.first, shard_rows, live))
         spans.append((c.first, c.stop, c.rows, c.output))
         cursor = c.stop
-    spans.extend(_split(rows, cursor, len(rows), shard_rows))
+    spans.extend(_split(rows, cursor, len(rows), shard_rows, live))
     return spans
 
 
-def _split(rows: Sequence[int], first: int, stop: int, shard_rows: int) -> list[tuple[int, int, int, str | None]]:
+def _live_rows(rows: Sequence[int], deleted: bytes | None) -> Callable[[int, int], int]:
+    """Live rows of row groups [first, stop): their rows less the file's deleted ones."""
+    starts = [0]
+    for count in rows:
+        starts.append(starts[-1] + count)
+    positions = decode_mask(deleted) if deleted is not None else None
+
+    def live(first: int, stop: int) -> int:
+        total = starts[stop] - starts[first]
+        return total if positions is None else total - deleted_between(positions, starts[first], starts[stop])
+
+    return live
+
+
+def _split(rows: Sequence[int], first: int, stop: int, shard_rows: int,
+           live: Callable[[int, int], int]) -> list[tuple[int, int, int, str | None]]:
     if first >= stop:
         return []
-    return [(first + a, first + b, sum(rows[first + a:first + b]), None)
+    return [(first + a, first + b, live(first + a, first + b), None)
             for a, b in split_row_groups(rows[first:stop], shard_rows)]
 
 
@@ -288,14 +311,15 @@ def scan_source(source: Source, committed: Committed | None = None, *,
         if data.rows is not None and sum(rows) != data.rows:
             return InputFile(data.path, rel, uri, fingerprint, error=(
                 f"{uri}: the footer holds {sum(rows)} row(s) but the {source.format} table records {data.rows}"))
-        return InputFile(data.path, rel, uri, fingerprint, rows, schema, committed=reusable)
+        return InputFile(data.path, rel, uri, fingerprint, rows, schema, committed=reusable, deleted=data.deleted)
 
     files: list[InputFile | None] = []
     needed: list[tuple[int, DataFile]] = []
     for data, (rel, fingerprint) in zip(data_files, listed):
         spans = known.get((rel, fingerprint))
         if spans:  # committed over all its row groups: planned from the manifest, never opened
-            files.append(InputFile(data.path, rel, location.display(data.path), fingerprint, committed=tuple(spans)))
+            files.append(InputFile(data.path, rel, location.display(data.path), fingerprint, committed=tuple(spans),
+                                   deleted=data.deleted))
         else:
             needed.append((len(files), data))
             files.append(None)

@@ -438,3 +438,134 @@ def test_every_history_converges_and_verify_always_holds() -> None:
 @pytest.mark.usefixtures("ray_shared")
 def test_every_history_converges_soak() -> None:
     run_state_machine_as_test(Histories, settings=_profile(examples=40, steps=30))
+
+
+# --- a Delta table as the input --------------------------------------------------------------------------
+
+class DeltaHistories(RuleBasedStateMachine):
+    """A Delta table's life under an hourly job: appends, deletes (deletion vectors), updates (rewritten
+    files), compactions (OPTIMIZE), runs with and without `prune`, into a Parquet directory.
+
+    A run without `prune` succeeds after appends and compactions of scored rows alone, and is refused
+    (exit 2, nothing written) after a delete or update of scored rows; with `prune` it succeeds. After
+    every complete run the output equals a plain torch forward of the table's live rows, each row once
+    (delta-rs's own engine reads them, deletion vectors applied); `verify` holds after every step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="bi-delta-histories-"))
+        self.table = self.root / "table"
+        self.model = save_mlp(self.root / "m.pt", [3, 4, 1], seed=5)
+        self.next_id = 0
+        self.scored: set[int] = set()  # ids the output held after its last complete run
+        self.changes: set[str] = set()  # since then: "append", "compaction", "rewrite" (of scored rows), "mixed"
+
+    def teardown(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _rows(self, count: int) -> pa.Table:
+        rng = np.random.default_rng(self.next_id)
+        values = rng.standard_normal((count, 3)).astype(np.float32)
+        table = pa.table({"id": pa.array(np.arange(self.next_id, self.next_id + count), pa.int64()),
+                          **{f"f{j}": pa.array(values[:, j]) for j in range(3)}})
+        self.next_id += count
+        return table
+
+    def _live(self) -> pa.Table:
+        from lakehouse import delta_live
+
+        return delta_live(self.table).select(["id", "f0", "f1", "f2"]).sort_by("id")
+
+    @initialize(rows=st.integers(1, 200))
+    def a_scored_table(self, rows: int) -> None:
+        from deltalake import WriterProperties, write_deltalake
+
+        write_deltalake(str(self.table), self._rows(rows), configuration={"delta.enableDeletionVectors": "true"},
+                        writer_properties=WriterProperties(max_row_group_size=50))
+        self.run(prune=False)
+
+    @rule(rows=st.integers(1, 150))
+    def append(self, rows: int) -> None:
+        from deltalake import WriterProperties, write_deltalake
+
+        write_deltalake(str(self.table), self._rows(rows), mode="append",
+                        writer_properties=WriterProperties(max_row_group_size=50))
+        self.changes.add("append")
+
+    def _touch(self, ids: set[int]) -> None:
+        if ids & self.scored:
+            self.changes.add("rewrite")
+        elif ids:
+            self.changes.add("mixed")  # a rewrite of unscored rows: a file of scored rows may be rewritten too
+
+    @rule(data=st.data(), count=st.integers(1, 20))
+    def delete(self, data: st.DataObject, count: int) -> None:
+        """A deletion vector on one file (merge-on-read), deleting some of its live rows."""
+        from lakehouse import add_deletion_vector, delta_files
+
+        path = data.draw(st.sampled_from(sorted(delta_files(self.table))))
+        ids = pq.read_table(self.table / path, columns=["id"])["id"].to_pylist()
+        live = set(self._live()["id"].to_pylist())
+        chosen = data.draw(st.lists(st.sampled_from(range(len(ids))), min_size=1, max_size=count))
+        add_deletion_vector(self.table, path, chosen)
+        self._touch({ids[i] for i in chosen} & live)
+
+    @rule(data=st.data())
+    def update(self, data: st.DataObject) -> None:
+        """delta-rs rewrites the files holding the updated rows (copy-on-write)."""
+        from deltalake import DeltaTable
+
+        live = self._live()["id"].to_pylist()
+        if not live:
+            return
+        low = data.draw(st.sampled_from(live))
+        high = low + data.draw(st.integers(0, 30))
+        DeltaTable(str(self.table)).update(updates={"f0": "f0 + 1"}, predicate=f"id >= {low} AND id <= {high}")
+        self._touch({i for i in live if low <= i <= high})
+
+    @rule()
+    def compaction(self) -> None:
+        from deltalake import DeltaTable
+
+        metrics = DeltaTable(str(self.table)).optimize.compact()
+        if metrics["numFilesRemoved"]:
+            # rows appended since the last run compacted with scored ones cannot be told apart: refused
+            self.changes.add("compaction" if "append" not in self.changes else "mixed")
+
+    @rule(prune=st.booleans())
+    def run(self, prune: bool) -> None:
+        out = self.root / "out"
+        before = _files(out) if out.exists() else {}
+        try:
+            report = pipelines.run(model=str(self.root / "m.pt"), input=str(self.table), output=str(out),
+                                   shard_rows=60, **JOB, prune=prune, progress=False)
+        except pipelines.OutputConflictError as refused:
+            assert not prune and self.changes - {"append", "compaction"}, (self.changes, refused)
+            assert "prune" in str(refused) and "version" in str(refused)
+            assert _files(out) == before  # nothing written
+            return
+        if TRACE:
+            print(f"delta run prune={prune} changes={sorted(self.changes)} -> rows_in={report.rows_in}", flush=True)
+        assert prune or "rewrite" not in self.changes, self.changes
+        assert report.complete, report.errors
+        live = self._live()
+        held = read_output(out).select(["id", "prediction"]).sort_by("id")
+        assert held["id"].to_pylist() == live["id"].to_pylist()  # every live row once, no deleted row
+        features = np.stack([live[f"f{j}"].to_numpy() for j in range(3)], axis=1)
+        np.testing.assert_allclose(held["prediction"].to_numpy(), reference(self.model, features)[:, 0],
+                                   rtol=1e-5, atol=1e-6)
+        self.scored = set(live["id"].to_pylist())
+        self.changes = set()
+
+    @invariant()
+    def verify_holds(self) -> None:
+        out = self.root / "out"
+        if (out / MANIFEST).exists():
+            report = pipelines.verify(str(out))
+            assert report.ok, report.problems
+
+
+@pytest.mark.usefixtures("ray_shared")
+def test_every_delta_table_history_scores_its_live_rows_once() -> None:
+    run_state_machine_as_test(DeltaHistories, settings=_profile(examples=4, steps=8))

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from basis.errors import ShardDataError, StorageError
+from basis.masks import keep_mask
 from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
 from basis.storage import Location
 
@@ -38,7 +39,7 @@ class Batch:
 
     data: pa.RecordBatch
     row_group: int
-    first_row: int  # index in the file of the batch's first row
+    first_row: int  # index in the file of the batch's first row (before deleted rows were dropped)
 
 
 class ParquetSource(pq.ParquetFile):
@@ -94,8 +95,13 @@ def iter_batches(
     types: Sequence[tuple[pa.DataType, int] | None] | None = None,
     attempts: int = RETRY_ATTEMPTS,
     base_delay: float = RETRY_BASE_DELAY,
+    deleted: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     """Record batches of at most `batch_size` rows, row group by row group, in order.
+
+    `deleted`: the file's deleted row positions (sorted, `basis.masks`): those rows are
+    dropped from the batches (a table's deletion vector or position deletes), so only
+    live rows come out; a batch whose rows are all deleted is not yielded.
 
     A row group whose wanted columns (their leaf indices: `leaves`, found from the footer
     when not given) decode to at most `whole_bytes` (default: half of
@@ -157,9 +163,14 @@ def iter_batches(
                 data = data.slice(dropped)
                 if data.num_rows == 0:
                     continue
-            yield Batch(data, rg, first_row)
-            yielded += data.num_rows
-            first_row += data.num_rows
+            count = data.num_rows
+            keep = None if deleted is None else keep_mask(deleted, first_row, count)
+            if keep is None:
+                yield Batch(data, rg, first_row)
+            elif keep.any():
+                yield Batch(data.filter(pa.array(keep)), rg, first_row)
+            yielded += count
+            first_row += count
 
 
 def _leaves(meta: pq.FileMetaData, columns: Iterable[str]) -> list[int]:
@@ -349,7 +360,7 @@ class decode:  # noqa: N801 - used like a generator function
 
     def __init__(self, parquet: pq.ParquetFile, row_groups: tuple[int, int], columns: Sequence[str],
                  batch_size: int, uri: str, *, features: Sequence[str], list_column: bool, width: int,
-                 check_invalid: bool, threads: int = 1, depth: int = 2) -> None:
+                 check_invalid: bool, threads: int = 1, depth: int = 2, deleted: np.ndarray | None = None) -> None:
         self.row_groups = row_groups
         self._stop = threading.Event()
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
@@ -369,18 +380,19 @@ class decode:  # noqa: N801 - used like a generator function
             thread = threading.Thread(
                 target=self._produce, name=f"batch-infer-decode-{k}", daemon=True,
                 args=(k, handle, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
-                      check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves, types))
+                      check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves, types,
+                      deleted))
             self._threads.append(thread)
             thread.start()
 
     def _produce(self, k: int, parquet: pq.ParquetFile, mine: range, out: queue.Queue[object], columns: Sequence[str],
                  batch_size: int, uri: str, features: Sequence[str], list_column: bool, width: int,
                  check_invalid: bool, use_threads: bool, whole_bytes: int, leaves: list[int],
-                 types: list[tuple[pa.DataType, int] | None]) -> None:
+                 types: list[tuple[pa.DataType, int] | None], deleted: np.ndarray | None) -> None:
         try:
             for rg in mine:
                 for batch in iter_batches(parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads,
-                                          whole_bytes=whole_bytes, leaves=leaves, types=types):
+                                          whole_bytes=whole_bytes, leaves=leaves, types=types, deleted=deleted):
                     buffer, home = None, 0
                     if not list_column:
                         taken = self._pool.take(k)

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from basis.errors import ModelError, ShardDataError
+from basis.masks import decode as decode_mask
 from basis.record import write_commit
 from basis.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
@@ -295,7 +296,7 @@ class Replica:
         threads = max(1, int(job.cpus))
         batches = decode(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri, features=job.features,
                          list_column=job.list_column, width=job.width, check_invalid=job.invalid_rows != "keep",
-                         threads=threads)
+                         threads=threads, deleted=decode_mask(task["deleted"]) if task.get("deleted") else None)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches, contextlib.ExitStack() as files:
             forward = self.forward  # the first shard's batches decode while the model loads

@@ -11,22 +11,31 @@ format it holds:
 
 `files()` lists the live data files (a table's own file list, never a
 directory listing, so files a table has removed are not read) with their
-fingerprints; deleted rows that cannot be masked per file are refused there
-(`InputError`, exit 2), before any work. `record()` is what the manifest's
-header keeps about the input (a table's format and the snapshot scored).
+fingerprints and deleted rows (a row mask the replicas apply, `basis.masks`);
+deletes that cannot be masked per file are refused there (`InputError`, exit 2),
+before any work. `record()` is what the manifest's header keeps about the input
+(a table's format, the snapshot scored and the compactions that scored nothing).
+Before `files()`, the driver hands a table the last run's record (`since`): the
+table follows its commits from there (`pipelines.tables.history`), or, when the
+snapshot is the recorded one and the output complete, answers from the manifest
+(`from_manifest`: no file list, no footer).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import JobConfig
 from basis.errors import ConfigError
 from basis.storage import Location, absolute, redact, resolve
+from pipelines.tables.history import Changes, Commit, Group, follow, settle
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class DataFile:
     rel: str  # relative to the input's base; output names mirror it
     fingerprint: str  # changes when the file is rewritten
     rows: int | None = None  # as the table records it (checked against the footer); None: not known
+    deleted: bytes | None = None  # deleted row positions (`basis.masks`), dropped by the replicas' reader
 
 
 class Source(ABC):
@@ -70,6 +80,70 @@ class Source(ABC):
         """What replicas resolve to read `DataFile.path`: `uri`, unless the table's own configuration says
         how to reach its store (an Iceberg catalog's `s3.endpoint`, keys: `stores.iceberg_uri`)."""
         return self.uri
+
+    # --- incremental by snapshot (tables; a Parquet directory has no snapshots) -------------------------
+    changes: Changes | None = None  # set by `since`
+    covered: frozenset[str] = frozenset()  # rels whose kept predictions stand for live files' rows
+    _recorded_files: list[tuple[str, str]] | None = None  # set by `from_manifest`
+
+    def snapshot_record(self) -> dict[str, Any]:
+        """`record()` without the coverage: which snapshot this is."""
+        return {}
+
+    def commits_since(self, recorded: Mapping[str, Any]) -> list[Commit] | None:
+        """The commits after the `recorded` snapshot up to the current one, oldest first; None when they
+        cannot be followed (no snapshot recorded, another table, expired snapshots, a cleaned-up log)."""
+        return None
+
+    def unchanged(self, recorded: Mapping[str, Any]) -> bool:
+        """Whether the current snapshot is the one `recorded` (a table only)."""
+        mine = self.snapshot_record()
+        return bool(mine) and {k: recorded.get(k) for k in mine} == mine
+
+    def since(self, recorded: Mapping[str, Any], scored: set[str], partial: set[str]) -> None:
+        """Follow the commits since the last run's `recorded` snapshot (`history.follow`); `scored`: rels
+        whose committed predictions cover the whole file, `partial`: some of it."""
+        mine = self.snapshot_record()
+        if not mine or recorded.get("format") != mine.get("format"):
+            return
+        groups = [Group.from_record(g) for g in recorded.get("covered") or ()]
+        commits = self.commits_since(recorded)
+        if commits is None:
+            logger.info("%s: the commits since the recorded snapshot (%s) cannot be followed (expired snapshots "
+                        "or a cleaned-up log); comparing file lists instead: a compaction since then is taken "
+                        "for a rewrite", self.name, _snapshot_text(recorded, mine))
+            self.changes = Changes(groups=groups, followed=False)
+        else:
+            self.changes = follow(commits, scored, groups, partial=partial)
+
+    def from_manifest(self, recorded: Mapping[str, Any], files: Iterable[tuple[str, str]]) -> None:
+        """The snapshot is the recorded one: `files()` answers with the manifest's (rel, fingerprint)
+        pairs, all committed (no file list, no footer); the coverage recorded stays."""
+        self._recorded_files = sorted(set(files))
+        self.changes = Changes(groups=[Group.from_record(g) for g in recorded.get("covered") or ()])
+
+    def _live(self, root: str, files: list[DataFile]) -> list[DataFile]:
+        """The listed files less those a compaction group holds (their rows are scored already)."""
+        if self.changes is None:
+            return files
+        held, self.covered = settle(self.changes, {f.rel: f.fingerprint for f in files})
+        self.covered = frozenset(self.covered)
+        return [f for f in files if f.rel not in held]
+
+    def _manifest_files(self, root: str) -> list[DataFile] | None:
+        if self._recorded_files is None:
+            return None
+        return [DataFile(f"{root}/{rel}", rel, fingerprint) for rel, fingerprint in self._recorded_files]
+
+    def _with_coverage(self, record: dict[str, Any]) -> dict[str, Any]:
+        if self.changes is not None and self.changes.groups:
+            record["covered"] = [g.record() for g in sorted(self.changes.groups, key=lambda g: sorted(g.files))]
+        return record
+
+
+def _snapshot_text(recorded: Mapping[str, Any], mine: Mapping[str, Any]) -> str:
+    keys = [k for k in mine if k != "format" and k != "table"]
+    return ", ".join(f"{k} {recorded.get(k)} -> {mine[k]}" for k in keys)
 
 
 def open_source(cfg: JobConfig) -> Source:
