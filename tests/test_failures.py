@@ -214,6 +214,10 @@ def _test_replica() -> type:
                     "rows_out": task["rows_in"], "rows_rejected": 0, "output": task["output"],
                     "rejected_output": None, "started": started, "finished": time.time()}
 
+        def process_bundle(self, tasks: list[dict[str, Any]]) -> Any:
+            for task in tasks:
+                yield self.process(task)
+
     return TestReplica
 
 
