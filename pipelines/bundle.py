@@ -24,18 +24,21 @@ No Ray here: the driver lane runs without it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 from pipelines.plan import Shard
 
 BUNDLE_SHARDS = 64  # at most this many shards in one call
 
 
-def take(pending: deque[Shard], *, rows: int, most: int = BUNDLE_SHARDS) -> list[Shard]:
-    """The next call's shards, taken from the front of `pending` (which must not be empty)."""
+def take(pending: deque[Shard], *, rows: int, most: int = BUNDLE_SHARDS, alone: Container[str] = ()) -> list[Shard]:
+    """The next call's shards, taken from the front of `pending` (which must not be empty). A shard whose
+    id is in `alone` goes in a call of its own."""
     bundle = [pending.popleft()]
     total = bundle[0].rows_in
-    while pending and len(bundle) < most and total + pending[0].rows_in <= rows:
+    if bundle[0].id in alone:
+        return bundle
+    while pending and len(bundle) < most and total + pending[0].rows_in <= rows and pending[0].id not in alone:
         total += pending[0].rows_in
         bundle.append(pending.popleft())
     return bundle

@@ -104,8 +104,9 @@ class _Lane:
 
         def work() -> None:
             try:
-                for result in replica.process_bundle(tasks):
-                    results.put((result, None))
+                for done in replica.process_bundle(tasks):  # a list per shard
+                    for result in done:
+                        results.put((result, None))
             except BaseException as exc:  # noqa: BLE001 - handed to the lane
                 results.put(({}, exc))
 

@@ -1,12 +1,13 @@
 """Dispatch: replicas pull shards; results are collected in completion order.
 
 Shards go out in calls of one or more (`pipelines.bundle`: small files are
-bundled up to `bundle_rows` rows), and each call streams back one result per
-shard as the replica commits it. Each replica holds at most `in_flight` calls
-in dispatch order: the oldest is executing (an actor runs one call at a time,
-its shards one after another), the others wait behind it so the replica never
-waits on the driver. Infrastructure failures cost only the executing shard an
-attempt, up to `max_attempts`:
+bundled up to `bundle_rows` rows), and each call streams back its shards'
+results as the replica commits them, a list every `REPORT_SECONDS` (a Ray
+item per file cost more CPU than a tiny file's work). Each replica holds at
+most `in_flight` calls in dispatch order: the oldest is executing (an actor
+runs one call at a time, its shards one after another), the others wait
+behind it so the replica never waits on the driver. Infrastructure failures
+cost only the executing shard an attempt, up to `max_attempts`:
 
 - a replica that dies (actor, worker process or node failure) is replaced;
 - a replica that holds its executing shard past the shard timeout is killed
@@ -18,7 +19,11 @@ attempt, up to `max_attempts`:
 
 Shards behind the executing one (in its call or in calls queued behind it) go
 back to the front of the queue uncharged when the replica is lost or the call
-ends in an error. Data errors come back as failed results, never retried.
+ends in an error. Which shard a lost replica was executing is known when one
+shard of its call was left without a result; when several were (their results
+not sent yet), none is charged: they go back uncharged, each to run in a call
+of its own, where a loss is charged to it. Data errors come back as failed
+results, never retried.
 
 The replicas themselves (starting, growing with the cluster, draining,
 releasing) are the `ReplicaPool`'s business.
@@ -65,6 +70,8 @@ _INFRA_ERRORS = (
 
 OnResult = Callable[[Shard, dict[str, Any]], None]
 
+REPORT_SECONDS = 0.05  # a replica sends the results of its call's shards done so far at most this often
+
 
 class Scheduler:
     """Runs shards on a pool of `Replica` actors.
@@ -101,6 +108,7 @@ class Scheduler:
         self._pending: collections.deque[Shard] = collections.deque()
         self._attempts: collections.Counter[str] = collections.Counter()
         self._failures: dict[str, list[str]] = collections.defaultdict(list)  # shard id -> kind of each failure
+        self._alone: set[str] = set()  # shards of a lost call that may have been executing: each in a call alone
         self._slowest = 0.0  # seconds per row of the slowest committed shard
         self._started = False
         self._on_result: OnResult = lambda shard, record: None
@@ -152,12 +160,14 @@ class Scheduler:
         calls = max(1, len(self.pool.alive())) * self.in_flight
         for slot in sorted(ready, key=lambda s: (bool(s.queue), s.shards)):
             while self._pending and len(slot.queue) < (self.in_flight if len(self._pending) > starting else 1):
-                shards = take(self._pending, rows=self.bundle_rows, most=share(len(self._pending), calls))
+                shards = take(self._pending, rows=self.bundle_rows, most=share(len(self._pending), calls),
+                              alone=self._alone)
                 for shard in shards:
                     self._attempts[shard.id] += 1  # refunded if the replica is lost before it starts this shard
                 if not slot.queue:
                     slot.since = now
-                ref = slot.actor.process_bundle.options(num_returns="streaming").remote([s.to_task() for s in shards])
+                ref = slot.actor.process_bundle.options(num_returns="streaming").remote(
+                    [s.to_task() for s in shards], REPORT_SECONDS)
                 slot.queue.append(Call(ref, shards))
                 self._refs[ref] = slot
 
@@ -174,7 +184,7 @@ class Scheduler:
         slot = self._refs[ref]
         call = next(c for c in slot.queue if c.ref is ref)
         try:
-            value = ray.get(next(ref))
+            values = ray.get(next(ref))
         except StopIteration:  # the call ended short of its shards (never from `Replica.process_bundle`)
             shard = self._finish(slot, call, ended=True)
             self._on_result(shard, shard.failed(self._attempts[shard.id], "replica error: no result came back"))
@@ -196,13 +206,15 @@ class Scheduler:
             # A bug in the replica code, not a data error (those come back as failed results).
             self._on_result(shard, shard.failed(self._attempts[shard.id], f"replica error: {_last_line(exc)}"))
             return
-        shard = self._finish(slot, call)
-        if value.get("status") == "committed" and "started" in value and "finished" in value:
-            seconds = max(0.0, value["finished"] - value["started"])
-            self._slowest = max(self._slowest, seconds / max(1, shard.rows_in))
-            slot.shards, slot.rows, slot.busy_seconds = slot.shards + 1, slot.rows + shard.rows_in, slot.busy_seconds + seconds
-        value["attempts"] = self._attempts[shard.id]
-        self._on_result(shard, value)
+        for value in values:  # the call's next shards, in order
+            shard = self._finish(slot, call)
+            if value.get("status") == "committed" and "started" in value and "finished" in value:
+                seconds = max(0.0, value["finished"] - value["started"])
+                self._slowest = max(self._slowest, seconds / max(1, shard.rows_in))
+                slot.shards, slot.rows = slot.shards + 1, slot.rows + shard.rows_in
+                slot.busy_seconds += seconds
+            value["attempts"] = self._attempts[shard.id]
+            self._on_result(shard, value)
 
     def _finish(self, slot: Slot, call: Call, *, ended: bool = False) -> Shard:
         """The executing shard of `call` is done: the next shard on the replica starts its clock now.
@@ -211,6 +223,7 @@ class Scheduler:
         shards after an error never ran and go back to the queue uncharged."""
         shard = call.executing
         call.done += 1
+        self._alone.discard(shard.id)
         if call is slot.queue[0]:
             slot.since = time.monotonic()
         if ended or call.done == len(call.shards):
@@ -261,14 +274,26 @@ class Scheduler:
         held, slot.queue = slot.queue, []
         for call in held:
             self._refs.pop(call.ref, None)
-        if held:  # behind the executing shard, in its call and the calls queued after it: never started
-            first = held[0]
-            self._give_back([*first.shards[first.done + 1:], *(s for call in held[1:] for s in call.shards)])
-            self._retry(first.executing, kind, reason)
+        if not held:
+            return
+        first = held[0]
+        self._give_back([s for call in held[1:] for s in call.shards])  # queued behind its call: never started
+        unsure = first.shards[first.done:]
+        if len(unsure) == 1:  # it was executing that one
+            self._retry(unsure[0], kind, reason)
+            return
+        # Any of them may have been executing (the ones before it done, their results not sent yet):
+        # none is charged; each runs alone next, where a loss is charged to it.
+        logger.warning("replica %d was lost with %d shard(s) of its call without a result; each runs in a call "
+                       "of its own next", slot.index, len(unsure))
+        self._give_back(unsure)
+        self._alone.update(s.id for s in unsure)
+        self.pool.allowed_losses += 1  # a loss charged to no shard does not count against the replacements
 
     def _retry(self, shard: Shard, kind: str, reason: str) -> None:
         """An attempt failed for infrastructure reasons: back to the front of the queue, or failed past max_attempts."""
         self._failures[shard.id].append(kind)
+        self._alone.discard(shard.id)
         attempts = self._attempts[shard.id]
         if attempts < self.max_attempts:
             self._pending.appendleft(shard)

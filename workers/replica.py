@@ -280,18 +280,30 @@ class Replica:
         result["finished"] = finished
         return result
 
-    def process_bundle(self, tasks: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def process_bundle(self, tasks: list[dict[str, Any]], every: float = 0.0) -> Iterator[list[dict[str, Any]]]:
         """Several shards in one call (small files): each read, predicted and committed on its own, as
-        `process` does (its journal record, then its files), its result yielded as soon as it is committed.
+        `process` does (its journal record, then its files); yields their results in order, in lists.
 
-        On Ray this is a streaming call: the driver has each shard's result while the next one runs,
-        so a replica lost mid-bundle costs only the shard it was executing; the ones after it never
-        started. An exception ends the bundle at the shard that raised it.
+        A list goes out once `every` seconds have passed since the last one (0: after each shard),
+        so a streaming Ray call sends a result per ~`every` seconds, not per file (each item costs
+        ~0.3 ms of CPU between the two processes). An exception ends the bundle at the shard that
+        raised it, after the results committed before it are yielded: the driver always knows
+        which shard raised.
         """
         self.calls += 1
-        call = self.calls
+        call, results, last = self.calls, [], time.monotonic()
         for task in tasks:
-            yield {**self.process(task), "call": call}  # which of this replica's calls (a timeline's bundle)
+            try:
+                results.append({**self.process(task), "call": call})  # which of this replica's calls (a bundle)
+            except BaseException:
+                if results:
+                    yield results
+                raise
+            if time.monotonic() - last >= every:
+                yield results
+                results, last = [], time.monotonic()
+        if results:
+            yield results
 
     def _run(self, task: dict[str, Any]) -> tuple[dict[str, Any], str]:
         job, uri = self.job, task["input"]
