@@ -288,8 +288,10 @@ class _Tree:
 def _shards_per_call(trace: Path) -> float | None:
     """Mean shards per replica call in a run's timeline (each shard's span names its replica and call)."""
     spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
-    calls = collections.Counter((e["tid"], e["args"].get("call")) for e in spans)
-    return round(len(spans) / len(calls), 1) if calls else None
+    if not spans or any(e["args"].get("call") is None for e in spans):  # a version before bundles: not told
+        return None
+    calls = collections.Counter((e["tid"], e["args"]["call"]) for e in spans)
+    return round(len(spans) / len(calls), 1)
 
 
 class _NoWatch:
