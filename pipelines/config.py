@@ -289,7 +289,8 @@ KEY_DOCS: tuple[KeyDoc, ...] = (
            "was chosen", metavar="N|auto"),
     KeyDoc("precision", "`fp32`", "forward-pass precision: `fp32`, `tf32`, `bf16`, `fp16` (tf32 only changes "
            "anything on GPUs)", choices=PRECISIONS),
-    KeyDoc("shard_rows", "1,000,000", "target rows per shard; shards are whole row groups of one file",
+    KeyDoc("shard_rows", "1,000,000", "target rows per shard; shards are whole row groups of one file. Smaller shards "
+           "(tiny files) go to a replica several per call, up to this many rows",
            metavar="N"),
     KeyDoc("max_replicas", "unset (as many as the cluster can hold)",
            "caps the elastic pool that `replicas: auto` grows as nodes join; `replicas` stays an exact count "

@@ -38,6 +38,20 @@ FINISHED, RELEASED = "finished", "released"
 
 
 @dataclass
+class Call:
+    """One call on a replica: a bundle of shards (`pipelines.bundle`), whose results come back one by one."""
+
+    ref: Any  # the call's ObjectRefGenerator: a result per shard, in order
+    shards: list[Shard]
+    done: int = 0  # shards whose result came back
+
+    @property
+    def executing(self) -> Shard:
+        """The shard the replica is on (or will start with) once this call runs."""
+        return self.shards[self.done]
+
+
+@dataclass
 class Slot:
     """One replica: its actor, the shards it holds, and what the report says about it."""
 
@@ -46,7 +60,7 @@ class Slot:
     ready: bool = False
     alive: bool = True
     draining: bool = False
-    queue: list[tuple[Any, Shard]] = field(default_factory=list)  # (ObjectRef, shard), oldest (executing) first
+    queue: list[Call] = field(default_factory=list)  # calls sent, oldest (executing) first
     since: float = 0.0  # monotonic time the executing shard's clock started
     info: dict[str, Any] = field(default_factory=dict)  # node, host, device, gpu_ids (from its readiness probe)
     shards: int = 0

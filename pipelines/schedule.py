@@ -1,19 +1,29 @@
 """Dispatch: replicas pull shards; results are collected in completion order.
 
-Each replica holds at most `in_flight` shards in dispatch order: the oldest is
-executing (an actor runs one call at a time), the others wait behind it so the
-replica never waits on the driver. Infrastructure failures cost only the
-executing shard an attempt, up to `max_attempts`:
+Shards go out in calls of one or more (`pipelines.bundle`: small files are
+bundled up to `bundle_rows` rows), and each call streams back its shards'
+results as the replica commits them, a list every `REPORT_SECONDS` (a Ray
+item per file cost more CPU than a tiny file's work). Each replica holds at
+most `in_flight` calls in dispatch order: the oldest is executing (an actor
+runs one call at a time, its shards one after another), the others wait
+behind it so the replica never waits on the driver. Infrastructure failures
+cost only the executing shard an attempt, up to `max_attempts`:
 
 - a replica that dies (actor, worker process or node failure) is replaced;
 - a replica that holds its executing shard past the shard timeout is killed
   and replaced (the clock starts when the shard was dispatched to an idle
-  replica, or when the shard before it finished);
+  replica, or when the shard before it, in its call or the call before,
+  finished);
 - a `StorageError` raised in `Replica.process` gives the shard back; the
   replica is healthy and stays.
 
-Shards queued behind a lost replica's executing shard go back to the front of
-the queue uncharged. Data errors come back as failed results, never retried.
+Shards behind the executing one (in its call or in calls queued behind it) go
+back to the front of the queue uncharged when the replica is lost or the call
+ends in an error. Which shard a lost replica was executing is known when one
+shard of its call was left without a result; when several were (their results
+not sent yet), none is charged: they go back uncharged, each to run in a call
+of its own, where a loss is charged to it. Data errors come back as failed
+results, never retried.
 
 The replicas themselves (starting, growing with the cluster, draining,
 releasing) are the `ReplicaPool`'s business.
@@ -37,11 +47,12 @@ import ray
 import ray.exceptions
 
 from pipelines.attempts import DIED, STALLED, STORAGE, attempts_error, default_timeout
+from pipelines.bundle import share, take
 from pipelines.cluster import AutoscalerRequest, ReplicaResources
 from basis.errors import ModelError, ResourceError, StorageError
 from pipelines.metrics import RunMetrics
-from pipelines.plan import Shard
-from pipelines.pool import ReplicaPool, Slot
+from pipelines.plan import DEFAULT_SHARD_ROWS, Shard
+from pipelines.pool import Call, ReplicaPool, Slot
 from workers.replica import Replica, ReplicaJob
 
 logger = logging.getLogger(__name__)
@@ -58,6 +69,8 @@ _INFRA_ERRORS = (
 
 
 OnResult = Callable[[Shard, dict[str, Any]], None]
+
+REPORT_SECONDS = 0.05  # a replica sends the results of its call's shards done so far at most this often
 
 
 class Scheduler:
@@ -76,6 +89,7 @@ class Scheduler:
         in_flight: int = 2,
         start_timeout: float = 300.0,
         shard_timeout: float | None = None,
+        bundle_rows: int = DEFAULT_SHARD_ROWS,
         request: AutoscalerRequest | None = None,
         metrics: RunMetrics | None = None,
         _actor: type = Replica,
@@ -86,13 +100,15 @@ class Scheduler:
         self.in_flight = in_flight
         self.start_timeout = start_timeout
         self.shard_timeout = shard_timeout  # None: derived from observed shard times
+        self.bundle_rows = bundle_rows  # small shards are bundled into calls of up to this many rows
         self.metrics = metrics if metrics is not None else RunMetrics()  # without one: counted, not exported
         self.pool = ReplicaPool(job, resources, max_attempts=max_attempts, actor=ray.remote(_actor), request=request,
                                 metrics=self.metrics)
-        self._refs: dict[Any, Slot] = {}  # shard ObjectRef -> replica holding it
+        self._refs: dict[Any, Slot] = {}  # call's ObjectRefGenerator -> replica holding it
         self._pending: collections.deque[Shard] = collections.deque()
         self._attempts: collections.Counter[str] = collections.Counter()
         self._failures: dict[str, list[str]] = collections.defaultdict(list)  # shard id -> kind of each failure
+        self._alone: set[str] = set()  # shards of a lost call that may have been executing: each in a call alone
         self._slowest = 0.0  # seconds per row of the slowest committed shard
         self._started = False
         self._on_result: OnResult = lambda shard, record: None
@@ -141,14 +157,18 @@ class Scheduler:
         # The replicas that ran least first (a replica just ready gets a shard before an idle one that
         # ran some); a shard waits behind another on a replica only when no starting replica is left
         # without one, so the pool started no replica for nothing.
+        calls = max(1, len(self.pool.alive())) * self.in_flight
         for slot in sorted(ready, key=lambda s: (bool(s.queue), s.shards)):
             while self._pending and len(slot.queue) < (self.in_flight if len(self._pending) > starting else 1):
-                shard = self._pending.popleft()
-                self._attempts[shard.id] += 1  # refunded if the replica is lost before it starts this shard
+                shards = take(self._pending, rows=self.bundle_rows, most=share(len(self._pending), calls),
+                              alone=self._alone)
+                for shard in shards:
+                    self._attempts[shard.id] += 1  # refunded if the replica is lost before it starts this shard
                 if not slot.queue:
                     slot.since = now
-                ref = slot.actor.process.remote(shard.to_task())
-                slot.queue.append((ref, shard))
+                ref = slot.actor.process_bundle.options(num_returns="streaming").remote(
+                    [s.to_task() for s in shards], REPORT_SECONDS)
+                slot.queue.append(Call(ref, shards))
                 self._refs[ref] = slot
 
     def _collect(self, ref: Any) -> None:
@@ -162,14 +182,19 @@ class Scheduler:
             self.pool.became_ready(slot, value)
             return
         slot = self._refs[ref]
+        call = next(c for c in slot.queue if c.ref is ref)
         try:
-            value = ray.get(ref)
+            values = ray.get(next(ref))
+        except StopIteration:  # the call ended short of its shards (never from `Replica.process_bundle`)
+            shard = self._finish(slot, call, ended=True)
+            self._on_result(shard, shard.failed(self._attempts[shard.id], "replica error: no result came back"))
+            return
         except _INFRA_ERRORS as exc:
             self._lost(slot, DIED, _last_line(exc), exc)  # gives back every shard the replica held
             return
-        except ray.exceptions.RayTaskError as exc:
+        except ray.exceptions.RayTaskError as exc:  # the call ends here; the shards after this one never ran
             cause = getattr(exc, "cause", None)
-            shard = self._finish(slot, ref)
+            shard = self._finish(slot, call, ended=True)
             if isinstance(cause, ModelError):  # validated on the driver, unloadable here: the job stops
                 self._abort(shard, f"a replica could not load the model: {_last_line(exc)}")
                 return
@@ -181,33 +206,49 @@ class Scheduler:
             # A bug in the replica code, not a data error (those come back as failed results).
             self._on_result(shard, shard.failed(self._attempts[shard.id], f"replica error: {_last_line(exc)}"))
             return
-        shard = self._finish(slot, ref)
-        if value.get("status") == "committed" and "started" in value and "finished" in value:
-            seconds = max(0.0, value["finished"] - value["started"])
-            self._slowest = max(self._slowest, seconds / max(1, shard.rows_in))
-            slot.shards, slot.rows, slot.busy_seconds = slot.shards + 1, slot.rows + shard.rows_in, slot.busy_seconds + seconds
-        value["attempts"] = self._attempts[shard.id]
-        self._on_result(shard, value)
+        for value in values:  # the call's next shards, in order
+            shard = self._finish(slot, call)
+            if value.get("status") == "committed" and "started" in value and "finished" in value:
+                seconds = max(0.0, value["finished"] - value["started"])
+                self._slowest = max(self._slowest, seconds / max(1, shard.rows_in))
+                slot.shards, slot.rows = slot.shards + 1, slot.rows + shard.rows_in
+                slot.busy_seconds += seconds
+            value["attempts"] = self._attempts[shard.id]
+            self._on_result(shard, value)
 
-    def _finish(self, slot: Slot, ref: Any) -> Shard:
-        """The call `ref` returned: the next shard on the replica starts its clock now."""
-        del self._refs[ref]
-        position = next(i for i, (r, _) in enumerate(slot.queue) if r == ref)
-        _, shard = slot.queue.pop(position)
-        if position == 0:
+    def _finish(self, slot: Slot, call: Call, *, ended: bool = False) -> Shard:
+        """The executing shard of `call` is done: the next shard on the replica starts its clock now.
+
+        A call done with its last shard, or `ended` short of it (an error), leaves the replica; the
+        shards after an error never ran and go back to the queue uncharged."""
+        shard = call.executing
+        call.done += 1
+        self._alone.discard(shard.id)
+        if call is slot.queue[0]:
             slot.since = time.monotonic()
+        if ended or call.done == len(call.shards):
+            slot.queue.remove(call)
+            del self._refs[call.ref]
+            self._give_back(call.shards[call.done:])
         return shard
+
+    def _give_back(self, shards: Sequence[Shard]) -> None:
+        """Shards a replica never started: to the front of the queue, in order, their attempt refunded."""
+        for shard in reversed(shards):
+            self._attempts[shard.id] -= 1
+            self._pending.appendleft(shard)
 
     def _check_stalls(self) -> None:
         now = time.monotonic()
         for slot in self.pool.alive():
             if not slot.queue:
                 continue
-            ref, shard = slot.queue[0]
+            call = slot.queue[0]
+            shard = call.executing
             limit = self._timeout(shard)
             if now - slot.since <= limit:
                 continue
-            if ray.wait([ref], num_returns=1, timeout=0)[0]:
+            if ray.wait([call.ref], num_returns=1, timeout=0)[0]:
                 continue  # it just finished; collected on a next turn
             logger.warning("replica %d stalled on shard %s: no result within the shard timeout of %g s; "
                            "replacing the replica and retrying the shard", slot.index, shard.id, limit)
@@ -221,7 +262,7 @@ class Scheduler:
         now, wait = time.monotonic(), 1.0
         for slot in self.pool.alive():
             if slot.queue:
-                wait = min(wait, slot.since + self._timeout(slot.queue[0][1]) - now)
+                wait = min(wait, slot.since + self._timeout(slot.queue[0].executing) - now)
         return max(0.05, wait)
 
     def _lost(self, slot: Slot, kind: str, reason: str, exc: Exception | None = None) -> None:
@@ -231,17 +272,28 @@ class Scheduler:
         if kind == DIED:
             logger.warning("replica %d lost: %s", slot.index, reason)
         held, slot.queue = slot.queue, []
-        for ref, _ in held:
-            self._refs.pop(ref, None)
-        for ref, shard in reversed(held[1:]):  # queued behind the executing shard: never started
-            self._attempts[shard.id] -= 1
-            self._pending.appendleft(shard)
-        if held:
-            self._retry(held[0][1], kind, reason)
+        for call in held:
+            self._refs.pop(call.ref, None)
+        if not held:
+            return
+        first = held[0]
+        self._give_back([s for call in held[1:] for s in call.shards])  # queued behind its call: never started
+        unsure = first.shards[first.done:]
+        if len(unsure) == 1:  # it was executing that one
+            self._retry(unsure[0], kind, reason)
+            return
+        # Any of them may have been executing (the ones before it done, their results not sent yet):
+        # none is charged; each runs alone next, where a loss is charged to it.
+        logger.warning("replica %d was lost with %d shard(s) of its call without a result; each runs in a call "
+                       "of its own next", slot.index, len(unsure))
+        self._give_back(unsure)
+        self._alone.update(s.id for s in unsure)
+        self.pool.allowed_losses += 1  # a loss charged to no shard does not count against the replacements
 
     def _retry(self, shard: Shard, kind: str, reason: str) -> None:
         """An attempt failed for infrastructure reasons: back to the front of the queue, or failed past max_attempts."""
         self._failures[shard.id].append(kind)
+        self._alone.discard(shard.id)
         attempts = self._attempts[shard.id]
         if attempts < self.max_attempts:
             self._pending.appendleft(shard)
@@ -281,7 +333,7 @@ class Scheduler:
         logger.error("stopping: %s", why)
         failed = [shard]
         for slot in self.pool.alive():
-            failed += [held for _, held in slot.queue]
+            failed += [held for call in slot.queue for held in call.shards[call.done:]]
             slot.queue = []
             self.pool.lost(slot, why)
         self._refs.clear()

@@ -28,12 +28,15 @@ def test_run_args_tables_default_only_at_full_scale() -> None:
 def test_scaling_ratio_against_10000(capsys: pytest.CaptureFixture[str]) -> None:
     def result(n: int, rate: float) -> dict[str, object]:
         return {"files": n, "shards_per_second": rate, "steady_shards_per_second": rate * 2,
-                "unchanged_tick_seconds": 1.5, "unchanged_tick_input_files_opened": 0}
+                "unchanged_tick_seconds": 1.5, "unchanged_tick_input_files_opened": 0,
+                "cpu_ms_per_shard": 200.0 / rate, "driver_peak_rss_bytes": 200 << 20}
 
-    line = tables._scaling([result(1000, 50.0), result(10000, 200.0), result(100000, 170.0)])
+    line = tables._scaling([result(1000, 50.0), result(10000, 200.0), result(100000, 160.0)])
     assert line is not None and line["reference_files"] == 10000
-    assert line["ratio"] == {"shards_per_second": 0.85, "steady_shards_per_second": 0.85}
-    assert "100,000 files / 10,000 files = 0.85" in capsys.readouterr().out
+    assert line["ratio"] == {"shards_per_second": 0.8, "steady_shards_per_second": 0.8, "cpu_ms_per_shard": 1.25}
+    out = capsys.readouterr().out
+    assert "100,000 files / 10,000 files = 0.80" in out and "CPU ms per shard" in out and "= 1.25" in out
+    assert "driver peak RSS 200 MiB" in out
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")

@@ -214,13 +214,18 @@ def _test_replica() -> type:
                     "rows_out": task["rows_in"], "rows_rejected": 0, "output": task["output"],
                     "rejected_output": None, "started": started, "finished": time.time()}
 
+        def process_bundle(self, tasks: list[dict[str, Any]], every: float = 0.0) -> Any:
+            for task in tasks:
+                yield [self.process(task)]
+
     return TestReplica
 
 
 def _schedule(tmp_path: Path, ids: list[str], *, replicas: int, max_attempts: int, starting: int | None = None,
-              start_timeout: float = 60.0, started: list[int] | None = None,
+              start_timeout: float = 60.0, started: list[int] | None = None, bundle_rows: int = 10,
               ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[int]]:
-    """Run shards named `ids` on `replicas` test replicas (only the first `starting` replicas ever start).
+    """Run shards named `ids` (10 rows each: one per call unless `bundle_rows` is larger) on `replicas`
+    test replicas (only the first `starting` replicas ever start).
 
     Returns the results by shard id, the replica stats and, in `started`, the number of results
     recorded when `on_started` was called (once: `[0]`)."""
@@ -232,7 +237,7 @@ def _schedule(tmp_path: Path, ids: list[str], *, replicas: int, max_attempts: in
     results: dict[str, dict[str, Any]] = {}
     started = [] if started is None else started
     scheduler = Scheduler(job, ReplicaResources(replicas, 0.5, 0.0), max_attempts=max_attempts,
-                          start_timeout=start_timeout, _actor=_test_replica())
+                          start_timeout=start_timeout, bundle_rows=bundle_rows, _actor=_test_replica())
     stats = scheduler.run(shards, lambda shard, record: results.__setitem__(shard.id, record),
                           on_started=lambda: started.append(len(results)))
     assert sorted(results) == sorted(ids)

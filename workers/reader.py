@@ -349,6 +349,8 @@ class decode:  # noqa: N801 - used like a generator function
     depth + 2, see `_Buffers`: no arrangement of them can deadlock) and by
     `DECODE_BUDGET_BYTES` of decoded row groups, whatever the shard's size. With one
     thread this is the old prefetch: decoding a batch ahead of the forward pass.
+    `inline` (only for a shard of about one batch: a tiny file) decodes it all in the
+    caller's thread instead: starting a thread cost more than such a shard's decoding.
     Always `close()` it (or use `with`).
 
     Example:
@@ -360,10 +362,14 @@ class decode:  # noqa: N801 - used like a generator function
 
     def __init__(self, parquet: pq.ParquetFile, row_groups: tuple[int, int], columns: Sequence[str],
                  batch_size: int, uri: str, *, features: Sequence[str], list_column: bool, width: int,
-                 check_invalid: bool, threads: int = 1, depth: int = 2, deleted: np.ndarray | None = None) -> None:
+                 check_invalid: bool, threads: int = 1, depth: int = 2, deleted: np.ndarray | None = None,
+                 inline: bool = False) -> None:
         self.row_groups = row_groups
         self._stop = threading.Event()
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
+        self._inline: threading.Thread | None = None
+        if inline:  # a tiny shard: decoded whole in the caller's thread on the first `next`; no thread started
+            count, depth = 1, 1 << 20  # the queue and the buffers take all its batches (made on first use)
         if count > 1 and not isinstance(parquet, ParquetSource):
             count = 1  # a plain ParquetFile cannot open a second handle
         # Two buffers of its own per thread (one stacking while the consumer has the other), the rest of
@@ -382,6 +388,9 @@ class decode:  # noqa: N801 - used like a generator function
                 args=(k, handle, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
                       check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves, types,
                       deleted))
+            if inline:
+                self._inline = thread  # its `run()` is called, never `start()`
+                continue
             self._threads.append(thread)
             thread.start()
 
@@ -423,6 +432,9 @@ class decode:  # noqa: N801 - used like a generator function
         return False
 
     def __iter__(self) -> Iterator[Decoded]:
+        if self._inline is not None:
+            self._inline.run()  # `_produce` here, to its end
+            self._inline = None
         previous: Decoded | None = None
         for index in range(self.row_groups[1] - self.row_groups[0]):
             source = self._queues[index % len(self._queues)]
