@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -196,7 +197,7 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
     output names already taken to the input (rel) that holds them; a new shard
     never takes a name another input holds.
     """
-    taken = dict(claims or {})
+    taken: MutableMapping[str, str] = ChainMap({}, claims or {})  # names taken by this plan, over the claims
     shards = []
     for f in files:
         if f.error is not None or (f.row_group_rows is None and f.committed is None):
@@ -256,7 +257,7 @@ def _split(rows: Sequence[int], first: int, stop: int, shard_rows: int,
             for a, b in split_row_groups(rows[first:stop], shard_rows)]
 
 
-def _claim(taken: dict[str, str], rel: str, first: int) -> str:
+def _claim(taken: MutableMapping[str, str], rel: str, first: int) -> str:
     name = output_name(rel, first)
     if taken.setdefault(name, rel) != rel:
         name = distinct_output_name(rel, first)
