@@ -73,8 +73,8 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
         return _write_runs(output, [pa.concat_tables([base, new])], generation, check_lock)
     dirty = np.zeros(len(refs), dtype=bool)
     assert files.segment is not None
-    dirty[np.unique(files.segment[~files.alive])] = True
-    dirty[sorted(files.dirty_segments)] = True
+    dirty[sorted(files.dirty_segments)] = True  # held entries not committed when loaded
+    dirty[np.unique(files.segment[~files.alive])] = True  # replaced or removed since
     firsts = [tuple(ref["first"]) for ref in refs]
     last = tuple(refs[-1]["last"])
     keys = list(zip(new["rel"].to_pylist(), new["first"].to_pylist()))
@@ -92,9 +92,8 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
             runs.append((index, index + 1))
     tables = []
     for first, stop in runs:
-        rows = files.alive & (files.segment >= first) & (files.segment < stop)
         placed = (target >= first) & (target < stop)
-        tables.append(pa.concat_tables([files.base.filter(pa.array(rows)), new.filter(pa.array(placed))]))
+        tables.append(pa.concat_tables([files.whole(first, stop), new.filter(pa.array(placed))]))
     tail = new.filter(pa.array(target == len(refs)))
     written = _write_runs(output, [*tables, tail], generation, check_lock, keep_empty=True)
     by_run = iter(written[:len(runs)])

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 from pipelines.checkpoint import committed_rows, write_checkpoint
 from pipelines.config import JobConfig
 from basis.errors import OutputConflictError
-from pipelines.entries import Claims, Entries
+from pipelines.entries import PLANNING, Claims, Entries
 from pipelines.journal import Journal, SegmentWriter, clear_journal, read_journal
 from pipelines.manifest import COMMITTED, FAILED, MANIFEST, PENDING, SUPERSEDED, load_manifest
 from pipelines.segments import SCHEMA, entries_table, read_segments, table_entries
@@ -148,25 +148,35 @@ class State:
             state.generation = int(manifest.get("generation", 0))
             state.retiring = set(manifest.get("retiring", []))
             shards = manifest.get("shards", [])
+            where = output.display(output.join(MANIFEST))
             if isinstance(shards, dict):  # format 3: the entries are in Parquet segments
                 refs = shards["segments"]
-                tables = read_segments(output, refs, output.display(output.join(MANIFEST)))
-                table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-                segment = np.repeat(np.arange(len(tables), dtype=np.int32), [t.num_rows for t in tables])
+                tables = read_segments(output, refs, where, PLANNING)
+                table = pa.concat_tables(tables) if tables else SCHEMA.empty_table().select([*PLANNING, "status"])
+                del tables
             else:
-                refs, table, segment = None, entries_table({**_V1_DEFAULTS, **e} for e in shards), None
+                refs, table = None, entries_table({**_V1_DEFAULTS, **e} for e in shards)
             committed = pc.equal(table["status"], COMMITTED).to_numpy(zero_copy_only=False)
             rest = np.flatnonzero(~committed)
-            for row, entry in zip(rest.tolist(), table_entries(table.take(pa.array(rest, pa.int64())))):
+            if len(rest) and refs is not None:  # entries not committed: read whole (the few segments holding them)
+                others = read_segments(output, [refs[i] for i in sorted(set(np.searchsorted(
+                    np.cumsum([r["entries"] for r in refs]), rest, side="right").tolist()))], where)
+                rest_table = pa.concat_tables(others)
+                rest_table = rest_table.filter(pc.not_equal(rest_table["status"], COMMITTED))
+            else:
+                rest_table = table.take(pa.array(rest, pa.int64())) if len(rest) else None
+            for entry in table_entries(rest_table) if rest_table is not None else ():
                 if entry["status"] == SUPERSEDED:  # never reused: its files go when a run completes
                     state.retiring.update(path for path, _, _ in _files_of(entry))
                 else:
                     state.others[entry["id"]] = entry
-            dirty = set(segment[rest].tolist()) if segment is not None else set()
-            if len(rest):
-                table = table.filter(pa.array(committed))
-                segment = segment[committed] if segment is not None else None
-            state.files = Entries(table, refs=refs, segment=segment, dirty_segments=dirty)
+            if refs is None:
+                state.files = Entries(table, alive=committed)
+            else:  # only what planning needs stays in memory; an entry's other fields are read when it is
+                state.files = Entries(table.select(list(PLANNING)), alive=committed, refs=refs,
+                                      full=lambda number: read_segments(output, [refs[number]], where)[0])
+                del table
+                pa.default_memory_pool().release_unused()  # the segments' read buffers
         state.journal = read_journal(output, after=state.generation)
         state.found = state.found or bool(state.journal.files)
         state._apply(output, state.journal)
@@ -280,13 +290,12 @@ class State:
         covered = ((total[starts] >= 0) & (first[starts] == 0) & (stop[ends - 1] == total[starts])
                    & (np.add.reduceat(broken.astype(np.int64), starts) == 0))
         take = pa.array(rows, pa.int64())
-        outputs, counts = table["output"].take(take).to_pylist(), table["rows_in"].take(take).to_pylist()
-        firsts, stops = first.tolist(), stop.tolist()
+        made = list(map(Span, first.tolist(), stop.tolist(), table["rows_in"].take(take).to_pylist(),
+                        table["output"].take(take).to_pylist()))
         whole: SpanMap = {}
         partial: SpanMap = {}
-        for group, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
-            spans = tuple(Span(firsts[i], stops[i], counts[i], outputs[i]) for i in range(start, end))
-            (whole if covered[group] else partial)[listed[int(key[start])]] = spans
+        for start, end, index, full in zip(starts.tolist(), ends.tolist(), key[starts].tolist(), covered.tolist()):
+            (whole if full else partial)[listed[index]] = tuple(made[start:end])
         return whole, partial
 
     def fingerprints(self) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ every entry at once (`pipelines.commit.reconcile`, `State.spans`, `State.claims`
 from __future__ import annotations
 
 import bisect
-from collections.abc import ItemsView, Iterator, Mapping, MutableMapping, Sequence, ValuesView
+from collections.abc import Callable, ItemsView, Iterator, Mapping, MutableMapping, Sequence, ValuesView
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,10 @@ import pyarrow.compute as pc
 
 from pipelines.segments import SCHEMA, entries_table, table_entries
 
+# The columns kept in memory for every committed entry (what planning asks of all of them); the others
+# (input URI, sha256s, error, attempts) are read from an entry's segment when the entry itself is needed.
+PLANNING = ("id", "rel", "fingerprint", "file_row_groups", "first", "stop", "rows_in", "rows_out", "rows_rejected",
+            "output", "bytes", "rejected_output", "rejected_bytes", "generation")
 _DICT_AFTER = 2_000  # one-at-a-time lookups answered by binary search; past this many, a dict is cheaper
 _BATCH = 16_384
 
@@ -78,21 +82,25 @@ class _Items(ItemsView):  # type: ignore[type-arg]
 class Entries(MutableMapping[str, dict[str, Any]]):
     """Committed entries by output path: an Arrow table as loaded (`base`), and dicts for changed ones."""
 
-    def __init__(self, base: pa.Table | None = None, *, refs: list[dict[str, Any]] | None = None,
-                 segment: np.ndarray | None = None, dirty_segments: set[int] | None = None) -> None:
+    def __init__(self, base: pa.Table | None = None, *, alive: np.ndarray | None = None,
+                 refs: list[dict[str, Any]] | None = None, full: Callable[[int], pa.Table] | None = None) -> None:
         self.base = base if base is not None else SCHEMA.empty_table()
-        self.refs = refs  # the root's segments the base was read from (None: the manifest held them inline)
-        self.segment = segment  # the segment each base row was read from
-        self.dirty_segments = dirty_segments or set()  # segments holding entries not loaded here (not committed)
-        self.alive = np.ones(self.base.num_rows, dtype=bool)
+        self.refs = refs  # the root's segments the base was read from, in order (None: the manifest held them inline)
+        self.full = full  # segment number -> its whole table, when `base` holds only the `PLANNING` columns
+        counts = [ref["entries"] for ref in refs or ()]
+        self.starts = np.r_[0, np.cumsum(counts, dtype=np.int64)]  # each segment's first row in `base`
+        self.segment = np.repeat(np.arange(len(counts), dtype=np.int32), counts) if refs else None
+        self.alive = np.ones(self.base.num_rows, dtype=bool) if alive is None else alive  # committed, not replaced
         self.changed: dict[str, dict[str, Any]] = {}  # output path -> entry committed (or replaced) since loaded
         self._index: KeyIndex | None = None
-        self._alive_count = self.base.num_rows
-        if self.base.num_rows and pc.count_distinct(self.base["output"]).as_py() < self.base.num_rows:
-            last = {path: row for row, path in enumerate(self.base["output"].to_pylist())}  # a hand-made manifest
+        self._cached: tuple[int, pa.Table] | None = None
+        outputs = self.base["output"].filter(pa.array(self.alive))
+        if len(outputs) and pc.count_distinct(outputs).as_py() < len(outputs):  # a hand-made manifest: last wins
+            last = {path: row for row, path in enumerate(self.base["output"].to_pylist()) if self.alive[row]}
             self.alive[:] = False
             self.alive[list(last.values())] = True
-            self._alive_count = len(last)
+        self._alive_count = int(self.alive.sum())
+        self.dirty_segments = set(self.segment[~self.alive].tolist()) if self.segment is not None else set()
 
     # --- the mapping ----------------------------------------------------------------------------------
     def _row(self, path: str) -> int | None:
@@ -110,7 +118,34 @@ class Entries(MutableMapping[str, dict[str, Any]]):
         row = self._row(path)
         if row is None:
             raise KeyError(path)
-        return table_entries(self.base.slice(row, 1))[0]
+        return self._rows([row])[0]
+
+    def _rows(self, rows: Sequence[int]) -> list[dict[str, Any]]:
+        """Base rows as whole entries (from their segments when `base` holds only some columns)."""
+        if self.full is None:
+            return table_entries(self.base.take(pa.array(rows, pa.int64())))
+        assert self.segment is not None
+        entries = []
+        for row in rows:
+            number = int(self.segment[row])
+            entries.append(table_entries(self.segment_table(number).slice(row - int(self.starts[number]), 1))[0])
+        return entries
+
+    def segment_table(self, number: int) -> pa.Table:
+        """A segment's whole table (the last one read is kept)."""
+        if self.full is None:
+            return self.base.slice(int(self.starts[number]), int(self.starts[number + 1] - self.starts[number]))
+        if self._cached is None or self._cached[0] != number:
+            self._cached = (number, self.full(number))
+        return self._cached[1]
+
+    def whole(self, first: int, stop: int) -> pa.Table:
+        """The live base rows of segments [first, stop) with every column."""
+        tables = []
+        for number in range(first, stop):
+            start, end = int(self.starts[number]), int(self.starts[number + 1])
+            tables.append(self.segment_table(number).filter(pa.array(self.alive[start:end])))
+        return pa.concat_tables(tables)
 
     def __setitem__(self, path: str, entry: dict[str, Any]) -> None:
         row = self._row(path) if path not in self.changed else None
@@ -150,12 +185,14 @@ class Entries(MutableMapping[str, dict[str, Any]]):
 
     def _entries(self) -> Iterator[tuple[str, dict[str, Any]]]:
         if self._alive_count:
-            for start in range(0, self.base.num_rows, _BATCH):
-                alive = self.alive[start:start + _BATCH]
-                if not alive.any():
-                    continue
-                for entry, live in zip(table_entries(self.base.slice(start, _BATCH)), alive):
-                    if live:
+            pieces = (range(len(self.refs)) if self.full is not None and self.refs
+                      else [None] * (1 if self.base.num_rows else 0))
+            for number in pieces:
+                start = 0 if number is None else int(self.starts[number])
+                table = self.base if number is None else self.segment_table(number)
+                alive = self.alive[start:start + table.num_rows]
+                if alive.any():
+                    for entry in table_entries(table.filter(pa.array(alive))):
                         yield entry["output"], entry
         yield from list(self.changed.items())
 
@@ -166,7 +203,7 @@ class Entries(MutableMapping[str, dict[str, Any]]):
             return found
         hits = np.flatnonzero(pc.fill_null(pc.equal(self.base["rejected_output"], path), False).to_numpy(
             zero_copy_only=False) & self.alive)
-        return table_entries(self.base.slice(int(hits[0]), 1))[0] if len(hits) else None
+        return self._rows([int(hits[0])])[0] if len(hits) else None
 
     def _kill(self, row: int) -> None:
         self.alive[row] = False

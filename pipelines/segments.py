@@ -114,8 +114,13 @@ def write_segment(output: Location, table: pa.Table, generation: int) -> dict[st
     return segment_ref(path, table, len(data))
 
 
-def read_segments(output: Location, refs: Sequence[Mapping[str, Any]], where: str) -> list[pa.Table]:
-    """Every segment the root names, checked (exit 2 naming the segment when one is missing or broken)."""
+def read_segments(output: Location, refs: Sequence[Mapping[str, Any]], where: str,
+                  columns: Sequence[str] | None = None) -> list[pa.Table]:
+    """Every segment the root names (only `columns`, with "status"), checked (exit 2 naming the segment when
+    one is missing or broken)."""
+    names = SCHEMA.names if columns is None else list(dict.fromkeys([*columns, "status"]))
+    schema = pa.schema([SCHEMA.field(name) for name in names])
+
     def read(ref: Mapping[str, Any]) -> pa.Table:
         path = ref["path"]
         data = read_bytes(output.fs, output.join(path))
@@ -123,39 +128,48 @@ def read_segments(output: Location, refs: Sequence[Mapping[str, Any]], where: st
             raise OutputConflictError(f"{where} names the segment {output.display(output.join(path))}, which is "
                                       f"missing; restore it (or the output), or write to a new output")
         try:
-            table = pq.read_table(pa.BufferReader(data))
+            file = pq.ParquetFile(pa.BufferReader(data))
+            problem = _segment_problem(file.schema_arrow, ref, file.metadata.num_rows)
+            table = file.read(columns=[name for name in names if name in file.schema_arrow.names]) \
+                if problem is None else None
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a broken file
             raise OutputConflictError(f"{output.display(output.join(path))} (a segment of {where}) is not a "
                                       f"readable Parquet file ({exc}); restore it, or write to a new output") from exc
-        problem = _segment_problem(table, ref)
+        problem = problem or _rows_problem(table)
         if problem is not None:
             raise OutputConflictError(f"{output.display(output.join(path))} (a segment of {where}) is malformed: "
                                       f"{problem}; restore it, or write to a new output")
-        return table.select(SCHEMA.names).cast(SCHEMA)
+        return table.select(names).cast(schema)
 
     with ThreadPoolExecutor(max_workers=max(1, min(_READ_THREADS, len(refs)))) as pool:
         return list(pool.map(read, refs))
 
 
-def _segment_problem(table: pa.Table, ref: Mapping[str, Any]) -> str | None:
-    missing = [name for name in SCHEMA.names if name not in table.column_names]
+def _segment_problem(schema: pa.Schema, ref: Mapping[str, Any], rows: int) -> str | None:
+    missing = [name for name in SCHEMA.names if name not in schema.names]
     if missing:
         return f"no column(s) {missing}"
     for field in SCHEMA:
-        if not table.schema.field(field.name).type.equals(field.type) and not (
-                pa.types.is_integer(field.type) and pa.types.is_integer(table.schema.field(field.name).type)):
-            return f"column {field.name!r} has type {table.schema.field(field.name).type}, not {field.type}"
+        if not schema.field(field.name).type.equals(field.type) and not (
+                pa.types.is_integer(field.type) and pa.types.is_integer(schema.field(field.name).type)):
+            return f"column {field.name!r} has type {schema.field(field.name).type}, not {field.type}"
+    if ref.get("entries") is not None and ref["entries"] != rows:
+        return f"{rows} entries where the root records {ref['entries']}"
+    return None
+
+
+def _rows_problem(table: pa.Table) -> str | None:
     for name in _REQUIRED:
+        if name not in table.column_names:
+            continue
         nulls = table[name].null_count
         if nulls:
             index = pc.index(pc.is_null(table[name]), True).as_py()
-            return f"entry {index} ({table['id'][index].as_py()}) has no {name!r}"
-    if ref.get("entries") is not None and ref["entries"] != table.num_rows:
-        return f"{table.num_rows} entries where the root records {ref['entries']}"
+            return f"entry {index} ({table['id'][index].as_py() if 'id' in table.column_names else '?'}) has no {name!r}"
     bad = pc.invert(pc.is_in(table["status"], pa.array(["committed", "failed", "pending", "superseded"])))
     if pc.any(bad).as_py():
         index = pc.index(bad, True).as_py()
-        return f"entry {index} ({table['id'][index].as_py()}) has status {table['status'][index].as_py()!r}"
+        return f"entry {index} has status {table['status'][index].as_py()!r}"
     if pc.any(pc.or_(pc.less(table["first"], 0), pc.less(table["stop"], table["first"]))).as_py():
         return "an entry whose row groups are not [first, stop)"
     return None
