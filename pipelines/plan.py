@@ -197,7 +197,7 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
     output names already taken to the input (rel) that holds them; a new shard
     never takes a name another input holds.
     """
-    taken: MutableMapping[str, str] = ChainMap({}, claims or {})  # names taken by this plan, over the claims
+    taken: MutableMapping[str, str] = ChainMap({}, claims if claims is not None else {})  # this plan's, then the claims
     shards = []
     for f in files:
         if f.error is not None or (f.row_group_rows is None and f.committed is None):
@@ -214,7 +214,9 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
 
 def _spans(f: InputFile, shard_rows: int) -> list[tuple[int, int, int, str | None]]:
     """(first, stop, live rows, committed output name or None) covering every row group of `f` once."""
-    committed = sorted(f.committed or (), key=lambda span: span.first)
+    committed = f.committed or ()
+    if len(committed) > 1:
+        committed = sorted(committed, key=lambda span: span.first)
     if f.row_group_rows is None:
         return [(c.first, c.stop, c.rows, c.output) for c in committed]
     rows = f.row_group_rows
