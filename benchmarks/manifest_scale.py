@@ -108,7 +108,8 @@ def measure(where: Path, files: int) -> dict[str, float]:
 
     base = str(where / "in")
     manifest = where / "out" / "_manifest.json"
-    segments = json.loads(manifest.read_text())["shards"]["segments"]
+    shards = json.loads(manifest.read_text())["shards"]
+    segments = shards["segments"] if isinstance(shards, dict) else []
 
     synthetic = [0.0]  # CPU seconds spent making the two synthetic listings (a real listing costs its own)
 
