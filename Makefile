@@ -43,6 +43,7 @@ bench: $(VENV)/.installed-bench
 # Only the table-scale case (1k/10k/100k one-shard files); needs no Ray Data.
 bench-tables: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.tables $(TABLES_ARGS)
+	$(BIN)/python -m benchmarks.manifest_scale  # an unchanged tick over 200,000 and 1,000,000 committed files
 
 # One GPU machine, under 8 minutes: pytest -m gpu, stream check, rows/s vs the machine's limit and Ray Data.
 # Not part of `make test`. GPU_CHECK_ARGS=--quick is the CPU smoke run.

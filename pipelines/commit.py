@@ -28,10 +28,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.checkpoint import committed_rows, write_checkpoint
 from pipelines.config import JobConfig
 from basis.errors import OutputConflictError
+from pipelines.entries import PLANNING, Claims, Entries
 from pipelines.journal import Journal, SegmentWriter, clear_journal, read_journal
-from pipelines.manifest import COMMITTED, FAILED, FORMAT, MANIFEST, PENDING, SUPERSEDED, load_manifest
+from pipelines.manifest import COMMITTED, FAILED, MANIFEST, PENDING, SUPERSEDED, load_manifest
+from pipelines.segments import SCHEMA, entries_table, read_segments, table_entries
 from pipelines.plan import Columns, Shard, Span
 from basis.storage import (
     Location,
@@ -118,7 +125,7 @@ class State:
 
     header: dict[str, Any] = field(default_factory=dict)  # model, config, settings, columns, source
     generation: int = 0
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # output path -> entry whose file it is
+    files: Entries = field(default_factory=Entries)  # output path -> entry whose file it is (columns as loaded)
     others: dict[str, dict[str, Any]] = field(default_factory=dict)  # shard id -> entry with no file
     retiring: set[str] = field(default_factory=set)  # files no entry describes: deleted when a run completes
     journal: Journal = field(default_factory=Journal)
@@ -132,21 +139,44 @@ class State:
 
     @classmethod
     def load(cls, output: Location) -> State:
-        """Read the manifest and apply the journal (reading the files of unconfirmed commits)."""
+        """Read the manifest (its entries inline, or its segments) and apply the journal (reading the files
+        of unconfirmed commits)."""
         manifest = load_manifest(output)
         state = cls(found=manifest is not None)
         if manifest is not None:
             state.header = {k: manifest.get(k) for k in ("model", "config", "settings", "columns", "source")}
             state.generation = int(manifest.get("generation", 0))
             state.retiring = set(manifest.get("retiring", []))
-            for entry in manifest.get("shards", []):
-                entry = {**_V1_DEFAULTS, **entry}
-                if entry["status"] == COMMITTED:
-                    state.files[entry["output"]] = entry
-                elif entry["status"] == SUPERSEDED:  # never reused: its files go when a run completes
+            shards = manifest.get("shards", [])
+            where = output.display(output.join(MANIFEST))
+            if isinstance(shards, dict):  # format 3: the entries are in Parquet segments
+                refs = shards["segments"]
+                tables = read_segments(output, refs, where, PLANNING)
+                table = pa.concat_tables(tables) if tables else SCHEMA.empty_table().select([*PLANNING, "status"])
+                del tables
+            else:
+                refs, table = None, entries_table({**_V1_DEFAULTS, **e} for e in shards)
+            committed = pc.equal(table["status"], COMMITTED).to_numpy(zero_copy_only=False)
+            rest = np.flatnonzero(~committed)
+            if len(rest) and refs is not None:  # entries not committed: read whole (the few segments holding them)
+                others = read_segments(output, [refs[i] for i in sorted(set(np.searchsorted(
+                    np.cumsum([r["entries"] for r in refs]), rest, side="right").tolist()))], where)
+                rest_table = pa.concat_tables(others)
+                rest_table = rest_table.filter(pc.not_equal(rest_table["status"], COMMITTED))
+            else:
+                rest_table = table.take(pa.array(rest, pa.int64())) if len(rest) else None
+            for entry in table_entries(rest_table) if rest_table is not None else ():
+                if entry["status"] == SUPERSEDED:  # never reused: its files go when a run completes
                     state.retiring.update(path for path, _, _ in _files_of(entry))
                 else:
                     state.others[entry["id"]] = entry
+            if refs is None:
+                state.files = Entries(table, alive=committed)
+            else:  # only what planning needs stays in memory; an entry's other fields are read when it is
+                state.files = Entries(table.select(list(PLANNING)), alive=committed, refs=refs,
+                                      full=lambda number: read_segments(output, [refs[number]], where)[0])
+                del table
+                pa.default_memory_pool().release_unused()  # the segments' read buffers
         state.journal = read_journal(output, after=state.generation)
         state.found = state.found or bool(state.journal.files)
         state._apply(output, state.journal)
@@ -226,7 +256,7 @@ class State:
         """`path` is no longer described by any entry; it is deleted when a run completes."""
         holder = self.files.pop(path, None)
         if holder is None:
-            holder = next((e for e in self.files.values() if e.get("rejected_output") == path), None)
+            holder = self.files.holding_rejected(path)
             if holder is not None:
                 self.files.pop(holder["output"])
         for p in [path, *(p for p, _, _ in _files_of(holder or {}))]:
@@ -235,34 +265,56 @@ class State:
     def spans(self, listed: Iterable[tuple[str, str]]) -> tuple[SpanMap, SpanMap]:
         """For the listed (rel, fingerprint) pairs: the committed spans of files they cover entirely
         (such a file needs no footer to be planned), and for the other files every committed span
-        (checked against the file's footer when it is read)."""
-        wanted = set(listed)
-        partial: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for entry in self.files.values():
-            key = (entry["rel"], entry["fingerprint"])
-            if key in wanted:
-                partial.setdefault(key, []).append(entry)
-        covered = {}
-        for key, entries in partial.items():
-            entries.sort(key=lambda e: e["row_groups"][0])
-            total = entries[0]["file_row_groups"]
-            bounds = [tuple(e["row_groups"]) for e in entries]
-            if (total is not None and all(e["file_row_groups"] == total for e in entries)
-                    and bounds[0][0] == 0 and bounds[-1][1] == total
-                    and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))):
-                covered[key] = entries
-        return ({key: [_span(e) for e in entries] for key, entries in covered.items()},
-                {key: [_span(e) for e in entries] for key, entries in partial.items() if key not in covered})
+        (checked against the file's footer when it is read). Keyed by the very pairs given."""
+        listed = listed if isinstance(listed, list) else list(listed)
+        table, _ = self.files.live(["rel", "fingerprint", "first", "stop", "file_row_groups", "rows_in", "output"])
+        if not listed or not table.num_rows:
+            return {}, {}
+        wanted = pc.binary_join_element_wise(pa.array([rel for rel, _ in listed], pa.string()),
+                                             pa.array([fp for _, fp in listed], pa.string()), "\x00")
+        found = pc.index_in(pc.binary_join_element_wise(table["rel"], table["fingerprint"], "\x00"),
+                            value_set=wanted)
+        rows = np.flatnonzero(found.is_valid().to_numpy(zero_copy_only=False))
+        if not len(rows):
+            return {}, {}
+        key = found.to_numpy(zero_copy_only=False)[rows].astype(np.int64)
+        first = table["first"].to_numpy()[rows]
+        order = np.lexsort((first, key))
+        rows, key, first = rows[order], key[order], first[order]
+        stop = table["stop"].to_numpy()[rows]
+        total = pc.fill_null(table["file_row_groups"], -1).to_numpy()[rows]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        ends = np.r_[starts[1:], len(key)]
+        same = np.r_[key[1:] == key[:-1], False]  # the next row is of the same file
+        broken = same & ((stop != np.r_[first[1:], 0]) | (total != np.r_[total[1:], 0]))
+        covered = ((total[starts] >= 0) & (first[starts] == 0) & (stop[ends - 1] == total[starts])
+                   & (np.add.reduceat(broken.astype(np.int64), starts) == 0))
+        take = pa.array(rows, pa.int64())
+        made = list(map(Span, first.tolist(), stop.tolist(), table["rows_in"].take(take).to_pylist(),
+                        table["output"].take(take).to_pylist()))
+        whole: SpanMap = {}
+        partial: SpanMap = {}
+        for start, end, index, full in zip(starts.tolist(), ends.tolist(), key[starts].tolist(), covered.tolist()):
+            (whole if full else partial)[listed[index]] = tuple(made[start:end])
+        return whole, partial
 
-    def claims(self, listed_rels: set[str], *, keep_vanished: bool) -> dict[str, str]:
+    def fingerprints(self) -> list[tuple[str, str]]:
+        """The (rel, fingerprint) of every committed entry."""
+        table, _ = self.files.live(["rel", "fingerprint"])
+        return list(zip(table["rel"].to_pylist(), table["fingerprint"].to_pylist()))
+
+    def claims(self, listed_rels: set[str], *, keep_vanished: bool) -> Mapping[str, str]:
         """Output names held by inputs that are still listed and, with `keep_vanished`, by the kept
         predictions of inputs that vanished (a new input never takes their names). Without it a
         vanished input's names are free: its files go when the run completes."""
-        names = {}
-        for entry in [*self.files.values(), *self.others.values()]:
-            if entry["rel"] in listed_rels or (keep_vanished and self.files.get(entry["output"]) is entry):
-                names.setdefault(entry["output"], entry["rel"])
-        return names
+        table, _ = self.files.live(["output", "rel"])
+        if not keep_vanished and table.num_rows:
+            table = table.filter(pc.is_in(table["rel"], value_set=pa.array(list(listed_rels), pa.string())))
+        others = {}
+        for entry in self.others.values():
+            if entry["rel"] in listed_rels:
+                others.setdefault(entry["output"], entry["rel"])
+        return Claims(table, others)
 
     def check_compatible(self, model: Mapping[str, Any], settings: Mapping[str, Any], source: Mapping[str, Any],
                          where: str) -> None:
@@ -347,17 +399,41 @@ def is_data_file(path: str) -> bool:
 
 def described_files(state: State) -> set[str]:
     """The files an entry describes (a committed shard's output and quarantine file) or that are retiring."""
+    table, _ = state.files.live(["output", "rejected_output"])
     described = set(state.retiring)
-    for entry in state.files.values():
-        described.update(path for path, _, _ in _files_of(entry))
+    described.update(table["output"].to_pylist())
+    if table["rejected_output"].null_count < table.num_rows:
+        described.update(p for p in table["rejected_output"].to_pylist() if p is not None)
     return described
 
 
-def foreign_files(state: State, present: Iterable[str]) -> list[str]:
+def foreign_files(state: State, present: Mapping[str, int], listing: Listing | None = None) -> list[str]:
     """Data files under the output that no entry describes and none is retiring: not written by batch-infer
     (an old dataset, a copy). Never deleted or overwritten; no `_SUCCESS` while one is there."""
-    described = described_files(state)
-    return sorted(path for path in present if is_data_file(path) and path not in described)
+    listing = listing or Listing(present)
+    table, _ = state.files.live(["output", "rejected_output"])
+    candidates = listing.paths
+    if table.num_rows:
+        described = pc.or_(pc.is_in(candidates, value_set=table["output"]),
+                           pc.is_in(candidates, value_set=table["rejected_output"].drop_null()))
+        candidates = candidates.filter(pc.invert(described))
+    return sorted(path for path in candidates.to_pylist() if is_data_file(path) and path not in state.retiring)
+
+
+class Listing:
+    """The files under an output (path -> size) as two columns, for questions about every entry at once."""
+
+    def __init__(self, present: Mapping[str, int]) -> None:
+        self.paths = pa.array(list(present), pa.string())
+        self.sizes = pa.array(list(present.values()), pa.int64()).to_numpy()
+
+    def intact(self, table: pa.Table, path: str, size: str) -> np.ndarray:
+        """Per row: its file (column `path`; null: none) is listed with the size recorded (`size`; null: any)."""
+        found = pc.fill_null(pc.index_in(table[path], value_set=self.paths), -1).to_numpy()
+        listed = self.sizes[np.maximum(found, 0)] if len(self.sizes) else np.zeros(len(found), np.int64)
+        recorded = pc.fill_null(table[size], -1).to_numpy()
+        none = table[path].is_null().to_numpy(zero_copy_only=False)
+        return none | ((found >= 0) & ((recorded < 0) | (listed == recorded)))
 
 
 @dataclass
@@ -381,28 +457,43 @@ def reconcile(state: State, shards: Sequence[Shard], present: Mapping[str, int],
     size. An entry whose file was deleted or altered behind our back is dropped
     (what is left of it retires) and its shard runs again. Entries of inputs
     no longer `listed` (rels) are kept unless `prune` or `overwrite` is set.
+    Every entry is looked at as columns (`Entries.live`): a million of them take a second or two.
     """
-    for path in list(state.files):
-        entry = state.files[path]
-        files = _files_of(entry)
-        if all(present.get(p) is not None and (size is None or present[p] == size) for p, size, _ in files):
-            continue
-        state.files.pop(path)
-        state.retiring.update(p for p, _, _ in files if p in present)
+    files, listing = state.files, Listing(present)
+    table, rows = files.live(["output", "bytes", "rejected_output", "rejected_bytes"])
+    if table.num_rows:
+        bad = np.flatnonzero(~(listing.intact(table, "output", "bytes")
+                               & listing.intact(table, "rejected_output", "rejected_bytes")))
+        if len(bad):
+            take = pa.array(bad, pa.int64())
+            gone = [*table["output"].take(take).to_pylist(), *table["rejected_output"].take(take).to_pylist()]
+            state.retiring.update(path for path in gone if path is not None and path in present)
+            files.drop(rows[bad])
     state.retiring.intersection_update(present)
-    result = Reconciled([], [], [], foreign=foreign_files(state, present))
-    planned = set()
-    for shard in shards:
-        entry = state.files.get(shard.output)
-        if not overwrite and entry is not None and _describes(entry, shard):
-            result.skipped.append(shard)
-            planned.add(shard.output)
-        else:
-            result.todo.append(shard)
-    if listed is not None and not (prune or overwrite):
-        result.kept = {path for path, entry in state.files.items()
-                       if path not in planned and entry["rel"] not in listed}
-    result.stale = sorted(path for path in state.files if path not in planned and path not in result.kept)
+    result = Reconciled([], [], [], foreign=foreign_files(state, present, listing))
+    table, _ = files.live(["id", "fingerprint", "first", "stop", "output", "rel"])
+    skip = np.zeros(len(shards), dtype=bool)
+    if not overwrite and table.num_rows and shards:
+        found = pc.fill_null(pc.index_in(pa.array([s.output for s in shards], pa.string()),
+                                         value_set=table["output"]), -1).to_numpy()
+        at = pa.array(np.maximum(found, 0), pa.int64())
+        skip = ((found >= 0)
+                & pc.equal(table["id"].take(at), pa.array([s.id for s in shards], pa.string())).to_numpy(
+                    zero_copy_only=False)
+                & pc.equal(table["fingerprint"].take(at), pa.array([s.fingerprint for s in shards], pa.string()))
+                .to_numpy(zero_copy_only=False)
+                & (table["first"].to_numpy()[at.to_numpy()] == np.array([s.row_groups[0] for s in shards]))
+                & (table["stop"].to_numpy()[at.to_numpy()] == np.array([s.row_groups[1] for s in shards])))
+    for shard, skipped in zip(shards, skip.tolist()):
+        (result.skipped if skipped else result.todo).append(shard)
+    planned = pc.is_in(table["output"], value_set=pa.array([s.output for s in result.skipped], pa.string()))
+    unplanned = pc.invert(planned).to_numpy(zero_copy_only=False)
+    kept = np.zeros(table.num_rows, dtype=bool)
+    if listed is not None and not (prune or overwrite) and table.num_rows:
+        kept = unplanned & pc.invert(pc.is_in(table["rel"], value_set=pa.array(list(listed), pa.string()))).to_numpy(
+            zero_copy_only=False)
+        result.kept = set(table["output"].filter(pa.array(kept)).to_pylist())
+    result.stale = sorted(table["output"].filter(pa.array(unplanned & ~kept)).to_pylist())
     return result
 
 
@@ -434,8 +525,9 @@ class Recorder:
         self.output = output
         self.state = state
         self.header = dict(header)
-        self.shards = {s.id: s for s in shards}
-        self.order = [s.id for s in shards]
+        self.planned = list(shards)  # in input order
+        self._shards: dict[str, Shard] | None = None
+        self._plan: pa.Table | None = None
         self.digest = job_digest(self.header)  # what this run's replicas write into their commit records
         self.kept = set(kept)  # files of vanished inputs that stay committed (no prune)
         self.foreign = list(foreign)  # data files batch-infer did not write: the output is not complete
@@ -481,16 +573,23 @@ class Recorder:
             self._last_flush = time.monotonic()
 
     @property
+    def shards(self) -> dict[str, Shard]:
+        """The planned shards by id."""
+        if self._shards is None:
+            self._shards = {s.id: s for s in self.planned}
+        return self._shards
+
+    @property
     def complete(self) -> bool:
         """Every planned shard committed with its rows reconciled, and nothing else under the output
         but the kept predictions of vanished inputs."""
-        return (self._planned_complete() and all(self._current(path) for path in self.state.files)
-                and not self.state.retiring and not self.foreign)
+        return (self._planned_complete() and not self._not_current() and not self.state.retiring
+                and not self.foreign)
 
     def finish(self) -> bool:
         """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
         self._settle_unconfirmed()
-        self._retire([p for p in self.state.files if not self._current(p)])
+        self._retire(self._not_current())
         planned = self._planned_complete()
         if planned and self.sink is not None and self.sink.is_table:
             self._commit_table()
@@ -505,8 +604,8 @@ class Recorder:
         complete = self.complete
         if complete:
             sweep_temps(self.output.fs, self.output.path)
-        self.check_lock()
-        write_bytes_atomic(self.output.fs, self.output.join(MANIFEST), self.manifest_bytes(complete))
+        write_checkpoint(self.output, self.state.files, self._extras(), self._root(complete), self.generation,
+                         self.check_lock)
         clear_journal(self.output)
         if complete:
             self.check_lock()
@@ -521,19 +620,45 @@ class Recorder:
         self.check_lock()
         self.sink.publish(self.output, self.state.files, self.state.retiring, self.generation)  # type: ignore
 
-    def _current(self, path: str) -> bool:
-        entry = self.state.files[path]
-        shard = self.shards.get(entry["id"])
-        if shard is None and path in self.kept:
-            return True  # a vanished input's kept predictions
-        return shard is not None and shard.output == path and _describes(entry, shard)
+    def _plan_table(self) -> pa.Table:
+        """The planned shards as columns (what an entry must hold to describe one)."""
+        if self._plan is None:
+            shards = self.planned
+            self._plan = pa.table({
+                "id": pa.array([s.id for s in shards], pa.string()),
+                "output": pa.array([s.output for s in shards], pa.string()),
+                "fingerprint": pa.array([s.fingerprint for s in shards], pa.string()),
+                "first": pa.array([s.row_groups[0] for s in shards], pa.int64()),
+                "stop": pa.array([s.row_groups[1] for s in shards], pa.int64()),
+                "error": pa.array([s.error is not None for s in shards], pa.bool_())})
+        return self._plan
+
+    def _not_current(self) -> list[str]:
+        """Committed files that no planned shard describes (a vanished input's kept predictions aside)."""
+        table, _ = self.state.files.live(["id", "output", "fingerprint", "first", "stop"])
+        if not table.num_rows:
+            return []
+        plan = self._plan_table()
+        found = pc.fill_null(pc.index_in(table["id"], value_set=plan["id"]), -1).to_numpy()
+        at = pa.array(np.maximum(found, 0), pa.int64())
+        current = (found >= 0) & _same(table, plan.take(at), ("output", "fingerprint", "first", "stop"))
+        if self.kept:
+            current |= (found < 0) & pc.is_in(table["output"], value_set=pa.array(sorted(self.kept), pa.string())) \
+                .to_numpy(zero_copy_only=False)
+        return table["output"].filter(pa.array(~current)).to_pylist()
 
     def _planned_complete(self) -> bool:
-        return all(
-            (e := self.state.files.get(s.output)) is not None and _describes(e, s) and s.error is None
-            and e["rows_in"] == e["rows_out"] + e["rows_rejected"]
-            for s in self.shards.values()
-        )
+        plan = self._plan_table()
+        if pc.any(plan["error"]).as_py():
+            return False
+        table, _ = self.state.files.live(["id", "output", "fingerprint", "first", "stop", "rows_in", "rows_out",
+                                          "rows_rejected"])
+        found = pc.fill_null(pc.index_in(plan["output"], value_set=table["output"]), -1).to_numpy()
+        if (found < 0).any():
+            return False
+        held = table.take(pa.array(found, pa.int64()))
+        rows = held["rows_in"].to_numpy() == held["rows_out"].to_numpy() + held["rows_rejected"].to_numpy()
+        return bool((_same(held, plan, ("id", "fingerprint", "first", "stop")) & rows).all())
 
     def _settle_unconfirmed(self) -> None:
         """Commits of this run that nobody confirmed (killed attempts): the files decide."""
@@ -546,37 +671,38 @@ class Recorder:
                 trusted = records.jobs.get(token) == self.digest
                 self.state.settle(self.output, {**_V1_DEFAULTS, **entry}, trusted=trusted)
 
-    def manifest(self, complete: bool) -> dict[str, Any]:
-        entries = []
-        for entry in self.state.files.values():
-            entries.append({**entry, "status": COMMITTED})
-        held = {e["id"] for e in entries}
-        for shard_id in self.order:
-            if shard_id in held:
+    def _extras(self) -> list[dict[str, Any]]:
+        """The manifest's entries besides the committed ones: each planned shard not committed, failed
+        (this run, or an earlier one, of the same input version) or pending."""
+        table, _ = self.state.files.live(["id"])
+        held = pc.is_in(self._plan_table()["id"], value_set=table["id"]).to_numpy(zero_copy_only=False)
+        extras = []
+        for shard, committed in zip(self.planned, held.tolist()):
+            if committed:
                 continue
-            other = self.state.others.get(shard_id)
-            shard = self.shards[shard_id]
-            if other is not None and other["fingerprint"] == shard.fingerprint:
-                entries.append(other)
-            else:
-                entries.append(shard_entry(shard))
-        entries.sort(key=lambda e: (e["rel"], e["row_groups"][0], e["status"] != COMMITTED))
-        done = [e for e in entries if e["status"] == COMMITTED]
+            other = self.state.others.get(shard.id)
+            extras.append(other if other is not None and other["fingerprint"] == shard.fingerprint
+                          else shard_entry(shard))
+        return extras
+
+    def _root(self, complete: bool) -> dict[str, Any]:
+        """The manifest's fields besides its entries."""
         return {
-            "format": FORMAT,
             "generation": self.generation,
             **self.header,
             "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "complete": complete,
-            "rows_in": sum(e["rows_in"] for e in done),
-            "rows_out": sum(e["rows_out"] for e in done),
-            "rows_rejected": sum(e["rows_rejected"] for e in done),
+            **committed_rows(self.state.files),
             "retiring": sorted(self.state.retiring),
-            "shards": entries,
         }
 
-    def manifest_bytes(self, complete: bool) -> bytes:
-        return json.dumps(self.manifest(complete), separators=(",", ":")).encode()
+
+def _same(table: pa.Table, other: pa.Table, columns: Sequence[str]) -> np.ndarray:
+    """Per row: `table` and `other` (as long) agree on every one of `columns`."""
+    same = np.ones(table.num_rows, dtype=bool)
+    for name in columns:
+        same &= pc.fill_null(pc.equal(table[name], other[name]), False).to_numpy(zero_copy_only=False)
+    return same
 
 
 def remove_success(output: Location) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -387,11 +388,12 @@ def _prepare(cfg: JobConfig, *, from_manifest: bool = True) -> Plan:
         recorded = dict(state.header.get("source") or {})
         fast = from_manifest and _complete(state, present) and table.unchanged(recorded)
         if fast:
-            table.from_manifest(recorded, [(e["rel"], e["fingerprint"]) for e in state.files.values()])
-        else:
-            whole, _ = state.spans([(e["rel"], e["fingerprint"]) for e in state.files.values()])
+            table.from_manifest(recorded, state.fingerprints())
+        elif table.snapshot_record():  # a table follows its commits since the recorded snapshot
+            committed = state.fingerprints()
+            whole, _ = state.spans(committed)
             scored = {rel for rel, _ in whole}
-            table.since(recorded, scored, {e["rel"] for e in state.files.values()} - scored)
+            table.since(recorded, scored, {rel for rel, _ in committed} - scored)
     listed: list[tuple[str, str]] = []
 
     def committed(files: list[tuple[str, str]]) -> tuple[dict[Any, Any], dict[Any, Any]]:
@@ -413,8 +415,8 @@ def _prepare(cfg: JobConfig, *, from_manifest: bool = True) -> Plan:
         raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
     listed_rels = {rel for rel, _ in listed}
     keep_vanished = not (cfg.prune or cfg.overwrite)
-    claims = {**{path: "" for path in foreign},  # names of predictions a compaction covers stay taken
-              **state.claims(listed_rels | table.covered, keep_vanished=keep_vanished)}
+    claims = ChainMap(state.claims(listed_rels | table.covered, keep_vanished=keep_vanished),  # a compaction's
+                      {path: "" for path in foreign})  # covered predictions keep their names; foreign names never taken
     shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
     reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listed_rels, prune=cfg.prune)
     check_removals(table, state.files, reconciled, dict(listed), prune=cfg.prune, overwrite=cfg.overwrite,
@@ -525,7 +527,7 @@ def _unchanged(p: Plan) -> bool:
         return False
     if (state.header.get("source") or {}) != p.header["source"]:
         return False  # a table's new snapshot (a compaction, nothing to score): the manifest records it
-    planned = {s.id for s in p.shards}
+    planned = {s.id for s in p.shards} if state.others else set()
     if any(other["id"] in planned for other in state.others.values()):
         return False
     return p.output.fs.get_file_info(p.output.join(SUCCESS)).type.name == "File"

@@ -2,7 +2,10 @@
 
 The manifest is rewritten once per run (`pipelines.commit.Recorder.finish`);
 between runs it is the truth about the output, with the journal's records
-applied (`pipelines.commit.State`). A manifest that is not JSON, not ours, or
+applied (`pipelines.commit.State`). It holds its entries inline (`shards`, a
+list: format 2) up to `pipelines.segments.INLINE_MAX` of them; a larger
+output's `shards` names Parquet segments under `_manifest/` that hold them
+(format 3, `pipelines.segments`). A manifest that is not JSON, not ours, or
 whose entries a hand edit or another tool broke is refused with a message that
 names the file and the entry (exit 2), never a traceback.
 
@@ -13,14 +16,16 @@ names the file and the entry (exit 2), never a traceback.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from basis.errors import OutputConflictError
 from basis.storage import Location, read_bytes
 
-FORMAT = "batch-infer/manifest/2"
-_READABLE_FORMATS = ("batch-infer/manifest/1", FORMAT)
+FORMAT = "batch-infer/manifest/2"  # entries inline
+FORMAT_SEGMENTS = "batch-infer/manifest/3"  # entries in Parquet segments (`pipelines.segments`)
+_READABLE_FORMATS = ("batch-infer/manifest/1", FORMAT, FORMAT_SEGMENTS)
 MANIFEST = "_manifest.json"
 
 COMMITTED, FAILED, PENDING = "committed", "failed", "pending"
@@ -77,6 +82,8 @@ def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
     if not isinstance(retiring, list) or not all(isinstance(p, str) for p in retiring):
         return f"'retiring' is {_short_repr(retiring)}, not a list of paths"
     shards = manifest.get("shards", [])
+    if isinstance(shards, dict) and manifest.get("format") == FORMAT_SEGMENTS:
+        return _segments_problem(shards)
     if not isinstance(shards, list):
         return f"'shards' is {_short_repr(shards)}, not a list"
     for index, entry in enumerate(shards):
@@ -84,6 +91,22 @@ def _manifest_problem(manifest: Mapping[str, Any]) -> str | None:
         if problem is not None:
             name = f" ({entry['id']})" if isinstance(entry, dict) and isinstance(entry.get("id"), str) else ""
             return f"shard entry {index}{name} {problem}"
+    return None
+
+
+_SEGMENT_PATH = re.compile(r"^_manifest/seg-\d{6,}-[0-9a-f]{12}\.parquet$")
+
+
+def _segments_problem(shards: Mapping[str, Any]) -> str | None:
+    segments = shards.get("segments")
+    if not isinstance(segments, list):
+        return f"'shards' has 'segments' {_short_repr(segments)}, not a list"
+    for index, ref in enumerate(segments):
+        if not (isinstance(ref, dict) and isinstance(ref.get("path"), str) and _SEGMENT_PATH.match(ref["path"])
+                and type(ref.get("entries")) is int):
+            return f"segment {index} is {_short_repr(ref)}, not {{path: _manifest/seg-....parquet, entries}}"
+    if type(shards.get("count")) is not int or shards["count"] != sum(ref["entries"] for ref in segments):
+        return f"'shards' has 'count' {_short_repr(shards.get('count'))}, not the sum of its segments' entries"
     return None
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections import ChainMap
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,7 @@ Fingerprints = Sequence[tuple[str, str]]  # (rel, fingerprint) of each listed fi
 Committed = Callable[[Fingerprints], tuple[Mapping[tuple[str, str], Sequence["Span"]], Mapping[tuple[str, str], Sequence["Span"]]]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a million of them plan an unchanged tick
 class InputFile:
     """One input file as its footer describes it (or why it could not be read)."""
 
@@ -66,7 +67,7 @@ class InputFile:
         return self.committed[-1].stop if self.committed else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a million of them plan an unchanged tick
 class Span:
     """Row groups [first, stop) of one file that an output already holds, and under which name."""
 
@@ -98,7 +99,7 @@ class Columns:
         return [*self.passthrough, *kept, *([self.prediction] if self.prediction else [])]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a million of them plan an unchanged tick
 class Shard:
     """Whole row groups [first, stop) of one input file."""
 
@@ -196,7 +197,7 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
     output names already taken to the input (rel) that holds them; a new shard
     never takes a name another input holds.
     """
-    taken = dict(claims or {})
+    taken: MutableMapping[str, str] = ChainMap({}, claims if claims is not None else {})  # this plan's, then the claims
     shards = []
     for f in files:
         if f.error is not None or (f.row_group_rows is None and f.committed is None):
@@ -213,7 +214,9 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
 
 def _spans(f: InputFile, shard_rows: int) -> list[tuple[int, int, int, str | None]]:
     """(first, stop, live rows, committed output name or None) covering every row group of `f` once."""
-    committed = sorted(f.committed or (), key=lambda span: span.first)
+    committed = f.committed or ()
+    if len(committed) > 1:
+        committed = sorted(committed, key=lambda span: span.first)
     if f.row_group_rows is None:
         return [(c.first, c.stop, c.rows, c.output) for c in committed]
     rows = f.row_group_rows
@@ -256,7 +259,7 @@ def _split(rows: Sequence[int], first: int, stop: int, shard_rows: int,
             for a, b in split_row_groups(rows[first:stop], shard_rows)]
 
 
-def _claim(taken: dict[str, str], rel: str, first: int) -> str:
+def _claim(taken: MutableMapping[str, str], rel: str, first: int) -> str:
     name = output_name(rel, first)
     if taken.setdefault(name, rel) != rel:
         name = distinct_output_name(rel, first)

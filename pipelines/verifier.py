@@ -146,7 +146,7 @@ class _Check:
         self.files_checked = self.rows_on_disk = self.inputs_checked = self.sampled = 0
         self.on_disk = {relative_to(output.path, info.path): info for info in existing_infos(output.fs, output.path)}
         self.complete = SUCCESS in self.on_disk
-        self.rows_out = sum(e["rows_out"] for e in state.files.values() if e["status"] == COMMITTED)
+        self.rows_out = state.files.column_sum("rows_out")  # committed entries, as columns
         self.table_files: dict[str, Any] | None = None  # a table output's current files (path -> OutputFile)
 
     def check_table(self, name: str, fmt: str, files: Mapping[str, Any]) -> None:

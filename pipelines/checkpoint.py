@@ -1,0 +1,144 @@
+"""Checkpointing an output's state into its manifest: the root `_manifest.json`, and its segments.
+
+Once per run the driver folds what the journal recorded into the manifest (`Recorder.finish`). An
+output of at most `segments.INLINE_MAX` entries gets a root with its entries inline (format 2, as before
+segments). A larger one gets Parquet segments (`pipelines.segments`), and only those whose key range
+(rel, first row group) holds an entry that changed are rewritten; the others are named again as
+they are. The order keeps every moment of a crash safe:
+
+1. the new segments, under names no segment has had (the generation and a hash of the bytes);
+2. the root, atomically: from here on it names the new segments;
+3. the segments no root names any more (replaced ones, and those of a checkpoint killed before 2).
+
+A driver killed before 2 leaves the old root, whose segments are all still there, and the journal
+(cleared only after 2): nothing is lost, the next run checkpoints again. Killed after 2, the root is
+whole; the journal's records are of a generation the root holds (ignored), and the segments left
+over are deleted by the next checkpoint.
+
+    >>> _chunks(10, 4)
+    [(0, 3), (3, 7), (7, 10)]
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from basis.storage import Location, write_bytes_atomic
+from pipelines.entries import Entries
+from pipelines.manifest import COMMITTED, FORMAT, FORMAT_SEGMENTS, MANIFEST
+from pipelines import segments
+from pipelines.segments import delete_unreferenced, entries_table, segment_files, sorted_table, write_segment
+
+_WRITE_THREADS = 4
+
+
+def write_checkpoint(output: Location, files: Entries, extras: Sequence[Mapping[str, Any]], root: dict[str, Any],
+                     generation: int, check_lock: Callable[[], None]) -> None:
+    """Write the manifest of `files` (committed entries) and `extras` (the planned shards not committed:
+    failed or pending), with the root's other fields in `root`."""
+    total = len(files) + len(extras)
+    if total <= segments.INLINE_MAX:
+        entries = [{**entry, "status": COMMITTED} for entry in files.values()] + [dict(e) for e in extras]
+        entries.sort(key=lambda e: (e["rel"], e["row_groups"][0], e["status"] != COMMITTED))
+        check_lock()
+        write_bytes_atomic(output.fs, output.join(MANIFEST),
+                           json.dumps({"format": FORMAT, **root, "shards": entries}, separators=(",", ":")).encode())
+        if files.refs or next(segment_files(output), None) is not None:
+            delete_unreferenced(output, ())  # an output that shrank, or a killed checkpoint's segments
+        return
+    refs = _write_segments(output, files, extras, generation, check_lock)
+    check_lock()
+    write_bytes_atomic(output.fs, output.join(MANIFEST), json.dumps(
+        {"format": FORMAT_SEGMENTS, **root, "shards": {"count": total, "segments": refs}},
+        separators=(",", ":")).encode())
+    delete_unreferenced(output, [ref["path"] for ref in refs])
+
+
+def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[str, Any]], generation: int,
+                    check_lock: Callable[[], None]) -> list[dict[str, Any]]:
+    """The segments of the new manifest, in order: the old ones no change touched, and new ones for
+    the key ranges that changed."""
+    new = entries_table([*({**e, "status": COMMITTED} for e in files.changed.values()), *extras])
+    refs = list(files.refs or ())
+    if not refs:  # the entries were inline (or there were none): every segment is new
+        base = files.base.filter(pa.array(files.alive)) if files.changed_rows else files.base
+        return _write_runs(output, [pa.concat_tables([base, new])], generation, check_lock)
+    dirty = np.zeros(len(refs), dtype=bool)
+    assert files.segment is not None
+    dirty[sorted(files.dirty_segments)] = True  # held entries not committed when loaded
+    dirty[np.unique(files.segment[~files.alive])] = True  # replaced or removed since
+    firsts = [tuple(ref["first"]) for ref in refs]
+    last = tuple(refs[-1]["last"])
+    keys = list(zip(new["rel"].to_pylist(), new["first"].to_pylist()))
+    # An entry goes to the segment whose range holds its key (or the gap after it); past the last key, to a
+    # new segment when the last one is full enough (append-only inputs: no segment rewritten at all).
+    append = refs[-1]["entries"] >= segments.SEGMENT_ROWS // 2 and not dirty[-1]
+    target = np.array([len(refs) if append and key > last else max(0, bisect.bisect_right(firsts, key) - 1)
+                       for key in keys], dtype=np.int64)
+    dirty[np.unique(target[target < len(refs)])] = True
+    runs: list[tuple[int, int]] = []  # [first, stop) of consecutive dirty segments
+    for index in np.flatnonzero(dirty).tolist():
+        if runs and runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
+    tables = []
+    for first, stop in runs:
+        placed = (target >= first) & (target < stop)
+        tables.append(pa.concat_tables([files.whole(first, stop), new.filter(pa.array(placed))]))
+    tail = new.filter(pa.array(target == len(refs)))
+    written = _write_runs(output, [*tables, tail], generation, check_lock, keep_empty=True)
+    by_run = iter(written[:len(runs)])
+    result: list[dict[str, Any]] = []
+    run_starts = {first: stop for first, stop in runs}
+    index = 0
+    while index < len(refs):
+        if index in run_starts:
+            result.extend(next(by_run))
+            index = run_starts[index]
+        else:
+            result.append(refs[index])
+            index += 1
+    result.extend(written[len(runs)])
+    return result
+
+
+def _write_runs(output: Location, tables: list[pa.Table], generation: int, check_lock: Callable[[], None], *,
+                keep_empty: bool = False) -> Any:
+    """Each table sorted and cut into segments of at most `segments.SEGMENT_ROWS` entries, written in parallel.
+    Returns the refs of each table's segments (a list per table with `keep_empty`, else one flat list)."""
+    pieces: list[tuple[int, pa.Table]] = []
+    for number, table in enumerate(tables):
+        table = sorted_table(table)
+        for start, stop in _chunks(table.num_rows, segments.SEGMENT_ROWS):
+            pieces.append((number, table.slice(start, stop - start)))
+    check_lock()
+    with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+        refs = list(pool.map(lambda piece: write_segment(output, piece[1], generation), pieces))
+    grouped: list[list[dict[str, Any]]] = [[] for _ in tables]
+    for (number, _), ref in zip(pieces, refs):
+        grouped[number].append(ref)
+    return grouped if keep_empty else [ref for group in grouped for ref in group]
+
+
+def _chunks(rows: int, most: int) -> list[tuple[int, int]]:
+    """[start, stop) of `rows` cut into the fewest pieces of at most `most`, as even as can be."""
+    if rows == 0:
+        return []
+    count = -(-rows // most)
+    bounds = [round(rows * i / count) for i in range(count + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def committed_rows(files: Entries) -> dict[str, int]:
+    """The root's row counts over the committed entries."""
+    table, _ = files.live(["rows_in", "rows_out", "rows_rejected"])
+    return {name: int(pc.sum(table[name]).as_py() or 0) for name in ("rows_in", "rows_out", "rows_rejected")}

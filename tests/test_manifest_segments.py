@@ -1,0 +1,214 @@
+"""The manifest in Parquet segments (issue 15, "A million files"): it round-trips, only the segments that
+changed are rewritten, an inline (older) manifest loads and a run that writes migrates it, and a driver
+killed in the middle of a checkpoint loses nothing. Runs are small (in the driver, no Ray); the segment
+thresholds are lowered so that a few files make several segments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO, read_output, save_mlp, write_files
+
+import pipelines
+from basis.errors import OutputConflictError
+from basis.storage import resolve
+from pipelines import segments
+from pipelines.commit import MANIFEST, SUCCESS, State
+from pipelines.segments import SEGMENT_DIR
+
+FEATURES = 4
+
+
+@pytest.fixture
+def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segments, "INLINE_MAX", 0)
+    monkeypatch.setattr(segments, "SEGMENT_ROWS", 2)
+
+
+def _job(tmp_path: Path) -> dict[str, object]:
+    write_files(tmp_path / "in", [300] * 5, features=FEATURES, row_group_size=100)
+    save_mlp(tmp_path / "m.pt", [FEATURES, 3, 1])
+    return {"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+            "shard_rows": 200, "progress": False}
+
+
+def _root(out: Path) -> dict:
+    return json.loads((out / MANIFEST).read_text())
+
+
+def _entries(out: Path) -> list[dict]:
+    state = State.load(resolve(str(out)))
+    return sorted([*state.files.values(), *state.others.values()], key=lambda e: e["id"])
+
+
+def _rewrite(path: Path, seed: int) -> None:
+    """A new version of an input file: same rows and ids, other feature values."""
+    table = pq.read_table(path)
+    table = table.set_column(2, "f00", pa.array([float(seed + i) for i in range(table.num_rows)], pa.float32()))
+    pq.write_table(table, path, row_group_size=100)
+
+
+def _complete(out: Path, tmp_path: Path) -> None:
+    """Every input row once, in order, predicted by the model; `verify` agrees (recomputing a sample)."""
+    ids = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").glob("*.parquet"))])["id"]
+    assert read_output(out)["id"].to_pylist() == ids.to_pylist()
+    assert (out / SUCCESS).exists()
+    report = pipelines.verify(str(out), sample=10, seed=1)
+    assert report.ok, report.problems
+    named = {ref["path"] for ref in _root(out)["shards"]["segments"]}
+    assert {f"{SEGMENT_DIR}/{p.name}" for p in (out / SEGMENT_DIR).iterdir()} == named  # none left over
+
+
+def test_segments_round_trip_and_a_change_rewrites_only_its_segments(tmp_path: Path, small_segments: None) -> None:
+    job = _job(tmp_path)
+    out = tmp_path / "out"
+    assert pipelines.run(**job).status == "succeeded"
+    root = _root(out)
+    assert root["format"] == "batch-infer/manifest/3" and root["complete"] and root["rows_out"] == 1500
+    refs = root["shards"]["segments"]
+    assert root["shards"]["count"] == 10 and len(refs) == 5 and sum(r["entries"] for r in refs) == 10
+    # the segments are plain Parquet: any reader gets the entries, in input order
+    table = pa.concat_tables([pq.read_table(out / ref["path"]) for ref in refs])
+    assert table["id"].to_pylist() == [f"part-{i:04d}.parquet:{a}-{b}" for i in range(5) for a, b in ((0, 2), (2, 3))]
+    loaded = _entries(out)
+    assert [e["id"] for e in loaded] == sorted(table["id"].to_pylist())
+    assert all(e["status"] == "committed" and len(e["sha256"]) == 64 and e["row_groups"][1] > e["row_groups"][0]
+               for e in loaded)
+    _complete(out, tmp_path)
+
+    _rewrite(tmp_path / "in" / "part-0004.parquet", seed=7)  # its entries live in the last segment(s) only
+    report = pipelines.run(**job)
+    assert report.status == "succeeded" and report.shards_done == 2 and report.shards_skipped == 8
+    after = _root(out)["shards"]["segments"]
+    untouched = [ref["path"] for ref in refs if ref["last"][0] < "part-0004.parquet"]
+    assert untouched and [ref["path"] for ref in after][:len(untouched)] == untouched
+    assert [e for e in _entries(out) if e["rel"] != "part-0004.parquet"] == \
+        [e for e in loaded if e["rel"] != "part-0004.parquet"]
+    _complete(out, tmp_path)
+
+    files = {p.name: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert pipelines.run(**job).shards_skipped == 10
+    assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*")} == files  # an unchanged tick writes nothing
+
+
+def test_an_inline_manifest_loads_and_a_run_that_writes_migrates_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    job = _job(tmp_path)
+    out = tmp_path / "out"
+    assert pipelines.run(**job).status == "succeeded"
+    old = _root(out)
+    assert old["format"] == "batch-infer/manifest/2" and len(old["shards"]) == 10  # small: inline, as before
+    old["format"] = "batch-infer/manifest/1"  # as the oldest outputs hold it
+    for entry in old["shards"]:
+        del entry["generation"], entry["file_row_groups"]
+    (out / MANIFEST).write_text(json.dumps(old))
+    loaded = _entries(out)
+    assert len(loaded) == 10 and all(e["status"] == "committed" for e in loaded)
+
+    monkeypatch.setattr(segments, "INLINE_MAX", 4)
+    monkeypatch.setattr(segments, "SEGMENT_ROWS", 3)
+    assert pipelines.run(**job).shards_skipped == 10 and _root(out)["format"] == "batch-infer/manifest/1"  # no write
+    _rewrite(tmp_path / "in" / "part-0001.parquet", seed=3)
+    assert pipelines.run(**job).shards_done == 2
+    root = _root(out)
+    assert root["format"] == "batch-infer/manifest/3" and root["shards"]["count"] == 10
+    kept = [e for e in _entries(out) if e["rel"] != "part-0001.parquet"]
+    assert [(e["id"], e["sha256"], e["rows_out"]) for e in kept] == \
+        [(e["id"], e["sha256"], e["rows_out"]) for e in loaded if e["rel"] != "part-0001.parquet"]
+    _complete(out, tmp_path)
+
+    monkeypatch.setattr(segments, "INLINE_MAX", 10_000)  # an output that fits inline again goes back to JSON
+    _rewrite(tmp_path / "in" / "part-0002.parquet", seed=5)
+    assert pipelines.run(**job).shards_done == 2
+    assert _root(out)["format"] == "batch-infer/manifest/2" and not list((out / SEGMENT_DIR).glob("*"))
+
+
+_KILLED = """
+import os, signal, sys
+import pipelines
+from pipelines import checkpoint, segments
+segments.INLINE_MAX, segments.SEGMENT_ROWS = 0, 2
+moment = sys.argv[1]
+real = checkpoint.write_bytes_atomic
+
+def write_root(fs, path, data):
+    if moment == "before-root" and path.endswith("_manifest.json"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(fs, path, data)
+
+def cleanup(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.write_bytes_atomic = write_root
+if moment == "before-cleanup":
+    checkpoint.delete_unreferenced = cleanup
+pipelines.run(model=sys.argv[2], input=sys.argv[3], output=sys.argv[4], shard_rows=200, progress=False)
+"""
+
+
+@pytest.mark.parametrize("moment", ["before-root", "before-cleanup"])
+def test_a_driver_killed_in_the_middle_of_a_checkpoint_loses_nothing(tmp_path: Path, small_segments: None,
+                                                                    moment: str) -> None:
+    job = _job(tmp_path)
+    out = tmp_path / "out"
+    assert pipelines.run(**job).status == "succeeded"
+    before, entries = _root(out), _entries(out)
+    _rewrite(tmp_path / "in" / "part-0000.parquet", seed=11)
+    _rewrite(tmp_path / "in" / "part-0003.parquet", seed=13)
+    killed = subprocess.run([sys.executable, "-c", _KILLED, moment, str(job["model"]), str(job["input"]), str(out)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL, at that very moment
+    assert not (out / SUCCESS).exists()
+    written = {f"{SEGMENT_DIR}/{p.name}" for p in (out / SEGMENT_DIR).iterdir()}
+    if moment == "before-root":  # the old root, every segment it names, and the journal: the run's commits
+        assert _root(out) == before and written > {ref["path"] for ref in before["shards"]["segments"]}
+        assert any("-c-" in p.name for p in (out / "_journal").iterdir())
+    else:  # the new root is whole; the segments it replaced are still there, the journal too (ignored)
+        assert _root(out)["generation"] == before["generation"] + 1
+        assert written > {ref["path"] for ref in _root(out)["shards"]["segments"]}
+    state = State.load(resolve(str(out)))  # as the next run, verify or status see it
+    held = {e["id"]: e for e in state.files.values()}
+    assert len(held) == 10
+    assert all(held[e["id"]] == e for e in entries if e["rel"] not in ("part-0000.parquet", "part-0003.parquet"))
+    assert all(held[e["id"]]["sha256"] != e["sha256"] for e in entries  # the killed run's commits are not lost
+               if e["rel"] in ("part-0000.parquet", "part-0003.parquet"))
+
+    report = pipelines.run(**job)
+    assert report.status == "succeeded" and report.shards_done == 0 and report.shards_skipped == 10
+    _complete(out, tmp_path)
+    assert not (out / "_journal").exists() or not list((out / "_journal").iterdir())
+
+
+def test_a_missing_or_broken_segment_is_refused_naming_it(tmp_path: Path, small_segments: None) -> None:
+    job = _job(tmp_path)
+    out = tmp_path / "out"
+    pipelines.run(**job)
+    ref = _root(out)["shards"]["segments"][1]
+    segment = out / ref["path"]
+    data = segment.read_bytes()
+    segment.write_bytes(b"not parquet")
+    with pytest.raises(OutputConflictError, match=ref["path"].split("/")[-1]):
+        State.load(resolve(str(out)))
+    segment.unlink()
+    with pytest.raises(OutputConflictError, match="missing"):
+        pipelines.run(**job)
+    segment.write_bytes(data)
+    status = subprocess.run([sys.executable, "-m", "pipelines", "status", str(out)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0 and "10 committed" in status.stdout, status.stdout + status.stderr
+
+
+def test_the_benchmark_quick_mode_plans_an_unchanged_tick_from_segments(tmp_path: Path) -> None:
+    from benchmarks.manifest_scale import QUICK, run
+
+    (result,) = run(QUICK, root=tmp_path)  # asserts that every file was skipped and nothing rewritten
+    assert result["files"] == QUICK[0] and result["peak_rss"] > result["baseline_rss"] > 0
