@@ -640,8 +640,11 @@ class Recorder:
             return []
         plan = self._plan_table()
         found = pc.fill_null(pc.index_in(table["id"], value_set=plan["id"]), -1).to_numpy()
-        at = pa.array(np.maximum(found, 0), pa.int64())
-        current = (found >= 0) & _same(table, plan.take(at), ("output", "fingerprint", "first", "stop"))
+        if plan.num_rows:
+            at = pa.array(np.maximum(found, 0), pa.int64())
+            current = (found >= 0) & _same(table, plan.take(at), ("output", "fingerprint", "first", "stop"))
+        else:  # nothing planned (every file held by a compaction): only kept predictions are current
+            current = np.zeros(table.num_rows, dtype=bool)
         if self.kept:
             current |= (found < 0) & pc.is_in(table["output"], value_set=pa.array(sorted(self.kept), pa.string())) \
                 .to_numpy(zero_copy_only=False)
