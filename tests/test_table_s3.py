@@ -267,3 +267,114 @@ def test_no_credential_of_a_table_on_s3_is_persisted_or_printed(s3: FaultProxy, 
     assert refused.returncode == 2 and "secret_key" in refused.stderr and "Traceback" not in refused.stderr
     assert leaked(missing.stderr + no_table.stderr + refused.stderr) == []
     assert [k for k in s3_server.keys("leak/") if k.startswith(("leak/o2", "leak/o3", "leak/o4"))] == []
+
+
+# --- table OUTPUT on S3: one commit per run, under faults ------------------------------------------------
+
+def local_input(tmp_path: Path) -> Path:
+    """Two Parquet files of 600 and 400 rows (shards of 200) and a model."""
+    from conftest import write_files
+
+    write_files(tmp_path / "in", [600, 400], features=FEATURES, row_group_size=200)
+    save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=5)
+    return tmp_path / "in"
+
+
+def delta_log(server: S3Server, prefix: str) -> list[list[dict[str, Any]]]:
+    """The table's commits, in order: each one's actions (its JSON lines)."""
+    fs = server.filesystem()
+    return [[json.loads(line) for line in fs.open_input_stream(f"{BUCKET}/{key}").read().decode().splitlines()]
+            for key in server.keys(f"{prefix}_delta_log/") if key.endswith(".json")]
+
+
+def delta_table_files(server: S3Server, prefix: str) -> list[str]:
+    """The table's current data files (keys), by replaying its log by hand: adds minus removes."""
+    from urllib.parse import unquote
+
+    live: set[str] = set()
+    for commit in delta_log(server, prefix):
+        for action in commit:
+            if "add" in action:
+                live.add(action["add"]["path"])
+            elif "remove" in action:
+                live.discard(action["remove"]["path"])
+    return sorted(f"{prefix}{unquote(p)}" for p in live)
+
+
+def check_table_scored(server: S3Server, keys: list[str], model: Any, inputs: pa.Table) -> None:
+    """The table's files (read by pyarrow datasets, not the writing library) hold every input row once,
+    equal to a plain torch forward of it."""
+    import pyarrow.dataset as pads
+
+    got = pads.dataset([f"{BUCKET}/{k}" for k in keys], format="parquet", filesystem=server.filesystem()) \
+        .to_table(columns=["id", "prediction"]).sort_by("id")
+    inputs = inputs.sort_by("id")
+    assert got["id"].to_pylist() == inputs["id"].to_pylist()  # each row once
+    features = np.stack([inputs[f"f{j:02d}"].to_numpy() for j in range(FEATURES)], axis=1)
+    np.testing.assert_allclose(np.asarray(got["prediction"].to_pylist(), np.float32),
+                               reference(model, features)[:, 0], rtol=1e-5, atol=1e-7)
+
+
+def stored_text(server: S3Server, prefix: str) -> str:
+    """Every object under `prefix` that is not a data file (logs, metadata, manifest, journal), as text."""
+    fs = server.filesystem()
+    return " ".join(fs.open_input_stream(f"{BUCKET}/{key}").read().decode(errors="replace")
+                    for key in server.keys(prefix) if not key.endswith(".parquet"))
+
+
+def test_delta_output_on_s3_under_503s_commits_each_run_exactly_once(s3: FaultProxy, s3_server: S3Server,
+                                                                    tmp_path: Path) -> None:
+    """delta-rs reaches our endpoint (the URI's options) with the URI's keys; a commit whose answer is
+    lost after S3 applied it (the log entry's PUT) is recognised by the run's txn, never applied twice."""
+    from conftest import write_files
+
+    model = save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=5)
+    local_input(tmp_path)
+    output = s3.uri("dto/preds").replace("s3://", f"s3://{ACCESS}:{SECRET}@", 1)
+    job = {"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": output,
+           "output_format": "delta", "shard_rows": 200}
+    s3.fail("PUT", r"/dto/preds/part-.*\.parquet$", times=3)  # publishing a shard's file
+    s3.fail(None, r"/dto/preds/\.part-", fraction=0.3)  # staged uploads
+    s3.fail("GET", r"/dto/preds/_delta_log/", times=2)  # delta-rs reading the log
+    s3.fail("PUT", r"/dto/preds/_delta_log/0+\.json$", times=1, lost=True)  # the commit: applied, answer lost
+
+    report = pipelines.run(**job, progress=False)
+
+    assert (report.status, report.shards_failed, report.errors) == ("succeeded", 0, [])
+    assert report.rows_out == 1000
+    log = delta_log(s3_server, "dto/preds/")
+    assert len(log) == 1  # one commit, though its PUT was answered 503 and tried again
+    txns = [a["txn"] for a in log[0] if "txn" in a]
+    assert [(t["appId"], t["version"]) for t in txns] == [("batch-infer", 1)]
+    inputs = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").glob("*.parquet"))])
+    check_table_scored(s3_server, delta_table_files(s3_server, "dto/preds/"), model, inputs)
+    assert hit(s3, "PUT", r"/_delta_log/0+\.json$") and hit(s3, "GET", r"/_delta_log/")
+    assert hit(s3, "PUT", r"/dto/preds/part-")
+    assert f"dto/preds/{SUCCESS}" in s3_server.keys("dto/preds/")
+    verified = pipelines.verify(output, sample=5, seed=1)
+    assert verified.ok and verified.complete, verified.problems
+
+    s3.clear()  # nothing new: no commit
+    assert pipelines.run(**job, progress=False).rows_out == 0
+    assert len(delta_log(s3_server, "dto/preds/")) == 1
+
+    # An append, its commit's answer lost on a table that exists (delta-rs's append path).
+    write_files(tmp_path / "in" / "more", [400], features=FEATURES, row_group_size=200, start=5000, seed=7)
+    s3.fail("PUT", r"/dto/preds/_delta_log/0+1\.json$", times=1, lost=True)
+    s3.fail("GET", r"/dto/preds/_delta_log/", times=2)
+    again = pipelines.run(**job, progress=False)
+    assert (again.status, again.rows_out) == ("succeeded", 400)
+    log = delta_log(s3_server, "dto/preds/")
+    assert len(log) == 2 and hit(s3, "PUT", r"/_delta_log/0+1\.json$")
+    inputs = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").rglob("*.parquet"))])
+    check_table_scored(s3_server, delta_table_files(s3_server, "dto/preds/"), model, inputs)
+    assert DeltaTable(f"s3://{BUCKET}/dto/preds", storage_options=direct_options(s3_server)).version() == 1
+    # The keys were used (the URI's), and are stored nowhere: not in the log, the manifest or the journal.
+    assert leaked(stored_text(s3_server, "dto/preds/")) == []
+    assert leaked(json.dumps(dataclasses_dict(again))) == []
+
+
+def dataclasses_dict(report: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(report)
