@@ -9,6 +9,9 @@ as for any input. The jobs are small: they run in the driver (pipelines.lane), n
 from __future__ import annotations
 
 import doctest
+import signal
+import subprocess
+import sys
 import json
 import re
 from pathlib import Path
@@ -378,3 +381,81 @@ def dataclasses_dict(report: Any) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(report)
+
+
+def iceberg_snapshots(catalog: dict[str, str], name: str) -> list[Any]:
+    from pyiceberg.catalog import load_catalog
+
+    return load_catalog("default", **catalog).load_table(name).snapshots()
+
+
+def iceberg_table_files(server: S3Server, catalog: dict[str, str], name: str) -> list[str]:
+    """The current snapshot's data files (keys), from PyIceberg's scan plan (the metadata, not the data)."""
+    from pyiceberg.catalog import load_catalog
+
+    table = load_catalog("default", **catalog).load_table(name)
+    prefix = f"s3://{BUCKET}/"
+    paths = [t.file.file_path for t in table.scan().plan_files()]
+    assert all(p.startswith(prefix) for p in paths), paths
+    return sorted(p[len(prefix):] for p in paths)
+
+
+def test_iceberg_output_on_s3_under_503s_commits_each_run_exactly_once(s3: FaultProxy, s3_server: S3Server,
+                                                                      tmp_path: Path) -> None:
+    """The table's files go where the catalog's FileIO says (its s3.endpoint, its keys), for the driver
+    and the replicas alike; the driver killed right after the table commit, then a rerun under 503s,
+    makes one snapshot; a snapshot's metadata PUT answered 503 after S3 applied it changes nothing."""
+    from conftest import REPO, write_files
+    from test_table_output import _KILLER
+
+    model = save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=5)
+    local_input(tmp_path)
+    catalog = iceberg_catalog(tmp_path, s3.endpoint, **{"s3.access-key-id": ACCESS, "s3.secret-access-key": SECRET})
+    location = f"{warehouse(tmp_path)}/preds.db/scores/"
+    job = {"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": "preds.scores",
+           "output_format": "iceberg", "catalog": catalog, "shard_rows": 200}
+    flags = [f"--{k.replace('_', '-')}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in job.items()]
+    s3.fail("PUT", r"/preds.db/scores/data/[^./][^/]*\.parquet$", times=3)  # publishing a shard's file
+    s3.fail(None, r"/preds.db/scores/data/\.", fraction=0.3)  # staged uploads
+
+    killed = subprocess.run([sys.executable, "-c", _KILLER, "after", *flags], cwd=REPO, capture_output=True,
+                            text=True, timeout=240)
+
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(iceberg_snapshots(catalog, "preds.scores")) == 1  # the commit landed, the driver never knew
+    assert f"{location}{SUCCESS}" not in s3_server.keys(location)
+    assert hit(s3, "PUT", r"/preds.db/scores/data/")  # the replica wrote through the catalog's endpoint
+    s3.clear()
+    s3.fail("GET", r"/preds.db/scores/metadata/", times=2)  # PyIceberg reading the table's metadata
+    s3.fail("GET", r"/preds.db/scores/_journal/", times=2)
+
+    rerun = pipelines.run(**job, progress=False)
+
+    assert (rerun.status, rerun.errors) == ("succeeded", [])
+    assert len(iceberg_snapshots(catalog, "preds.scores")) == 1  # recognised by its generation: no second one
+    inputs = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").glob("*.parquet"))])
+    check_table_scored(s3_server, iceberg_table_files(s3_server, catalog, "preds.scores"), model, inputs)
+    assert hit(s3, "GET", r"/preds.db/scores/metadata/")
+    assert f"{location}{SUCCESS}" in s3_server.keys(location) and manifest(s3_server, location)["rows_out"] == 1000
+    verified = pipelines.verify("preds.scores", sample=5, seed=1, catalog=catalog)
+    assert verified.ok and verified.complete, verified.problems
+
+    # An append: its snapshot's metadata file PUT answered 503 after S3 stored it (the client writes it again).
+    write_files(tmp_path / "in" / "more", [400], features=FEATURES, row_group_size=200, start=5000, seed=7)
+    s3.clear()
+    # pyarrow uploads them in parts: the completing POST is the one that makes the file exist.
+    s3.fail("POST", r"/preds.db/scores/metadata/[^/]*\.metadata\.json\?uploadId=", times=1, lost=True)
+    s3.fail("PUT", r"/preds.db/scores/metadata/[^/]*\.avro\?partNumber=", times=1, lost=True)
+    again = pipelines.run(**job, progress=False)
+    assert (again.status, again.rows_out) == ("succeeded", 400)
+    snapshots = iceberg_snapshots(catalog, "preds.scores")
+    generations = [s.summary.additional_properties.get("batch-infer.generation") for s in snapshots]
+    assert generations[0] == "1" and len(generations) == len(set(generations)) == 2  # the rerun added nothing
+    assert hit(s3, "POST", r"/metadata/[^/]*\.metadata\.json\?") and hit(s3, "PUT", r"/metadata/[^/]*\.avro\?")
+    inputs = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").rglob("*.parquet"))])
+    check_table_scored(s3_server, iceberg_table_files(s3_server, catalog, "preds.scores"), model, inputs)
+    assert pipelines.run(**job, progress=False).rows_out == 0
+    assert len(iceberg_snapshots(catalog, "preds.scores")) == 2  # nothing new: no snapshot
+    # The catalog's keys were used, and are stored nowhere: not in the table's metadata, the manifest or journal.
+    assert leaked(stored_text(s3_server, location)) == []
+    assert leaked(killed.stdout + killed.stderr + json.dumps(dataclasses_dict(again))) == []
