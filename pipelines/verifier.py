@@ -124,7 +124,7 @@ def verify(output: str, *, sample: int = 0, checksums: bool = False, seed: int |
     if not state.found:
         raise ConfigError(f"no batch-infer manifest at {location.uri!r} (nothing has been committed there)")
     if sink is None:
-        sink = reopen_sink(state.header.get("config") or {}, location.uri, None)
+        sink = reopen_sink(state.header.get("config") or {}, output, None)  # not location.uri: redacted keys
     check = _Check(location, state)
     if sink.is_table:
         check.check_table(sink.name, sink.format, sink.files())

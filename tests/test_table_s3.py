@@ -26,7 +26,7 @@ from deltalake import DeltaTable, write_deltalake
 from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtures
 
 import pipelines
-from basis.errors import ConfigError
+from basis.errors import ConfigError, OutputConflictError
 from basis.storage import REDACTED, resolve
 from pipelines.commit import MANIFEST, SUCCESS
 from pipelines.tables import stores
@@ -375,6 +375,12 @@ def test_delta_output_on_s3_under_503s_commits_each_run_exactly_once(s3: FaultPr
     # The keys were used (the URI's), and are stored nowhere: not in the log, the manifest or the journal.
     assert leaked(stored_text(s3_server, "dto/preds/")) == []
     assert leaked(json.dumps(dataclasses_dict(again))) == []
+    # A table that does not fit is refused before any work, naming it without its keys.
+    DeltaTable.create(f"s3://{BUCKET}/dto/other", pa.schema([("id", pa.int64())]),
+                      storage_options=direct_options(s3_server))
+    with pytest.raises(OutputConflictError, match="does not fit this job's predictions") as refused:
+        pipelines.run(**{**job, "output": output.replace("dto/preds", "dto/other")}, progress=False)
+    assert "dto/other" in str(refused.value) and leaked(str(refused.value)) == []
 
 
 def dataclasses_dict(report: Any) -> dict[str, Any]:

@@ -8,6 +8,19 @@ records the `txn` but does not enforce it (delta-rs#2580), so the sink reads
 the table's `txn` version before committing and after an error: the run's
 generation there means that commit is already in the table.
 A missing table is created by the run's first commit, with the files in it.
+
+On S3 delta-rs opens the table with our URI's endpoint, region and keys
+(`stores.delta_storage_options`). Its commits there are safe against other
+writers without a lock: delta-rs 1.6 creates each log entry with a conditional
+PUT (`If-None-Match: *`, S3's conditional writes; MinIO, R2 and moto support it
+too), so two writers can never both create version N, and the loser gets 412
+(`AWS_S3_ALLOW_UNSAFE_RENAME` no longer changes this; `aws_conditional_put:
+disabled` makes every commit fail, and the DynamoDB locking provider is gone).
+Our output lock (`_LOCK`) keeps a second batch-infer run out; the conditional
+PUT keeps a compaction or another tool's commit from being overwritten by ours.
+Limit: an S3-compatible store that ignores `If-None-Match` (older MinIO, some
+appliances) would let a concurrent writer's entry replace ours; there nothing
+but batch-infer may commit to the output table.
 """
 
 from __future__ import annotations
