@@ -452,8 +452,7 @@ class TableOutputHistories(RuleBasedStateMachine):
                        for name, seed in (("m1", 1), ("m2", 2))}
         self.model = "m1"  # the output's model
         self.inputs: dict[str, pa.Table] = {}  # name -> what the input file holds
-        self.kept: dict[str, pa.Table] = {}  # deleted inputs whose predictions the table still holds
-        self.pending = False  # whether a complete run would change the table
+        self.table: dict[str, pa.Table] = {}  # input path -> the version whose predictions the table holds
         self.commits = 0  # table commits there must be
         self.next_id = 0
 
@@ -481,8 +480,6 @@ class TableOutputHistories(RuleBasedStateMachine):
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path, row_group_size=row_group_size)
         self.inputs[name] = table
-        self.kept.pop(name, None)  # a path scored again: its new version replaces what the table held
-        self.pending = True
         if TRACE:
             print(f"[table] write {name} rows={rows}", flush=True)
 
@@ -490,7 +487,7 @@ class TableOutputHistories(RuleBasedStateMachine):
     def a_committed_table(self, rows: list[int]) -> None:
         for name, count in zip(TABLE_NAMES, rows):
             self._write(name, count, 50)
-        self._completed(pipelines.run(**self._options(), progress=False))
+        self._completed(pipelines.run(**self._options(), progress=False), self._target())
 
     # --- the input changes ------------------------------------------------------------------------
 
@@ -512,7 +509,7 @@ class TableOutputHistories(RuleBasedStateMachine):
         """A partition aged out upstream: its predictions stay in the table unless `prune`."""
         name = data.draw(st.sampled_from(sorted(self.inputs)))
         (self.root / "in" / name).unlink()
-        self.kept[name] = self.inputs.pop(name)
+        self.inputs.pop(name)
         if TRACE:
             print(f"[table] delete {name}", flush=True)
 
@@ -520,11 +517,7 @@ class TableOutputHistories(RuleBasedStateMachine):
 
     @rule(prune=st.booleans())
     def run(self, prune: bool) -> None:
-        report = pipelines.run(**self._options(prune=prune), progress=False)
-        if prune and self.kept:
-            self.kept.clear()
-            self.pending = True
-        self._completed(report)
+        self._completed(pipelines.run(**self._options(prune=prune), progress=False), self._target(prune=prune))
 
     @rule(overwrite=st.booleans())
     def change_the_model(self, overwrite: bool) -> None:
@@ -538,9 +531,9 @@ class TableOutputHistories(RuleBasedStateMachine):
                 pipelines.run(**self._options(model=other), progress=False)
             return
         report = pipelines.run(**self._options(model=other, overwrite=True), progress=False)
-        self.model, self.pending = other, True
-        self.kept.clear()
-        self._completed(report)
+        self.model = other
+        self.table = {}  # every row predicted afresh: whatever the table held goes
+        self._completed(report, self._target(prune=True))
 
     @rule(when=st.sampled_from(["before", "after"]))
     def kill_the_driver_around_the_commit(self, when: str) -> None:
@@ -554,23 +547,33 @@ class TableOutputHistories(RuleBasedStateMachine):
             print(f"[table] driver killed {when} the commit: exit {killed.returncode}", flush=True)
         assert killed.returncode in (0, -signal.SIGKILL), killed.stderr[-2000:]
         if killed.returncode == 0 or when == "after":  # the commit landed (if there was one to make)
-            self.commits += self.pending
-            self.pending = False
+            self._committed(self._target())
 
     # --- what must hold --------------------------------------------------------------------------
 
-    def _completed(self, report: pipelines.RunReport) -> None:
+    def _target(self, *, prune: bool = False) -> dict[str, pa.Table]:
+        """What the table holds after a run: the current inputs, and without `prune` what it held of the
+        deleted ones."""
+        kept = {} if prune else {n: t for n, t in self.table.items() if n not in self.inputs}
+        return {**kept, **self.inputs}
+
+    def _committed(self, target: dict[str, pa.Table]) -> None:
+        """A run's table commit, made only where the table changes."""
+        if target.keys() != self.table.keys() or any(target[n] is not self.table[n] for n in target):
+            self.commits += 1
+        self.table = target
+
+    def _completed(self, report: pipelines.RunReport, target: dict[str, pa.Table]) -> None:
         import pyarrow.dataset as ds
 
         assert report.status == "succeeded" and report.complete, report.errors
-        self.commits += self.pending
-        self.pending = False
+        self._committed(target)
         if TRACE:
             print(f"[table] run complete: rows_out={report.rows_out}, {self.commits} commit(s)", flush=True)
         files = self._table_files()
         assert len(set(files)) == len(files) and all(Path(f).is_file() for f in files), files
         got = ds.dataset(files, format="parquet").to_table(columns=["id", "prediction"]).sort_by("id")
-        want = pa.concat_tables([*self.inputs.values(), *self.kept.values()]).sort_by("id")
+        want = pa.concat_tables(list(self.table.values())).sort_by("id")
         assert got["id"].to_pylist() == want["id"].to_pylist()  # every row once, no deleted one
         features = np.stack([want[f"f{j}"].to_numpy() for j in range(3)], axis=1)
         np.testing.assert_allclose(got["prediction"].to_numpy(), reference(self.models[self.model], features)[:, 0],
@@ -650,8 +653,8 @@ def test_verify_holds_after_a_driver_killed_before_the_commit_that_takes_a_rewri
 
 def test_table_output_histories_commit_once_per_run_and_converge() -> None:
     """Runs in the driver: defined before the tests that start the module's shared Ray."""
-    run_state_machine_as_test(TableOutputHistories, settings=_profile(examples=3, steps=7))
-    run_state_machine_as_test(IcebergOutputHistories, settings=_profile(examples=1, steps=7))
+    run_state_machine_as_test(TableOutputHistories, settings=_profile(examples=10, steps=12))
+    run_state_machine_as_test(IcebergOutputHistories, settings=_profile(examples=3, steps=12))
 
 
 @pytest.mark.soak
