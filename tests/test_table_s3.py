@@ -30,6 +30,7 @@ from basis.errors import ConfigError, OutputConflictError
 from basis.storage import REDACTED, resolve
 from pipelines.commit import MANIFEST, SUCCESS
 from pipelines.tables import stores
+from pipelines.tables.sink import OutputFile
 from pipelines.tables.stores import (
     delta_storage_options,
     delta_table_uri,
@@ -465,3 +466,39 @@ def test_iceberg_output_on_s3_under_503s_commits_each_run_exactly_once(s3: Fault
     # The catalog's keys were used, and are stored nowhere: not in the table's metadata, the manifest or journal.
     assert leaked(stored_text(s3_server, location)) == []
     assert leaked(killed.stdout + killed.stderr + json.dumps(dataclasses_dict(again))) == []
+
+
+def test_a_delta_commit_that_loses_the_race_to_another_writer_is_made_once_on_top_of_it(
+        s3: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
+    """Another writer (here an append; an OPTIMIZE alike) commits the version ours is taking while our log
+    entry's PUT is on its way: S3's conditional PUT refuses ours (412), and the sink commits again on the
+    table as it now is, once, keeping the other writer's commit."""
+    import threading
+
+    from pipelines.tables.delta_sink import DeltaSink
+
+    uri = f"s3://{BUCKET}/race/t"
+    write_deltalake(uri, rows(0, 10, 1), storage_options=direct_options(s3_server))
+    sink = DeltaSink(s3.uri("race/t"))
+    sink.check_schema(lambda: rows(0, 1, 0).schema)
+    fs = s3_server.filesystem()
+    pq.write_table(rows(100, 130, 3), f"{BUCKET}/race/t/ours-g1.parquet", filesystem=fs)
+    size = fs.get_file_info(f"{BUCKET}/race/t/ours-g1.parquet").size
+    held = s3.stall("PUT", r"/race/t/_delta_log/0+1\.json$", times=1)
+
+    def other_writer() -> None:  # once our PUT of version 1 is held, the other writer takes version 1
+        while not s3.injected("PUT"):
+            threading.Event().wait(0.02)
+        write_deltalake(uri, rows(10, 20, 2), mode="append", storage_options=direct_options(s3_server))
+        held.set()
+
+    racer = threading.Thread(target=other_writer, daemon=True)
+    racer.start()
+    assert sink.commit([OutputFile("ours-g1.parquet", 30, size)], [], 1) is True
+    racer.join(60)
+
+    assert [r.status for r in s3.requests if r.method == "PUT" and "_delta_log/0" in r.path] == [0, 412, 200]
+    table = DeltaTable(uri, storage_options=direct_options(s3_server))
+    assert table.version() == 2 and table.transaction_version("batch-infer") == 1
+    assert sorted(table.to_pyarrow_table()["id"].to_pylist()) == list(range(20)) + list(range(100, 130))
+    assert sink.commit([OutputFile("ours-g1.parquet", 30, size)], [], 1) is False  # never twice
