@@ -432,6 +432,7 @@ def test_iceberg_output_on_s3_under_503s_commits_each_run_exactly_once(s3: Fault
     assert len(iceberg_snapshots(catalog, "preds.scores")) == 1  # the commit landed, the driver never knew
     assert f"{location}{SUCCESS}" not in s3_server.keys(location)
     assert hit(s3, "PUT", r"/preds.db/scores/data/")  # the replica wrote through the catalog's endpoint
+    assert any("/_journal/" in k for k in s3_server.keys(location)) and leaked(stored_text(s3_server, location)) == []
     s3.clear()
     s3.fail("GET", r"/preds.db/scores/metadata/", times=2)  # PyIceberg reading the table's metadata
     s3.fail("GET", r"/preds.db/scores/_journal/", times=2)
