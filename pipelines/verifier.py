@@ -124,7 +124,7 @@ def verify(output: str, *, sample: int = 0, checksums: bool = False, seed: int |
     if not state.found:
         raise ConfigError(f"no batch-infer manifest at {location.uri!r} (nothing has been committed there)")
     if sink is None:
-        sink = reopen_sink(state.header.get("config") or {}, location.uri, None)
+        sink = reopen_sink(state.header.get("config") or {}, output, None)  # not location.uri: redacted keys
     check = _Check(location, state)
     if sink.is_table:
         check.check_table(sink.name, sink.format, sink.files())
@@ -153,8 +153,16 @@ class _Check:
         """A table output: its current files are the manifest's committed ones, with their rows."""
         self.table_files = dict(files)
         committed = {e["output"]: e for e in self.state.files.values() if e["status"] == COMMITTED}
-        for path in sorted(set(files) - set(committed)):
+        extra = sorted(set(files) - set(committed))
+        for path in (p for p in extra if p not in self.state.retiring):
             self.problems.append(f"{path}: in the {fmt} table {name}, but no committed manifest entry describes it")
+        retired = [p for p in extra if p in self.state.retiring]  # replaced or pruned by a run that stopped short
+        if retired and self.complete:
+            self.problems.append(f"{len(retired)} retired file(s) are still in the {fmt} table {name}, e.g. "
+                                 f"{retired[0]}, but _SUCCESS says the output is complete")
+        elif retired:
+            self.notes.append(f"{len(retired)} retired file(s) are still in the {fmt} table {name}; the next "
+                              f"complete run takes them out")
         missing = sorted(set(committed) - set(files))
         if missing and self.complete:
             self.problems.append(f"{len(missing)} committed file(s) are not in the {fmt} table {name}, e.g. "

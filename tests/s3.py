@@ -3,6 +3,7 @@
     server = S3Server()                  # moto on 127.0.0.1:<free port>, bucket created
     proxy = FaultProxy(server.address)   # forwards every request, or answers with an injected fault
     proxy.fail("GET", r"/in/part-0001", times=4)   # the next 4 matching GETs get `503 SlowDown`
+    proxy.fail("PUT", r"/_delta_log/", times=1, lost=True)   # applied by the server, then answered 503
     uri = proxy.uri("in/")               # "s3://bucket/in/?endpoint_override=127.0.0.1:PORT&scheme=http"
 
 The fixtures `s3_server` (session) and `s3` (a fresh proxy per test, faults cleared) set dummy AWS
@@ -82,6 +83,7 @@ class Fault:
     reset: bool  # drop the connection (RST) instead of answering
     hits: int = 0
     stall: threading.Event | None = None  # hold the request until this is set, then forward it
+    lost: bool = False  # forward the request (the server applies it), then answer with the fault instead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +125,13 @@ class FaultProxy:
         return f"s3://{BUCKET}/{key}?endpoint_override={self.endpoint}&scheme=http"
 
     def fail(self, method: str | None, path: str, *, header: tuple[str, str] | None = None, times: int | None = None,
-             fraction: float = 1.0, status: int = 503, code: str = "SlowDown", reset: bool = False) -> Fault:
-        """Inject a fault into matching requests (`times` of them, or all; `fraction` of those at random)."""
+             fraction: float = 1.0, status: int = 503, code: str = "SlowDown", reset: bool = False,
+             lost: bool = False) -> Fault:
+        """Inject a fault into matching requests (`times` of them, or all; `fraction` of those at random).
+        `lost`: the request reaches the server and takes effect, but its answer is replaced by the fault
+        (a response lost on the way back: the client cannot tell whether its request was applied)."""
         matcher = (header[0], re.compile(header[1])) if header else None
-        fault = Fault(method, re.compile(path), matcher, times, fraction, status, code, reset)
+        fault = Fault(method, re.compile(path), matcher, times, fraction, status, code, reset, lost=lost)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -212,6 +217,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             proxy._log(Request(self.command, self.path, 0, True, self.headers.get("Range", "")))
             fault.stall.wait(600)
             fault = None  # released: answered as if nothing happened
+        if fault is not None and fault.lost:
+            self._forward(proxy, body, log=False)  # the server applies it; its answer is dropped
         if fault is not None and fault.reset:
             proxy._log(Request(self.command, self.path, 0, True, self.headers.get("Range", "")))
             # SO_LINGER 0: close() sends a TCP RST, as a dropped connection does.
@@ -233,6 +240,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(payload)
             return
+        self._forward(proxy, body)
+
+    def _forward(self, proxy: FaultProxy, body: bytes, *, log: bool = True) -> None:
+        """Send the request to the server; answer the client with its response (`log`), or drop it."""
         upstream = http.client.HTTPConnection(*proxy.upstream, timeout=60)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP | {"content-length"}}
@@ -243,6 +254,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             data = response.read()
         finally:
             upstream.close()
+        if not log:
+            return
         proxy._log(Request(self.command, self.path, response.status, False, self.headers.get("Range", "")))
         self.send_response(response.status, response.reason)
         for key, value in response.getheaders():

@@ -9,6 +9,9 @@ as for any input. The jobs are small: they run in the driver (pipelines.lane), n
 from __future__ import annotations
 
 import doctest
+import signal
+import subprocess
+import sys
 import json
 import re
 from pathlib import Path
@@ -23,10 +26,11 @@ from deltalake import DeltaTable, write_deltalake
 from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtures
 
 import pipelines
-from basis.errors import ConfigError
+from basis.errors import ConfigError, OutputConflictError
 from basis.storage import REDACTED, resolve
 from pipelines.commit import MANIFEST, SUCCESS
 from pipelines.tables import stores
+from pipelines.tables.sink import OutputFile
 from pipelines.tables.stores import (
     delta_storage_options,
     delta_table_uri,
@@ -267,3 +271,235 @@ def test_no_credential_of_a_table_on_s3_is_persisted_or_printed(s3: FaultProxy, 
     assert refused.returncode == 2 and "secret_key" in refused.stderr and "Traceback" not in refused.stderr
     assert leaked(missing.stderr + no_table.stderr + refused.stderr) == []
     assert [k for k in s3_server.keys("leak/") if k.startswith(("leak/o2", "leak/o3", "leak/o4"))] == []
+
+
+# --- table OUTPUT on S3: one commit per run, under faults ------------------------------------------------
+
+def local_input(tmp_path: Path) -> Path:
+    """Two Parquet files of 600 and 400 rows (shards of 200) and a model."""
+    from conftest import write_files
+
+    write_files(tmp_path / "in", [600, 400], features=FEATURES, row_group_size=200)
+    save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=5)
+    return tmp_path / "in"
+
+
+def delta_log(server: S3Server, prefix: str) -> list[list[dict[str, Any]]]:
+    """The table's commits, in order: each one's actions (its JSON lines)."""
+    fs = server.filesystem()
+    return [[json.loads(line) for line in fs.open_input_stream(f"{BUCKET}/{key}").read().decode().splitlines()]
+            for key in server.keys(f"{prefix}_delta_log/") if key.endswith(".json")]
+
+
+def delta_table_files(server: S3Server, prefix: str) -> list[str]:
+    """The table's current data files (keys), by replaying its log by hand: adds minus removes."""
+    from urllib.parse import unquote
+
+    live: set[str] = set()
+    for commit in delta_log(server, prefix):
+        for action in commit:
+            if "add" in action:
+                live.add(action["add"]["path"])
+            elif "remove" in action:
+                live.discard(action["remove"]["path"])
+    return sorted(f"{prefix}{unquote(p)}" for p in live)
+
+
+def check_table_scored(server: S3Server, keys: list[str], model: Any, inputs: pa.Table) -> None:
+    """The table's files (read by pyarrow datasets, not the writing library) hold every input row once,
+    equal to a plain torch forward of it."""
+    import pyarrow.dataset as pads
+
+    got = pads.dataset([f"{BUCKET}/{k}" for k in keys], format="parquet", filesystem=server.filesystem()) \
+        .to_table(columns=["id", "prediction"]).sort_by("id")
+    inputs = inputs.sort_by("id")
+    assert got["id"].to_pylist() == inputs["id"].to_pylist()  # each row once
+    features = np.stack([inputs[f"f{j:02d}"].to_numpy() for j in range(FEATURES)], axis=1)
+    np.testing.assert_allclose(np.asarray(got["prediction"].to_pylist(), np.float32),
+                               reference(model, features)[:, 0], rtol=1e-5, atol=1e-7)
+
+
+def stored_text(server: S3Server, prefix: str) -> str:
+    """Every object under `prefix` that is not a data file (logs, metadata, manifest, journal), as text."""
+    fs = server.filesystem()
+    return " ".join(fs.open_input_stream(f"{BUCKET}/{key}").read().decode(errors="replace")
+                    for key in server.keys(prefix) if not key.endswith(".parquet"))
+
+
+def test_delta_output_on_s3_under_503s_commits_each_run_exactly_once(s3: FaultProxy, s3_server: S3Server,
+                                                                    tmp_path: Path) -> None:
+    """delta-rs reaches our endpoint (the URI's options) with the URI's keys; a commit whose answer is
+    lost after S3 applied it (the log entry's PUT) is recognised by the run's txn, never applied twice."""
+    from conftest import write_files
+
+    model = save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=5)
+    local_input(tmp_path)
+    output = s3.uri("dto/preds").replace("s3://", f"s3://{ACCESS}:{SECRET}@", 1)
+    job = {"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": output,
+           "output_format": "delta", "shard_rows": 200}
+    s3.fail("PUT", r"/dto/preds/part-.*\.parquet$", times=3)  # publishing a shard's file
+    s3.fail(None, r"/dto/preds/\.part-", fraction=0.3)  # staged uploads
+    s3.fail("GET", r"/dto/preds/_delta_log/", times=2)  # delta-rs reading the log
+    s3.fail("PUT", r"/dto/preds/_delta_log/0+\.json$", times=1, lost=True)  # the commit: applied, answer lost
+
+    report = pipelines.run(**job, progress=False)
+
+    assert (report.status, report.shards_failed, report.errors) == ("succeeded", 0, [])
+    assert report.rows_out == 1000
+    log = delta_log(s3_server, "dto/preds/")
+    assert len(log) == 1  # one commit, though its PUT was answered 503 and tried again
+    txns = [a["txn"] for a in log[0] if "txn" in a]
+    assert [(t["appId"], t["version"]) for t in txns] == [("batch-infer", 1)]
+    inputs = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").glob("*.parquet"))])
+    check_table_scored(s3_server, delta_table_files(s3_server, "dto/preds/"), model, inputs)
+    assert hit(s3, "PUT", r"/_delta_log/0+\.json$") and hit(s3, "GET", r"/_delta_log/")
+    assert hit(s3, "PUT", r"/dto/preds/part-")
+    assert f"dto/preds/{SUCCESS}" in s3_server.keys("dto/preds/")
+    verified = pipelines.verify(output, sample=5, seed=1)
+    assert verified.ok and verified.complete, verified.problems
+
+    s3.clear()  # nothing new: no commit
+    assert pipelines.run(**job, progress=False).rows_out == 0
+    assert len(delta_log(s3_server, "dto/preds/")) == 1
+
+    # An append, its commit's answer lost on a table that exists (delta-rs's append path).
+    write_files(tmp_path / "in" / "more", [400], features=FEATURES, row_group_size=200, start=5000, seed=7)
+    s3.fail("PUT", r"/dto/preds/_delta_log/0+1\.json$", times=1, lost=True)
+    s3.fail("GET", r"/dto/preds/_delta_log/", times=2)
+    again = pipelines.run(**job, progress=False)
+    assert (again.status, again.rows_out) == ("succeeded", 400)
+    log = delta_log(s3_server, "dto/preds/")
+    assert len(log) == 2 and hit(s3, "PUT", r"/_delta_log/0+1\.json$")
+    inputs = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").rglob("*.parquet"))])
+    check_table_scored(s3_server, delta_table_files(s3_server, "dto/preds/"), model, inputs)
+    assert DeltaTable(f"s3://{BUCKET}/dto/preds", storage_options=direct_options(s3_server)).version() == 1
+    # The keys were used (the URI's), and are stored nowhere: not in the log, the manifest or the journal.
+    assert leaked(stored_text(s3_server, "dto/preds/")) == []
+    assert leaked(json.dumps(dataclasses_dict(again))) == []
+    # A table that does not fit is refused before any work, naming it without its keys.
+    DeltaTable.create(f"s3://{BUCKET}/dto/other", pa.schema([("id", pa.int64())]),
+                      storage_options=direct_options(s3_server))
+    with pytest.raises(OutputConflictError, match="does not fit this job's predictions") as refused:
+        pipelines.run(**{**job, "output": output.replace("dto/preds", "dto/other")}, progress=False)
+    assert "dto/other" in str(refused.value) and leaked(str(refused.value)) == []
+
+
+def dataclasses_dict(report: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(report)
+
+
+def iceberg_snapshots(catalog: dict[str, str], name: str) -> list[Any]:
+    from pyiceberg.catalog import load_catalog
+
+    return load_catalog("default", **catalog).load_table(name).snapshots()
+
+
+def iceberg_table_files(server: S3Server, catalog: dict[str, str], name: str) -> list[str]:
+    """The current snapshot's data files (keys), from PyIceberg's scan plan (the metadata, not the data)."""
+    from pyiceberg.catalog import load_catalog
+
+    table = load_catalog("default", **catalog).load_table(name)
+    prefix = f"s3://{BUCKET}/"
+    paths = [t.file.file_path for t in table.scan().plan_files()]
+    assert all(p.startswith(prefix) for p in paths), paths
+    return sorted(p[len(prefix):] for p in paths)
+
+
+def test_iceberg_output_on_s3_under_503s_commits_each_run_exactly_once(s3: FaultProxy, s3_server: S3Server,
+                                                                      tmp_path: Path) -> None:
+    """The table's files go where the catalog's FileIO says (its s3.endpoint, its keys), for the driver
+    and the replicas alike; the driver killed right after the table commit, then a rerun under 503s,
+    makes one snapshot; a snapshot's metadata PUT answered 503 after S3 applied it changes nothing."""
+    from conftest import REPO, write_files
+    from test_table_output import _KILLER
+
+    model = save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=5)
+    local_input(tmp_path)
+    catalog = iceberg_catalog(tmp_path, s3.endpoint, **{"s3.access-key-id": ACCESS, "s3.secret-access-key": SECRET})
+    location = f"{warehouse(tmp_path)}/preds.db/scores/"
+    job = {"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": "preds.scores",
+           "output_format": "iceberg", "catalog": catalog, "shard_rows": 200}
+    flags = [f"--{k.replace('_', '-')}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in job.items()]
+    s3.fail("PUT", r"/preds.db/scores/data/[^./][^/]*\.parquet$", times=3)  # publishing a shard's file
+    s3.fail(None, r"/preds.db/scores/data/\.", fraction=0.3)  # staged uploads
+
+    killed = subprocess.run([sys.executable, "-c", _KILLER, "after", *flags], cwd=REPO, capture_output=True,
+                            text=True, timeout=240)
+
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(iceberg_snapshots(catalog, "preds.scores")) == 1  # the commit landed, the driver never knew
+    assert f"{location}{SUCCESS}" not in s3_server.keys(location)
+    assert hit(s3, "PUT", r"/preds.db/scores/data/")  # the replica wrote through the catalog's endpoint
+    assert any("/_journal/" in k for k in s3_server.keys(location)) and leaked(stored_text(s3_server, location)) == []
+    s3.clear()
+    s3.fail("GET", r"/preds.db/scores/metadata/", times=2)  # PyIceberg reading the table's metadata
+    s3.fail("GET", r"/preds.db/scores/_journal/", times=2)
+
+    rerun = pipelines.run(**job, progress=False)
+
+    assert (rerun.status, rerun.errors) == ("succeeded", [])
+    assert len(iceberg_snapshots(catalog, "preds.scores")) == 1  # recognised by its generation: no second one
+    inputs = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").glob("*.parquet"))])
+    check_table_scored(s3_server, iceberg_table_files(s3_server, catalog, "preds.scores"), model, inputs)
+    assert hit(s3, "GET", r"/preds.db/scores/metadata/")
+    assert f"{location}{SUCCESS}" in s3_server.keys(location) and manifest(s3_server, location)["rows_out"] == 1000
+    verified = pipelines.verify("preds.scores", sample=5, seed=1, catalog=catalog)
+    assert verified.ok and verified.complete, verified.problems
+
+    # An append: its snapshot's metadata file PUT answered 503 after S3 stored it (the client writes it again).
+    write_files(tmp_path / "in" / "more", [400], features=FEATURES, row_group_size=200, start=5000, seed=7)
+    s3.clear()
+    # pyarrow uploads them in parts: the completing POST is the one that makes the file exist.
+    s3.fail("POST", r"/preds.db/scores/metadata/[^/]*\.metadata\.json\?uploadId=", times=1, lost=True)
+    s3.fail("PUT", r"/preds.db/scores/metadata/[^/]*\.avro\?partNumber=", times=1, lost=True)
+    again = pipelines.run(**job, progress=False)
+    assert (again.status, again.rows_out) == ("succeeded", 400)
+    snapshots = iceberg_snapshots(catalog, "preds.scores")
+    generations = [s.summary.additional_properties.get("batch-infer.generation") for s in snapshots]
+    assert generations[0] == "1" and len(generations) == len(set(generations)) == 2  # the rerun added nothing
+    assert hit(s3, "POST", r"/metadata/[^/]*\.metadata\.json\?") and hit(s3, "PUT", r"/metadata/[^/]*\.avro\?")
+    inputs = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "in").rglob("*.parquet"))])
+    check_table_scored(s3_server, iceberg_table_files(s3_server, catalog, "preds.scores"), model, inputs)
+    assert pipelines.run(**job, progress=False).rows_out == 0
+    assert len(iceberg_snapshots(catalog, "preds.scores")) == 2  # nothing new: no snapshot
+    # The catalog's keys were used, and are stored nowhere: not in the table's metadata, the manifest or journal.
+    assert leaked(stored_text(s3_server, location)) == []
+    assert leaked(killed.stdout + killed.stderr + json.dumps(dataclasses_dict(again))) == []
+
+
+def test_a_delta_commit_that_loses_the_race_to_another_writer_is_made_once_on_top_of_it(
+        s3: FaultProxy, s3_server: S3Server, tmp_path: Path) -> None:
+    """Another writer (here an append; an OPTIMIZE alike) commits the version ours is taking while our log
+    entry's PUT is on its way: S3's conditional PUT refuses ours (412), and the sink commits again on the
+    table as it now is, once, keeping the other writer's commit."""
+    import threading
+
+    from pipelines.tables.delta_sink import DeltaSink
+
+    uri = f"s3://{BUCKET}/race/t"
+    write_deltalake(uri, rows(0, 10, 1), storage_options=direct_options(s3_server))
+    sink = DeltaSink(s3.uri("race/t"))
+    sink.check_schema(lambda: rows(0, 1, 0).schema)
+    fs = s3_server.filesystem()
+    pq.write_table(rows(100, 130, 3), f"{BUCKET}/race/t/ours-g1.parquet", filesystem=fs)
+    size = fs.get_file_info(f"{BUCKET}/race/t/ours-g1.parquet").size
+    held = s3.stall("PUT", r"/race/t/_delta_log/0+1\.json$", times=1)
+
+    def other_writer() -> None:  # once our PUT of version 1 is held, the other writer takes version 1
+        while not s3.injected("PUT"):
+            threading.Event().wait(0.02)
+        write_deltalake(uri, rows(10, 20, 2), mode="append", storage_options=direct_options(s3_server))
+        held.set()
+
+    racer = threading.Thread(target=other_writer, daemon=True)
+    racer.start()
+    assert sink.commit([OutputFile("ours-g1.parquet", 30, size)], [], 1) is True
+    racer.join(60)
+
+    assert [r.status for r in s3.requests if r.method == "PUT" and "_delta_log/0" in r.path] == [0, 412, 200]
+    table = DeltaTable(uri, storage_options=direct_options(s3_server))
+    assert table.version() == 2 and table.transaction_version("batch-infer") == 1
+    assert sorted(table.to_pyarrow_table()["id"].to_pylist()) == list(range(20)) + list(range(100, 130))
+    assert sink.commit([OutputFile("ours-g1.parquet", 30, size)], [], 1) is False  # never twice

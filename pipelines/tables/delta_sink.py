@@ -8,6 +8,19 @@ records the `txn` but does not enforce it (delta-rs#2580), so the sink reads
 the table's `txn` version before committing and after an error: the run's
 generation there means that commit is already in the table.
 A missing table is created by the run's first commit, with the files in it.
+
+On S3 delta-rs opens the table with our URI's endpoint, region and keys
+(`stores.delta_storage_options`). Its commits there are safe against other
+writers without a lock: delta-rs 1.6 creates each log entry with a conditional
+PUT (`If-None-Match: *`, S3's conditional writes; MinIO, R2 and moto support it
+too), so two writers can never both create version N, and the loser gets 412
+(`AWS_S3_ALLOW_UNSAFE_RENAME` no longer changes this; `aws_conditional_put:
+disabled` makes every commit fail, and the DynamoDB locking provider is gone).
+Our output lock (`_LOCK`) keeps a second batch-infer run out; the conditional
+PUT keeps a compaction or another tool's commit from being overwritten by ours.
+Limit: an S3-compatible store that ignores `If-None-Match` (older MinIO, some
+appliances) would let a concurrent writer's entry replace ours; there nothing
+but batch-infer may commit to the output table.
 """
 
 from __future__ import annotations
@@ -24,6 +37,10 @@ from basis.errors import OutputConflictError
 from basis.storage import absolute, read_parquet_footer, redact, resolve
 from pipelines.tables import is_delta_table
 from pipelines.tables.sink import APP_ID, RUN_PROPERTY, OutputFile, TableSink, describe_mismatch
+from pipelines.tables.stores import delta_storage_options, delta_table_uri
+
+
+_COMMIT_TRIES = 5  # commits tried while other writers' commits take the next version first
 
 
 class DeltaSink(TableSink):
@@ -35,7 +52,10 @@ class DeltaSink(TableSink):
         self.uri = absolute(output)
         self.location = resolve(self.uri)
         self.name = self.location.uri
-        self._table = None
+        # What delta-rs opens: the path, or the URI without our options, which become its storage options
+        # (endpoint, region, keys given in the URI; the rest from the environment, as for pyarrow).
+        self._table_uri = delta_table_uri(self.location)
+        self._storage_options = delta_storage_options(self.location) or None
 
     def _open(self) -> object | None:
         """The table as it is now, or None when there is none yet."""
@@ -44,7 +64,7 @@ class DeltaSink(TableSink):
         if not is_delta_table(self.location):
             return None
         try:
-            return DeltaTable(self.location.path if self.location.is_local else self.uri)
+            return DeltaTable(self._table_uri, storage_options=self._storage_options)
         except Exception as exc:  # TableNotFoundError, DeltaError, OSError ...
             raise OutputConflictError(f"cannot open the Delta table {self.name!r} to write predictions into: "
                                       f"{redact(str(exc))}") from exc
@@ -91,21 +111,33 @@ class DeltaSink(TableSink):
         if self.schema is None:
             raise RuntimeError("DeltaSink.check_schema() comes before commit()")
         check_files(self.location, adds, self.schema, self.name)
+        from deltalake.exceptions import CommitFailedError
+
         now = int(time.time() * 1000)
         added = [AddAction(f.path, f.size, {}, now, True, json.dumps({"numRecords": f.rows})) for f in adds]
+        # delta-rs may not retry a commit on its own: when the log entry's name is taken, its retry applies
+        # the same actions again under the next version (its conflict check lets two blind appends through),
+        # and the name is taken by this very commit when S3 applied the PUT but its answer was lost (the
+        # client's retry of the conditional PUT then gets 412). So the sink decides: its generation in the
+        # table's txn means the commit landed; otherwise another writer's commit (a compaction) got in
+        # first, and the commit is tried again on the table as it now is.
         props = CommitProperties(app_transactions=[Transaction(APP_ID, generation, now)],
-                                 custom_metadata={RUN_PROPERTY: generation})
-        table = self._open()
-        target = self.location.path if self.location.is_local else self.uri
-        if table is None:
-            create_table_with_add_actions(target, _delta_schema(self.schema), added, mode="error",
-                                          commit_properties=props)
-            return
-        sizes = {path: f.size for path, f in self.files().items()}
-        removed = [RemoveAction(path, True, now, sizes.get(path), {}) for path in removes]
-        table.create_write_transaction([*added, *removed], mode="append",  # type: ignore[attr-defined]
-                                       schema=_delta_schema(self.schema), commit_properties=props)
-
+                                 custom_metadata={RUN_PROPERTY: generation}, max_commit_retries=0)
+        for attempt in range(1, _COMMIT_TRIES + 1):
+            table = self._open()
+            try:
+                if table is None:
+                    create_table_with_add_actions(self._table_uri, _delta_schema(self.schema), added, mode="error",
+                                                  storage_options=self._storage_options, commit_properties=props)
+                    return
+                sizes = {path: f.size for path, f in self.files().items()}
+                removed = [RemoveAction(path, True, now, sizes.get(path), {}) for path in removes]
+                table.create_write_transaction([*added, *removed], mode="append",  # type: ignore[attr-defined]
+                                               schema=_delta_schema(self.schema), commit_properties=props)
+                return
+            except CommitFailedError:
+                if self.committed(generation) or attempt == _COMMIT_TRIES:
+                    raise  # landed (`commit` re-reads the txn and takes it), or lost the race too often
 
 def _delta_schema(schema: pa.Schema) -> object:
     from deltalake import Schema

@@ -22,8 +22,9 @@ from typing import Any
 import pyarrow as pa
 
 from basis.errors import ConfigError, OutputConflictError
-from basis.storage import redact, resolve
+from basis.storage import redact
 from pipelines.tables.sink import RUN_PROPERTY, OutputFile, TableSink, describe_mismatch
+from pipelines.tables.stores import iceberg_location, iceberg_uri
 
 
 class IcebergSink(TableSink):
@@ -50,13 +51,17 @@ class IcebergSink(TableSink):
             raise ConfigError(f"output {name!r} is not an Iceberg table identifier: give 'namespace.table'") from exc
         try:
             table = self.catalog.load_table(name)
-            self.uri = table.location().rstrip("/")
+            # The table's location as its metadata has it (data file paths are under it), and its FileIO's
+            # settings: the catalog's, with what the catalog vends for the table.
+            self.root, io = table.location().rstrip("/"), table.io.properties
         except (NoSuchTableError, NoSuchNamespaceError):
-            self.uri = self._default_location()
+            self.root, io = self._default_location(), self.catalog.properties
         except Exception as exc:
             raise OutputConflictError(f"cannot load the Iceberg table {name!r} from catalog {catalog_name!r}: "
                                       f"{redact(str(exc)) or type(exc).__name__}") from exc
-        self.location = resolve(self.uri)
+        # The same store through our storage layer: the FileIO's endpoint, region and keys (`stores`).
+        self.uri = iceberg_uri(self.root, io)  # what replicas write to (keys as in an input URI, never shown)
+        self.location = iceberg_location(self.root, io)  # the driver's (its `uri` redacted)
 
     def _default_location(self) -> str:
         """Where the catalog would put a new table (PyIceberg's default), so that the files written before
@@ -109,7 +114,7 @@ class IcebergSink(TableSink):
         for task in table.scan().plan_files():
             data = task.file
             path = data.file_path
-            rel = path[len(self.uri) + 1:] if path.startswith(self.uri + "/") else path
+            rel = path[len(self.root) + 1:] if path.startswith(self.root + "/") else path
             found[rel] = OutputFile(rel, int(data.record_count), int(data.file_size_in_bytes))
         return found
 
@@ -129,7 +134,7 @@ class IcebergSink(TableSink):
         table = self._open()
         if table is None:
             self.catalog.create_namespace_if_not_exists(self.namespace)
-            tx = self.catalog.create_table_transaction(self.name, schema=self.schema, location=self.uri)
+            tx = self.catalog.create_table_transaction(self.name, schema=self.schema, location=self.root)
             io = tx._table.io
         else:
             tx = table.transaction()
@@ -140,7 +145,7 @@ class IcebergSink(TableSink):
         metadata = tx.table_metadata
         with ThreadPoolExecutor(max_workers=8) as pool:  # one footer each: stats, and the schema checked
             try:
-                data_files = list(pool.map(lambda f: parquet_file_to_data_file(io, metadata, f"{self.uri}/{f.path}"),
+                data_files = list(pool.map(lambda f: parquet_file_to_data_file(io, metadata, f"{self.root}/{f.path}"),
                                            adds))
             except ValueError as exc:
                 raise OutputConflictError(f"{self.name}: a data file does not have the table's schema (an input "
@@ -148,7 +153,7 @@ class IcebergSink(TableSink):
                                           f"to the table") from exc
         current = {}
         if removes:
-            wanted = {f"{self.uri}/{p}" if "://" not in p and not p.startswith("/") else p for p in removes}
+            wanted = {f"{self.root}/{p}" if "://" not in p and not p.startswith("/") else p for p in removes}
             current = {t.file.file_path: t.file for t in table.scan().plan_files() if t.file.file_path in wanted}
         update = tx.update_snapshot(snapshot_properties={RUN_PROPERTY: str(generation)})
         with (update.overwrite() if current else update.fast_append()) as snapshot:
