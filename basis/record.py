@@ -2,7 +2,7 @@
 
     OUTPUT/_journal/g000007-c-<token>.json     one shard's commit record
 
-The driver reads these back (`pipelines.journal`); both sides share this one
+The driver reads these back (`pipelines.commit.journal`); both sides share this one
 definition of where a record lives and what it holds.
 """
 

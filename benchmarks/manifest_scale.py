@@ -48,7 +48,7 @@ def setup(files: int, root: Path = ROOT) -> Path:
     import torch
 
     import pipelines
-    from pipelines.segments import SCHEMA, write_segment
+    from pipelines.commit.segments import SCHEMA, write_segment
     from basis.storage import resolve
 
     where = root / f"files-{files}"
@@ -77,7 +77,7 @@ def setup(files: int, root: Path = ROOT) -> Path:
         "rejected_bytes": pa.nulls(files, pa.int64()), "rejected_sha256": pa.nulls(files, pa.string()),
         "status": ["committed"] * files, "attempts": np.ones(files, np.int64), "error": pa.nulls(files, pa.string()),
         "generation": np.ones(files, np.int64), "extra": pa.nulls(files, pa.string())}, schema=SCHEMA)
-    from pipelines import segments
+    from pipelines.commit import segments
 
     location = resolve(str(out))
     refs = [write_segment(location, table.slice(start, segments.SEGMENT_ROWS), 1)

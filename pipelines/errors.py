@@ -3,7 +3,7 @@
 They are defined in `basis.errors`, the floor the actor side shares with the driver.
 """
 
-from basis.errors import (  # noqa: F401
+from basis.errors import (
     BatchInferError,
     ClusterConnectError,
     ConfigError,
@@ -16,3 +16,6 @@ from basis.errors import (  # noqa: F401
     ShardDataError,
     StorageError,
 )
+
+__all__ = ["BatchInferError", "ClusterConnectError", "ConfigError", "InputError", "LockHeldError", "ModelError",
+           "OutputAccessError", "OutputConflictError", "ResourceError", "ShardDataError", "StorageError"]

@@ -29,7 +29,7 @@ from pipelines.commit import (
 )
 from pipelines.config import JobConfig
 from basis.errors import ConfigError, InputError, OutputConflictError
-from pipelines.journal import journal_names
+from pipelines.commit.journal import journal_names
 from pipelines.lock import OutputLock
 from pipelines.plan import (
     DEFAULT_SHARD_ROWS,

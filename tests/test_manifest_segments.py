@@ -20,9 +20,9 @@ from conftest import REPO, read_output, save_mlp, write_files
 import pipelines
 from basis.errors import OutputConflictError
 from basis.storage import resolve
-from pipelines import segments
+from pipelines.commit import segments
 from pipelines.commit import MANIFEST, SUCCESS, State
-from pipelines.segments import SEGMENT_DIR
+from pipelines.commit.segments import SEGMENT_DIR
 
 FEATURES = 4
 
@@ -134,7 +134,7 @@ def test_an_inline_manifest_loads_and_a_run_that_writes_migrates_it(tmp_path: Pa
 _KILLED = """
 import os, signal, sys
 import pipelines
-from pipelines import checkpoint, segments
+from pipelines.commit import checkpoint, segments
 segments.INLINE_MAX, segments.SEGMENT_ROWS = 0, 2
 moment = sys.argv[1]
 real = checkpoint.write_bytes_atomic

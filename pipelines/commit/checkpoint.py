@@ -2,7 +2,7 @@
 
 Once per run the driver folds what the journal recorded into the manifest (`Recorder.finish`). An
 output of at most `segments.INLINE_MAX` entries gets a root with its entries inline (format 2, as before
-segments). A larger one gets Parquet segments (`pipelines.segments`), and only those whose key range
+segments). A larger one gets Parquet segments (`pipelines.commit.segments`), and only those whose key range
 (rel, first row group) holds an entry that changed are rewritten; the others are named again as
 they are. The order keeps every moment of a crash safe:
 
@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from basis.storage import Location, write_bytes_atomic
-from pipelines.entries import Entries
-from pipelines.manifest import COMMITTED, FORMAT, FORMAT_SEGMENTS, MANIFEST
-from pipelines import segments
-from pipelines.segments import delete_unreferenced, entries_table, segment_files, sorted_table, write_segment
+from pipelines.commit.entries import Entries
+from pipelines.commit.manifest import COMMITTED, FORMAT, FORMAT_SEGMENTS, MANIFEST
+from pipelines.commit import segments
+from pipelines.commit.segments import delete_unreferenced, entries_table, segment_files, sorted_table, write_segment
 
 _WRITE_THREADS = 4
 

@@ -1,12 +1,12 @@
 """The committed entries of an output, by output path: columns as loaded, dicts only for what changed.
 
 At a million committed files a dict per entry costs gigabytes; `Entries` keeps the entries loaded from
-the manifest as one Arrow table (`pipelines.segments.SCHEMA`) with a mask of the rows still live, and
+the manifest as one Arrow table (`pipelines.commit.segments.SCHEMA`) with a mask of the rows still live, and
 holds as dicts only the entries a run commits, fails or replaces. It is a `MutableMapping` (path ->
 entry dict, built on demand), and hands the planner whole columns (`live`) for the work it does on
 every entry at once (`pipelines.commit.reconcile`, `State.spans`, `State.claims`).
 
-    >>> from pipelines.segments import entries_table
+    >>> from pipelines.commit.segments import entries_table
     >>> e = {"id": "a:0-1", "input": "/in/a", "rel": "a", "fingerprint": "f", "row_groups": [0, 1],
     ...      "rows_in": 3, "rows_out": 3, "rows_rejected": 0, "output": "a-0.parquet", "status": "committed"}
     >>> files = Entries(entries_table([e]))
@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.segments import SCHEMA, entries_table, table_entries
+from pipelines.commit.segments import SCHEMA, entries_table, table_entries
 
 # The columns kept in memory for every committed entry (what planning asks of all of them); the others
 # (input URI, sha256s, error, attempts) are read from an entry's segment when the entry itself is needed.

@@ -3,9 +3,9 @@
 The manifest is rewritten once per run (`pipelines.commit.Recorder.finish`);
 between runs it is the truth about the output, with the journal's records
 applied (`pipelines.commit.State`). It holds its entries inline (`shards`, a
-list: format 2) up to `pipelines.segments.INLINE_MAX` of them; a larger
+list: format 2) up to `pipelines.commit.segments.INLINE_MAX` of them; a larger
 output's `shards` names Parquet segments under `_manifest/` that hold them
-(format 3, `pipelines.segments`). A manifest that is not JSON, not ours, or
+(format 3, `pipelines.commit.segments`). A manifest that is not JSON, not ours, or
 whose entries a hand edit or another tool broke is refused with a message that
 names the file and the entry (exit 2), never a traceback.
 
@@ -24,7 +24,7 @@ from basis.errors import OutputConflictError
 from basis.storage import Location, read_bytes
 
 FORMAT = "batch-infer/manifest/2"  # entries inline
-FORMAT_SEGMENTS = "batch-infer/manifest/3"  # entries in Parquet segments (`pipelines.segments`)
+FORMAT_SEGMENTS = "batch-infer/manifest/3"  # entries in Parquet segments (`pipelines.commit.segments`)
 _READABLE_FORMATS = ("batch-infer/manifest/1", FORMAT, FORMAT_SEGMENTS)
 MANIFEST = "_manifest.json"
 

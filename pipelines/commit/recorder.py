@@ -1,0 +1,250 @@
+"""The driver's side of a run's commit: the journal's records as results arrive, the manifest and `_SUCCESS`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.commit.checkpoint import committed_rows, write_checkpoint
+from pipelines.commit.journal import SegmentWriter, clear_journal, read_journal
+from pipelines.commit.manifest import FAILED
+from pipelines.plan import Shard
+from basis.storage import (
+    Location,
+    delete_file,
+    existing_infos,
+    relative_to,
+    sweep_temps,
+    write_bytes_atomic,
+)
+
+from pipelines.commit.state import _V1_DEFAULTS, REJECTED_DIR, SUCCESS, State, job_digest, shard_entry
+
+if TYPE_CHECKING:
+    from pipelines.tables.sink import Sink
+
+
+logger = logging.getLogger(__name__)
+
+
+class Recorder:
+    """Records one run's outcomes: journal segments as shards finish, the manifest once at the end.
+
+    `check_lock` is called before anything is written that claims the output
+    (a journal segment, the manifest, `_SUCCESS`); it raises when the lock was lost.
+    """
+
+    def __init__(
+        self,
+        output: Location,
+        state: State,
+        *,
+        header: Mapping[str, Any],
+        shards: Sequence[Shard],
+        check_lock: Callable[[], None],
+        kept: Iterable[str] = (),
+        foreign: Sequence[str] = (),
+        flush_seconds: float = 1.0,
+        sink: Sink | None = None,
+    ) -> None:
+        self.output = output
+        self.state = state
+        self.header = dict(header)
+        self.planned = list(shards)  # in input order
+        self._shards: dict[str, Shard] | None = None
+        self._plan: pa.Table | None = None
+        self.digest = job_digest(self.header)  # what this run's replicas write into their commit records
+        self.kept = set(kept)  # files of vanished inputs that stay committed (no prune)
+        self.foreign = list(foreign)  # data files batch-infer did not write: the output is not complete
+        self.generation = max(state.generation, state.journal.newest) + 1
+        self.segments = SegmentWriter(output, self.generation)
+        self.check_lock = check_lock
+        self.flush_seconds = flush_seconds
+        self.sink = sink  # a table output: the run's files are committed into it (`pipelines.tables.sink`)
+        self._last_flush = time.monotonic()
+        self._confirmed: set[str] = set()
+
+    def begin(self, *, overwrite: bool, stale: Sequence[str] = ()) -> None:
+        """The run's first records, before any shard is dispatched: its header (and whether it overwrites,
+        which demotes every earlier entry), then the entries it found stale (an older version of an input
+        file): never reused, even when this run stops short."""
+        self.state.begin(self.header, overwrite=overwrite)
+        self.segments.add({"op": "begin", "header": self.header, "overwrite": overwrite})
+        self._retire([path for path in stale if path in self.state.files])
+
+    def _retire(self, paths: Sequence[str]) -> None:
+        """Entries never reused again: journalled, then their files go when a run completes."""
+        if paths:
+            self.segments.add({"op": "retire", "paths": list(paths)})
+            for path in paths:
+                self.state.retire(path)
+
+    def committed(self, entry: Mapping[str, Any], token: str, attempts: int) -> None:
+        self.state.commit({**entry, "attempts": attempts})
+        self._confirmed.add(token)
+        self.segments.add({"op": "confirm", "token": token, "attempts": attempts})
+        self.flush()
+
+    def failed(self, shard: Shard, error: str, attempts: int) -> None:
+        entry = {**shard_entry(shard), "attempts": attempts, "error": error, "generation": self.generation}
+        self.state.fail(entry)
+        self.segments.add({"op": "fail", "entry": {**entry, "status": FAILED}})
+        self.flush()
+
+    def flush(self, *, force: bool = False) -> None:
+        if self.segments.buffer and (force or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.check_lock()
+            self.segments.flush()
+            self._last_flush = time.monotonic()
+
+    @property
+    def shards(self) -> dict[str, Shard]:
+        """The planned shards by id."""
+        if self._shards is None:
+            self._shards = {s.id: s for s in self.planned}
+        return self._shards
+
+    @property
+    def complete(self) -> bool:
+        """Every planned shard committed with its rows reconciled, and nothing else under the output
+        but the kept predictions of vanished inputs."""
+        return (self._planned_complete() and not self._not_current() and not self.state.retiring
+                and not self.foreign)
+
+    def finish(self) -> bool:
+        """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
+        self._settle_unconfirmed()
+        self._retire(self._not_current())
+        planned = self._planned_complete()
+        if planned and self.sink is not None and self.sink.is_table:
+            self._commit_table()
+        if planned and self.state.retiring:
+            self.flush(force=True)  # the journal says they go before they go
+            for path in sorted(self.state.retiring):
+                if self.sink is None or not self.sink.is_table or path.startswith(REJECTED_DIR + "/"):
+                    delete_file(self.output.fs, self.output.join(path))
+                # a table's own data files stay: older versions of the table still reference them, and the
+                # table's maintenance (VACUUM, expire_snapshots / remove_orphan_files) removes them
+            self.state.retiring.clear()
+        complete = self.complete
+        if complete:
+            sweep_temps(self.output.fs, self.output.path)
+        write_checkpoint(self.output, self.state.files, self._extras(), self._root(complete), self.generation,
+                         self.check_lock)
+        clear_journal(self.output)
+        if complete:
+            self.check_lock()
+            write_bytes_atomic(self.output.fs, self.output.join(SUCCESS), b"")
+        return complete
+
+    def _commit_table(self) -> None:
+        """The table commit (`TableSink.publish`), after the journal holds every file's commit record: a
+        driver killed after it and before the manifest leaves a state the next run recognises."""
+        assert self.sink is not None
+        self.flush(force=True)
+        self.check_lock()
+        self.sink.publish(self.output, self.state.files, self.state.retiring, self.generation)  # type: ignore
+
+    def _plan_table(self) -> pa.Table:
+        """The planned shards as columns (what an entry must hold to describe one)."""
+        if self._plan is None:
+            shards = self.planned
+            self._plan = pa.table({
+                "id": pa.array([s.id for s in shards], pa.string()),
+                "output": pa.array([s.output for s in shards], pa.string()),
+                "fingerprint": pa.array([s.fingerprint for s in shards], pa.string()),
+                "first": pa.array([s.row_groups[0] for s in shards], pa.int64()),
+                "stop": pa.array([s.row_groups[1] for s in shards], pa.int64()),
+                "error": pa.array([s.error is not None for s in shards], pa.bool_())})
+        return self._plan
+
+    def _not_current(self) -> list[str]:
+        """Committed files that no planned shard describes (a vanished input's kept predictions aside)."""
+        table, _ = self.state.files.live(["id", "output", "fingerprint", "first", "stop"])
+        if not table.num_rows:
+            return []
+        plan = self._plan_table()
+        found = pc.fill_null(pc.index_in(table["id"], value_set=plan["id"]), -1).to_numpy()
+        if plan.num_rows:
+            at = pa.array(np.maximum(found, 0), pa.int64())
+            current = (found >= 0) & _same(table, plan.take(at), ("output", "fingerprint", "first", "stop"))
+        else:  # nothing planned (every file held by a compaction): only kept predictions are current
+            current = np.zeros(table.num_rows, dtype=bool)
+        if self.kept:
+            current |= (found < 0) & pc.is_in(table["output"], value_set=pa.array(sorted(self.kept), pa.string())) \
+                .to_numpy(zero_copy_only=False)
+        return table["output"].filter(pa.array(~current)).to_pylist()
+
+    def _planned_complete(self) -> bool:
+        plan = self._plan_table()
+        if pc.any(plan["error"]).as_py():
+            return False
+        table, _ = self.state.files.live(["id", "output", "fingerprint", "first", "stop", "rows_in", "rows_out",
+                                          "rows_rejected"])
+        found = pc.fill_null(pc.index_in(plan["output"], value_set=table["output"]), -1).to_numpy()
+        if (found < 0).any():
+            return False
+        held = table.take(pa.array(found, pa.int64()))
+        rows = held["rows_in"].to_numpy() == held["rows_out"].to_numpy() + held["rows_rejected"].to_numpy()
+        return bool((_same(held, plan, ("id", "fingerprint", "first", "stop")) & rows).all())
+
+    def _settle_unconfirmed(self) -> None:
+        """Commits of this run that nobody confirmed (killed attempts): the files decide."""
+        journal = read_journal(self.output, after=self.generation - 1, skip=self._confirmed)
+        records = journal.generations.get(self.generation)
+        if records is None:
+            return
+        for token, entry in records.commits.items():
+            if token not in self._confirmed:
+                trusted = records.jobs.get(token) == self.digest
+                self.state.settle(self.output, {**_V1_DEFAULTS, **entry}, trusted=trusted)
+
+    def _extras(self) -> list[dict[str, Any]]:
+        """The manifest's entries besides the committed ones: each planned shard not committed, failed
+        (this run, or an earlier one, of the same input version) or pending."""
+        table, _ = self.state.files.live(["id"])
+        held = pc.is_in(self._plan_table()["id"], value_set=table["id"]).to_numpy(zero_copy_only=False)
+        extras = []
+        for shard, committed in zip(self.planned, held.tolist()):
+            if committed:
+                continue
+            other = self.state.others.get(shard.id)
+            extras.append(other if other is not None and other["fingerprint"] == shard.fingerprint
+                          else shard_entry(shard))
+        return extras
+
+    def _root(self, complete: bool) -> dict[str, Any]:
+        """The manifest's fields besides its entries."""
+        return {
+            "generation": self.generation,
+            **self.header,
+            "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "complete": complete,
+            **committed_rows(self.state.files),
+            "retiring": sorted(self.state.retiring),
+        }
+
+
+def _same(table: pa.Table, other: pa.Table, columns: Sequence[str]) -> np.ndarray:
+    """Per row: `table` and `other` (as long) agree on every one of `columns`."""
+    same = np.ones(table.num_rows, dtype=bool)
+    for name in columns:
+        same &= pc.fill_null(pc.equal(table[name], other[name]), False).to_numpy(zero_copy_only=False)
+    return same
+
+
+def remove_success(output: Location) -> None:
+    """A run that will process shards removes a stale `_SUCCESS` first."""
+    delete_file(output.fs, output.join(SUCCESS))
+
+
+def output_listing(output: Location) -> dict[str, int]:
+    """Relative path -> size of every file under the output (one listing)."""
+    return {relative_to(output.path, info.path): info.size for info in existing_infos(output.fs, output.path)}
