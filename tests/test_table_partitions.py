@@ -79,3 +79,49 @@ def test_a_delta_table_partitioned_otherwise_is_exit_2_naming_both(tmp_path: Pat
                "output_format": "delta", "shard_rows": 1000, "passthrough": ["id", "name"]}
     with pytest.raises(OutputConflictError, match=r"partitioned by \['region'\] but this job's files by \['day'\]"):
         pipelines.run(**options, progress=False)
+
+
+@pytest.mark.parametrize("transform", ["identity", "day"])
+def test_an_iceberg_input_gives_an_iceberg_table_with_its_partition_spec(tmp_path: Path, transform: str) -> None:
+    import datetime
+
+    from pyiceberg.catalog import load_catalog
+    from pyiceberg.expressions import And, EqualTo, GreaterThanOrEqual, LessThan
+    from pyiceberg.transforms import DayTransform, IdentityTransform
+
+    (tmp_path / "wh").mkdir()
+    catalog = {"type": "sql", "uri": f"sqlite:///{tmp_path}/cat.db", "warehouse": f"file://{tmp_path}/wh"}
+    iceberg = load_catalog("default", **catalog)
+    iceberg.create_namespace("feats")
+    parts = {}
+    for d, (day, count) in enumerate(DAYS.items()):
+        part = feature_table(np.arange(d * 1000, d * 1000 + count), FEATURES, seed=d)
+        stamps = [datetime.datetime(2024, 1, 1 + d, 6) + datetime.timedelta(minutes=i) for i in range(count)]
+        parts[day] = part.append_column("day", pa.array([day] * count)).append_column(
+            "ts", pa.array(stamps, pa.timestamp("us")))
+    ids = {day: part["id"].to_pylist() for day, part in parts.items()}
+    source = iceberg.create_table("feats.users", schema=parts[day].schema)
+    data = Path(source.location().removeprefix("file://")) / "data"
+    data.mkdir(parents=True)
+    for day, part in parts.items():  # one file per partition, added by PyIceberg's add_files
+        pq.write_table(part, data / f"{day}.parquet")
+    files = [f"file://{data}/{day}.parquet" for day in parts]
+    column, spec = ("day", IdentityTransform()) if transform == "identity" else ("ts", DayTransform())
+    with source.update_spec() as update:
+        update.add_field(column, spec, f"{column}_part")
+    source.add_files(files)
+    save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=3)
+    run({"model": str(tmp_path / "m.pt"), "input": "feats.users", "input_format": "iceberg", "catalog": catalog,
+         "output": "preds.scores", "output_format": "iceberg", "features": [f"f{j:02d}" for j in range(FEATURES)],
+         "shard_rows": 1000})
+
+    table = iceberg.load_table("preds.scores")
+    assert [(table.schema().find_column_name(f.source_id), str(f.transform), f.name) for f in table.spec().fields] \
+        == [(column, transform, f"{column}_part")], "the input's spec"
+    assert sorted(table.scan().to_arrow()["id"].to_pylist()) == sorted(ids["2024-01-01"] + ids["2024-01-02"])
+    # A filter on one partition: the scan plans only that partition's file(s) and returns exactly its rows.
+    one = (EqualTo("day", "2024-01-02") if transform == "identity" else
+           And(GreaterThanOrEqual("ts", "2024-01-02T00:00:00"), LessThan("ts", "2024-01-03T00:00:00")))
+    planned = list(table.scan(row_filter=one).plan_files())
+    assert planned and {t.file.partition[0] for t in planned} == {"2024-01-02" if transform == "identity" else 19724}
+    assert sorted(table.scan(row_filter=one).to_arrow()["id"].to_pylist()) == ids["2024-01-02"]

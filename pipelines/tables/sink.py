@@ -180,7 +180,9 @@ def open_sink(cfg: JobConfig) -> Sink:
     if fmt == "iceberg":
         from pipelines.tables.iceberg_sink import IcebergSink
 
-        return IcebergSink(cfg.output, cfg.catalog)
+        # Partitioned like an Iceberg input (its spec; a Hive-partitioned input's keys are not in the files).
+        return IcebergSink(cfg.output, cfg.catalog,
+                           partitioned_like=cfg.input if cfg.input_format == "iceberg" else None)
     if fmt == "delta":
         from pipelines.tables.delta_sink import DeltaSink
 
