@@ -125,3 +125,22 @@ def test_an_iceberg_input_gives_an_iceberg_table_with_its_partition_spec(tmp_pat
     planned = list(table.scan(row_filter=one).plan_files())
     assert planned and {t.file.partition[0] for t in planned} == {"2024-01-02" if transform == "identity" else 19724}
     assert sorted(table.scan(row_filter=one).to_arrow()["id"].to_pylist()) == ids["2024-01-02"]
+
+
+def test_a_partitioned_delta_input_gives_a_delta_table_with_its_typed_partition_columns(tmp_path: Path) -> None:
+    from deltalake import write_deltalake
+
+    table = feature_table(np.arange(400), FEATURES, seed=1)
+    table = table.append_column("bucket", pa.array(np.arange(400) % 3, pa.int64()))
+    write_deltalake(str(tmp_path / "in"), table, partition_by=["bucket"])
+    save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=3)
+    run({"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": str(tmp_path / "preds"),
+         "output_format": "delta", "shard_rows": 1000})
+
+    out = DeltaTable(str(tmp_path / "preds"))
+    assert out.metadata().partition_columns == ["bucket"]
+    read = out.to_pyarrow_table()
+    assert read.schema.field("bucket").type == pa.int64(), "typed as the input table types it"
+    assert sorted(zip(read["id"].to_pylist(), read["bucket"].to_pylist())) == [(i, i % 3) for i in range(400)]
+    polars = pl.read_delta(str(tmp_path / "preds")).sort("id")
+    assert polars["bucket"].to_list() == [i % 3 for i in range(400)]
