@@ -143,3 +143,32 @@ def test_a_partitioned_delta_input_gives_a_delta_table_with_its_typed_partition_
     assert sorted(zip(read["id"].to_pylist(), read["bucket"].to_pylist())) == [(i, i % 3) for i in range(400)]
     polars = pl.read_delta(str(tmp_path / "preds")).sort("id")
     assert polars["bucket"].to_list() == [i % 3 for i in range(400)]
+
+
+def test_an_iceberg_input_with_files_from_before_its_spec_gives_an_unpartitioned_table(tmp_path: Path) -> None:
+    from pyiceberg.catalog import load_catalog
+    from pyiceberg.transforms import IdentityTransform
+
+    (tmp_path / "wh").mkdir()
+    catalog = {"type": "sql", "uri": f"sqlite:///{tmp_path}/cat.db", "warehouse": f"file://{tmp_path}/wh"}
+    iceberg = load_catalog("default", **catalog)
+    iceberg.create_namespace("feats")
+    both = feature_table(np.arange(300), FEATURES, seed=0)
+    both = both.append_column("day", pa.array(["2024-01-01"] * 150 + ["2024-01-02"] * 150))
+    source = iceberg.create_table("feats.users", schema=both.schema)
+    data = Path(source.location().removeprefix("file://")) / "data"
+    data.mkdir(parents=True)
+    pq.write_table(both, data / "both.parquet")  # two days in one file, unpartitioned
+    source.add_files([f"file://{data}/both.parquet"])
+    with source.update_spec() as update:
+        update.add_field("day", IdentityTransform(), "day_part")
+    later = feature_table(np.arange(300, 400), FEATURES, seed=1).append_column("day", pa.array(["2024-01-03"] * 100))
+    pq.write_table(later, data / "later.parquet")
+    source.add_files([f"file://{data}/later.parquet"])
+    save_mlp(tmp_path / "m.pt", [FEATURES, 8, 1], seed=3)
+    run({"model": str(tmp_path / "m.pt"), "input": "feats.users", "input_format": "iceberg", "catalog": catalog,
+         "output": "preds.scores", "output_format": "iceberg", "features": [f"f{j:02d}" for j in range(FEATURES)]})
+
+    table = iceberg.load_table("preds.scores")
+    assert not table.spec().fields, "a file of the old spec holds two partitions: not partitioned"
+    assert sorted(table.scan().to_arrow()["id"].to_pylist()) == list(range(400))

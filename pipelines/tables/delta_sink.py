@@ -175,7 +175,7 @@ class DeltaSink(TableSink):
         if table is not None:
             columns = list(table.metadata().partition_columns)  # type: ignore[attr-defined]
             if adds and wanted != columns:
-                raise OutputConflictError(f"the Delta table {self.name!r} {_partitioned(columns, wanted)}; "
+                raise OutputConflictError(f"the Delta table {self.name!r}: {_partitioned(columns, wanted)}; "
                                           f"nothing was committed to the table")
         schema = self._table_schema(self.schema, columns) if table is None else None
 
@@ -213,7 +213,7 @@ class DeltaSink(TableSink):
                     raise  # landed (`commit` re-reads the txn and takes it), or lost the race too often
 
 def _partitioned(table: Sequence[str], ours: Sequence[str]) -> str:
-    return (f"is partitioned by {list(table) or 'nothing'} but this job's files by {list(ours) or 'nothing'} "
+    return (f"the table is partitioned by {list(table) or 'nothing'} but this job's files by {list(ours) or 'nothing'} "
             f"(their paths' key=value directories)")
 
 

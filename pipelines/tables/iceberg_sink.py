@@ -110,6 +110,15 @@ class IcebergSink(TableSink):
             return []
         source = self.catalog.load_table(self._partitioned_like)
         fields = _fields(source.spec(), source.schema())
+        snapshot = source.current_snapshot()
+        if fields and snapshot is not None and any(m.partition_spec_id != source.spec().spec_id
+                                                   for m in snapshot.manifests(source.io)):
+            # A file written under an earlier spec may hold several of the current spec's partitions, and an
+            # output file that mirrors it could not be given one partition value (the manifest list says).
+            logger.info("%s: the input %s has files written under an earlier partition spec than its current "
+                        "one (%s); the table is created unpartitioned", self.name, self._partitioned_like,
+                        _text(fields))
+            return []
         missing = sorted({column for column, _, _ in fields if column not in schema.names})
         if missing:
             logger.info("%s: the input %s is partitioned by %s, but the columns %s are not passthrough; the table "
