@@ -9,6 +9,13 @@ the table's `txn` version before committing and after an error: the run's
 generation there means that commit is already in the table.
 A missing table is created by the run's first commit, with the files in it.
 
+Partitions: where the input is Hive-partitioned (a Parquet directory's or a
+Delta table's `key=value/` directories, which the output's paths mirror), the
+table is partitioned by those keys: each add action's `partitionValues` come
+from its file's path, and the partition columns are strings unless the input
+is a Delta table, whose metadata types them. The data files do not hold the
+partition columns (Delta's convention); readers of the table add them.
+
 On S3 delta-rs opens the table with our URI's endpoint, region and keys
 (`stores.delta_storage_options`). Its commits there are safe against other
 writers without a lock: delta-rs 1.6 creates each log entry with a conditional
@@ -26,6 +33,8 @@ but batch-infer may commit to the output table.
 from __future__ import annotations
 
 import json
+import logging
+import posixpath
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,11 +43,13 @@ from urllib.parse import unquote
 import pyarrow as pa
 
 from basis.errors import OutputConflictError
-from basis.storage import absolute, read_parquet_footer, redact, resolve
+from basis.storage import Location, absolute, read_parquet_footer, redact, resolve
 from pipelines.tables import is_delta_table
-from pipelines.tables.sink import APP_ID, RUN_PROPERTY, OutputFile, TableSink, describe_mismatch
+from pipelines.tables.sink import APP_ID, RUN_PROPERTY, OutputFile, TableSink, describe_mismatch, hive_values
 from pipelines.tables.stores import delta_storage_options, delta_table_uri
 
+
+logger = logging.getLogger(__name__)
 
 _COMMIT_TRIES = 5  # commits tried while other writers' commits take the next version first
 
@@ -48,7 +59,11 @@ class DeltaSink(TableSink):
 
     format = "delta"
 
-    def __init__(self, output: str) -> None:
+    def __init__(self, output: str, *, hive: bool = True, typed_by: Location | None = None) -> None:
+        """`hive`: partition a new table by the `key=value/` directories of its files' paths (not for an
+        Iceberg input, whose layout is its own); `typed_by`: the Delta input table that types them."""
+        self._hive, self._typed_by = hive, typed_by
+        self._dirs: set[str] = set()  # the directories of this run's files (`data_name`)
         self.uri = absolute(output)
         self.location = resolve(self.uri)
         self.name = self.location.uri
@@ -69,15 +84,57 @@ class DeltaSink(TableSink):
             raise OutputConflictError(f"cannot open the Delta table {self.name!r} to write predictions into: "
                                       f"{redact(str(exc))}") from exc
 
+    def data_name(self, name: str, generation: int) -> str:
+        self._dirs.add(posixpath.dirname(name) + "/")  # this run's partitions, checked against the table's
+        return super().data_name(name, generation)
+
+    def partition_columns(self, paths: Sequence[str]) -> list[str]:
+        """The partition columns files at `paths` give a new table: their Hive keys, where all have the same
+        ones and none is a column of the data files; else none."""
+        keys = {tuple(hive_values(p)) for p in paths} if self._hive else set()
+        if len(keys) != 1:
+            if len(keys) > 1:
+                logger.warning("%s: the input's paths have different partition keys (%s); the Delta table is "
+                               "not partitioned", self.name, sorted(keys))
+            return []
+        columns = list(keys.pop())
+        clash = [c for c in columns if self.schema is not None and c in self.schema.names]
+        if clash:
+            logger.warning("%s: the partition keys %s are also columns of the data files; the Delta table is not "
+                           "partitioned", self.name, clash)
+            return []
+        return columns
+
+    def _partition_types(self, columns: Sequence[str]) -> dict[str, pa.DataType]:
+        """Each partition column's type: the Delta input table's, else string."""
+        types = {c: pa.string() for c in columns}
+        if columns and self._typed_by is not None:
+            from deltalake import DeltaTable
+
+            from pipelines.tables.stores import delta_storage_options as options, delta_table_uri as uri
+
+            source = DeltaTable(uri(self._typed_by), storage_options=options(self._typed_by) or None)
+            found = pa.schema(source.schema().to_arrow())
+            types.update({c: found.field(c).type for c in columns
+                          if c in source.metadata().partition_columns and c in found.names})
+        return types
+
+    def _table_schema(self, schema: pa.Schema, columns: Sequence[str]) -> pa.Schema:
+        types = self._partition_types(columns)
+        return pa.schema([*schema, *(pa.field(c, types[c]) for c in columns)])
+
     def _check_schema(self, schema: pa.Schema) -> None:
         table = self._open()
         if table is None:
             return
         found = pa.schema(table.schema().to_arrow())  # type: ignore[attr-defined]
-        partitions = table.metadata().partition_columns  # type: ignore[attr-defined]
-        problems = describe_mismatch(found, schema)
-        if partitions:
-            problems.append(f"the table is partitioned by {partitions}; predictions are written unpartitioned")
+        partitions = list(table.metadata().partition_columns)  # type: ignore[attr-defined]
+        ours = pa.schema([*schema, *(found.field(c) for c in partitions if c in found.names)])
+        problems = describe_mismatch(found, ours)
+        if self._dirs:
+            wanted = self.partition_columns(sorted(self._dirs))
+            if wanted != partitions:
+                problems.append(_partitioned(partitions, wanted))
         if problems:
             raise OutputConflictError(f"the Delta table {self.name!r} does not fit this job's predictions: "
                                       f"{'; '.join(problems)}; write to a new table, or drop this one")
@@ -113,8 +170,21 @@ class DeltaSink(TableSink):
         check_files(self.location, adds, self.schema, self.name)
         from deltalake.exceptions import CommitFailedError
 
+        table = self._open()
+        columns = wanted = self.partition_columns([f.path for f in adds])
+        if table is not None:
+            columns = list(table.metadata().partition_columns)  # type: ignore[attr-defined]
+            if adds and wanted != columns:
+                raise OutputConflictError(f"the Delta table {self.name!r}: {_partitioned(columns, wanted)}; "
+                                          f"nothing was committed to the table")
+        schema = self._table_schema(self.schema, columns) if table is None else None
+
+        def values(path: str) -> dict[str, str | None]:
+            return {c: v for c, v in hive_values(path).items() if c in columns}
+
         now = int(time.time() * 1000)
-        added = [AddAction(f.path, f.size, {}, now, True, json.dumps({"numRecords": f.rows})) for f in adds]
+        added = [AddAction(f.path, f.size, values(f.path), now, True, json.dumps({"numRecords": f.rows}))
+                 for f in adds]
         # delta-rs may not retry a commit on its own: when the log entry's name is taken, its retry applies
         # the same actions again under the next version (its conflict check lets two blind appends through),
         # and the name is taken by this very commit when S3 applied the PUT but its answer was lost (the
@@ -127,17 +197,25 @@ class DeltaSink(TableSink):
             table = self._open()
             try:
                 if table is None:
-                    create_table_with_add_actions(self._table_uri, _delta_schema(self.schema), added, mode="error",
+                    create_table_with_add_actions(self._table_uri, _delta_schema(schema or self.schema), added,
+                                                  mode="error", partition_by=columns or None,
                                                   storage_options=self._storage_options, commit_properties=props)
                     return
                 sizes = {path: f.size for path, f in self.files().items()}
-                removed = [RemoveAction(path, True, now, sizes.get(path), {}) for path in removes]
+                removed = [RemoveAction(path, True, now, sizes.get(path), values(path)) for path in removes]
+                found = pa.schema(table.schema().to_arrow())  # type: ignore[attr-defined]
                 table.create_write_transaction([*added, *removed], mode="append",  # type: ignore[attr-defined]
-                                               schema=_delta_schema(self.schema), commit_properties=props)
+                                               schema=_delta_schema(found), partition_by=columns or None,
+                                               commit_properties=props)
                 return
             except CommitFailedError:
                 if self.committed(generation) or attempt == _COMMIT_TRIES:
                     raise  # landed (`commit` re-reads the txn and takes it), or lost the race too often
+
+def _partitioned(table: Sequence[str], ours: Sequence[str]) -> str:
+    return (f"the table is partitioned by {list(table) or 'nothing'} but this job's files by {list(ours) or 'nothing'} "
+            f"(their paths' key=value directories)")
+
 
 def _delta_schema(schema: pa.Schema) -> object:
     from deltalake import Schema

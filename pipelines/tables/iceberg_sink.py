@@ -11,10 +11,20 @@ summary (an earlier try whose outcome was unknown landed) commits nothing. A
 missing table (and its namespace) is created by the run's first commit, in the
 same catalog transaction as its first snapshot, at the location it would get
 by default (`<namespace location>/<table>` or `<warehouse>/<namespace>.db/<table>`).
+
+Partitions: from an Iceberg input, a new table gets the input's partition
+spec (same source columns, transforms and field names) where every source
+column is a column of the output (passthrough), else it is unpartitioned (a
+log line says why); each file's partition values are inferred from its column
+statistics (`parquet_file_to_data_file`), which holds because each output file
+mirrors one input file, so holds one partition. Not from a Hive-partitioned
+input: Iceberg partitions derive from columns of the data files, and the
+`key=value/` directories' columns are not in them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,6 +36,10 @@ from basis.storage import redact
 from pipelines.tables.sink import RUN_PROPERTY, OutputFile, TableSink, describe_mismatch
 from pipelines.tables.stores import iceberg_location, iceberg_uri
 
+logger = logging.getLogger(__name__)
+
+PartitionField = tuple[str, Any, str]  # source column, transform, partition field name
+
 
 class IcebergSink(TableSink):
     """`output_format: iceberg`: `output: namespace.table` through the `catalog` properties."""
@@ -33,7 +47,9 @@ class IcebergSink(TableSink):
     format = "iceberg"
     data_prefix = "data/"
 
-    def __init__(self, name: str, catalog: Mapping[str, str] | None) -> None:
+    def __init__(self, name: str, catalog: Mapping[str, str] | None, *, partitioned_like: str | None = None) -> None:
+        """`partitioned_like`: the Iceberg input table (in the same catalog) whose spec a new table takes."""
+        self._partitioned_like = partitioned_like
         from pyiceberg.catalog import load_catalog
         from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 
@@ -88,13 +104,36 @@ class IcebergSink(TableSink):
         except (NoSuchTableError, NoSuchNamespaceError):
             return None
 
+    def partition_fields(self, schema: pa.Schema) -> list[PartitionField]:
+        """The spec a new table gets: the input table's, where all its source columns are output columns."""
+        if self._partitioned_like is None:
+            return []
+        source = self.catalog.load_table(self._partitioned_like)
+        fields = _fields(source.spec(), source.schema())
+        snapshot = source.current_snapshot()
+        if fields and snapshot is not None and any(m.partition_spec_id != source.spec().spec_id
+                                                   for m in snapshot.manifests(source.io)):
+            # A file written under an earlier spec may hold several of the current spec's partitions, and an
+            # output file that mirrors it could not be given one partition value (the manifest list says).
+            logger.info("%s: the input %s has files written under an earlier partition spec than its current "
+                        "one (%s); the table is created unpartitioned", self.name, self._partitioned_like,
+                        _text(fields))
+            return []
+        missing = sorted({column for column, _, _ in fields if column not in schema.names})
+        if missing:
+            logger.info("%s: the input %s is partitioned by %s, but the columns %s are not passthrough; the table "
+                        "is created unpartitioned", self.name, self._partitioned_like, _text(fields), missing)
+            return []
+        return fields
+
     def _check_schema(self, schema: pa.Schema) -> None:
         table = self._open()
         if table is None:
             return
         problems = describe_mismatch(table.schema().as_arrow(), schema)
-        if table.spec().fields:
-            problems.append(f"the table is partitioned ({table.spec()}); predictions are written unpartitioned")
+        found, wanted = _fields(table.spec(), table.schema()), self.partition_fields(schema)
+        if [(c, str(t)) for c, t, _ in found] != [(c, str(t)) for c, t, _ in wanted]:
+            problems.append(f"the table is partitioned by {_text(found)} but this job's files by {_text(wanted)}")
         if not problems:
             from pyiceberg.io.pyarrow import _check_pyarrow_schema_compatible
 
@@ -136,6 +175,11 @@ class IcebergSink(TableSink):
             self.catalog.create_namespace_if_not_exists(self.namespace)
             tx = self.catalog.create_table_transaction(self.name, schema=self.schema, location=self.root)
             io = tx._table.io
+            fields = self.partition_fields(self.schema)
+            if fields:
+                with tx.update_spec() as spec:
+                    for column, transform, field_name in fields:
+                        spec.add_field(column, transform, field_name)
         else:
             tx = table.transaction()
             io = table.io
@@ -148,9 +192,9 @@ class IcebergSink(TableSink):
                 data_files = list(pool.map(lambda f: parquet_file_to_data_file(io, metadata, f"{self.root}/{f.path}"),
                                            adds))
             except ValueError as exc:
-                raise OutputConflictError(f"{self.name}: a data file does not have the table's schema (an input "
-                                          f"file typed its columns differently): {exc}; nothing was committed "
-                                          f"to the table") from exc
+                raise OutputConflictError(f"{self.name}: a data file does not fit the table (an input file typed "
+                                          f"its columns differently, or holds rows of several partitions): {exc}; "
+                                          f"nothing was committed to the table") from exc
         current = {}
         if removes:
             wanted = {f"{self.root}/{p}" if "://" not in p and not p.startswith("/") else p for p in removes}
@@ -162,3 +206,12 @@ class IcebergSink(TableSink):
             for data_file in current.values():
                 snapshot.delete_data_file(data_file)
         tx.commit_transaction()
+
+
+def _fields(spec: Any, schema: Any) -> list[PartitionField]:
+    """A partition spec's fields by source column name (ids differ between tables)."""
+    return [(schema.find_column_name(f.source_id), f.transform, f.name) for f in spec.fields]
+
+
+def _text(fields: Sequence[PartitionField]) -> str:
+    return "[" + ", ".join(f"{t}({c})" for c, t, _ in fields) + "]" if fields else "nothing"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+from urllib.parse import unquote
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -179,11 +180,15 @@ def open_sink(cfg: JobConfig) -> Sink:
     if fmt == "iceberg":
         from pipelines.tables.iceberg_sink import IcebergSink
 
-        return IcebergSink(cfg.output, cfg.catalog)
+        # Partitioned like an Iceberg input (its spec; a Hive-partitioned input's keys are not in the files).
+        return IcebergSink(cfg.output, cfg.catalog,
+                           partitioned_like=cfg.input if cfg.input_format == "iceberg" else None)
     if fmt == "delta":
         from pipelines.tables.delta_sink import DeltaSink
 
-        return DeltaSink(cfg.output)
+        # Partitioned like a Hive-partitioned input (a Parquet directory's or a Delta table's `key=value/`
+        # directories, which the output's paths mirror); a Delta input's metadata types its partition columns.
+        return DeltaSink(cfg.output, hive=cfg.input_format != "iceberg", typed_by=_delta_input(cfg))
     sink = ParquetSink(cfg.output)
     from pipelines.tables import is_delta_table
 
@@ -192,6 +197,35 @@ def open_sink(cfg: JobConfig) -> Sink:
                           f"'output_format: delta' to commit predictions into it, or choose a directory for "
                           f"Parquet output")
     return sink
+
+
+def _delta_input(cfg: JobConfig) -> Location | None:
+    """The input's location where it is a Delta table."""
+    from pipelines.tables import is_delta_table
+
+    if cfg.input_format == "iceberg":
+        return None
+    location = resolve(absolute(cfg.input))
+    return location if cfg.input_format == "delta" or is_delta_table(location) else None
+
+
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"  # Hive's (and Delta's) directory name for a null partition value
+
+
+def hive_values(path: str) -> dict[str, str | None]:
+    """The partition values a file's relative path gives in Hive's `key=value/` directories, in order
+    (unquoted as Hive and Delta escape them; `__HIVE_DEFAULT_PARTITION__` is null).
+
+    Example:
+        >>> hive_values("day=2024-01-01/city=New%20York/part-0.parquet")
+        {'day': '2024-01-01', 'city': 'New York'}
+    """
+    values: dict[str, str | None] = {}
+    for segment in path.split("/")[:-1]:
+        key, sep, value = segment.partition("=")
+        if sep and key:
+            values[unquote(key)] = None if value == HIVE_NULL else unquote(value)
+    return values
 
 
 def reopen_sink(config: Mapping[str, Any], output: str, catalog: Mapping[str, str] | None = None) -> Sink:
