@@ -149,6 +149,13 @@ class _Check:
         self.rows_out = state.files.column_sum("rows_out")  # committed entries, as columns
         self.table_files: dict[str, Any] | None = None  # a table output's current files (path -> OutputFile)
 
+    def _pending(self, paths: list[str], what: str, next_run: str) -> None:
+        """Files a stopped run left for the next complete one: a note, or a problem beside `_SUCCESS`."""
+        if paths and self.complete:
+            self.problems.append(f"{len(paths)} {what}, e.g. {paths[0]}, but _SUCCESS says the output is complete")
+        elif paths:
+            self.notes.append(f"{len(paths)} {what}; the next complete run {next_run}")
+
     def check_table(self, name: str, fmt: str, files: Mapping[str, Any]) -> None:
         """A table output: its current files are the manifest's committed ones, with their rows."""
         self.table_files = dict(files)
@@ -157,19 +164,9 @@ class _Check:
         for path in (p for p in extra if p not in self.state.retiring):
             self.problems.append(f"{path}: in the {fmt} table {name}, but no committed manifest entry describes it")
         retired = [p for p in extra if p in self.state.retiring]  # replaced or pruned by a run that stopped short
-        if retired and self.complete:
-            self.problems.append(f"{len(retired)} retired file(s) are still in the {fmt} table {name}, e.g. "
-                                 f"{retired[0]}, but _SUCCESS says the output is complete")
-        elif retired:
-            self.notes.append(f"{len(retired)} retired file(s) are still in the {fmt} table {name}; the next "
-                              f"complete run takes them out")
+        self._pending(retired, f"retired file(s) are still in the {fmt} table {name}", "takes them out")
         missing = sorted(set(committed) - set(files))
-        if missing and self.complete:
-            self.problems.append(f"{len(missing)} committed file(s) are not in the {fmt} table {name}, e.g. "
-                                 f"{missing[0]}, but _SUCCESS says the output is complete")
-        elif missing:
-            self.notes.append(f"{len(missing)} committed file(s) are not in the {fmt} table {name} yet; the next "
-                              f"complete run commits them")
+        self._pending(missing, f"committed file(s) are not in the {fmt} table {name}", "commits them")
         for path in sorted(set(files) & set(committed)):
             rows = files[path].rows
             if rows >= 0 and rows != committed[path]["rows_out"]:

@@ -10,7 +10,6 @@ The CI profile is small (about 40 s); `pytest -m soak` runs a longer one.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -193,16 +192,9 @@ class TableOutputHistories(RuleBasedStateMachine):
     def _table_files(self) -> list[str]:
         """The table's current data files, from its own metadata (never a directory listing)."""
         if self.FORMAT == "delta":
+            from lakehouse import delta_files
 
-            live: set[str] = set()
-            for commit in sorted((self.root / "preds" / "_delta_log").glob("*.json")):
-                for line in commit.read_text().splitlines():
-                    action = json.loads(line)
-                    if "add" in action:
-                        live.add(action["add"]["path"])
-                    elif "remove" in action:
-                        live.discard(action["remove"]["path"])
-            return sorted(str(self.root / "preds" / unquote(p)) for p in live)
+            return sorted(str(self.root / "preds" / unquote(p)) for p in delta_files(self.root / "preds"))
         table = self._iceberg()
         return sorted(t.file.file_path.removeprefix("file://") for t in table.scan().plan_files()) if table else []
 

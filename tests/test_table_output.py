@@ -28,10 +28,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, cli, feature_table, reference, save_mlp, write_files
+from lakehouse import delta_files as delta_log_files
 from deltalake import DeltaTable, write_deltalake
 
 import pipelines
-from basis.errors import OutputConflictError
 from pipelines.commit import MANIFEST, SUCCESS
 from pipelines.tables.delta_sink import DeltaSink
 from pipelines.config import JobConfig
@@ -77,17 +77,9 @@ def args(options: dict[str, Any]) -> list[str]:
 
 def delta_files(root: Path) -> list[Path]:
     """The table's current data files, by replaying its JSON log (adds minus removes) by hand."""
-    live: set[str] = set()
-    for commit in sorted((root / "_delta_log").glob("*.json")):
-        for line in commit.read_text().splitlines():
-            action = json.loads(line)
-            if "add" in action:
-                live.add(action["add"]["path"])
-            elif "remove" in action:
-                live.discard(action["remove"]["path"])
     from urllib.parse import unquote
 
-    return sorted(root / unquote(path) for path in live)
+    return sorted(root / unquote(path) for path in delta_log_files(root))
 
 
 def delta_versions(root: Path) -> int:
