@@ -41,7 +41,7 @@ LANE_MAX_ROWS = DEFAULT_SHARD_ROWS  # at most one default shard's worth of rows
 
 def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[[Shard, dict[str, Any]], None],
                   *, max_attempts: int, shard_timeout: float | None = None,
-                  bundle_rows: int = DEFAULT_SHARD_ROWS) -> list[dict[str, Any]]:
+                  bundle_rows: int = DEFAULT_SHARD_ROWS, numpy_forward: bool = True) -> list[dict[str, Any]]:
     """Process `shards` in order on a replica in this process; returns the lane's entries for the report.
 
     Shards run in bundles (`pipelines.bundle`, up to `bundle_rows` rows) on a thread of their
@@ -55,12 +55,13 @@ def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[
     charged. An error that is not the shard's (the model does not load here, a bug) fails the
     shard in hand and every shard after it with that error; the run ends with its report.
     Ctrl-C (or SIGTERM) stops the shard in hand before its commit and returns at once.
+    `numpy_forward`: an fp32 model runs on numpy (`workers.cpu_forward`), no torch imported; else on torch.
 
     Example:
         >>> run_in_driver(job, plan.todo, on_result, max_attempts=3)[0]["shards"]  # doctest: +SKIP
         1
     """
-    lane = _Lane(job, max_attempts, shard_timeout)
+    lane = _Lane(job, max_attempts, shard_timeout, numpy_forward)
     pending = collections.deque(shards)
     try:
         while pending:
@@ -81,9 +82,11 @@ def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[
 class _Lane:
     """The driver's replica, replaced when it stalls; the records of every one that ran."""
 
-    def __init__(self, job: ReplicaJob, max_attempts: int, shard_timeout: float | None) -> None:
+    def __init__(self, job: ReplicaJob, max_attempts: int, shard_timeout: float | None,
+                 numpy_forward: bool = True) -> None:
         self.job, self.max_attempts, self.shard_timeout = job, max_attempts, shard_timeout
-        self.replica = Replica(LANE_INDEX, job, in_driver=True, numpy_forward=True)
+        self.numpy_forward = numpy_forward
+        self.replica = Replica(LANE_INDEX, job, in_driver=True, numpy_forward=numpy_forward)
         self.records: list[dict[str, Any]] = []
         self.ended = "finished"
         self._slowest = 0.0  # seconds per row of the slowest committed shard
@@ -122,7 +125,7 @@ class _Lane:
                                "abandoning its replica%s", shard.id, limit,
                                " and retrying the shard" if attempts < self.max_attempts else "")
                 self.abandon(f"{STALLED}: {reason}")
-                self.replica = Replica(LANE_INDEX, self.job, in_driver=True, numpy_forward=True,
+                self.replica = Replica(LANE_INDEX, self.job, in_driver=True, numpy_forward=self.numpy_forward,
                                        storage=(self.replica.source, self.replica.output))
                 self._again(bundle[position:], pending, on_result, STALLED, reason)
                 return ""
