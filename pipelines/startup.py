@@ -53,29 +53,37 @@ def _ray_session_up() -> bool:
     return ray is not None and ray.is_initialized()
 
 
-def embedded_cpu_possible(cfg: JobConfig) -> Any:
-    """This machine as an embedded Ray would see it (`cluster.local_view`) when the run may be done in the
-    driver lane (its own embedded Ray, CPU replicas, `replicas: auto`), else None: the run uses Ray."""
+def embedded_cpu_possible(cfg: JobConfig, view: Any = None) -> Any:
+    """This machine as an embedded Ray would see it (`view`, default `cluster.local_view`) when the run may be
+    done in the driver lane (its own embedded Ray, CPU replicas, `replicas: auto`), else None: it uses Ray."""
     if cfg.address or os.environ.get("RAY_ADDRESS") or _ray_session_up() or cfg.replicas is not None:
         return None
-    from pipelines.cluster import local_view
+    if view is None:
+        from pipelines.cluster import local_view
 
-    view = local_view()
+        view = local_view()
     if cfg.gpus_per_replica or (cfg.gpus_per_replica is None and view.totals.get("GPU", 0.0) > 0):
         return None
     return view
 
 
-def lane_resources(cfg: JobConfig, rows: int, shards: int, layers: tuple[tuple[int, int, bool], ...]) -> Any:
+def lane_resources(cfg: JobConfig, rows: int, shards: int, layers: tuple[tuple[int, int, bool], ...],
+                   view: Any = None) -> Any:
     """The lane replica's `ReplicaResources` when this run is done in the driver (`pipelines.lane`), else None.
 
-    See the module doc for when. The replica's shape is checked against this machine
-    as Ray would check it, so what can never fit is refused before anything is written.
+    See the module doc for when. `view`: this machine (default `cluster.local_view`). The
+    replica's shape is checked against it as Ray would check it, so what can never fit is
+    refused (`ResourceError`) before anything is written.
+
+    Example:
+        >>> two = ClusterView((Node("n", "h", {"CPU": 2.0}),))
+        >>> lane_resources(cfg, 32_000_000, 16, ((64, 16, True), (16, 1, True)), two).num_cpus  # doctest: +SKIP
+        2.0
     """
     from pipelines.cluster import plan_replicas
     from pipelines.lane import LANE_MAX_ROWS
 
-    view = embedded_cpu_possible(cfg)
+    view = embedded_cpu_possible(cfg, view)
     if view is None:
         return None
     cpu_only = cfg.replace(gpus_per_replica=0)
