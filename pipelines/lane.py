@@ -1,21 +1,23 @@
-"""The driver lane: a small embedded run is done in the driver process, without starting Ray.
+"""The driver lane: an embedded CPU run that one replica does as well is done in the driver process, no Ray.
 
-An embedded Ray takes ~5 s to start and a replica ~2 s more, while a job of a
-hundred thousand rows takes a fraction of a second. So a run that would start
-its own embedded Ray with CPU replicas, and whose work is at most
-`LANE_MAX_ROWS` rows (an hourly tick with a few new files, a small job), runs
-its shards one after another on a `Replica` in the driver process instead.
+An embedded Ray takes ~5-10 s to start and a replica ~2 s more. So a run that
+would start its own embedded Ray with CPU replicas runs its shards on a
+`Replica` in the driver process instead when Ray would run a single replica
+anyway, whatever its size, and for any model when its work is at most
+`LANE_MAX_ROWS` rows (an hourly tick with a few new files, a small job): the
+rule and its measurements are in `pipelines.startup` (`lane_resources`).
 Each shard is committed exactly as a Ray replica commits it (journal record,
 then publish), so resume, exactly-once and `verify` do not depend on which ran
 it; the report lists the lane as one replica on node `driver`. Small shards
 go to it in bundles as they go to Ray replicas (`pipelines.bundle`): one
-thread per bundle, a result per shard. An fp32 model
-runs on numpy there (`workers.cpu_forward`): `import torch` alone would be
-most of a small job's time (1.3-1.7 s of ~2 s).
+thread per bundle, a result per shard. An fp32 model of a run of at most
+`LANE_MAX_ROWS` rows runs on numpy there (`workers.cpu_forward`): `import
+torch` alone would be most of a small job's time (1.3-1.7 s of ~2 s); a
+longer run loads torch while its first shard decodes (6.4M data-bound rows:
+4.6 s of CPU on torch against 6.6 s on numpy, the import included).
 
-Longer runs start Ray as before. (A lane running beside Ray's start-up, then
-handing over, was tried: on a busy 2-core machine it slowed both, and Ray's
-start took 24 s instead of about 8.)
+(A lane running beside Ray's start-up, then handing over, was tried: on a busy
+2-core machine it slowed both, and Ray's start took 24 s instead of about 8.)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from workers.replica import Replica, ReplicaJob, State
 logger = logging.getLogger(__name__)
 
 LANE_INDEX = -1  # the lane's replica index in results and timelines (Ray replicas count from 0)
-LANE_MAX_ROWS = DEFAULT_SHARD_ROWS  # at most one default shard's worth of rows
+LANE_MAX_ROWS = DEFAULT_SHARD_ROWS  # a small job: at most one default shard's worth of rows
 
 
 def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[[Shard, dict[str, Any]], None],

@@ -76,8 +76,10 @@ def lane_resources(cfg: JobConfig, rows: int, shards: int, layers: tuple[tuple[i
     refused (`ResourceError`) before anything is written.
 
     Example:
+        >>> from pipelines.cluster import ClusterView, Node
         >>> two = ClusterView((Node("n", "h", {"CPU": 2.0}),))
-        >>> lane_resources(cfg, 32_000_000, 16, ((64, 16, True), (16, 1, True)), two).num_cpus  # doctest: +SKIP
+        >>> cfg = JobConfig.from_dict({"model": "m", "input": "i", "output": "o"})
+        >>> lane_resources(cfg, 32_000_000, 16, ((64, 16, True), (16, 1, True)), two).num_cpus
         2.0
     """
     from pipelines.cluster import plan_replicas
