@@ -189,9 +189,9 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
             return _report(p, [], [], time.perf_counter() - started, complete=True)
-        from pipelines.lane import LANE_MAX_ROWS, run_in_driver
-        from pipelines.startup import lane_resources
-        from workers.replica import ReplicaJob
+        from pipelines.lane import run_in_driver
+        from pipelines.startup import lane_on_numpy, lane_resources
+        from workers.replica import ReplicaJob, default_batch_size
 
         runnable = [s for s in p.todo if s.error is None]
         done: list[dict[str, Any]] = []
@@ -256,10 +256,10 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                     logger.info("running %d shard(s) in the driver process: %d row(s) need no Ray started",
                                 len(runnable), rows)
                     begin()
-                    # a small job's fp32 model on numpy: `import torch` would be most of its time
+                    batch_rows = cfg.batch_size or default_batch_size(p.columns.width, on_gpu=False)
                     replicas = run_in_driver(job, runnable, on_result, max_attempts=cfg.max_attempts,
                                              shard_timeout=cfg.shard_timeout, bundle_rows=bundle_rows,
-                                             numpy_forward=rows <= LANE_MAX_ROWS)
+                                             numpy_forward=lane_on_numpy(rows, len(runnable), batch_rows))
                 else:
                     replicas, waited = _run_on_ray(cfg, p, job, startup, runnable, on_result, begin, metrics, chosen,
                                                    bundle_rows)

@@ -18,7 +18,7 @@ import pipelines.lane
 from basis.errors import InputError
 from pipelines.cluster import ClusterView, Node
 from pipelines.config import JobConfig
-from pipelines.startup import lane_resources
+from pipelines.startup import lane_on_numpy, lane_resources
 
 DATA_BOUND = ((64, 16, True), (16, 1, True))  # the benchmark's data-bound model: the forward is a small share
 COMPUTE_BOUND = ((64, 256, True), (256, 256, True), (256, 1, True))
@@ -49,6 +49,9 @@ def test_the_lane_takes_every_embedded_cpu_run_ray_would_give_one_replica(monkey
     assert lane_resources(_cfg(), small, 1, DATA_BOUND, _machine(2, gpus=1)) is None  # a GPU is used
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert lane_resources(_cfg(), small, 1, DATA_BOUND, _machine(2)) is None
+    # The lane's forward: numpy for a small job and for tiny files, torch for long runs of full batches.
+    assert lane_on_numpy(small, 1, 65_536) and lane_on_numpy(2_000_000, 20_000, 65_536)
+    assert not lane_on_numpy(6_400_000, 16, 65_536)
 
 
 def test_a_run_above_the_small_job_runs_in_the_lane_on_torch_when_ray_would_run_one_replica(
@@ -59,7 +62,7 @@ def test_a_run_above_the_small_job_runs_in_the_lane_on_torch_when_ray_would_run_
     cpus = len(os.sched_getaffinity(0))  # one replica of every CPU: what Ray would run here too
     caplog.set_level(logging.INFO)
     report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
-                           cpus_per_replica=cpus, progress=False)
+                           cpus_per_replica=cpus, batch_size=100, progress=False)  # shards of two full batches
     assert report.complete and [(r["node"], r["shards"]) for r in report.replicas] == [("driver", 3)]
     assert "running 3 shard(s) in the driver process" in caplog.text
     assert "model loaded on" in caplog.text and "(cpu, numpy)" not in caplog.text  # torch: a long run
