@@ -302,10 +302,8 @@ def _run_on_ray(cfg: JobConfig, p: Plan, job: Any, startup: Any, runnable: list[
             scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, request=request,
                                   start_timeout=start_timeout, shard_timeout=cfg.shard_timeout,
                                   bundle_rows=bundle_rows, metrics=metrics, pool=early)
-            try:
-                return scheduler.run(runnable, on_result, on_started=begin), scheduler.pool.waited_seconds
-            finally:
-                startup.pool = None  # the scheduler's now: it stops them
+            startup.pool = None  # the scheduler's now: it stops them, however the run ends
+            return scheduler.run(runnable, on_result, on_started=begin), scheduler.pool.waited_seconds
 
 
 class _Refusals:
@@ -402,7 +400,8 @@ def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..
     check_removals(table, state.files, reconciled, dict(listed), prune=cfg.prune, overwrite=cfg.overwrite,
                    output=output.uri)
     if fast and (reconciled.todo or reconciled.stale or reconciled.kept):
-        return _prepare(cfg, from_manifest=False, on_work=on_work)  # planned from the manifest, but there is work: plan the table
+        # planned from the manifest, but there is work: plan the table
+        return _prepare(cfg, from_manifest=False, on_work=on_work)
     shards, reconciled.todo = _name_outputs(sink, state, shards, reconciled.todo)
     sink.check_schema(lambda: _output_schema(cfg, model, columns, checked, source))
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,

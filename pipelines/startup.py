@@ -210,10 +210,12 @@ class Startup:
         if thread is not None and not self._ready.wait(JOIN_SECONDS):
             logger.warning("Ray's start did not end within %g s; leaving it", JOIN_SECONDS)
             return  # a connection that does not end: the process exits without it
-        if self.pool is not None and not self._handed:
+        if self.pool is not None:  # not taken over by a scheduler (which stops its replicas itself)
             stopped = len(self.pool.alive())
             self.pool.close()
-            logger.info("stopped %d replica(s) started while planning: the run was refused", stopped)
+            if not self._handed:
+                logger.info("stopped %d replica(s) started while planning: the run ended before it ran a shard",
+                            stopped)
         if thread is None:
             self._stack.close()
             return
