@@ -7,11 +7,9 @@ import dataclasses
 import json
 import logging
 import os
-import signal
-import threading
 import time
 from collections import ChainMap
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from pipelines.commit import (
@@ -167,10 +165,23 @@ def run(
     """
     cfg = _config(config, options)
     started = time.perf_counter()
-    p = _prepare(cfg)
+    from pipelines.metrics import RunMetrics
+    from pipelines.startup import Startup
+
+    metrics = RunMetrics()
+    # A run sure to use Ray starts it, and its replicas, while it plans (`pipelines.startup`); a refusal
+    # stops them on the way out; a run that plans no work never starts it.
+    with Startup(cfg, metrics=metrics) as startup:
+        return _run(cfg, startup, metrics, started, timeline=timeline, progress=progress)
+
+
+def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline: str | None,
+         progress: bool) -> RunReport:
+    p = _prepare(cfg, on_work=startup.begin)
+    metrics.output = p.output.uri
     with _refusals(p.output) as refusals, OutputLock(p.output) as lock:
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
-            p = _prepare(cfg)
+            p = _prepare(cfg, on_work=startup.begin)
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
                             kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.cluster import clear_stale_request
@@ -179,17 +190,13 @@ def run(
         if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
             return _report(p, [], [], time.perf_counter() - started, complete=True)
-        # Ray is imported where it is used: `plan`, `status`, exit-2 paths and idle ticks stay light.
-        from pipelines.cluster import AutoscalerRequest, check_shared_storage, connect, observe, plan_replicas
         from pipelines.lane import run_in_driver
-        from workers.replica import ReplicaJob
-
-        from pipelines.metrics import RunMetrics
+        from pipelines.startup import lane_on_numpy, lane_resources
+        from workers.replica import ReplicaJob, default_batch_size
 
         runnable = [s for s in p.todo if s.error is None]
         done: list[dict[str, Any]] = []
         first_commit: list[float] = []
-        metrics = RunMetrics(p.output.uri)
 
         def begin() -> None:
             """The run's first writes, once a replica is ready (so a refused start writes nothing)."""
@@ -240,44 +247,23 @@ def run(
                 metrics.shard_done(shard.rows_in, committed=ok)
 
             bundle_rows = cfg.shard_rows or DEFAULT_SHARD_ROWS  # small shards go out in calls of about a shard
-            local = _lane_resources(cfg, runnable)  # a small embedded run: refused here, or run in the driver
+            rows = sum(s.rows_in for s in runnable)
+            # an embedded CPU run that one replica does as well as Ray: refused here, or run in the driver
+            local = None if startup.started else lane_resources(cfg, rows, len(runnable), p.model.layers)
             try:
                 if local is not None:
                     job = dataclasses.replace(job, cpus=local.num_cpus)
                     chosen[:] = [local.num_cpus, 0.0]
                     logger.info("running %d shard(s) in the driver process: %d row(s) need no Ray started",
-                                len(runnable), sum(s.rows_in for s in runnable))
+                                len(runnable), rows)
                     begin()
+                    batch_rows = cfg.batch_size or default_batch_size(p.columns.width, on_gpu=False)
                     replicas = run_in_driver(job, runnable, on_result, max_attempts=cfg.max_attempts,
-                                             shard_timeout=cfg.shard_timeout, bundle_rows=bundle_rows)
+                                             shard_timeout=cfg.shard_timeout, bundle_rows=bundle_rows,
+                                             numpy_forward=lane_on_numpy(rows, len(runnable), batch_rows))
                 else:
-                    sigterm = signal.getsignal(signal.SIGTERM)
-                    with connect(cfg) as ray_session, metrics.exporting():
-                        from pipelines.schedule import Scheduler
-
-                        _restore_sigterm(sigterm)
-
-                        view = observe(embedded=ray_session.embedded)
-                        check_shared_storage(cfg, view, {**{f"model {name!r}" if job.models else "model": uri
-                                                            for name, uri, _ in job.members},
-                                                         "input": job.input, "output": job.output})
-                        resources = plan_replicas(cfg, len(runnable), view, p.model.layers)
-                        job = dataclasses.replace(job, cpus=resources.num_cpus)
-                        chosen[:] = [resources.num_cpus, resources.num_gpus]
-                        if resources.cpus_chosen:
-                            logger.info("cpus_per_replica auto: %s", resources.cpus_chosen)
-                        logger.info("running %d shard(s) on %d replica(s)%s (%s)", len(runnable), resources.count,
-                                    f", up to {resources.most} as capacity appears"
-                                    if resources.most > resources.count else "", ray_session.where)
-                        start_timeout = cfg.start_timeout or (600.0 if resources.autoscaling else 300.0)
-                        with AutoscalerRequest(enabled=resources.autoscaling, output=p.output) as request:
-                            scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, request=request,
-                                                  start_timeout=start_timeout, shard_timeout=cfg.shard_timeout,
-                                                  bundle_rows=bundle_rows, metrics=metrics)
-                            try:
-                                replicas = scheduler.run(runnable, on_result, on_started=begin)
-                            finally:
-                                waited = scheduler.pool.waited_seconds
+                    replicas, waited = _run_on_ray(cfg, p, job, startup, runnable, on_result, begin, metrics, chosen,
+                                                   bundle_rows)
             finally:
                 bar.close()
                 recorder.flush(force=True)
@@ -295,6 +281,32 @@ def run(
         return report
 
 
+def _run_on_ray(cfg: JobConfig, p: Plan, job: Any, startup: Any, runnable: list[Shard], on_result: Any, begin: Any,
+                metrics: Any, chosen: list[float], bundle_rows: int) -> tuple[list[dict[str, Any]], float]:
+    """The shards on Ray replicas (those started while planning, if any); returns their records and the
+    seconds spent waiting for capacity."""
+    from pipelines.cluster import AutoscalerRequest, plan_replicas
+    from pipelines.schedule import Scheduler
+
+    ray_session, view, early = startup.wait(p.model, p.input, p.sink, len(runnable))
+    with metrics.exporting():
+        resources = plan_replicas(cfg, len(runnable), view, p.model.layers)
+        job = dataclasses.replace(job, cpus=resources.num_cpus)
+        chosen[:] = [resources.num_cpus, resources.num_gpus]
+        if resources.cpus_chosen:
+            logger.info("cpus_per_replica auto: %s", resources.cpus_chosen)
+        logger.info("running %d shard(s) on %d replica(s)%s (%s%s)", len(runnable), resources.count,
+                    f", up to {resources.most} as capacity appears" if resources.most > resources.count else "",
+                    ray_session.where, f"; {len(early.slots)} started while planning" if early else "")
+        start_timeout = cfg.start_timeout or (600.0 if resources.autoscaling else 300.0)
+        with AutoscalerRequest(enabled=resources.autoscaling, output=p.output) as request:
+            scheduler = Scheduler(job, resources, max_attempts=cfg.max_attempts, request=request,
+                                  start_timeout=start_timeout, shard_timeout=cfg.shard_timeout,
+                                  bundle_rows=bundle_rows, metrics=metrics, pool=early)
+            startup.pool = None  # the scheduler's now: it stops them, however the run ends
+            return scheduler.run(runnable, on_result, on_started=begin), scheduler.pool.waited_seconds
+
+
 class _Refusals:
     started = False
 
@@ -310,42 +322,6 @@ def _refusals(output: Location) -> Iterator[_Refusals]:
         raise output_refused(exc, output, started=refusals.started) from exc
 
 
-def _restore_sigterm(handler: Any) -> None:
-    """Give SIGTERM back to the handler it had before Ray started (the CLI's: unwind like Ctrl-C, exit 130).
-
-    `ray.init` installs its own, which exits 1 at once (an embedded Ray's also kills its
-    processes), under Ray's fatal-signal handler that logs and aborts: the lock, the
-    autoscaler request and the journal's last segment were left behind.
-    """
-    if handler is not None and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
-def _lane_resources(cfg: JobConfig, shards: list[Shard]) -> Any:
-    """The replicas' `ReplicaResources` when this run is done in the driver (pipelines.lane), else None.
-
-    Only a run that would start its own embedded Ray (no address, no Ray session
-    in this process) with CPU replicas (`gpus_per_replica: 0`, or no GPU on this
-    machine), `replicas: auto` (an exact count means what it says) and at most
-    `LANE_MAX_ROWS` rows. The replicas' shape is checked against this machine as
-    Ray would check it, so what can never fit is refused before anything is written.
-    """
-    import sys
-
-    from pipelines.cluster import local_view, plan_replicas
-    from pipelines.lane import LANE_MAX_ROWS
-
-    ray = sys.modules.get("ray")
-    if cfg.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
-        return None
-    if cfg.replicas is not None or sum(s.rows_in for s in shards) > LANE_MAX_ROWS:
-        return None
-    view = local_view()
-    if cfg.gpus_per_replica or (cfg.gpus_per_replica is None and view.totals.get("GPU", 0.0) > 0):
-        return None
-    return plan_replicas(cfg.replace(gpus_per_replica=0), len(shards), view)  # one replica: all it may use
-
-
 def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:
     if config is None:
         return JobConfig.from_dict(options, source="run() arguments")
@@ -354,11 +330,14 @@ def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:
     return config.replace(**options) if options else config
 
 
-def _prepare(cfg: JobConfig, *, from_manifest: bool = True) -> Plan:
+def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan.
 
     A table whose snapshot is the one the complete output recorded is planned from the manifest
-    (`from_manifest`: no file list, no footer); should that plan find work after all, it is planned again."""
+    (`from_manifest`: no file list, no footer); should that plan find work after all, it is planned again.
+    `on_work(model, source, sink, files)` is called once the listing shows work (`files` listed files
+    not wholly committed), before the footers are read: a run starts its replicas then
+    (`pipelines.startup`); a plan with no such file never calls it."""
     from workers.modelfile import inspect_model
 
     table, sink = open_source(cfg), open_sink(cfg)  # the input's and the output's formats, chosen once
@@ -398,9 +377,10 @@ def _prepare(cfg: JobConfig, *, from_manifest: bool = True) -> Plan:
 
     def committed(files: list[tuple[str, str]]) -> tuple[dict[Any, Any], dict[Any, Any]]:
         listed.extend(files)
-        if cfg.overwrite:
-            return {}, {}
-        return state.spans(files)
+        spans: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {}) if cfg.overwrite else state.spans(files)
+        if on_work is not None and len(spans[0]) < len(files):
+            on_work(model, table, sink, len(files) - len(spans[0]))
+        return spans
 
     avoid = os.path.realpath(output.path) if source.is_local and output.is_local else None
     base, files = scan_source(table, committed, avoid=avoid)
@@ -422,7 +402,8 @@ def _prepare(cfg: JobConfig, *, from_manifest: bool = True) -> Plan:
     check_removals(table, state.files, reconciled, dict(listed), prune=cfg.prune, overwrite=cfg.overwrite,
                    output=output.uri)
     if fast and (reconciled.todo or reconciled.stale or reconciled.kept):
-        return _prepare(cfg, from_manifest=False)  # planned from the manifest, but there is work: plan the table
+        # planned from the manifest, but there is work: plan the table
+        return _prepare(cfg, from_manifest=False, on_work=on_work)
     shards, reconciled.todo = _name_outputs(sink, state, shards, reconciled.todo)
     sink.check_schema(lambda: _output_schema(cfg, model, columns, checked, source))
     return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,

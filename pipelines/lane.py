@@ -1,21 +1,23 @@
-"""The driver lane: a small embedded run is done in the driver process, without starting Ray.
+"""The driver lane: an embedded CPU run that one replica does as well is done in the driver process, no Ray.
 
-An embedded Ray takes ~5 s to start and a replica ~2 s more, while a job of a
-hundred thousand rows takes a fraction of a second. So a run that would start
-its own embedded Ray with CPU replicas, and whose work is at most
-`LANE_MAX_ROWS` rows (an hourly tick with a few new files, a small job), runs
-its shards one after another on a `Replica` in the driver process instead.
+An embedded Ray takes ~5-10 s to start and a replica ~2 s more. So a run that
+would start its own embedded Ray with CPU replicas runs its shards on a
+`Replica` in the driver process instead when Ray would run a single replica
+anyway, whatever its size, and for any model when its work is at most
+`LANE_MAX_ROWS` rows (an hourly tick with a few new files, a small job): the
+rule and its measurements are in `pipelines.startup` (`lane_resources`).
 Each shard is committed exactly as a Ray replica commits it (journal record,
 then publish), so resume, exactly-once and `verify` do not depend on which ran
 it; the report lists the lane as one replica on node `driver`. Small shards
 go to it in bundles as they go to Ray replicas (`pipelines.bundle`): one
-thread per bundle, a result per shard. An fp32 model
-runs on numpy there (`workers.cpu_forward`): `import torch` alone would be
-most of a small job's time (1.3-1.7 s of ~2 s).
+thread per bundle, a result per shard. An fp32 model of a run of at most
+`LANE_MAX_ROWS` rows runs on numpy there (`workers.cpu_forward`): `import
+torch` alone would be most of a small job's time (1.3-1.7 s of ~2 s); a
+longer run loads torch while its first shard decodes (6.4M data-bound rows:
+4.6 s of CPU on torch against 6.6 s on numpy, the import included).
 
-Longer runs start Ray as before. (A lane running beside Ray's start-up, then
-handing over, was tried: on a busy 2-core machine it slowed both, and Ray's
-start took 24 s instead of about 8.)
+(A lane running beside Ray's start-up, then handing over, was tried: on a busy
+2-core machine it slowed both, and Ray's start took 24 s instead of about 8.)
 """
 
 from __future__ import annotations
@@ -36,12 +38,12 @@ from workers.replica import Replica, ReplicaJob, State
 logger = logging.getLogger(__name__)
 
 LANE_INDEX = -1  # the lane's replica index in results and timelines (Ray replicas count from 0)
-LANE_MAX_ROWS = DEFAULT_SHARD_ROWS  # at most one default shard's worth of rows
+LANE_MAX_ROWS = DEFAULT_SHARD_ROWS  # a small job: at most one default shard's worth of rows
 
 
 def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[[Shard, dict[str, Any]], None],
                   *, max_attempts: int, shard_timeout: float | None = None,
-                  bundle_rows: int = DEFAULT_SHARD_ROWS) -> list[dict[str, Any]]:
+                  bundle_rows: int = DEFAULT_SHARD_ROWS, numpy_forward: bool = True) -> list[dict[str, Any]]:
     """Process `shards` in order on a replica in this process; returns the lane's entries for the report.
 
     Shards run in bundles (`pipelines.bundle`, up to `bundle_rows` rows) on a thread of their
@@ -55,12 +57,13 @@ def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[
     charged. An error that is not the shard's (the model does not load here, a bug) fails the
     shard in hand and every shard after it with that error; the run ends with its report.
     Ctrl-C (or SIGTERM) stops the shard in hand before its commit and returns at once.
+    `numpy_forward`: an fp32 model runs on numpy (`workers.cpu_forward`), no torch imported; else on torch.
 
     Example:
         >>> run_in_driver(job, plan.todo, on_result, max_attempts=3)[0]["shards"]  # doctest: +SKIP
         1
     """
-    lane = _Lane(job, max_attempts, shard_timeout)
+    lane = _Lane(job, max_attempts, shard_timeout, numpy_forward)
     pending = collections.deque(shards)
     try:
         while pending:
@@ -81,9 +84,11 @@ def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[
 class _Lane:
     """The driver's replica, replaced when it stalls; the records of every one that ran."""
 
-    def __init__(self, job: ReplicaJob, max_attempts: int, shard_timeout: float | None) -> None:
+    def __init__(self, job: ReplicaJob, max_attempts: int, shard_timeout: float | None,
+                 numpy_forward: bool = True) -> None:
         self.job, self.max_attempts, self.shard_timeout = job, max_attempts, shard_timeout
-        self.replica = Replica(LANE_INDEX, job, in_driver=True, numpy_forward=True)
+        self.numpy_forward = numpy_forward
+        self.replica = Replica(LANE_INDEX, job, in_driver=True, numpy_forward=numpy_forward)
         self.records: list[dict[str, Any]] = []
         self.ended = "finished"
         self._slowest = 0.0  # seconds per row of the slowest committed shard
@@ -122,7 +127,7 @@ class _Lane:
                                "abandoning its replica%s", shard.id, limit,
                                " and retrying the shard" if attempts < self.max_attempts else "")
                 self.abandon(f"{STALLED}: {reason}")
-                self.replica = Replica(LANE_INDEX, self.job, in_driver=True, numpy_forward=True,
+                self.replica = Replica(LANE_INDEX, self.job, in_driver=True, numpy_forward=self.numpy_forward,
                                        storage=(self.replica.source, self.replica.output))
                 self._again(bundle[position:], pending, on_result, STALLED, reason)
                 return ""

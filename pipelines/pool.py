@@ -87,6 +87,7 @@ class ReplicaPool:
         self.probes: dict[Any, Slot] = {}  # readiness probe ObjectRef -> replica starting
         self.losses = 0
         self.last_loss = ""
+        self.max_attempts = max_attempts
         self.allowed_losses = max(1, resources.most) * max_attempts  # replacements before the run gives up
         self.waited_seconds = 0.0  # time with shards to run and no replica ready
         self.waiting_since: float | None = time.monotonic()
@@ -99,9 +100,34 @@ class ReplicaPool:
         return self.resources.autoscaling or self.resources.most > self.resources.count
 
     def start(self) -> None:
-        """The replicas the nodes up now can hold (at least one, waiting for capacity, when none can)."""
+        """The replicas the nodes up now can hold (at least one, waiting for capacity, when none can);
+        nothing when replicas were started already (`pipelines.startup`, while the driver planned)."""
+        if self.slots:
+            return
         for _ in range(max(self.resources.count, 1 if self.resources.most else 0)):
             self.spawn()
+
+    def adopt(self, job: ReplicaJob, resources: ReplicaResources, *, request: AutoscalerRequest | None = None,
+              metrics: RunMetrics | None = None) -> ReplicaPool:
+        """Take over for the run the replicas started while it planned (`pipelines.startup`), with the
+        planned job and resources: each replica is sent the job before any shard (`Replica.configure`;
+        an actor runs one caller's calls in order). One started for another shape or model (never,
+        barring a bug) is released, and `maintain` starts what the run needs."""
+        fits = job.same_start(self.job) and resources.shape == self.resources.shape
+        for slot in self.alive():
+            if fits:
+                slot.actor.configure.remote(job)
+            else:
+                self.release(slot, "started for another job")
+        self.job, self.resources = job, resources
+        self.allowed_losses = max(1, resources.most) * self.max_attempts
+        if request is not None:
+            self.request = request
+        if metrics is not None and metrics is not self.metrics:
+            for slot in self.alive():  # counted where they were asked for
+                metrics.replica_asked()
+            self.metrics = metrics
+        return self
 
     def spawn(self) -> Slot:
         actor = self._actor.options(

@@ -92,8 +92,10 @@ class Scheduler:
         bundle_rows: int = DEFAULT_SHARD_ROWS,
         request: AutoscalerRequest | None = None,
         metrics: RunMetrics | None = None,
+        pool: ReplicaPool | None = None,
         _actor: type = Replica,
     ) -> None:
+        """`pool`: replicas started while the run planned (`pipelines.startup`), taken over with this job."""
         self.job = job
         self.resources = resources
         self.max_attempts = max_attempts
@@ -102,8 +104,11 @@ class Scheduler:
         self.shard_timeout = shard_timeout  # None: derived from observed shard times
         self.bundle_rows = bundle_rows  # small shards are bundled into calls of up to this many rows
         self.metrics = metrics if metrics is not None else RunMetrics()  # without one: counted, not exported
-        self.pool = ReplicaPool(job, resources, max_attempts=max_attempts, actor=ray.remote(_actor), request=request,
-                                metrics=self.metrics)
+        if pool is not None:
+            self.pool = pool.adopt(job, resources, request=request, metrics=self.metrics)
+        else:
+            self.pool = ReplicaPool(job, resources, max_attempts=max_attempts, actor=ray.remote(_actor),
+                                    request=request, metrics=self.metrics)
         self._refs: dict[Any, Slot] = {}  # call's ObjectRefGenerator -> replica holding it
         self._pending: collections.deque[Shard] = collections.deque()
         self._attempts: collections.Counter[str] = collections.Counter()

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
+import itertools
 import logging
 import os
 import resource
@@ -69,11 +70,24 @@ class ReplicaJob:
     categorical: tuple[str, ...] = ()  # integer columns fed to a .pt2 program as (rows, k) int64 codes
     job_digest: str = ""  # of the run's header (model sha256, prediction settings, input): ties commits to it
     models: tuple[tuple[str, str, str], ...] = ()  # a model set: (column, model URI, sha256) per model
+    provisional: bool = False  # started before the plan was done: no shard until `Replica.configure` gives it
+
+    def same_start(self, other: ReplicaJob) -> bool:
+        """Whether a replica started with `other` serves this job once configured: the same model(s), storage,
+        precision, width and CPUs (what it loads and sizes at start-up); only the plan's fields differ."""
+        planned = {name: getattr(self, name) for name in _PLANNED}
+        return dataclasses.replace(other, **planned) == self
 
     @property
     def members(self) -> tuple[tuple[str, str, str], ...]:
         """(prediction column, model URI, sha256) of each model this job scores: a set's, or the one model's."""
         return self.models or ((self.prediction_column, self.model, self.model_sha256),)
+
+
+# What the plan decides (columns from the inputs' footers, the journal's generation, the job's digest): a
+# replica started while the driver plans gets them later (`Replica.configure`).
+_PLANNED = ("features", "passthrough", "list_column", "prediction_column", "keep_features", "rejected_dir",
+            "generation", "job_digest", "provisional")
 
 
 class State(enum.Enum):
@@ -220,6 +234,12 @@ class Replica:
         """The loaded model (waits for the background load; raises its error)."""
         return self._model.result()
 
+    def configure(self, job: ReplicaJob) -> None:
+        """The planned job, for a replica started before the plan was done (`pipelines.startup`)."""
+        if job.provisional or not job.same_start(self.job):
+            raise ModelError(f"replica {self.index} was started for another job than the one planned")
+        self.job = job
+
     def info(self) -> dict[str, Any]:
         """Where this replica runs (a readiness probe: the actor is up; the model may still be loading)."""
         return {"index": self.index, "node": self.node, "host": self.host, "pid": os.getpid(),
@@ -264,6 +284,8 @@ class Replica:
         """
         if self.state is not State.READY:
             raise RuntimeError(f"replica {self.index} is {self.state.value}")
+        if self.job.provisional:  # never written with a guessed job: the plan's columns, generation, digest
+            raise RuntimeError(f"replica {self.index} was given no planned job (Replica.configure)")
         started = time.time()
         result: dict[str, Any] = {"id": task["id"], "replica": self.index, "started": started,
                                   "rows_in": task["rows_in"], "rows_out": 0, "rows_rejected": 0,
@@ -329,7 +351,11 @@ class Replica:
                          deleted=decode_mask(task["deleted"]) if task.get("deleted") else None)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches, contextlib.ExitStack() as files:
-            forward = self.forward  # the first shard's batches decode while the model loads
+            items = iter(batches)
+            # The first batch is decoded (inline for a tiny shard) before the model is waited for: the
+            # first shard decodes while torch and the model load.
+            first = next(items, None) if not self._model.done() else None
+            forward = self.forward
             predictions = [pa.field(column, prediction_type(k)) for (column, _, _), k in zip(job.members, forward.each)]
             out_schema = output_schema(schema, written, predictions)
             splits = np.cumsum([0, *forward.each])
@@ -346,7 +372,7 @@ class Replica:
                 background.run(writer.write, batch)
                 return data.num_rows
 
-            for item in batches:
+            for item in items if first is None else itertools.chain((first,), items):
                 data, matrix, bad = item.batch.data, item.matrix, item.bad
                 reasons = [] if bad is None else describe_invalid(matrix, bad, job.features, job.list_column)
                 codes = None
