@@ -25,6 +25,7 @@ from basis.errors import ShardDataError, StorageError
 from basis.masks import keep_mask
 from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
 from basis.storage import Location
+from workers.threads import Call, start as start_thread
 
 logger = logging.getLogger(__name__)
 
@@ -371,19 +372,17 @@ class decode:  # noqa: N801 - used like a generator function
         own = 2
         self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop)
         self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth) for _ in range(count)]
-        self._threads = []
+        self._threads: list[Call] = []
         leaves = _leaves(parquet.metadata, columns)  # once per shard, not per row group
         types = _leaf_types(parquet)
         for k in range(count):
             handle = parquet if k == 0 else _second_handle(parquet)
             mine = range(row_groups[0] + k, row_groups[1], count)
-            thread = threading.Thread(
-                target=self._produce, name=f"batch-infer-decode-{k}", daemon=True,
-                args=(k, handle, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
-                      check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves, types,
-                      deleted))
-            self._threads.append(thread)
-            thread.start()
+            # a reused thread (workers.threads): its allocator's memory stays warm from shard to shard
+            self._threads.append(start_thread(
+                "decode", self._produce, k, handle, mine, self._queues[k], columns, batch_size, uri, features,
+                list_column, width, check_invalid, count == 1 and threads >= 2,
+                DECODE_BUDGET_BYTES // (2 * count), leaves, types, deleted))
 
     def _produce(self, k: int, parquet: pq.ParquetFile, mine: range, out: queue.Queue[object], columns: Sequence[str],
                  batch_size: int, uri: str, features: Sequence[str], list_column: bool, width: int,
