@@ -28,6 +28,7 @@ import statistics
 import time
 from typing import Any
 
+import workers  # noqa: F401 - first, as in a replica's process: its allocator settings precede pyarrow
 from benchmarks.data import OUT, ensure, workloads
 
 
@@ -61,21 +62,26 @@ def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm
     if os.environ.get("STEADY_POOL") == "jemalloc":  # an experiment's switch
         pa.set_memory_pool(pa.jemalloc_memory_pool())
         pa.jemalloc_set_decay_ms(int(os.environ.get("STEADY_DECAY", "1000")))
-    elif os.environ.get("STEADY_POOL") == "system":
+    if os.environ.get("STEADY_SWITCH"):
+        import sys
+
+        sys.setswitchinterval(float(os.environ["STEADY_SWITCH"]))
+    if os.environ.get("STEADY_POOL") == "system":
         pa.set_memory_pool(pa.system_memory_pool())
     replica = Replica(0, job, in_driver=True)
     resolve(str(out))
     for task in shards[:warm]:
         replica.process(task)
-    walls, users, systems, faults = [], [], [], []
+    walls, users, systems, faults, mains = [], [], [], [], []
     rows = sum(t["rows_in"] for t in shards[warm:])
     for _ in range(repeat):
-        wall, before = time.perf_counter(), _usage()
+        wall, before, main = time.perf_counter(), _usage(), time.thread_time()
         for task in shards[warm:]:
             result = replica.process(task)
             if result["status"] != "committed":
                 raise RuntimeError(result)
         walls.append(time.perf_counter() - wall)
+        mains.append(time.thread_time() - main)
         after = _usage()
         users.append(after[0] - before[0])
         systems.append(after[1] - before[1])
@@ -89,6 +95,7 @@ def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm
             "user_s_per_million": round(statistics.median(users) * per_million, 4),
             "sys_s_per_million": round(statistics.median(systems) * per_million, 4),
             "minor_faults_per_million": round(statistics.median(faults) * per_million),
+            "main_thread_cpu_s_per_million": round(statistics.median(mains) * per_million, 4),
             "rows_per_second": round(rows / wall_s), "walls": [round(w, 3) for w in walls]}
 
 

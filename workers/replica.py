@@ -210,6 +210,15 @@ class Replica:
                     self.host, self.batch_size)
         return NumpyForward(stacks[0], job.activation, job.output_activation, more=stacks[1:])
 
+    def _predict(self, matrix: np.ndarray, bad: np.ndarray | None) -> Callable[[], np.ndarray] | None:
+        """A batch's CPU forward pass in its decoding thread (`decode`'s `predict`), so a replica's threads
+        run it side by side; None leaves it to the shard's loop (a GPU, several torch threads, rows that
+        fail the shard)."""
+        forward = self.forward
+        if not forward.concurrent or (bad is not None and self.job.invalid_rows == "fail"):
+            return None
+        return forward.submit(matrix if bad is None else matrix[~bad])
+
     def _check_unchanged(self, uri: str, planned: str, sha256: str) -> None:
         if sha256 != planned:
             raise ModelError(f"model {uri!r} changed since the run was planned (sha256 {sha256[:12]}...)")
@@ -296,7 +305,8 @@ class Replica:
         threads = max(1, int(job.cpus))
         batches = decode(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri, features=job.features,
                          list_column=job.list_column, width=job.width, check_invalid=job.invalid_rows != "keep",
-                         threads=threads, deleted=decode_mask(task["deleted"]) if task.get("deleted") else None)
+                         threads=threads, deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,
+                         predict=self._predict if threads >= 2 and not job.categorical else None)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches, contextlib.ExitStack() as files:
             forward = self.forward  # the first shard's batches decode while the model loads
@@ -342,10 +352,13 @@ class Replica:
                     rejected.write(pa.RecordBatch.from_arrays(
                         [*bad_rows.columns, pa.array(reasons, pa.string())], schema=rejected_schema))
                     rows_rejected += len(reasons)
-                    data, matrix = data.filter(pa.array(~bad)), matrix[~bad]
-                    codes = None if codes is None else codes[~bad]
-                # on GPU this returns at once; collected one batch later
-                handle = forward.submit(matrix) if codes is None else forward.submit(matrix, codes)  # type: ignore[call-arg]
+                    data = data.filter(pa.array(~bad))
+                    if item.predicted is None:
+                        matrix = matrix[~bad]
+                        codes = None if codes is None else codes[~bad]
+                handle = item.predicted  # the CPU forward pass, run in the decoding thread (`_predict`)
+                if handle is None:  # on GPU this returns at once; collected one batch later
+                    handle = forward.submit(matrix) if codes is None else forward.submit(matrix, codes)  # type: ignore[call-arg]
                 item.release()  # submit has consumed (CPU) or copied (GPU) the stacked features
                 if pending is not None:
                     rows_out += write(*pending)
