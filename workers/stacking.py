@@ -41,8 +41,9 @@ def feature_matrix(
             matrix[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
         return matrix
     buffer = np.empty((width, rows), dtype=np.float32) if out is None else out  # (features, rows), row-major
-    for i, name in enumerate(features):
-        buffer[i] = batch.column(name).to_numpy(zero_copy_only=False)
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: an invalid row, not a warning
+        for i, name in enumerate(features):
+            buffer[i] = batch.column(name).to_numpy(zero_copy_only=False)
     return buffer.T
 
 
@@ -74,21 +75,19 @@ def stack_checked(batch: pa.RecordBatch, features: Sequence[str], list_column: b
         return matrix, invalid_rows(matrix) if check else None
     buffer = np.empty((width, batch.num_rows), dtype=np.float32) if out is None else out  # (features, rows)
     sums: np.ndarray | None = None
-    for i, name in enumerate(features):
-        column = batch.column(name)
-        row = buffer[i]
-        row[...] = column.to_numpy(zero_copy_only=False)
-        if can_hold_invalid(column):
-            if sums is None:
-                sums = row.copy()
-            else:
-                sums += row
+    with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf, a float64 beyond float32: what it looks for
+        for i, name in enumerate(features):
+            column = batch.column(name)
+            row = buffer[i]
+            row[...] = column.to_numpy(zero_copy_only=False)
+            if can_hold_invalid(column):
+                if sums is None:
+                    sums = row.copy()
+                else:
+                    sums += row
     matrix = buffer.T
-    if sums is None:
+    if sums is None or np.isfinite(sums).all():
         return matrix, None
-    with np.errstate(invalid="ignore", over="ignore"):
-        if np.isfinite(sums).all():
-            return matrix, None
     bad = ~np.isfinite(matrix).all(axis=1)
     return matrix, bad if bad.any() else None
 
@@ -96,7 +95,8 @@ def stack_checked(batch: pa.RecordBatch, features: Sequence[str], list_column: b
 def invalid_rows(matrix: np.ndarray) -> np.ndarray | None:
     """Boolean mask of rows holding a NaN, inf or null feature; None when all are finite."""
     # One cheap pass first: a row's sum is finite unless a value is non-finite (or it overflows).
-    sums = matrix.T.sum(axis=0) if not matrix.flags.c_contiguous else matrix.sum(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        sums = matrix.T.sum(axis=0) if not matrix.flags.c_contiguous else matrix.sum(axis=1)
     if np.isfinite(sums).all():
         return None
     bad = ~np.isfinite(matrix).all(axis=1)

@@ -44,7 +44,6 @@ class Call:
             self.error = exc
         finally:
             self.fn = self.args = None  # type: ignore[assignment]  # nothing of the call outlives it
-            self._done.set()
 
     def join(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -70,9 +69,10 @@ class _Worker:
                         return
                 call, self.call = self.call, None
             call.run()
-            del call
             with self._pool.lock:
-                self._pool.idle.append(self)
+                self._pool.idle.append(self)  # idle before the caller hears of it: its next call may take this one
+            call._done.set()
+            del call
 
     def give(self, call: Call) -> None:  # under the pool's lock
         self.call = call
