@@ -92,3 +92,11 @@ def test_a_replica_process_keeps_arrows_freed_memory_and_a_driver_is_left_alone(
     assert _env_after("import workers") == "-1"  # a replica's process: workers before pyarrow
     assert _env_after("import pyarrow, workers") == "None"  # too late to matter: not set
     assert _env_after("import workers", {"MIMALLOC_PURGE_DELAY": "25"}) == "25"  # the user's own value stays
+
+
+def test_a_replica_uses_no_more_threads_than_the_cores_it_may_run_on() -> None:
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from workers.threads import cores; print(cores(2), cores(0.5), cores(1))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.split() == ["1", "1", "1"]  # 2 CPUs reserved, but this process may use one core

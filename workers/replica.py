@@ -32,6 +32,7 @@ from basis.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import decode, describe_invalid, open_parquet
+from workers.threads import cores
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ class Replica:
 
             self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
             self.node = ray.get_runtime_context().get_node_id()
-            pa.set_cpu_count(max(1, int(job.cpus)))  # its own process: its CPUs are its threads
+            pa.set_cpu_count(cores(job.cpus))  # its own process: its CPUs are its threads
         self.batch_size = job.batch_size or default_batch_size(job.width, bool(self.gpu_ids))
         self.source, self.output = storage or (resolve(job.input), resolve(job.output))
         self.host = socket.gethostname()
@@ -181,7 +182,7 @@ class Replica:
             self._category_limits = spec.category_limits
         if device.type == "cpu":
             self._torch_threads = torch.get_num_threads()  # put back on close (the driver lane's are its caller's)
-            torch.set_num_threads(torch_threads(job.cpus, spec.layers))
+            torch.set_num_threads(torch_threads(cores(job.cpus), spec.layers))
         self.device = str(device)
         logger.info("[replica %d] %s model loaded on %s (%s), batch_size=%d", self.index, spec.format, self.host,
                     device, self.batch_size)
@@ -302,7 +303,7 @@ class Replica:
         rejected_schema = output_schema(schema, columns, [pa.field("reason", pa.string())])
         rejected: ShardWriter | None = None
         rows_out = rows_rejected = 0
-        threads = max(1, int(job.cpus))
+        threads = cores(job.cpus)  # the CPUs it reserved, as far as this process may use them
         batches = decode(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri, features=job.features,
                          list_column=job.list_column, width=job.width, check_invalid=job.invalid_rows != "keep",
                          threads=threads, deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,

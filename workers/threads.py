@@ -12,6 +12,7 @@ Idle threads end after `IDLE_SECONDS`.
 Example:
     >>> done = start("example", sum, [1, 2])
     >>> done.join()
+    True
     >>> done.result
     3
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -87,6 +89,21 @@ class _Pool:
 
 
 _POOL = _Pool()
+
+
+def cores(reserved: float) -> int:
+    """Threads for a replica that reserved `reserved` CPUs: those CPUs, but no more than the cores this
+    process may run on (`os.sched_getaffinity`: a container's or `taskset`'s limit), and at least one.
+
+    Example:
+        >>> cores(0.5)
+        1
+    """
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(int(reserved), usable))
 
 
 def _name_os_thread(name: str) -> None:
