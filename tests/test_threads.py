@@ -100,3 +100,29 @@ def test_a_replica_uses_no_more_threads_than_the_cores_it_may_run_on() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                           check=True)
     assert done.stdout.split() == ["1", "1", "1"]  # 2 CPUs reserved, but this process may use one core
+
+
+_FORWARD_FAULTS = """
+import resource, sys, numpy as np, torch
+from workers.device import Forward
+from workers.model import MLP
+torch.manual_seed(0)
+layers = [(torch.randn(256, 64), torch.randn(256)), (torch.randn(256, 256), torch.randn(256)), (torch.randn(1, 256), None)]
+forward = Forward(MLP(layers, "sigmoid", "sigmoid", torch.device("cpu"), "fp32"), 64, 65536, torch.device("cpu"))
+x = np.random.default_rng(0).standard_normal((64, 65536), dtype=np.float32)
+forward.submit(x.T)()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    forward.submit(x.T)()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_a_replica_process_reuses_the_forward_passes_memory() -> None:
+    """glibc's malloc mapped torch's 4 MiB activations fresh for every chunk: page faults on every pass."""
+    faults = {}
+    for first in ("import workers", "import pyarrow, workers"):  # a replica's process; one where it is too late
+        done = subprocess.run([sys.executable, "-c", f"import torch; torch.set_num_threads(1); {first}\n"
+                               + _FORWARD_FAULTS], cwd=REPO, capture_output=True, text=True, timeout=240, check=True)
+        faults[first] = int(done.stdout.split()[-1])
+    assert faults["import workers"] * 3 < faults["import pyarrow, workers"], faults
