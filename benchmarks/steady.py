@@ -9,8 +9,8 @@ rows, which is the steady state `benchmarks.summary.steady_state` measures in a
 `make bench` run, without Ray's start-up or scheduling around it. The limit's
 rate per core is what `benchmarks.limit` measures single-threaded.
 
-``--profile`` leaves room for `py-spy record -p PID` (the PID is printed) by
-sleeping first. ``--ab`` runs two settings interleaved (see ``--env``).
+``--profile S`` sleeps S seconds first and prints the PID, for
+`py-spy record -p PID --native` or `perf record -p PID`.
 
 Example:
     python -m benchmarks.steady --workload data --scale 0.25 --cpus 2
@@ -59,15 +59,6 @@ def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm
                      list_column=False, width=plan.columns.width, prediction_column="prediction",
                      keep_features=False, cpus=cpus, generation=1, invalid_rows=plan.config.invalid_rows)
     pa.set_cpu_count(max(1, int(cpus)))  # as the actor does in its own process
-    if os.environ.get("STEADY_POOL") == "jemalloc":  # an experiment's switch
-        pa.set_memory_pool(pa.jemalloc_memory_pool())
-        pa.jemalloc_set_decay_ms(int(os.environ.get("STEADY_DECAY", "1000")))
-    if os.environ.get("STEADY_SWITCH"):
-        import sys
-
-        sys.setswitchinterval(float(os.environ["STEADY_SWITCH"]))
-    if os.environ.get("STEADY_POOL") == "system":
-        pa.set_memory_pool(pa.system_memory_pool())
     replica = Replica(0, job, in_driver=True)
     resolve(str(out))
     for task in shards[:warm]:
