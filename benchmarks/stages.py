@@ -7,15 +7,16 @@ process, each twice (the first pass warms the allocator and the caches; the
 second is timed), and prints seconds per million rows:
 
 - ``decode``: Parquet pages of the id and feature columns to Arrow (`iter_batches`);
-- ``stack``: feature columns copied into the (features, rows) float32 buffer;
-- ``check``: the invalid-row check (one sum per row, `invalid_rows`);
+- ``stack``: feature columns copied into the (features, rows) float32 buffer and
+  checked for invalid rows in the same pass (`stack_checked`: each column added into
+  a per-row sum right after its copy);
 - ``forward``: the MLP in cache-sized chunks (`Forward.submit`, torch on one thread);
 - ``write``: id + prediction encoded, snappy-compressed, hashed and written (`ShardWriter`);
 - ``process``: the whole shard through `Replica.process` (one thread for
   decoding and torch; the overhead is ``process`` minus the stages' sum).
 
 ``decode + forward + write`` is the work no system can skip (the issue's
-``limit``, per core); ``stack`` and ``check`` are batch-infer's own, and the
+``limit``, per core); ``stack`` (with the check) is batch-infer's own, and the
 gap between the stages' sum and ``process`` is the cost of the loop itself.
 
 Example:
@@ -45,7 +46,8 @@ def profile(workload: str = "data", scale: float = 0.25) -> dict[str, Any]:
     from basis.storage import resolve
     from workers.device import Forward
     from workers.model import MLP, read_model
-    from workers.reader import feature_matrix, invalid_rows, iter_batches, open_parquet
+    from workers.reader import iter_batches, open_parquet
+    from workers.stacking import stack_checked
     from workers.replica import Replica, ReplicaJob, default_batch_size
     from workers.writer import ShardWriter, output_schema, prediction_array, prediction_type
 
@@ -69,7 +71,7 @@ def profile(workload: str = "data", scale: float = 0.25) -> dict[str, Any]:
     source = resolve(str(chosen.input))
     parquet = open_parquet(source, shards[0].to_task()["path"], first)
     groups = (0, parquet.metadata.num_row_groups)
-    seconds = dict.fromkeys(("decode", "stack", "check", "forward", "write"), 0.0)
+    seconds = dict.fromkeys(("decode", "stack", "forward", "write"), 0.0)
     buffer = np.empty((width, batch_size), dtype=np.float32)
     prediction = pa.field("prediction", prediction_type(forward.outputs))
     schema = output_schema(parquet.schema_arrow, ["id"], [prediction])
@@ -85,11 +87,8 @@ def profile(workload: str = "data", scale: float = 0.25) -> dict[str, Any]:
                 if batch is None:
                     break
                 started = time.perf_counter()
-                matrix = feature_matrix(batch.data, features, False, width, buffer[:, : batch.data.num_rows])
+                matrix, _ = stack_checked(batch.data, features, False, width, buffer[:, : batch.data.num_rows])
                 seconds["stack"] += time.perf_counter() - started
-                started = time.perf_counter()
-                invalid_rows(matrix)
-                seconds["check"] += time.perf_counter() - started
                 started = time.perf_counter()
                 result = forward.submit(matrix)()
                 seconds["forward"] += time.perf_counter() - started
@@ -114,7 +113,7 @@ def profile(workload: str = "data", scale: float = 0.25) -> dict[str, Any]:
         seconds["process"] = time.perf_counter() - started
     per_million = {stage: round(value / rows * 1e6, 3) for stage, value in seconds.items()}
     unskippable = per_million["decode"] + per_million["forward"] + per_million["write"]
-    stages = sum(per_million[s] for s in ("decode", "stack", "check", "forward", "write"))
+    stages = sum(per_million[s] for s in ("decode", "stack", "forward", "write"))
     return {"workload": workload, "file": first, "rows": rows, "seconds_per_million_rows": per_million,
             "unskippable": round(unskippable, 3), "stages_sum": round(stages, 3),
             "loop_overhead": round(per_million["process"] - stages, 3),

@@ -59,6 +59,8 @@ class NumpyForward:
     is in cache, and the result holds their outputs side by side, in order.
     """
 
+    concurrent = False  # numpy's BLAS has its own threads: one caller at a time
+
     def __init__(self, layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str,
                  output_activation: str, *, more: Sequence[list[tuple[np.ndarray, np.ndarray | None]]] = ()) -> None:
         self.models = [self._model(stack, activation, output_activation) for stack in (layers, *more)]

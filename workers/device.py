@@ -192,6 +192,14 @@ class Forward:
         limits = [m.max_batch for m in self.models if m.max_batch]
         self.max_rows = min(capacity if self.cuda else cpu_rows, *limits, capacity)
 
+    @property
+    def concurrent(self) -> bool:
+        """Whether several threads may `submit` at once, each computing in its own thread: the CPU path
+        with one torch thread and models that hold no state between calls (`MLP`). A GPU's slots and
+        streams serve one caller; with more torch threads, two callers would oversubscribe the cores."""
+        return (self.streams is None and torch.get_num_threads() == 1
+                and all(getattr(model, "reentrant", False) for model in self.models))
+
     def buffer(self, rows: int) -> np.ndarray:
         """The next slot's host buffer as a contiguous (width, rows) float32 array, free to fill."""
         if rows > self.capacity:

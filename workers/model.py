@@ -169,6 +169,7 @@ class MLP:
         return x.float()
 
     max_batch = None  # any number of rows per pass
+    reentrant = True  # no state between calls: threads may run it at once (`Forward.concurrent`)
 
     @property
     def outputs(self) -> int:

@@ -10,12 +10,14 @@ not readable Parquet raises `ShardDataError`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +27,11 @@ from basis.errors import ShardDataError, StorageError
 from basis.masks import keep_mask
 from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
 from basis.storage import Location
+from workers.stacking import describe_invalid, feature_matrix, invalid_rows, stack_checked
+from workers.threads import Call, start as start_thread
+
+__all__ = ["Batch", "Decoded", "ParquetSource", "decode", "describe_invalid", "feature_matrix", "invalid_rows",
+           "iter_batches", "open_parquet"]
 
 logger = logging.getLogger(__name__)
 
@@ -321,11 +328,13 @@ class _Buffers:
 
 @dataclass
 class Decoded:
-    """One batch, decoded and stacked: its data, its (rows, width) feature matrix and bad-row mask."""
+    """One batch, decoded and stacked: its data, its (rows, width) feature matrix and bad-row mask,
+    and what `decode`'s `predict` made of them in the decoding thread (None without one)."""
 
     batch: Batch
     matrix: np.ndarray
     bad: np.ndarray | None
+    predicted: Any = None
     _buffer: np.ndarray | None = None
     _pool: _Buffers | None = None
     _home: int = 0
@@ -343,7 +352,7 @@ class decode:  # noqa: N801 - used like a generator function
     Row groups are dealt round-robin to the threads, each with its own file handle;
     each thread decodes its row group's batches (pyarrow releases the GIL), stacks
     the feature columns into a pooled (width, batch_size) buffer and finds invalid
-    rows, up to `depth` batches ahead. The consumer takes row group after row group in
+    rows in the same pass (`workers.stacking.stack_checked`), up to `depth` batches ahead. The consumer takes row group after row group in
     file order; an item's matrix is valid until its `release()` or until the next item
     is taken (which releases it). Memory is bounded by the stacking buffers (threads x
     depth + 2, see `_Buffers`: no arrangement of them can deadlock) and by
@@ -352,6 +361,10 @@ class decode:  # noqa: N801 - used like a generator function
     `inline` (only for a shard of about one batch: a tiny file) decodes it all in the
     caller's thread instead: starting a thread cost more than such a shard's decoding.
     Always `close()` it (or use `with`).
+
+    `predict(matrix, bad)`, when given, runs in the decoding thread right after the check
+    and its return value is the item's `predicted` (the replica's CPU forward pass, so the
+    threads run it side by side instead of queueing it for the one consumer).
 
     Example:
         >>> with decode(parquet, (0, 4), cols, 65536, uri, features=f, list_column=False, width=64,
@@ -363,11 +376,12 @@ class decode:  # noqa: N801 - used like a generator function
     def __init__(self, parquet: pq.ParquetFile, row_groups: tuple[int, int], columns: Sequence[str],
                  batch_size: int, uri: str, *, features: Sequence[str], list_column: bool, width: int,
                  check_invalid: bool, threads: int = 1, depth: int = 2, deleted: np.ndarray | None = None,
-                 inline: bool = False) -> None:
+                 inline: bool = False,
+                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None = None) -> None:
         self.row_groups = row_groups
         self._stop = threading.Event()
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
-        self._inline: threading.Thread | None = None
+        self._inline: Callable[[], None] | None = None
         if inline:  # a tiny shard: decoded whole in the caller's thread on the first `next`; no thread started
             count, depth = 1, 1 << 20  # the queue and the buffers take all its batches (made on first use)
         if count > 1 and not isinstance(parquet, ParquetSource):
@@ -377,27 +391,26 @@ class decode:  # noqa: N801 - used like a generator function
         own = 2
         self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop)
         self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth) for _ in range(count)]
-        self._threads = []
+        self._threads: list[Call] = []
         leaves = _leaves(parquet.metadata, columns)  # once per shard, not per row group
         types = _leaf_types(parquet)
         for k in range(count):
             handle = parquet if k == 0 else _second_handle(parquet)
             mine = range(row_groups[0] + k, row_groups[1], count)
-            thread = threading.Thread(
-                target=self._produce, name=f"batch-infer-decode-{k}", daemon=True,
-                args=(k, handle, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
-                      check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves, types,
-                      deleted))
+            args = (k, handle, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
+                    check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves, types,
+                    deleted, predict)
             if inline:
-                self._inline = thread  # its `run()` is called, never `start()`
+                self._inline = functools.partial(self._produce, *args)  # run by the first `next`, in its thread
                 continue
-            self._threads.append(thread)
-            thread.start()
+            # a reused thread (workers.threads): its allocator's memory stays warm from shard to shard
+            self._threads.append(start_thread("decode", self._produce, *args))
 
     def _produce(self, k: int, parquet: pq.ParquetFile, mine: range, out: queue.Queue[object], columns: Sequence[str],
                  batch_size: int, uri: str, features: Sequence[str], list_column: bool, width: int,
                  check_invalid: bool, use_threads: bool, whole_bytes: int, leaves: list[int],
-                 types: list[tuple[pa.DataType, int] | None], deleted: np.ndarray | None) -> None:
+                 types: list[tuple[pa.DataType, int] | None], deleted: np.ndarray | None,
+                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None) -> None:
         try:
             for rg in mine:
                 for batch in iter_batches(parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads,
@@ -409,9 +422,9 @@ class decode:  # noqa: N801 - used like a generator function
                             return  # stopped
                         buffer, home = taken
                     view = None if buffer is None else buffer[:, : batch.data.num_rows]
-                    matrix = feature_matrix(batch.data, features, list_column, width, view)
-                    bad = invalid_rows(matrix) if check_invalid else None
-                    if not self._put(out, Decoded(batch, matrix, bad, buffer, self._pool, home)):
+                    matrix, bad = stack_checked(batch.data, features, list_column, width, view, check=check_invalid)
+                    predicted = None if predict is None else predict(matrix, bad)
+                    if not self._put(out, Decoded(batch, matrix, bad, predicted, buffer, self._pool, home)):
                         return
                 if not self._put(out, _ROW_GROUP_DONE):
                     return
@@ -433,7 +446,7 @@ class decode:  # noqa: N801 - used like a generator function
 
     def __iter__(self) -> Iterator[Decoded]:
         if self._inline is not None:
-            self._inline.run()  # `_produce` here, to its end
+            self._inline()  # `_produce` here, to its end
             self._inline = None
         previous: Decoded | None = None
         for index in range(self.row_groups[1] - self.row_groups[0]):
@@ -469,45 +482,3 @@ def _second_handle(parquet: pq.ParquetFile) -> pq.ParquetFile:
         raise TypeError(f"a second handle needs a ParquetSource, got {type(parquet).__name__}")
     return retry_transient(lambda: type(parquet)(parquet.location, parquet.path, parquet.uri,
                                                  metadata=parquet.metadata), what=f"opening {parquet.uri}")
-
-
-def feature_matrix(
-    batch: pa.RecordBatch, features: Sequence[str], list_column: bool, width: int, out: np.ndarray | None = None
-) -> np.ndarray:
-    """The batch's features as a (rows, width) float32 array; nulls become NaN.
-
-    Columns are stacked into one (width, rows) buffer (`out` when given, reused
-    across batches) with a single copy each; the result is its transpose, a
-    column-major view that matmul consumes as is.
-    """
-    rows = batch.num_rows
-    if list_column:
-        column = batch.column(features[0])
-        values = column.values.slice(column.offset * width, rows * width)
-        matrix = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(rows, width)
-        if column.null_count:
-            matrix = matrix.copy()
-            matrix[column.is_null().to_numpy(zero_copy_only=False)] = np.nan
-        return matrix
-    buffer = np.empty((width, rows), dtype=np.float32) if out is None else out  # (features, rows), row-major
-    for i, name in enumerate(features):
-        buffer[i] = batch.column(name).to_numpy(zero_copy_only=False)
-    return buffer.T
-
-
-def invalid_rows(matrix: np.ndarray) -> np.ndarray | None:
-    """Boolean mask of rows holding a NaN, inf or null feature; None when all are finite."""
-    # One cheap pass first: a row's sum is finite unless a value is non-finite (or it overflows).
-    sums = matrix.T.sum(axis=0) if not matrix.flags.c_contiguous else matrix.sum(axis=1)
-    if np.isfinite(sums).all():
-        return None
-    bad = ~np.isfinite(matrix).all(axis=1)
-    return bad if bad.any() else None
-
-
-def describe_invalid(matrix: np.ndarray, bad: np.ndarray, features: Sequence[str], list_column: bool) -> list[str]:
-    """A reason per bad row, naming the first offending feature."""
-    offending = np.argmax(~np.isfinite(matrix[bad]), axis=1)
-    if list_column:
-        return [f"null, NaN or inf in feature {features[0]!r}[{i}]" for i in offending]
-    return [f"null, NaN or inf in feature {features[i]!r}" for i in offending]

@@ -33,6 +33,7 @@ from basis.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import decode, describe_invalid, open_parquet
+from workers.threads import cores
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
 
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ class Replica:
 
             self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
             self.node = ray.get_runtime_context().get_node_id()
-            pa.set_cpu_count(max(1, int(job.cpus)))  # its own process: its CPUs are its threads
+            pa.set_cpu_count(cores(job.cpus))  # its own process: its CPUs are its threads
         self.batch_size = job.batch_size or default_batch_size(job.width, bool(self.gpu_ids))
         self.source, self.output = storage or (resolve(job.input), resolve(job.output))
         self.host = socket.gethostname()
@@ -196,7 +197,7 @@ class Replica:
             self._category_limits = spec.category_limits
         if device.type == "cpu":
             self._torch_threads = torch.get_num_threads()  # put back on close (the driver lane's are its caller's)
-            torch.set_num_threads(torch_threads(job.cpus, spec.layers))
+            torch.set_num_threads(torch_threads(cores(job.cpus), spec.layers))
         self.device = str(device)
         logger.info("[replica %d] %s model loaded on %s (%s), batch_size=%d", self.index, spec.format, self.host,
                     device, self.batch_size)
@@ -224,6 +225,15 @@ class Replica:
         logger.info("[replica %d] %d model(s) loaded on %s (cpu, numpy), batch_size=%d", self.index, len(stacks),
                     self.host, self.batch_size)
         return NumpyForward(stacks[0], job.activation, job.output_activation, more=stacks[1:])
+
+    def _predict(self, matrix: np.ndarray, bad: np.ndarray | None) -> Callable[[], np.ndarray] | None:
+        """A batch's CPU forward pass in its decoding thread (`decode`'s `predict`), so a replica's threads
+        run it side by side; None leaves it to the shard's loop (a GPU, several torch threads, rows that
+        fail the shard)."""
+        forward = self.forward
+        if not forward.concurrent or (bad is not None and self.job.invalid_rows == "fail"):
+            return None
+        return forward.submit(matrix if bad is None else matrix[~bad])
 
     def _check_unchanged(self, uri: str, planned: str, sha256: str) -> None:
         if sha256 != planned:
@@ -344,11 +354,12 @@ class Replica:
         # A shard of one forward pass (a tiny file) has nothing to overlap: decoded and written in line,
         # as threads started for it cost more than its work.
         tiny = task["rows_in"] <= self.batch_size
-        threads = 1 if tiny else max(1, int(job.cpus))
+        threads = 1 if tiny else cores(job.cpus)  # the CPUs it reserved, as far as this process may use them
         batches = decode(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri, features=job.features,
                          list_column=job.list_column, width=job.width, check_invalid=job.invalid_rows != "keep",
                          threads=threads, inline=tiny,
-                         deleted=decode_mask(task["deleted"]) if task.get("deleted") else None)
+                         deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,
+                         predict=self._predict if threads >= 2 and not job.categorical else None)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches, contextlib.ExitStack() as files:
             items = iter(batches)
@@ -398,10 +409,13 @@ class Replica:
                     rejected.write(pa.RecordBatch.from_arrays(
                         [*bad_rows.columns, pa.array(reasons, pa.string())], schema=rejected_schema))
                     rows_rejected += len(reasons)
-                    data, matrix = data.filter(pa.array(~bad)), matrix[~bad]
-                    codes = None if codes is None else codes[~bad]
-                # on GPU this returns at once; collected one batch later
-                handle = forward.submit(matrix) if codes is None else forward.submit(matrix, codes)  # type: ignore[call-arg]
+                    data = data.filter(pa.array(~bad))
+                    if item.predicted is None:
+                        matrix = matrix[~bad]
+                        codes = None if codes is None else codes[~bad]
+                handle = item.predicted  # the CPU forward pass, run in the decoding thread (`_predict`)
+                if handle is None:  # on GPU this returns at once; collected one batch later
+                    handle = forward.submit(matrix) if codes is None else forward.submit(matrix, codes)  # type: ignore[call-arg]
                 item.release()  # submit has consumed (CPU) or copied (GPU) the stacked features
                 if pending is not None:
                     rows_out += write(*pending)

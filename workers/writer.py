@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import queue
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from types import TracebackType
 
 import numpy as np
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from basis.storage import Location, StagedFile
+from workers import threads
 
 
 def prediction_type(outputs: int) -> pa.DataType:
@@ -109,7 +111,8 @@ class Background:
     """Runs calls one at a time, in order, on a thread of its own (or in line when disabled).
 
     At most one call waits behind the running one, so memory stays bounded; an error
-    in a call is raised by the next `run` or by `wait`.
+    in a call is raised by the next `run` or by `wait`. The thread is a reused one
+    (`workers.threads`): a replica's writer keeps its allocator's memory between shards.
 
     Example:
         >>> with Background(enabled=True) as background:  # doctest: +SKIP
@@ -119,16 +122,31 @@ class Background:
 
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-write") if enabled else None
+        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...], Future[object]] | None] = \
+            queue.SimpleQueue()
+        self._thread = threads.start("write", self._loop) if enabled else None
         self._futures: collections.deque[Future[object]] = collections.deque()
 
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, args, future = item
+            del item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # the caller's next run() or wait() raises it
+                    future.set_exception(exc)
+            del fn, args, future  # the batch is not kept alive by an idle thread
+
     def run(self, fn: Callable[..., object], *args: object) -> None:
-        if self._pool is None:
+        if self._thread is None:
             fn(*args)
             return
         while len(self._futures) >= 2:
             self._futures.popleft().result()
-        self._futures.append(self._pool.submit(fn, *args))
+        future: Future[object] = Future()
+        self._futures.append(future)
+        self._queue.put((fn, args, future))
 
     def wait(self) -> None:
         """Every call done (raising the first error)."""
@@ -139,10 +157,12 @@ class Background:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
+        if self._thread is not None:
             for future in self._futures:
                 future.cancel()
-            self._pool.shutdown(wait=True)
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 def _wants_dictionary(kind: pa.DataType) -> bool:

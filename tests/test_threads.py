@@ -1,0 +1,128 @@
+"""Issue 15, item 2: a replica's decoding and writing threads are reused from shard to shard
+(`workers/threads.py`) without ever making one call wait for another, and a replica's process keeps
+Arrow's freed memory for reuse (`workers/__init__.py` sets mimalloc's purge delay before pyarrow loads)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from conftest import REPO, save_mlp
+
+import pipelines
+from workers import threads
+from workers.replica import Replica, ReplicaJob
+from workers.writer import Background
+
+
+def test_calls_never_wait_for_each_other_and_idle_threads_are_reused() -> None:
+    release = threading.Event()
+    blocked = [threads.start("test", release.wait, 30.0) for _ in range(3)]  # three calls that block
+    quick = threads.start("test", lambda: threading.current_thread().name)
+    assert quick.join(30.0) and quick.error is None  # ran although every earlier call is still blocked
+    names = {quick.result}
+    release.set()
+    assert all(call.join(30.0) and call.result is True for call in blocked)
+    before = threads.started()
+    again = [threads.start("test", lambda: threading.current_thread().name) for _ in range(3)]
+    assert all(call.join(30.0) for call in again)
+    assert threads.started() == before  # no new thread: the idle ones took the calls
+    failing = threads.start("test", lambda: 1 / 0)
+    assert failing.join(30.0) and isinstance(failing.error, ZeroDivisionError) and names
+
+
+def test_background_keeps_order_raises_errors_and_lets_go_of_its_thread() -> None:
+    done: list[int] = []
+    with Background(enabled=True) as background:
+        for i in range(50):
+            background.run(done.append, i)
+        background.wait()
+    assert done == list(range(50))
+    with Background(enabled=True) as background:
+        background.run(lambda: 1 / 0)
+        try:
+            background.wait()
+        except ZeroDivisionError:
+            pass
+        else:
+            raise AssertionError("the error of a background call was not raised")
+
+
+def test_a_replica_reuses_its_threads_from_shard_to_shard(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(1)
+    for f in range(4):
+        table = pa.table({"id": pa.array(np.arange(f * 400, (f + 1) * 400)),
+                          **{f"f{j}": rng.standard_normal(400).astype(np.float32) for j in range(3)}})
+        pq.write_table(table, tmp_path / "in" / f"p{f}.parquet", row_group_size=100)
+    save_mlp(tmp_path / "m.pt", [3, 1])
+    plan = pipelines.plan(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    job = ReplicaJob(model=str(tmp_path / "m.pt"), model_sha256=plan.model.sha256, input=str(tmp_path / "in"),
+                     output=str(tmp_path / "out"), features=plan.columns.features,
+                     passthrough=plan.columns.passthrough, list_column=False, width=3, prediction_column="prediction",
+                     keep_features=False, cpus=2, batch_size=50)
+    replica = Replica(0, job, in_driver=True, numpy_forward=True)
+    try:
+        assert replica.process(plan.todo[0].to_task())["status"] == "committed"
+        before = threads.started()
+        for shard in plan.todo[1:]:
+            assert replica.process(shard.to_task())["status"] == "committed"
+        assert threads.started() == before  # two decoding threads and a writer, the first shard's
+    finally:
+        replica.close()
+    ids = pa.concat_tables([pq.read_table(tmp_path / "out" / s.output) for s in plan.todo])["id"]
+    assert ids.to_pylist() == list(range(1600))
+
+
+def _env_after(code: str, extra: dict[str, str] | None = None) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "MIMALLOC_PURGE_DELAY"} | (extra or {})
+    done = subprocess.run([sys.executable, "-c", code + "; import os; print(os.environ.get('MIMALLOC_PURGE_DELAY'))"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_a_replica_process_keeps_arrows_freed_memory_and_a_driver_is_left_alone() -> None:
+    assert _env_after("import workers") == "-1"  # a replica's process: workers before pyarrow
+    assert _env_after("import pyarrow, workers") == "None"  # too late to matter: not set
+    assert _env_after("import workers", {"MIMALLOC_PURGE_DELAY": "25"}) == "25"  # the user's own value stays
+
+
+def test_a_replica_uses_no_more_threads_than_the_cores_it_may_run_on() -> None:
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]}); "
+            "from workers.threads import cores; print(cores(2), cores(0.5), cores(1))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.split() == ["1", "1", "1"]  # 2 CPUs reserved, but this process may use one core
+
+
+_FORWARD_FAULTS = """
+import resource, sys, numpy as np, torch
+from workers.device import Forward
+from workers.model import MLP
+torch.manual_seed(0)
+layers = [(torch.randn(256, 64), torch.randn(256)), (torch.randn(256, 256), torch.randn(256)), (torch.randn(1, 256), None)]
+forward = Forward(MLP(layers, "sigmoid", "sigmoid", torch.device("cpu"), "fp32"), 64, 65536, torch.device("cpu"))
+x = np.random.default_rng(0).standard_normal((64, 65536), dtype=np.float32)
+forward.submit(x.T)()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(8):
+    forward.submit(x.T)()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_a_replica_process_reuses_the_forward_passes_memory() -> None:
+    """glibc's malloc mapped torch's 4 MiB activations fresh for every chunk: page faults on every pass."""
+    faults = {}
+    for first in ("import workers", "import pyarrow, workers"):  # a replica's process; one where it is too late
+        done = subprocess.run([sys.executable, "-c", f"import torch; torch.set_num_threads(1); {first}\n"
+                               + _FORWARD_FAULTS], cwd=REPO, capture_output=True, text=True, timeout=240, check=True)
+        faults[first] = int(done.stdout.split()[-1])
+    assert faults["import workers"] * 3 < faults["import pyarrow, workers"], faults
