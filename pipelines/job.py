@@ -413,7 +413,7 @@ def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..
 def _name_outputs(sink: Sink, state: State, shards: list[Shard], todo: list[Shard]) -> tuple[list[Shard], list[Shard]]:
     """The shards to run, named as the sink names this run's files (a table's: with the run's generation,
     so that no file a table version references is ever rewritten in place)."""
-    generation = max(state.generation, state.journal.newest) + 1  # the Recorder's: this run's
+    generation = state.next_generation  # the Recorder's: this run's
     renamed = {s.id: dataclasses.replace(s, output=sink.data_name(s.output, generation)) for s in todo}
     return [renamed.get(s.id, s) for s in shards], [renamed[s.id] for s in todo]
 

@@ -63,7 +63,7 @@ class Recorder:
         self.digest = job_digest(self.header)  # what this run's replicas write into their commit records
         self.kept = set(kept)  # files of vanished inputs that stay committed (no prune)
         self.foreign = list(foreign)  # data files batch-infer did not write: the output is not complete
-        self.generation = max(state.generation, state.journal.newest) + 1
+        self.generation = state.next_generation
         self.segments = SegmentWriter(output, self.generation)
         self.check_lock = check_lock
         self.flush_seconds = flush_seconds

@@ -104,6 +104,11 @@ class State:
     interrupted: bool = False  # the header is that of a run whose journal was never compacted
 
     @property
+    def next_generation(self) -> int:
+        """The generation of the next run's records: after the manifest's and every journal record's."""
+        return max(self.generation, self.journal.newest) + 1
+
+    @property
     def digest(self) -> str | None:
         """`job_digest` of the header, None for an output no run has begun."""
         return job_digest(self.header) if self.header.get("model") else None
