@@ -8,14 +8,18 @@ Two decisions, made before anything is written:
   (`pipelines.lane`) when one replica does as well as what Ray would run: when
   Ray would run a single replica anyway (the data-bound 64->16->1 model on a
   machine of up to 4 CPUs: `cluster.auto_cpus`), whatever the job's size, and
-  for any model when the job is small (`LANE_MAX_ROWS`). Measured on a busy
-  2-core machine (README, "Performance"): on the data-bound job at 6.4M rows the
-  whole `batch-infer run` process took 5.1 s in the lane against 8.3 s for the
-  same run through the API with Ray already up (16.2 s with its own embedded
-  Ray), the same CPU work without Ray's start (~5-10 s) or an actor's. Where
-  Ray runs several replicas (the compute-bound 64->256->256->1 model: one per
-  CPU), one replica of every core was 1.6-2.3x slower than Ray's two on 1.6M
-  rows: a long such run still starts Ray.
+  for any model when the job is small (`LANE_MAX_ROWS`) or the machine has at
+  most `LANE_ALL_CPUS` CPUs and `cpus_per_replica` is left to `auto`. Measured on
+  a busy 2-core machine (README, "Performance"): on the data-bound job at 6.4M
+  rows the whole `batch-infer run` process took 5.1 s in the lane against 8.3 s
+  for the same run through the API with Ray already up (16.2 s with its own
+  embedded Ray), the same CPU work without Ray's start (~5-10 s) or an actor's.
+  Where Ray runs one replica per CPU (the compute-bound 64->256->256->1 model),
+  measured on a quiet 2-core machine (CLI whole process, interleaved, medians):
+  2M rows 4.36 s in a 2-core lane against 9.27 s with Ray's two replicas, 8M
+  rows 11.15 s against 15.25 s. On more CPUs than that, where one process's
+  torch threads and Python loop would have to feed every core, a long run of
+  such a model still starts Ray (not measured here: no such machine).
 - **Ray started while the driver plans** (`Startup`). A run that will use Ray
   (a cluster address or `RAY_ADDRESS`, a Ray session in this process, GPUs, or
   an exact `replicas` count) connects and creates its replicas on a thread of
@@ -45,6 +49,7 @@ from basis.storage import absolute
 
 logger = logging.getLogger(__name__)
 
+LANE_ALL_CPUS = 4.0  # up to this many CPUs, one in-process replica of every core does what Ray's would (module doc)
 JOIN_SECONDS = 120.0  # how long a refused run waits for a start in flight (a connection, `ray.init`) to end
 
 
@@ -90,8 +95,10 @@ def lane_resources(cfg: JobConfig, rows: int, shards: int, layers: tuple[tuple[i
         return None
     cpu_only = cfg.replace(gpus_per_replica=0)
     lane = plan_replicas(cpu_only, shards, view)  # one replica: all a replica may use here
-    if rows > LANE_MAX_ROWS and plan_replicas(cpu_only, shards, view, layers).most > 1:
-        return None  # Ray would run several replicas: on a long run they beat one
+    if rows <= LANE_MAX_ROWS or (cfg.cpus_per_replica is None and view.totals.get("CPU", 0.0) <= LANE_ALL_CPUS):
+        return lane
+    if plan_replicas(cpu_only, shards, view, layers).most > 1:
+        return None  # Ray would run several replicas: on many cores they beat one process
     return lane
 
 

@@ -33,13 +33,16 @@ def _machine(cpus: float, gpus: float = 0.0) -> ClusterView:
 
 
 def test_the_lane_takes_every_embedded_cpu_run_ray_would_give_one_replica(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ray's start is saved whenever one in-process replica does what Ray would run; several replicas
-    (a forward-bound model, or more CPUs than one replica uses well) keep Ray for long runs."""
+    """Ray's start is saved whenever one in-process replica does what Ray would run: on a machine of up to 4
+    CPUs for any model; on more, several replicas (a forward-bound model, or more CPUs than one replica uses
+    well) keep Ray for long runs."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     big, small = 32_000_000, 5_000
     lane = lane_resources(_cfg(), big, 16, DATA_BOUND, _machine(2))
     assert lane is not None and lane.num_cpus == 2.0  # one replica of every core, whatever the size
-    assert lane_resources(_cfg(), big, 4, COMPUTE_BOUND, _machine(2)) is None  # Ray runs one per CPU
+    lane = lane_resources(_cfg(), big, 4, COMPUTE_BOUND, _machine(2))  # Ray would run one per CPU: a lane
+    assert lane is not None and lane.num_cpus == 2.0  # of both does as well without Ray's start
+    assert lane_resources(_cfg(), big, 4, COMPUTE_BOUND, _machine(8)) is None  # eight 1-CPU replicas: Ray
     assert lane_resources(_cfg(), small, 1, COMPUTE_BOUND, _machine(2)) is not None  # a small job: no Ray
     assert lane_resources(_cfg(), big, 16, DATA_BOUND, _machine(16)) is None  # four replicas of four CPUs
     assert lane_resources(_cfg(), small, 16, DATA_BOUND, _machine(16)) is not None
