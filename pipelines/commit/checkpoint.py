@@ -1,6 +1,8 @@
 """Checkpointing an output's state into its manifest: the root `_manifest.json`, and its segments.
 
-Once per run the driver folds what the journal recorded into the manifest (`Recorder.finish`). An
+The driver folds what the journal recorded into the manifest at the end of a run (`Recorder.finish`),
+and during it every so many records (`Recorder.checkpoint`), so that the journal of a long run stays
+short and a killed run replays only what came after its last checkpoint. An
 output of at most `segments.INLINE_MAX` entries gets a root with its entries inline (format 2, as before
 segments). A larger one gets Parquet segments (`pipelines.commit.segments`), and only those whose key range
 (rel, first row group) holds an entry that changed are rewritten; the others are named again as
@@ -10,10 +12,16 @@ they are. The order keeps every moment of a crash safe:
 2. the root, atomically: from here on it names the new segments;
 3. the segments no root names any more (replaced ones, and those of a checkpoint killed before 2).
 
+4. the journal records the root holds (the whole journal at the end of a run; in its middle, only the
+   records it folded: the driver's up to the sequence the root names, and the commit records those
+   confirmed: replicas keep writing theirs).
+
 A driver killed before 2 leaves the old root, whose segments are all still there, and the journal
 (cleared only after 2): nothing is lost, the next run checkpoints again. Killed after 2, the root is
-whole; the journal's records are of a generation the root holds (ignored), and the segments left
-over are deleted by the next checkpoint.
+whole; the journal's records are of a generation the root holds (ignored; a mid-run root names the
+last driver record it holds, and a commit record of an entry it holds is recognised by its bytes), and
+the segments left over are deleted by the next checkpoint. A mid-run root says `complete: false`, and
+no `_SUCCESS` is written but at the end of a run.
 
     >>> _chunks(10, 4)
     [(0, 3), (3, 7), (7, 10)]
@@ -24,6 +32,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,16 +41,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from basis.storage import Location, write_bytes_atomic
-from pipelines.commit.entries import Entries
+from pipelines.commit.entries import PLANNING, Entries
 from pipelines.commit.manifest import COMMITTED, FORMAT, FORMAT_SEGMENTS, MANIFEST
 from pipelines.commit import segments
-from pipelines.commit.segments import delete_unreferenced, entries_table, segment_files, sorted_table, write_segment
+from pipelines.commit.segments import (
+    delete_unreferenced,
+    entries_table,
+    read_segments,
+    segment_files,
+    sorted_table,
+    write_segment,
+)
 
 _WRITE_THREADS = 4
 
 
+@dataclass
+class Written:
+    """What a checkpoint wrote: the root's segments, each with the table written into it or, for a segment
+    kept as it was, its number in the old root (`refs` None: the entries went inline, as `inline`)."""
+
+    refs: list[dict[str, Any]] | None
+    sources: list[pa.Table | int]
+    inline: pa.Table | None = None
+
+
 def write_checkpoint(output: Location, files: Entries, extras: Sequence[Mapping[str, Any]], root: dict[str, Any],
-                     generation: int, check_lock: Callable[[], None]) -> None:
+                     generation: int, check_lock: Callable[[], None]) -> Written:
     """Write the manifest of `files` (committed entries) and `extras` (the planned shards not committed:
     failed or pending), with the root's other fields in `root`."""
     total = len(files) + len(extras)
@@ -53,19 +79,45 @@ def write_checkpoint(output: Location, files: Entries, extras: Sequence[Mapping[
                            json.dumps({"format": FORMAT, **root, "shards": entries}, separators=(",", ":")).encode())
         if files.refs or next(segment_files(output), None) is not None:
             delete_unreferenced(output, ())  # an output that shrank, or a killed checkpoint's segments
-        return
-    refs = _write_segments(output, files, extras, generation, check_lock)
+        return Written(None, [], entries_table(entries))
+    placed = _write_segments(output, files, extras, generation, check_lock)
+    refs = [ref for ref, _ in placed]
     check_lock()
     write_bytes_atomic(output.fs, output.join(MANIFEST), json.dumps(
         {"format": FORMAT_SEGMENTS, **root, "shards": {"count": total, "segments": refs}},
         separators=(",", ":")).encode())
     delete_unreferenced(output, [ref["path"] for ref in refs])
+    return Written(refs, [source for _, source in placed])
+
+
+def rebased(output: Location, files: Entries, written: Written) -> Entries:
+    """The entries as a load of the manifest `written` just wrote would hold them: every one in columns
+    (none as a dict), the live ones committed, their segments those of the new root. A run goes on from
+    it after a mid-run checkpoint, and the next checkpoint rewrites only what changed since this one."""
+    if written.refs is None:
+        assert written.inline is not None
+        table = written.inline
+        return Entries(table, alive=pc.equal(table["status"], COMMITTED).to_numpy(zero_copy_only=False))
+    tables, alive = [], []
+    for ref, source in zip(written.refs, written.sources):
+        if isinstance(source, int):  # untouched: every entry in it is live and committed
+            start = int(files.starts[source])
+            tables.append(files.base.slice(start, ref["entries"]).select(list(PLANNING)))
+            alive.append(np.ones(ref["entries"], dtype=bool))
+        else:
+            tables.append(source.select(list(PLANNING)))
+            alive.append(pc.equal(source["status"], COMMITTED).to_numpy(zero_copy_only=False))
+    refs = written.refs
+    where = output.display(output.join(MANIFEST))
+    base = pa.concat_tables([table.cast(tables[0].schema) for table in tables]) if tables else None
+    return Entries(base, alive=np.concatenate(alive) if alive else None, refs=refs,
+                   full=lambda number: read_segments(output, [refs[number]], where)[0])
 
 
 def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[str, Any]], generation: int,
-                    check_lock: Callable[[], None]) -> list[dict[str, Any]]:
-    """The segments of the new manifest, in order: the old ones no change touched, and new ones for
-    the key ranges that changed."""
+                    check_lock: Callable[[], None]) -> list[tuple[dict[str, Any], pa.Table | int]]:
+    """The segments of the new manifest, in order: the old ones no change touched (with their number), and
+    new ones for the key ranges that changed (with the table written)."""
     new = entries_table([*({**e, "status": COMMITTED} for e in files.changed.values()), *extras])
     refs = list(files.refs or ())
     if not refs:  # the entries were inline (or there were none): every segment is new
@@ -97,7 +149,7 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
     tail = new.filter(pa.array(target == len(refs)))
     written = _write_runs(output, [*tables, tail], generation, check_lock, keep_empty=True)
     by_run = iter(written[:len(runs)])
-    result: list[dict[str, Any]] = []
+    result: list[tuple[dict[str, Any], pa.Table | int]] = []
     run_starts = {first: stop for first, stop in runs}
     index = 0
     while index < len(refs):
@@ -105,7 +157,7 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
             result.extend(next(by_run))
             index = run_starts[index]
         else:
-            result.append(refs[index])
+            result.append((refs[index], index))
             index += 1
     result.extend(written[len(runs)])
     return result
@@ -114,7 +166,8 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
 def _write_runs(output: Location, tables: list[pa.Table], generation: int, check_lock: Callable[[], None], *,
                 keep_empty: bool = False) -> Any:
     """Each table sorted and cut into segments of at most `segments.SEGMENT_ROWS` entries, written in parallel.
-    Returns the refs of each table's segments (a list per table with `keep_empty`, else one flat list)."""
+    Returns each table's segments as (ref, the piece written) (a list per table with `keep_empty`, else one
+    flat list)."""
     pieces: list[tuple[int, pa.Table]] = []
     for number, table in enumerate(tables):
         table = sorted_table(table)
@@ -123,9 +176,9 @@ def _write_runs(output: Location, tables: list[pa.Table], generation: int, check
     check_lock()
     with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
         refs = list(pool.map(lambda piece: write_segment(output, piece[1], generation), pieces))
-    grouped: list[list[dict[str, Any]]] = [[] for _ in tables]
-    for (number, _), ref in zip(pieces, refs):
-        grouped[number].append(ref)
+    grouped: list[list[tuple[dict[str, Any], pa.Table]]] = [[] for _ in tables]
+    for (number, piece), ref in zip(pieces, refs):
+        grouped[number].append((ref, piece))
     return grouped if keep_empty else [ref for group in grouped for ref in group]
 
 

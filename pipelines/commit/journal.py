@@ -8,10 +8,14 @@
 
 Recording a commit costs one small file, whatever the size of the output, so
 the driver's cost per shard stays flat from 1k to 100k shards; the manifest is
-rewritten once per run (compaction), not once per flush. Every record carries
-the generation of the manifest it follows; records of generations the manifest
-already holds are ignored, so a crash between writing the manifest and
-clearing the journal is harmless.
+rewritten at the end of a run and checkpointed during it every so many records
+(`pipelines.commit.recorder.CHECKPOINT_RECORDS`), not once per flush. Every
+record carries the generation of the run that wrote it; records of generations
+the manifest already holds are ignored, so a crash between writing the
+manifest and clearing the journal is harmless. A root written in the middle of
+run G holds G's driver records up to one sequence number (its `journal_folded`):
+G's later driver records, and every commit record still there, still apply (a
+commit record the root already holds is recognised by its bytes, and ignored).
 
 Every record is tied to the job that made it: a run's first driver record
 holds its header (model sha256, prediction settings, input), written before
@@ -66,8 +70,11 @@ class Journal:
         return not self.generations
 
 
-def read_journal(output: Location, after: int, skip: Container[str] = ()) -> Journal:
-    """Every record of a generation after `after` (the manifest's), except commits whose token is in `skip`."""
+def read_journal(output: Location, after: int, skip: Container[str] = (),
+                 folded: tuple[int, int] | None = None) -> Journal:
+    """Every record of a generation after `after` (the manifest's), except commits whose token is in `skip`
+    and, with `folded` (generation, sequence), that generation's driver records up to that sequence (a
+    root written in the middle of that run holds them)."""
     journal = Journal()
     try:
         infos = output.fs.get_file_info(pafs.FileSelector(output.join(JOURNAL_DIR), allow_not_found=True))
@@ -81,7 +88,13 @@ def read_journal(output: Location, after: int, skip: Container[str] = ()) -> Jou
         journal.files.append(info.path)
         generation = int(match.group(1))
         journal.newest = max(journal.newest, generation)
-        if generation > after and not (match.group(2) == "c" and match.group(3) in skip):
+        kind = match.group(2)
+        if kind == "c" and match.group(3) in skip:
+            continue
+        if (folded is not None and kind == "d" and generation == folded[0]
+                and match.group(3).isdigit() and int(match.group(3)) <= folded[1]):
+            continue
+        if generation > after:
             wanted.append((generation, match.group(2), info.path))
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
         texts = list(pool.map(lambda item: read_bytes(output.fs, item[2]), wanted))
@@ -125,7 +138,7 @@ class SegmentWriter:
         self.generation = generation
         self.sequence = 0
         self.buffer: list[dict[str, Any]] = []
-        self.written: list[str] = []
+        self.written: list[str] = []  # the files written since `fold` last took them
 
     def add(self, op: dict[str, Any]) -> None:
         self.buffer.append(op)
@@ -138,6 +151,12 @@ class SegmentWriter:
         self.sequence += 1
         self.buffer = []
         self.written.append(path)
+
+    def fold(self) -> tuple[int, list[str]]:
+        """After a flush: the last sequence written (-1: none), and the files written since the last fold
+        (a mid-run checkpoint holds them now)."""
+        written, self.written = self.written, []
+        return self.sequence - 1, written
 
 
 def clear_journal(output: Location, paths: Iterable[str] = ()) -> None:
