@@ -131,8 +131,11 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
     last = tuple(refs[-1]["last"])
     keys = list(zip(new["rel"].to_pylist(), new["first"].to_pylist()))
     # An entry goes to the segment whose range holds its key (or the gap after it); past the last key, to a
-    # new segment when the last one is full enough (append-only inputs: no segment rewritten at all).
-    append = refs[-1]["entries"] >= segments.SEGMENT_ROWS // 2 and not dirty[-1]
+    # new segment when the last one is full enough, or when enough entries go there (append-only inputs, a
+    # long run's checkpoints: no segment rewritten at all).
+    tail = sum(key > last for key in keys)
+    append = (refs[-1]["entries"] >= segments.SEGMENT_ROWS // 2 or tail >= segments.SEGMENT_ROWS // 4) \
+        and not dirty[-1]
     target = np.array([len(refs) if append and key > last else max(0, bisect.bisect_right(firsts, key) - 1)
                        for key in keys], dtype=np.int64)
     dirty[np.unique(target[target < len(refs)])] = True
@@ -192,6 +195,13 @@ def _chunks(rows: int, most: int) -> list[tuple[int, int]]:
 
 
 def committed_rows(files: Entries) -> dict[str, int]:
-    """The root's row counts over the committed entries."""
-    table, _ = files.live(["rows_in", "rows_out", "rows_rejected"])
-    return {name: int(pc.sum(table[name]).as_py() or 0) for name in ("rows_in", "rows_out", "rows_rejected")}
+    """The root's row counts over the committed entries (the loaded ones as columns, the changed as dicts)."""
+    names = ("rows_in", "rows_out", "rows_rejected")
+    base = files.base.select(list(names))
+    if files.changed_rows:
+        base = base.filter(pa.array(files.alive))
+    counts = {name: int(pc.sum(base[name]).as_py() or 0) for name in names}
+    for entry in files.changed.values():
+        for name in names:
+            counts[name] += entry.get(name) or 0
+    return counts

@@ -46,6 +46,7 @@ from basis.storage import Location, delete_file, read_bytes, write_bytes_atomic
 
 _NAME = re.compile(r"^g(\d{6,})-([cd])-([0-9a-f]+)\.json$")
 _READ_THREADS = 16
+_DELETE_CHUNK = 512
 
 
 @dataclass
@@ -168,8 +169,13 @@ def clear_journal(output: Location, paths: Iterable[str] = ()) -> None:
         except (FileNotFoundError, OSError):
             pass
         return
+    def delete(chunk: list[str]) -> None:
+        for path in chunk:
+            delete_file(output.fs, path)
+
+    step = max(1, min(_DELETE_CHUNK, -(-len(paths) // _READ_THREADS)))  # a future per file costs more than a delete
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        list(pool.map(lambda path: delete_file(output.fs, path), paths))
+        list(pool.map(delete, [paths[i:i + step] for i in range(0, len(paths), step)]))
 
 
 def journal_names(output: Location) -> Iterator[str]:
