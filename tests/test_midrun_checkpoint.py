@@ -72,7 +72,7 @@ def test_a_long_run_checkpoints_its_journal_as_it_goes(tmp_path: Path, monkeypat
         root = _root(out)
         state = State.load(resolve(str(out)))  # as `status`, `verify` or a rerun would see it now
         seen.append({"root": root, "journal": _journal(out), "held": len(state.files),
-                     "confirmed": len(self._confirmed), "success": (out / SUCCESS).exists(),
+                     "confirmed": self.confirmed, "success": (out / SUCCESS).exists(),
                      "segments": [r["path"] for r in root["shards"]["segments"]] if layout == "segments" else None,
                      "verify": None if seen else pipelines.verify(str(out))})
 

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from basis.storage import Location, write_bytes_atomic
-from pipelines.commit.entries import PLANNING, Entries
+from pipelines.commit.entries import PLANNING, Entries, KeyIndex
 from pipelines.commit.manifest import COMMITTED, FORMAT, FORMAT_SEGMENTS, MANIFEST
 from pipelines.commit import segments
 from pipelines.commit.segments import (
@@ -97,7 +97,7 @@ def rebased(output: Location, files: Entries, written: Written) -> Entries:
     if written.refs is None:
         assert written.inline is not None
         table = written.inline
-        return Entries(table, alive=pc.equal(table["status"], COMMITTED).to_numpy(zero_copy_only=False))
+        return Entries(table, alive=pc.equal(table["status"], COMMITTED).to_numpy(zero_copy_only=False), unique=True)
     tables, alive = [], []
     for ref, source in zip(written.refs, written.sources):
         if isinstance(source, int):  # untouched: every entry in it is live and committed
@@ -110,8 +110,25 @@ def rebased(output: Location, files: Entries, written: Written) -> Entries:
     refs = written.refs
     where = output.display(output.join(MANIFEST))
     base = pa.concat_tables([table.cast(tables[0].schema) for table in tables]) if tables else None
-    return Entries(base, alive=np.concatenate(alive) if alive else None, refs=refs,
-                   full=lambda number: read_segments(output, [refs[number]], where)[0])
+    entries = Entries(base, alive=np.concatenate(alive) if alive else None, refs=refs,
+                      full=lambda number: read_segments(output, [refs[number]], where)[0], unique=True)
+    _keep_index(files, entries, written)
+    return entries
+
+
+def _keep_index(files: Entries, entries: Entries, written: Written) -> None:
+    """A run that only appended segments (every old one kept, in place) keeps its lookup dict of output
+    paths, extended by the new rows: rebuilding it costs ~0.7 s at a million entries, per checkpoint."""
+    old = getattr(getattr(files, "_index", None), "_dict", None)
+    kept = files.refs is not None and len(files.refs) <= len(written.sources) and all(
+        source == number for number, source in enumerate(written.sources[:len(files.refs)]))
+    if old is None or not kept or not entries.base.num_rows:
+        return
+    start = files.base.num_rows
+    index = KeyIndex(entries.base["output"])
+    old.update(zip(index.keys.slice(start).to_pylist(), range(start, entries.base.num_rows)))
+    index._dict = old
+    entries._index = index
 
 
 def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[str, Any]], generation: int,

@@ -85,8 +85,8 @@ class Recorder:
         self.flush_seconds = flush_seconds
         self.sink = sink  # a table output: the run's files are committed into it (`pipelines.tables.sink`)
         self._last_flush = time.monotonic()
-        self._confirmed: set[str] = set()
-        self._unfolded: list[str] = []  # tokens confirmed since the last checkpoint
+        self._confirmed: set[str] = set()  # tokens confirmed since the last checkpoint (whose records are there)
+        self.confirmed = 0  # commits confirmed in this run
         self._records = 0  # records journalled since the last checkpoint
         self._last_checkpoint = time.monotonic()
         self._older = list(state.journal.files)  # earlier runs' records: the first checkpoint holds them
@@ -110,7 +110,7 @@ class Recorder:
     def committed(self, entry: Mapping[str, Any], token: str, attempts: int) -> None:
         self.state.commit({**entry, "attempts": attempts})
         self._confirmed.add(token)
-        self._unfolded.append(token)
+        self.confirmed += 1
         self.segments.add({"op": "confirm", "token": token, "attempts": attempts})
         self._records += 1
         self.flush()
@@ -148,10 +148,12 @@ class Recorder:
                                    self.generation, self.check_lock)
         self.state.files = rebased(self.output, self.state.files, written)
         self.check_lock()
-        folded = [*self._older, *driver, *(commit_path(self.output, self.generation, t) for t in self._unfolded)]
+        records = commit_path(self.output, self.generation, "")[: -len(".json")]  # + token + ".json"
+        folded = [*self._older, *driver, *(f"{records}{token}.json" for token in self._confirmed)]
         if folded:
             clear_journal(self.output, folded)
-        self._older, self._unfolded, self._records = [], [], 0
+        self._older, self._records = [], 0
+        self._confirmed = set()  # their records are gone: `_settle_unconfirmed` need not skip them
         self._last_checkpoint = time.monotonic()
         self.checkpoints += 1
         logger.debug("checkpointed %d journal record(s) into the manifest", len(folded))
