@@ -19,7 +19,7 @@ from conftest import REPO, read_output, save_mlp, write_files
 
 import pipelines
 from basis.storage import resolve
-from pipelines.commit import MANIFEST, SUCCESS, State, recorder, segments
+from pipelines.commit import MANIFEST, SUCCESS, State, entries, recorder, segments
 from pipelines.commit.segments import SEGMENT_DIR
 
 FEATURES = 4
@@ -62,6 +62,7 @@ def test_a_long_run_checkpoints_its_journal_as_it_goes(tmp_path: Path, monkeypat
         monkeypatch.setattr(segments, "INLINE_MAX", 0)
         monkeypatch.setattr(segments, "SEGMENT_ROWS", 4)
     monkeypatch.setattr(recorder, "CHECKPOINT_RECORDS", EVERY)
+    monkeypatch.setattr(entries, "_DICT_AFTER", 0)  # lookups by dict from the first (a checkpoint extends it)
     job = _job(tmp_path)
     out = tmp_path / "out"
     seen: list[dict] = []
@@ -71,6 +72,9 @@ def test_a_long_run_checkpoints_its_journal_as_it_goes(tmp_path: Path, monkeypat
         real(self)
         root = _root(out)
         state = State.load(resolve(str(out)))  # as `status`, `verify` or a rerun would see it now
+        # the run goes on from the entries as a load of that root gives them, looked up alike
+        assert sorted(self.state.files.items()) == sorted(state.files.items())
+        assert all(self.state.files.get(path) == entry for path, entry in state.files.items())
         seen.append({"root": root, "journal": _journal(out), "held": len(state.files),
                      "confirmed": self.confirmed, "success": (out / SUCCESS).exists(),
                      "segments": [r["path"] for r in root["shards"]["segments"]] if layout == "segments" else None,
