@@ -181,3 +181,24 @@ def test_a_driver_killed_in_a_mid_run_checkpoint_loses_and_duplicates_nothing(tm
     assert report.status == "succeeded" and report.shards_done == FILES - held and report.shards_skipped == held
     _complete(out, tmp_path)
     assert _root(out)["generation"] == (3 if mode == "overwrite" else 2)
+
+
+def test_a_table_output_gets_one_commit_per_run_however_often_the_run_checkpoints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_table_output import check_exactly_once, commits, job as table_job
+
+    monkeypatch.setattr(recorder, "CHECKPOINT_RECORDS", 2)
+    options = table_job(tmp_path, "delta")  # 7 shards
+    mid_run: list[bool] = []
+    real = recorder.Recorder.checkpoint
+
+    def watched(self: recorder.Recorder) -> None:
+        real(self)
+        mid_run.append((tmp_path / "preds" / "_delta_log").exists())  # the table: not made, let alone committed
+
+    monkeypatch.setattr(recorder.Recorder, "checkpoint", watched)
+    assert pipelines.run(**options, progress=False).status == "succeeded"
+    assert len(mid_run) == 3 and not any(mid_run)
+    assert commits(tmp_path, options) == 1  # the run's one table commit, at its end
+    check_exactly_once(tmp_path, options)
+    assert pipelines.verify(str(tmp_path / "preds"), sample=5, seed=2).ok
