@@ -43,15 +43,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# A mid-run checkpoint costs a few segments rewritten and the root, and O(entries) in columns (~0.1 s at
-# 1M entries): every 20,000 records keeps it near 1% of a run's driver CPU, the journal at ~20,000 small
-# files, and a killed run's replay at seconds. Tests lower them.
+# A mid-run checkpoint writes the new entries' segment(s) and the root and deletes the records it folded
+# (~0.6 s of CPU per 20,000 records at 1M entries, most of it work the end of the run would do anyway;
+# `python -m benchmarks.midrun_checkpoint`: no more CPU in all than folding once at the end). Every 20,000
+# records keeps `_journal/` at ~20,000 small files and a killed run's replay at seconds. Tests lower them.
 CHECKPOINT_RECORDS = 20_000
 CHECKPOINT_SECONDS = 300.0
 
 
 class Recorder:
-    """Records one run's outcomes: journal segments as shards finish, the manifest once at the end.
+    """Records one run's outcomes: journal segments as shards finish, the manifest during the run
+    (`checkpoint`) and at its end (`finish`).
 
     `check_lock` is called before anything is written that claims the output
     (a journal segment, the manifest, `_SUCCESS`); it raises when the lock was lost.
