@@ -19,6 +19,7 @@ The CI profile is small (a minute or two); `pytest -m soak` runs a longer one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -261,9 +262,11 @@ class Histories(RuleBasedStateMachine):
             assert all(n in self.broken for n in self.tables if n.startswith("sub/")), refused.value
         assert _files(self.root / "out") == before
 
-    @rule(commits=st.integers(0, 6), overwrite=st.booleans())
-    def kill_the_driver(self, commits: int, overwrite: bool) -> None:
-        """SIGKILL `batch-infer run` once `commits` shard records are in the journal (or it ended)."""
+    @rule(commits=st.integers(0, 6), overwrite=st.booleans(), checkpoints=st.booleans())
+    def kill_the_driver(self, commits: int, overwrite: bool, checkpoints: bool) -> None:
+        """SIGKILL `batch-infer run` once `commits` shard records are in the journal (or it ended); with
+        `checkpoints`, the run checkpoints its journal into the manifest after every record, and is killed
+        once it wrote one or two mid-run roots."""
         model, activation = self.job
         args = ["run", "--model", str(self.root / f"{model}.pt"), "--input", str(self.root / "in"), "--output",
                 str(self.root / "out"), "--shard-rows", str(self.shard_rows), "--replicas", "2",
@@ -277,18 +280,42 @@ class Histories(RuleBasedStateMachine):
             except FileNotFoundError:  # not made yet, or cleared by a run that has just completed
                 return set()
 
-        earlier = records()
-        process = subprocess.Popen([sys.executable, "-m", "pipelines", *args], cwd=REPO, start_new_session=True,
+        def root() -> str:
+            try:
+                return (self.root / "out" / MANIFEST).read_text()
+            except FileNotFoundError:
+                return ""
+
+        def checkpointed(text: str) -> bool:  # a root this run wrote in its middle (a killed run's may be before)
+            return text != before and "journal_folded" in json.loads(text or "{}")
+
+        earlier, before = records(), root()
+        command = (["-c", "import sys; from pipelines.commit import recorder; recorder.CHECKPOINT_RECORDS = 1; "
+                          "from pipelines.cli import entry; sys.argv[0] = 'batch-infer'; entry()"]
+                   if checkpoints else ["-m", "pipelines"])
+        process = subprocess.Popen([sys.executable, *command, *args], cwd=REPO, start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
+        seen: set[str] = set()
+        roots: set[str] = set()  # the mid-run roots seen (a checkpoint deletes the commit records it holds)
         while process.poll() is None and time.monotonic() < deadline:
-            if len(records() - earlier) >= commits:
+            seen |= records() - earlier
+            if checkpoints:
+                text = root()
+                if checkpointed(text):
+                    roots.add(text)
+                if len(roots) > commits % 2:  # killed after one or two mid-run checkpoints
+                    break
+            elif len(seen) >= commits:
                 break
             time.sleep(0.01)
+        folded = bool(roots)
         ended = process.poll()
-        began = ended in (0, 1) or bool(records() - earlier)  # its header is recorded before any commit
+        # its header is recorded before any commit (and before any checkpoint)
+        began = ended in (0, 1) or bool(seen | (records() - earlier)) or folded
         if TRACE:
-            print(f"driver (overwrite={overwrite}) killed after >= {commits} commit record(s): exit {ended}, "
+            print(f"driver (overwrite={overwrite}, checkpoints={checkpoints}, checkpointed={folded}) killed after "
+                  f">= {commits} commit record(s): exit {ended}, "
                   f"began {began}", flush=True)
         _kill_group(process)
         if not (overwrite or self.job in self.output_jobs) or ended == 2:

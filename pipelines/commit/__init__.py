@@ -5,7 +5,8 @@ every data file under the output is described by exactly one shard entry
 (with its rows, size and sha256) or is on the way out (`retiring`). Replicas
 record their commits in the journal before they publish; the driver records
 the run's header when it begins, then confirmations and failures as they
-arrive, and rewrites the manifest once per run (compaction). Every entry
+arrive, and rewrites the manifest at the end of a run (compaction) and every
+so many records during it (a mid-run checkpoint, never complete). Every entry
 belongs to the job in the state's header (model sha256, prediction settings,
 input): a commit record of another job is never committed, and a run that
 begins with `overwrite` demotes every earlier entry. `_SUCCESS` is written

@@ -1,6 +1,8 @@
 """Checkpointing an output's state into its manifest: the root `_manifest.json`, and its segments.
 
-Once per run the driver folds what the journal recorded into the manifest (`Recorder.finish`). An
+The driver folds what the journal recorded into the manifest at the end of a run (`Recorder.finish`),
+and during it every so many records (`Recorder.checkpoint`), so that the journal of a long run stays
+short and a killed run replays only what came after its last checkpoint. An
 output of at most `segments.INLINE_MAX` entries gets a root with its entries inline (format 2, as before
 segments). A larger one gets Parquet segments (`pipelines.commit.segments`), and only those whose key range
 (rel, first row group) holds an entry that changed are rewritten; the others are named again as
@@ -10,10 +12,16 @@ they are. The order keeps every moment of a crash safe:
 2. the root, atomically: from here on it names the new segments;
 3. the segments no root names any more (replaced ones, and those of a checkpoint killed before 2).
 
+4. the journal records the root holds (the whole journal at the end of a run; in its middle, only the
+   records it folded: the driver's up to the sequence the root names, and the commit records those
+   confirmed: replicas keep writing theirs).
+
 A driver killed before 2 leaves the old root, whose segments are all still there, and the journal
 (cleared only after 2): nothing is lost, the next run checkpoints again. Killed after 2, the root is
-whole; the journal's records are of a generation the root holds (ignored), and the segments left
-over are deleted by the next checkpoint.
+whole; the journal's records are of a generation the root holds (ignored; a mid-run root names the
+last driver record it holds, and a commit record of an entry it holds is recognised by its bytes), and
+the segments left over are deleted by the next checkpoint. A mid-run root says `complete: false`, and
+no `_SUCCESS` is written but at the end of a run.
 
     >>> _chunks(10, 4)
     [(0, 3), (3, 7), (7, 10)]
@@ -24,6 +32,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,16 +41,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from basis.storage import Location, write_bytes_atomic
-from pipelines.commit.entries import Entries
+from pipelines.commit.entries import PLANNING, Entries, KeyIndex
 from pipelines.commit.manifest import COMMITTED, FORMAT, FORMAT_SEGMENTS, MANIFEST
 from pipelines.commit import segments
-from pipelines.commit.segments import delete_unreferenced, entries_table, segment_files, sorted_table, write_segment
+from pipelines.commit.segments import (
+    delete_unreferenced,
+    entries_table,
+    read_segments,
+    segment_files,
+    sorted_table,
+    write_segment,
+)
 
 _WRITE_THREADS = 4
 
 
+@dataclass
+class Written:
+    """What a checkpoint wrote: the root's segments, each with the table written into it or, for a segment
+    kept as it was, its number in the old root (`refs` None: the entries went inline, as `inline`)."""
+
+    refs: list[dict[str, Any]] | None
+    sources: list[pa.Table | int]
+    inline: pa.Table | None = None
+
+
 def write_checkpoint(output: Location, files: Entries, extras: Sequence[Mapping[str, Any]], root: dict[str, Any],
-                     generation: int, check_lock: Callable[[], None]) -> None:
+                     generation: int, check_lock: Callable[[], None]) -> Written:
     """Write the manifest of `files` (committed entries) and `extras` (the planned shards not committed:
     failed or pending), with the root's other fields in `root`."""
     total = len(files) + len(extras)
@@ -53,19 +79,62 @@ def write_checkpoint(output: Location, files: Entries, extras: Sequence[Mapping[
                            json.dumps({"format": FORMAT, **root, "shards": entries}, separators=(",", ":")).encode())
         if files.refs or next(segment_files(output), None) is not None:
             delete_unreferenced(output, ())  # an output that shrank, or a killed checkpoint's segments
-        return
-    refs = _write_segments(output, files, extras, generation, check_lock)
+        return Written(None, [], entries_table(entries))
+    placed = _write_segments(output, files, extras, generation, check_lock)
+    refs = [ref for ref, _ in placed]
     check_lock()
     write_bytes_atomic(output.fs, output.join(MANIFEST), json.dumps(
         {"format": FORMAT_SEGMENTS, **root, "shards": {"count": total, "segments": refs}},
         separators=(",", ":")).encode())
     delete_unreferenced(output, [ref["path"] for ref in refs])
+    return Written(refs, [source for _, source in placed])
+
+
+def rebased(output: Location, files: Entries, written: Written) -> Entries:
+    """The entries as a load of the manifest `written` just wrote would hold them: every one in columns
+    (none as a dict), the live ones committed, their segments those of the new root. A run goes on from
+    it after a mid-run checkpoint, and the next checkpoint rewrites only what changed since this one."""
+    if written.refs is None:
+        assert written.inline is not None
+        table = written.inline
+        return Entries(table, alive=pc.equal(table["status"], COMMITTED).to_numpy(zero_copy_only=False), unique=True)
+    tables, alive = [], []
+    for ref, source in zip(written.refs, written.sources):
+        if isinstance(source, int):  # untouched: every entry in it is live and committed
+            start = int(files.starts[source])
+            tables.append(files.base.slice(start, ref["entries"]).select(list(PLANNING)))
+            alive.append(np.ones(ref["entries"], dtype=bool))
+        else:
+            tables.append(source.select(list(PLANNING)))
+            alive.append(pc.equal(source["status"], COMMITTED).to_numpy(zero_copy_only=False))
+    refs = written.refs
+    where = output.display(output.join(MANIFEST))
+    base = pa.concat_tables([table.cast(tables[0].schema) for table in tables]) if tables else None
+    entries = Entries(base, alive=np.concatenate(alive) if alive else None, refs=refs,
+                      full=lambda number: read_segments(output, [refs[number]], where)[0], unique=True)
+    _keep_index(files, entries, written)
+    return entries
+
+
+def _keep_index(files: Entries, entries: Entries, written: Written) -> None:
+    """A run that only appended segments (every old one kept, in place) keeps its lookup dict of output
+    paths, extended by the new rows: rebuilding it costs ~0.7 s at a million entries, per checkpoint."""
+    old = getattr(getattr(files, "_index", None), "_dict", None)
+    kept = files.refs is not None and len(files.refs) <= len(written.sources) and all(
+        source == number for number, source in enumerate(written.sources[:len(files.refs)]))
+    if old is None or not kept or not entries.base.num_rows:
+        return
+    start = files.base.num_rows
+    index = KeyIndex(entries.base["output"])
+    old.update(zip(index.keys.slice(start).to_pylist(), range(start, entries.base.num_rows)))
+    index._dict = old
+    entries._index = index
 
 
 def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[str, Any]], generation: int,
-                    check_lock: Callable[[], None]) -> list[dict[str, Any]]:
-    """The segments of the new manifest, in order: the old ones no change touched, and new ones for
-    the key ranges that changed."""
+                    check_lock: Callable[[], None]) -> list[tuple[dict[str, Any], pa.Table | int]]:
+    """The segments of the new manifest, in order: the old ones no change touched (with their number), and
+    new ones for the key ranges that changed (with the table written)."""
     new = entries_table([*({**e, "status": COMMITTED} for e in files.changed.values()), *extras])
     refs = list(files.refs or ())
     if not refs:  # the entries were inline (or there were none): every segment is new
@@ -79,8 +148,11 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
     last = tuple(refs[-1]["last"])
     keys = list(zip(new["rel"].to_pylist(), new["first"].to_pylist()))
     # An entry goes to the segment whose range holds its key (or the gap after it); past the last key, to a
-    # new segment when the last one is full enough (append-only inputs: no segment rewritten at all).
-    append = refs[-1]["entries"] >= segments.SEGMENT_ROWS // 2 and not dirty[-1]
+    # new segment when the last one is full enough, or when enough entries go there (append-only inputs, a
+    # long run's checkpoints: no segment rewritten at all).
+    tail = sum(key > last for key in keys)
+    append = (refs[-1]["entries"] >= segments.SEGMENT_ROWS // 2 or tail >= segments.SEGMENT_ROWS // 4) \
+        and not dirty[-1]
     target = np.array([len(refs) if append and key > last else max(0, bisect.bisect_right(firsts, key) - 1)
                        for key in keys], dtype=np.int64)
     dirty[np.unique(target[target < len(refs)])] = True
@@ -97,7 +169,7 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
     tail = new.filter(pa.array(target == len(refs)))
     written = _write_runs(output, [*tables, tail], generation, check_lock, keep_empty=True)
     by_run = iter(written[:len(runs)])
-    result: list[dict[str, Any]] = []
+    result: list[tuple[dict[str, Any], pa.Table | int]] = []
     run_starts = {first: stop for first, stop in runs}
     index = 0
     while index < len(refs):
@@ -105,7 +177,7 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
             result.extend(next(by_run))
             index = run_starts[index]
         else:
-            result.append(refs[index])
+            result.append((refs[index], index))
             index += 1
     result.extend(written[len(runs)])
     return result
@@ -114,7 +186,8 @@ def _write_segments(output: Location, files: Entries, extras: Sequence[Mapping[s
 def _write_runs(output: Location, tables: list[pa.Table], generation: int, check_lock: Callable[[], None], *,
                 keep_empty: bool = False) -> Any:
     """Each table sorted and cut into segments of at most `segments.SEGMENT_ROWS` entries, written in parallel.
-    Returns the refs of each table's segments (a list per table with `keep_empty`, else one flat list)."""
+    Returns each table's segments as (ref, the piece written) (a list per table with `keep_empty`, else one
+    flat list)."""
     pieces: list[tuple[int, pa.Table]] = []
     for number, table in enumerate(tables):
         table = sorted_table(table)
@@ -123,9 +196,9 @@ def _write_runs(output: Location, tables: list[pa.Table], generation: int, check
     check_lock()
     with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
         refs = list(pool.map(lambda piece: write_segment(output, piece[1], generation), pieces))
-    grouped: list[list[dict[str, Any]]] = [[] for _ in tables]
-    for (number, _), ref in zip(pieces, refs):
-        grouped[number].append(ref)
+    grouped: list[list[tuple[dict[str, Any], pa.Table]]] = [[] for _ in tables]
+    for (number, piece), ref in zip(pieces, refs):
+        grouped[number].append((ref, piece))
     return grouped if keep_empty else [ref for group in grouped for ref in group]
 
 
@@ -139,6 +212,13 @@ def _chunks(rows: int, most: int) -> list[tuple[int, int]]:
 
 
 def committed_rows(files: Entries) -> dict[str, int]:
-    """The root's row counts over the committed entries."""
-    table, _ = files.live(["rows_in", "rows_out", "rows_rejected"])
-    return {name: int(pc.sum(table[name]).as_py() or 0) for name in ("rows_in", "rows_out", "rows_rejected")}
+    """The root's row counts over the committed entries (the loaded ones as columns, the changed as dicts)."""
+    names = ("rows_in", "rows_out", "rows_rejected")
+    base = files.base.select(list(names))
+    if files.changed_rows:
+        base = base.filter(pa.array(files.alive))
+    counts = {name: int(pc.sum(base[name]).as_py() or 0) for name in names}
+    for entry in files.changed.values():
+        for name in names:
+            counts[name] += entry.get(name) or 0
+    return counts

@@ -83,7 +83,8 @@ class Entries(MutableMapping[str, dict[str, Any]]):
     """Committed entries by output path: an Arrow table as loaded (`base`), and dicts for changed ones."""
 
     def __init__(self, base: pa.Table | None = None, *, alive: np.ndarray | None = None,
-                 refs: list[dict[str, Any]] | None = None, full: Callable[[int], pa.Table] | None = None) -> None:
+                 refs: list[dict[str, Any]] | None = None, full: Callable[[int], pa.Table] | None = None,
+                 unique: bool = False) -> None:
         self.base = base if base is not None else SCHEMA.empty_table()
         self.refs = refs  # the root's segments the base was read from, in order (None: the manifest held them inline)
         self.full = full  # segment number -> its whole table, when `base` holds only the `PLANNING` columns
@@ -94,7 +95,7 @@ class Entries(MutableMapping[str, dict[str, Any]]):
         self.changed: dict[str, dict[str, Any]] = {}  # output path -> entry committed (or replaced) since loaded
         self._index: KeyIndex | None = None
         self._cached: tuple[int, pa.Table] | None = None
-        outputs = self.base["output"].filter(pa.array(self.alive))
+        outputs = self.base["output"].filter(pa.array(self.alive)) if not unique else []  # `unique`: a checkpoint's
         if len(outputs) and pc.count_distinct(outputs).as_py() < len(outputs):  # a hand-made manifest: last wins
             last = {path: row for row, path in enumerate(self.base["output"].to_pylist()) if self.alive[row]}
             self.alive[:] = False

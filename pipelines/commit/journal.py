@@ -8,10 +8,14 @@
 
 Recording a commit costs one small file, whatever the size of the output, so
 the driver's cost per shard stays flat from 1k to 100k shards; the manifest is
-rewritten once per run (compaction), not once per flush. Every record carries
-the generation of the manifest it follows; records of generations the manifest
-already holds are ignored, so a crash between writing the manifest and
-clearing the journal is harmless.
+rewritten at the end of a run and checkpointed during it every so many records
+(`pipelines.commit.recorder.CHECKPOINT_RECORDS`), not once per flush. Every
+record carries the generation of the run that wrote it; records of generations
+the manifest already holds are ignored, so a crash between writing the
+manifest and clearing the journal is harmless. A root written in the middle of
+run G holds G's driver records up to one sequence number (its `journal_folded`):
+G's later driver records, and every commit record still there, still apply (a
+commit record the root already holds is recognised by its bytes, and ignored).
 
 Every record is tied to the job that made it: a run's first driver record
 holds its header (model sha256, prediction settings, input), written before
@@ -42,6 +46,7 @@ from basis.storage import Location, delete_file, read_bytes, write_bytes_atomic
 
 _NAME = re.compile(r"^g(\d{6,})-([cd])-([0-9a-f]+)\.json$")
 _READ_THREADS = 16
+_DELETE_CHUNK = 512
 
 
 @dataclass
@@ -66,8 +71,11 @@ class Journal:
         return not self.generations
 
 
-def read_journal(output: Location, after: int, skip: Container[str] = ()) -> Journal:
-    """Every record of a generation after `after` (the manifest's), except commits whose token is in `skip`."""
+def read_journal(output: Location, after: int, skip: Container[str] = (),
+                 folded: tuple[int, int] | None = None) -> Journal:
+    """Every record of a generation after `after` (the manifest's), except commits whose token is in `skip`
+    and, with `folded` (generation, sequence), that generation's driver records up to that sequence (a
+    root written in the middle of that run holds them)."""
     journal = Journal()
     try:
         infos = output.fs.get_file_info(pafs.FileSelector(output.join(JOURNAL_DIR), allow_not_found=True))
@@ -81,7 +89,13 @@ def read_journal(output: Location, after: int, skip: Container[str] = ()) -> Jou
         journal.files.append(info.path)
         generation = int(match.group(1))
         journal.newest = max(journal.newest, generation)
-        if generation > after and not (match.group(2) == "c" and match.group(3) in skip):
+        kind = match.group(2)
+        if kind == "c" and match.group(3) in skip:
+            continue
+        if (folded is not None and kind == "d" and generation == folded[0]
+                and match.group(3).isdigit() and int(match.group(3)) <= folded[1]):
+            continue
+        if generation > after:
             wanted.append((generation, match.group(2), info.path))
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
         texts = list(pool.map(lambda item: read_bytes(output.fs, item[2]), wanted))
@@ -125,7 +139,7 @@ class SegmentWriter:
         self.generation = generation
         self.sequence = 0
         self.buffer: list[dict[str, Any]] = []
-        self.written: list[str] = []
+        self.written: list[str] = []  # the files written since `fold` last took them
 
     def add(self, op: dict[str, Any]) -> None:
         self.buffer.append(op)
@@ -139,6 +153,12 @@ class SegmentWriter:
         self.buffer = []
         self.written.append(path)
 
+    def fold(self) -> tuple[int, list[str]]:
+        """After a flush: the last sequence written (-1: none), and the files written since the last fold
+        (a mid-run checkpoint holds them now)."""
+        written, self.written = self.written, []
+        return self.sequence - 1, written
+
 
 def clear_journal(output: Location, paths: Iterable[str] = ()) -> None:
     """Delete journal files the manifest now holds (the whole directory when `paths` is empty)."""
@@ -149,8 +169,13 @@ def clear_journal(output: Location, paths: Iterable[str] = ()) -> None:
         except (FileNotFoundError, OSError):
             pass
         return
+    def delete(chunk: list[str]) -> None:
+        for path in chunk:
+            delete_file(output.fs, path)
+
+    step = max(1, min(_DELETE_CHUNK, -(-len(paths) // _READ_THREADS)))  # a future per file costs more than a delete
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        list(pool.map(lambda path: delete_file(output.fs, path), paths))
+        list(pool.map(delete, [paths[i:i + step] for i in range(0, len(paths), step)]))
 
 
 def journal_names(output: Location) -> Iterator[str]:

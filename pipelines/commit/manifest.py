@@ -1,8 +1,9 @@
 """`_manifest.json`: the compacted record of an output's shards, read and checked.
 
-The manifest is rewritten once per run (`pipelines.commit.Recorder.finish`);
-between runs it is the truth about the output, with the journal's records
-applied (`pipelines.commit.State`). It holds its entries inline (`shards`, a
+The manifest is rewritten at the end of a run (`pipelines.commit.Recorder.finish`)
+and every so many records during it (`Recorder.checkpoint`: a root that names
+the last driver record it holds, `journal_folded`, never complete); it is the
+truth about the output, with the journal's records applied (`pipelines.commit.State`). It holds its entries inline (`shards`, a
 list: format 2) up to `pipelines.commit.segments.INLINE_MAX` of them; a larger
 output's `shards` names Parquet segments under `_manifest/` that hold them
 (format 3, `pipelines.commit.segments`). A manifest that is not JSON, not ours, or

@@ -153,7 +153,12 @@ class State:
                                       full=lambda number: read_segments(output, [refs[number]], where)[0])
                 del table
                 pa.default_memory_pool().release_unused()  # the segments' read buffers
-        state.journal = read_journal(output, after=state.generation)
+        folded = manifest.get("journal_folded") if manifest is not None else None
+        if type(folded) is int:  # a root written in the middle of its run: that run's later records apply
+            state.journal = read_journal(output, after=state.generation - 1, folded=(state.generation, folded))
+            state.interrupted = True
+        else:
+            state.journal = read_journal(output, after=state.generation)
         state.found = state.found or bool(state.journal.files)
         state._apply(output, state.journal)
         return state
@@ -161,7 +166,8 @@ class State:
     def _apply(self, output: Location, journal: Journal) -> None:
         for generation in sorted(journal.generations):
             records = journal.generations[generation]
-            job = None  # the digest of the run that wrote this generation, from its header record
+            # the digest of the run that wrote this generation, from its header record (a mid-run root's own)
+            job = self.digest if generation == self.generation else None
             confirmed = set()
             for op in records.ops:
                 if op["op"] == "begin":
