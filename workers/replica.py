@@ -370,7 +370,8 @@ class Replica:
             predictions = [pa.field(column, prediction_type(k)) for (column, _, _), k in zip(job.members, forward.each)]
             out_schema = output_schema(schema, written, predictions)
             splits = np.cumsum([0, *forward.each])
-            writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema))
+            writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema,
+                                                           in_memory=tiny))
             # With several CPUs the output is encoded and compressed on a thread of its own, overlapping
             # the next batch's forward pass; with one, in line.
             background = files.enter_context(Background(enabled=threads >= 2))
@@ -403,7 +404,7 @@ class Replica:
                         )
                     if rejected is None:
                         rejected = files.enter_context(
-                            ShardWriter(self.output, self.output.join(rejected_rel), rejected_schema)
+                            ShardWriter(self.output, self.output.join(rejected_rel), rejected_schema, in_memory=tiny)
                         )
                     bad_rows = data.filter(pa.array(bad)).select(columns)
                     rejected.write(pa.RecordBatch.from_arrays(
