@@ -8,6 +8,7 @@ metadata cross the process boundary.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -17,9 +18,10 @@ import logging
 import os
 import resource
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -91,6 +93,15 @@ _PLANNED = ("features", "passthrough", "list_column", "prediction_column", "keep
             "generation", "job_digest", "provisional")
 
 
+@dataclasses.dataclass
+class _Staged:
+    """A shard read, predicted and written under hidden temporary names: its manifest entry and its files."""
+
+    entry: dict[str, Any]
+    writer: ShardWriter
+    rejected: ShardWriter | None
+
+
 class State(enum.Enum):
     READY = "ready"
     CLOSED = "closed"
@@ -156,6 +167,8 @@ class Replica:
         self._torch_threads = 0  # torch's threads before this replica set its own (CPU)
         self._numpy_forward = numpy_forward and in_driver
         self._category_limits: tuple[int | None, ...] = ()  # per categorical column, from the loaded program
+        self._forward_lock = threading.Lock()  # shards staged side by side (`process_bundle`) share the forward
+        self._stagers: ThreadPoolExecutor | None = None  # their threads, made on first use
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
@@ -263,6 +276,8 @@ class Replica:
 
     def close(self) -> None:
         self.state = State.CLOSED
+        if self._stagers is not None:
+            self._stagers.shutdown(wait=False, cancel_futures=True)
         if self._torch_threads:
             import torch
 
@@ -297,17 +312,26 @@ class Replica:
         if self.job.provisional:  # never written with a guessed job: the plan's columns, generation, digest
             raise RuntimeError(f"replica {self.index} was given no planned job (Replica.configure)")
         started = time.time()
+        try:
+            with contextlib.ExitStack() as files:
+                entry, token = self._commit(task, self._stage(task, files))
+        except ShardDataError as exc:
+            return self._result(task, started, error=str(exc))
+        return self._result(task, started, entry=entry, token=token)
+
+    def _result(self, task: dict[str, Any], started: float, *, entry: dict[str, Any] | None = None,
+                token: str = "", error: str = "") -> dict[str, Any]:
+        """A shard's result record: committed (`entry`, `token`) or failed (`error`)."""
         result: dict[str, Any] = {"id": task["id"], "replica": self.index, "started": started,
                                   "rows_in": task["rows_in"], "rows_out": 0, "rows_rejected": 0,
                                   "output": task["output"], "rejected_output": None}
-        try:
-            entry, token = self._run(task)
+        if entry is not None:
             result.update(status="committed", entry=entry, token=token, rows_out=entry["rows_out"],
                           rows_rejected=entry["rows_rejected"], rejected_output=entry["rejected_output"])
             self.shards += 1
             self.rows += task["rows_in"]
-        except ShardDataError as exc:
-            result.update(status="failed", error=str(exc))
+        else:
+            result.update(status="failed", error=error)
         finished = time.time()
         self.busy_seconds += finished - started
         result["finished"] = finished
@@ -322,23 +346,103 @@ class Replica:
         ~0.3 ms of CPU between the two processes). An exception ends the bundle at the shard that
         raised it, after the results committed before it are yielded: the driver always knows
         which shard raised.
+
+        Tiny shards (each at most one forward batch) of a replica with several CPUs are staged side by
+        side (`_staged_ahead`: read, predicted and written under temporary names on `cores` threads:
+        pyarrow's decoding and encoding and the file system's calls release the GIL) and committed
+        here one after the other in bundle order, so a shard after one that raised never commits.
         """
         self.calls += 1
         call, results, last = self.calls, [], time.monotonic()
-        for task in tasks:
-            try:
-                results.append({**self.process(task), "call": call})  # which of this replica's calls (a bundle)
-            except BaseException:
-                if results:
+        ahead = self._staged_ahead(tasks)
+        try:
+            for task in tasks:
+                try:
+                    result = self.process(task) if ahead is None else next(ahead)()
+                    results.append({**result, "call": call})  # which of this replica's calls (a bundle)
+                except BaseException:
+                    if results:
+                        yield results
+                    raise
+                if time.monotonic() - last >= every:
                     yield results
-                raise
-            if time.monotonic() - last >= every:
+                    results, last = [], time.monotonic()
+            if results:
                 yield results
-                results, last = [], time.monotonic()
-        if results:
-            yield results
+        finally:
+            if ahead is not None:
+                ahead.close()
 
-    def _run(self, task: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    def _staged_ahead(self, tasks: list[dict[str, Any]]) -> Generator[Callable[[], dict[str, Any]], None, None] | None:
+        """Per task, in order, a call that commits it once staged and returns its result (as `process`);
+        the stagings run up to `cores` ahead on threads of their own. None when the bundle is better done
+        one shard at a time: one CPU, a GPU, a shard of more than a forward batch, a forward that keeps
+        its state between calls."""
+        workers = min(cores(self.job.cpus), len(tasks))
+        if workers < 2 or self.gpu_ids or any(task["rows_in"] > self.batch_size for task in tasks):
+            return None
+        if not self._model.done() or self._model.exception() is not None:
+            return None  # the first bundle waits on the model in line (and raises its error there)
+        from workers.cpu_forward import NumpyForward
+
+        forward = self.forward
+        if not (isinstance(forward, NumpyForward) or forward.concurrent):
+            return None
+        if self.state is not State.READY or self.job.provisional:
+            return None  # `process` raises the error
+        if self._stagers is None:
+            self._stagers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch-infer-stage")
+        return self._commit_in_order(tasks, self._stagers, workers)
+
+    def _commit_in_order(self, tasks: list[dict[str, Any]], pool: ThreadPoolExecutor,
+                         workers: int) -> Generator[Callable[[], dict[str, Any]], None, None]:
+        def stage(task: dict[str, Any]) -> tuple[float, contextlib.ExitStack, _Staged | str]:
+            """(started, its files, what was staged) or, for the shard's own data problem, its message."""
+            started = time.time()
+            files = contextlib.ExitStack()
+            try:
+                return started, files, self._stage(task, files)
+            except ShardDataError as exc:
+                files.close()
+                return started, files, str(exc)
+            except BaseException:
+                files.close()
+                raise
+
+        def discard(future: Future[tuple[float, contextlib.ExitStack, _Staged | str]]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                future.result()[1].close()  # its temporary files go
+
+        queued: collections.deque[tuple[dict[str, Any], Future[tuple[float, contextlib.ExitStack, _Staged | str]]]]
+        queued = collections.deque()
+        waiting = iter(tasks)
+        try:
+            for task in itertools.islice(waiting, workers + 1):
+                queued.append((task, pool.submit(stage, task)))
+            while queued:
+                task, future = queued.popleft()
+                for more in itertools.islice(waiting, 1):
+                    queued.append((more, pool.submit(stage, more)))
+
+                def commit(task: dict[str, Any] = task,
+                           future: Future[tuple[float, contextlib.ExitStack, _Staged | str]] = future
+                           ) -> dict[str, Any]:
+                    started, files, staged = future.result()  # raises what staging raised (not the data's)
+                    if isinstance(staged, str):
+                        return self._result(task, started, error=staged)
+                    with files:
+                        entry, token = self._commit(task, staged)
+                    return self._result(task, started, entry=entry, token=token)
+
+                yield commit
+        finally:  # ended early (a shard raised, the call was dropped): the stagings left commit nothing
+            for _, future in queued:
+                future.cancel()
+                future.add_done_callback(discard)
+
+    def _stage(self, task: dict[str, Any], files: contextlib.ExitStack) -> _Staged:
+        """Read, predict and write one shard's files under hidden temporary names (entered in `files`, which
+        discards them unless `_commit` publishes them); nothing is visible yet."""
         job, uri = self.job, task["input"]
         parquet = open_parquet(self.source, task["path"], uri)
         schema = parquet.schema_arrow
@@ -361,7 +465,7 @@ class Replica:
                          deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,
                          predict=self._predict if threads >= 2 and not job.categorical else None)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
-        with batches, contextlib.ExitStack() as files:
+        with batches:
             items = iter(batches)
             # The first batch is decoded (inline for a tiny shard) before the model is waited for: the
             # first shard decodes while torch and the model load.
@@ -416,7 +520,8 @@ class Replica:
                         codes = None if codes is None else codes[~bad]
                 handle = item.predicted  # the CPU forward pass, run in the decoding thread (`_predict`)
                 if handle is None:  # on GPU this returns at once; collected one batch later
-                    handle = forward.submit(matrix) if codes is None else forward.submit(matrix, codes)  # type: ignore[call-arg]
+                    with self._forward_lock:  # a bundle's shards staged side by side share the forward
+                        handle = forward.submit(matrix) if codes is None else forward.submit(matrix, codes)  # type: ignore[call-arg]
                 item.release()  # submit has consumed (CPU) or copied (GPU) the stacked features
                 if pending is not None:
                     rows_out += write(*pending)
@@ -433,13 +538,18 @@ class Replica:
             if rejected is not None:
                 entry["rejected_bytes"], entry["rejected_sha256"] = rejected.finish()
                 entry["rejected_output"] = rejected_rel
-            token = uuid.uuid4().hex
-            self._check_ready(uri)  # a replica the driver lane gave up never commits
-            # Recorded before anything is visible, with the job that made it (another model's is never taken).
-            write_commit(self.output, job.generation, token, entry, job.job_digest)
-            if rejected is not None:
-                self._check_ready(uri)
-                rejected.publish()  # the quarantine file first: a record is whole once its output is in place
+        return _Staged(entry, writer, rejected)
+
+    def _commit(self, task: dict[str, Any], staged: _Staged) -> tuple[dict[str, Any], str]:
+        """Commit a staged shard: its journal record, then its files under their final names."""
+        job, uri, entry = self.job, task["input"], staged.entry
+        token = uuid.uuid4().hex
+        self._check_ready(uri)  # a replica the driver lane gave up never commits
+        # Recorded before anything is visible, with the job that made it (another model's is never taken).
+        write_commit(self.output, job.generation, token, entry, job.job_digest)
+        if staged.rejected is not None:
             self._check_ready(uri)
-            writer.publish()
+            staged.rejected.publish()  # the quarantine file first: a record is whole once its output is in place
+        self._check_ready(uri)
+        staged.writer.publish()
         return entry, token
