@@ -8,7 +8,6 @@ metadata cross the process boundary.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import enum
@@ -35,6 +34,7 @@ from basis.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import decode, describe_invalid, open_parquet
+from workers.staging import commit_in_order
 from workers.threads import cores
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
 
@@ -392,53 +392,14 @@ class Replica:
             return None  # `process` raises the error
         if self._stagers is None:
             self._stagers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch-infer-stage")
-        return self._commit_in_order(tasks, self._stagers, workers)
 
-    def _commit_in_order(self, tasks: list[dict[str, Any]], pool: ThreadPoolExecutor,
-                         workers: int) -> Generator[Callable[[], dict[str, Any]], None, None]:
-        def stage(task: dict[str, Any]) -> tuple[float, contextlib.ExitStack, _Staged | str]:
-            """(started, its files, what was staged) or, for the shard's own data problem, its message."""
-            started = time.time()
-            files = contextlib.ExitStack()
-            try:
-                return started, files, self._stage(task, files)
-            except ShardDataError as exc:
-                files.close()
-                return started, files, str(exc)
-            except BaseException:
-                files.close()
-                raise
+        def commit(task: dict[str, Any], started: float, staged: _Staged | str) -> dict[str, Any]:
+            if isinstance(staged, str):  # the shard's own data problem
+                return self._result(task, started, error=staged)
+            entry, token = self._commit(task, staged)
+            return self._result(task, started, entry=entry, token=token)
 
-        def discard(future: Future[tuple[float, contextlib.ExitStack, _Staged | str]]) -> None:
-            if not future.cancelled() and future.exception() is None:
-                future.result()[1].close()  # its temporary files go
-
-        queued: collections.deque[tuple[dict[str, Any], Future[tuple[float, contextlib.ExitStack, _Staged | str]]]]
-        queued = collections.deque()
-        waiting = iter(tasks)
-        try:
-            for task in itertools.islice(waiting, workers + 1):
-                queued.append((task, pool.submit(stage, task)))
-            while queued:
-                task, future = queued.popleft()
-                for more in itertools.islice(waiting, 1):
-                    queued.append((more, pool.submit(stage, more)))
-
-                def commit(task: dict[str, Any] = task,
-                           future: Future[tuple[float, contextlib.ExitStack, _Staged | str]] = future
-                           ) -> dict[str, Any]:
-                    started, files, staged = future.result()  # raises what staging raised (not the data's)
-                    if isinstance(staged, str):
-                        return self._result(task, started, error=staged)
-                    with files:
-                        entry, token = self._commit(task, staged)
-                    return self._result(task, started, entry=entry, token=token)
-
-                yield commit
-        finally:  # ended early (a shard raised, the call was dropped): the stagings left commit nothing
-            for _, future in queued:
-                future.cancel()
-                future.add_done_callback(discard)
+        return commit_in_order(tasks, self._stagers, workers, self._stage, commit)
 
     def _stage(self, task: dict[str, Any], files: contextlib.ExitStack) -> _Staged:
         """Read, predict and write one shard's files under hidden temporary names (entered in `files`, which
@@ -521,7 +482,8 @@ class Replica:
                 handle = item.predicted  # the CPU forward pass, run in the decoding thread (`_predict`)
                 if handle is None:  # on GPU this returns at once; collected one batch later
                     with self._forward_lock:  # a bundle's shards staged side by side share the forward
-                        handle = forward.submit(matrix) if codes is None else forward.submit(matrix, codes)  # type: ignore[call-arg]
+                        handle = (forward.submit(matrix) if codes is None
+                                  else forward.submit(matrix, codes))  # type: ignore[call-arg]
                 item.release()  # submit has consumed (CPU) or copied (GPU) the stacked features
                 if pending is not None:
                     rows_out += write(*pending)
