@@ -4,8 +4,12 @@ Checks the commit-path claims: the driver's cost per committed shard is flat
 (shards/s at 100,000 within 20% of 10,000), and a cron tick over unchanged
 input reads no Parquet footer (under 10 s at 100,000 files).
 
-Per N, each step its own ``python -m pipelines run --json`` process with a
-fresh embedded Ray (no ``RAY_ADDRESS``), from the repository root:
+Per N, each step its own ``python -m pipelines run --json`` process with the
+product's defaults (no ``RAY_ADDRESS``; ``replicas`` and ``cpus_per_replica``
+``auto``: on a machine of up to 4 CPUs the run is done in the driver lane with
+every core, elsewhere on a fresh embedded Ray; ``--set`` changes that, e.g.
+``--set replicas=2 --set cpus_per_replica=1`` for two Ray replicas), from the
+repository root:
 
 1. full run into a fresh output: wall seconds, shards/s over the whole process
    and from the first committed file to ``_SUCCESS`` (steady state), the
@@ -60,7 +64,7 @@ TOUCH_EVERY = 100  # the 1%-changed tick rewrites files 50, 150, 250, ...
 FEATURES = tuple(f"f{i}" for i in range(8))
 SCHEMA = pa.schema([("id", pa.int64())] + [(name, pa.float32()) for name in FEATURES])
 WIDTHS = (8, 16, 1)
-RUN_FLAGS = ("--cpus-per-replica", "1")  # the product default, as the other benchmarks run it
+RUN_FLAGS: tuple[str, ...] = ()  # the product's defaults (`replicas`, `cpus_per_replica`: auto)
 _MARKER = "_complete.json"
 _POLL_S = 0.02
 _TREE_POLL_S = 0.25
@@ -180,6 +184,7 @@ def measure(n: int, sets: list[str]) -> dict[str, Any]:
         "tree_cpu_seconds": full["tree_cpu_seconds"],
         "cpu_ms_per_shard": round(1000 * full["tree_cpu_seconds"] / n, 3),
         "shards_per_call": full["shards_per_call"],
+        "path": _path(full["report"]),
         "manifest_bytes": before.st_size,
         "journal_files_left": journal_left,
         "unchanged_tick_seconds": unchanged["seconds"],
@@ -323,6 +328,12 @@ def _expect(problems: list[str], step: str, report: dict[str, Any], *, done: int
         problems.append(f"{step}: {report.get('shards_done')} shard(s) done, expected {done}")
 
 
+def _path(report: dict[str, Any]) -> str:
+    """Where the full run's shards ran: the driver lane, or how many Ray replicas."""
+    nodes = [r.get("node") for r in report.get("replicas", [])]
+    return "driver lane" if nodes == ["driver"] else f"{len(nodes)} Ray replica(s)"
+
+
 def _brief(report: dict[str, Any]) -> dict[str, Any]:
     keep = ("status", "shards_total", "shards_done", "shards_skipped", "shards_failed", "rows_out", "seconds",
             "startup_seconds", "complete")
@@ -342,7 +353,8 @@ def run_all(sizes: list[int], sets: list[str]) -> list[dict[str, Any]]:
 
 def _print(results: list[dict[str, Any]]) -> None:
     mib = 2**20
-    print(f"\ntable scale: one {ROWS_PER_FILE}-row file per shard, MLP 8-16-1, {' '.join(RUN_FLAGS)}")
+    print(f"\ntable scale: one {ROWS_PER_FILE}-row file per shard, MLP 8-16-1, "
+          f"{' '.join(RUN_FLAGS) or 'default replicas and CPUs'}")
     print(f"{'files':>8} {'run s':>8} {'shards/s':>9} {'steady/s':>9} {'driver MiB':>11} {'manifest MB':>12} "
           f"{'tick s':>7} {'1% tick s':>10} {'driver CPU s':>13} {'CPU ms/shard':>13} {'shards/call':>12}")
     for r in results:
@@ -356,6 +368,8 @@ def _print(results: list[dict[str, Any]]) -> None:
           "tick: same command, unchanged input; 1% tick: after rewriting 1% of the files; CPU ms/shard: the whole "
           "process tree's CPU (driver, Ray, replicas) per file, what a busy machine's other work does not inflate "
           "much; shards/call: shards per replica call)")
+    for r in results:
+        print(f"{r['files']:,} files ran in: {r['path']}")
     for r in results:
         for problem in r["problems"]:
             print(f"PROBLEM at {r['files']:,} files: {problem}")

@@ -130,3 +130,52 @@ def test_a_replica_lost_mid_bundle_is_charged_to_a_shard_only_when_it_is_known(t
         assert results[bad]["status"] == "failed" and results[bad]["attempts"] == 1
         assert results[bad]["error"].startswith("replica died on each of 1 attempt(s)")
         assert all((r["status"], r["attempts"]) == ("committed", 1) for i, r in results.items() if i != bad)
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_a_bundle_commits_in_order_and_nothing_after_a_shard_that_raised(tmp_path: Path, cpus: int) -> None:
+    """A replica with several CPUs stages a bundle's tiny shards side by side (read, predicted, written under
+    temporary names) but commits them in bundle order, as one CPU does: a shard's data problem fails that
+    shard only; an error that is not the data's ends the bundle at its shard, and no shard after it
+    commits (no journal record, no file, no temporary file left)."""
+    import threading
+
+    from workers.replica import Replica, ReplicaJob
+
+    for i in range(6):
+        write_files(tmp_path / "in" / f"s{i}", [ROWS], features=4, row_group_size=ROWS, start=i * ROWS, seed=i)
+    save_mlp(tmp_path / "m.pt", [4, 8, 1])
+    out = tmp_path / "out"
+    plan = pipelines.plan(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out))
+    shards = plan.todo
+    assert [Path(s.path).parent.name for s in shards] == [f"s{i}" for i in range(6)]
+    Path(shards[1].path).write_bytes(b"not parquet")  # the shard's own data problem
+    blocked = out / Path(shards[3].output).parent  # a file where its output's directory goes: OSError
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("")
+    job = ReplicaJob(model=str(tmp_path / "m.pt"), model_sha256=plan.model.sha256, input=str(tmp_path / "in"),
+                     output=str(out), features=plan.columns.features, passthrough=plan.columns.passthrough,
+                     list_column=False, width=4, prediction_column="prediction", keep_features=False, cpus=cpus,
+                     job_digest="d" * 64)
+    replica = Replica(0, job, in_driver=True, numpy_forward=True)
+    replica.forward  # loaded: the first bundle after the load is staged side by side
+    results: list[dict[str, Any]] = []
+    try:
+        with pytest.raises(NotADirectoryError):
+            for done in replica.process_bundle([s.to_task() for s in shards]):
+                results.extend(done)
+        side_by_side = any(t.name.startswith("batch-infer-stage") for t in threading.enumerate())
+        assert side_by_side == (cpus > 1)
+    finally:
+        replica.close()
+    assert [(r["id"], r["status"]) for r in results] == [(shards[0].id, "committed"), (shards[1].id, "failed"),
+                                                         (shards[2].id, "committed")]
+    assert "not parquet" in results[1]["error"] or shards[1].input in results[1]["error"]
+    records = [json.loads(p.read_text())["entry"]["id"] for p in (out / "_journal").iterdir()]
+    assert sorted(records) == sorted([shards[0].id, shards[2].id])
+    deadline = time.monotonic() + 30  # stagings still running when the bundle ended drop their files when done
+    while any(p.name.endswith(".tmp") for p in out.rglob("*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    published = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    assert published == sorted([shards[0].output, shards[2].output])

@@ -392,8 +392,10 @@ class decode:  # noqa: N801 - used like a generator function
         self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop)
         self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth) for _ in range(count)]
         self._threads: list[Call] = []
-        leaves = _leaves(parquet.metadata, columns)  # once per shard, not per row group
-        types = _leaf_types(parquet)
+        # once per shard, not per row group; an inline shard's row groups (at most a batch each, so one batch
+        # whether read whole or streamed) are read whole without sizing them: no leaves, 0 bytes
+        leaves = [] if inline else _leaves(parquet.metadata, columns)
+        types = [] if inline else _leaf_types(parquet)
         for k in range(count):
             handle = parquet if k == 0 else _second_handle(parquet)
             mine = range(row_groups[0] + k, row_groups[1], count)

@@ -17,9 +17,10 @@ import logging
 import os
 import resource
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from basis.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import decode, describe_invalid, open_parquet
+from workers.staging import commit_in_order
 from workers.threads import cores
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
 
@@ -89,6 +91,15 @@ class ReplicaJob:
 # replica started while the driver plans gets them later (`Replica.configure`).
 _PLANNED = ("features", "passthrough", "list_column", "prediction_column", "keep_features", "rejected_dir",
             "generation", "job_digest", "provisional")
+
+
+@dataclasses.dataclass
+class _Staged:
+    """A shard read, predicted and written under hidden temporary names: its manifest entry and its files."""
+
+    entry: dict[str, Any]
+    writer: ShardWriter
+    rejected: ShardWriter | None
 
 
 class State(enum.Enum):
@@ -156,6 +167,8 @@ class Replica:
         self._torch_threads = 0  # torch's threads before this replica set its own (CPU)
         self._numpy_forward = numpy_forward and in_driver
         self._category_limits: tuple[int | None, ...] = ()  # per categorical column, from the loaded program
+        self._forward_lock = threading.Lock()  # shards staged side by side (`process_bundle`) share the forward
+        self._stagers: ThreadPoolExecutor | None = None  # their threads, made on first use
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
@@ -263,6 +276,8 @@ class Replica:
 
     def close(self) -> None:
         self.state = State.CLOSED
+        if self._stagers is not None:
+            self._stagers.shutdown(wait=False, cancel_futures=True)
         if self._torch_threads:
             import torch
 
@@ -297,17 +312,26 @@ class Replica:
         if self.job.provisional:  # never written with a guessed job: the plan's columns, generation, digest
             raise RuntimeError(f"replica {self.index} was given no planned job (Replica.configure)")
         started = time.time()
+        try:
+            with contextlib.ExitStack() as files:
+                entry, token = self._commit(task, self._stage(task, files))
+        except ShardDataError as exc:
+            return self._result(task, started, error=str(exc))
+        return self._result(task, started, entry=entry, token=token)
+
+    def _result(self, task: dict[str, Any], started: float, *, entry: dict[str, Any] | None = None,
+                token: str = "", error: str = "") -> dict[str, Any]:
+        """A shard's result record: committed (`entry`, `token`) or failed (`error`)."""
         result: dict[str, Any] = {"id": task["id"], "replica": self.index, "started": started,
                                   "rows_in": task["rows_in"], "rows_out": 0, "rows_rejected": 0,
                                   "output": task["output"], "rejected_output": None}
-        try:
-            entry, token = self._run(task)
+        if entry is not None:
             result.update(status="committed", entry=entry, token=token, rows_out=entry["rows_out"],
                           rows_rejected=entry["rows_rejected"], rejected_output=entry["rejected_output"])
             self.shards += 1
             self.rows += task["rows_in"]
-        except ShardDataError as exc:
-            result.update(status="failed", error=str(exc))
+        else:
+            result.update(status="failed", error=error)
         finished = time.time()
         self.busy_seconds += finished - started
         result["finished"] = finished
@@ -322,23 +346,64 @@ class Replica:
         ~0.3 ms of CPU between the two processes). An exception ends the bundle at the shard that
         raised it, after the results committed before it are yielded: the driver always knows
         which shard raised.
+
+        Tiny shards (each at most one forward batch) of a replica with several CPUs are staged side by
+        side (`_staged_ahead`: read, predicted and written under temporary names on `cores` threads:
+        pyarrow's decoding and encoding and the file system's calls release the GIL) and committed
+        here one after the other in bundle order, so a shard after one that raised never commits.
         """
         self.calls += 1
         call, results, last = self.calls, [], time.monotonic()
-        for task in tasks:
-            try:
-                results.append({**self.process(task), "call": call})  # which of this replica's calls (a bundle)
-            except BaseException:
-                if results:
+        ahead = self._staged_ahead(tasks)
+        try:
+            for task in tasks:
+                try:
+                    result = self.process(task) if ahead is None else next(ahead)()
+                    results.append({**result, "call": call})  # which of this replica's calls (a bundle)
+                except BaseException:
+                    if results:
+                        yield results
+                    raise
+                if time.monotonic() - last >= every:
                     yield results
-                raise
-            if time.monotonic() - last >= every:
+                    results, last = [], time.monotonic()
+            if results:
                 yield results
-                results, last = [], time.monotonic()
-        if results:
-            yield results
+        finally:
+            if ahead is not None:
+                ahead.close()
 
-    def _run(self, task: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    def _staged_ahead(self, tasks: list[dict[str, Any]]) -> Generator[Callable[[], dict[str, Any]], None, None] | None:
+        """Per task, in order, a call that commits it once staged and returns its result (as `process`);
+        the stagings run up to `cores` ahead on threads of their own. None when the bundle is better done
+        one shard at a time: one CPU, a GPU, a shard of more than a forward batch, a forward that keeps
+        its state between calls."""
+        workers = min(cores(self.job.cpus), len(tasks))
+        if workers < 2 or self.gpu_ids or any(task["rows_in"] > self.batch_size for task in tasks):
+            return None
+        if not self._model.done() or self._model.exception() is not None:
+            return None  # the first bundle waits on the model in line (and raises its error there)
+        from workers.cpu_forward import NumpyForward
+
+        forward = self.forward
+        if not (isinstance(forward, NumpyForward) or forward.concurrent):
+            return None
+        if self.state is not State.READY or self.job.provisional:
+            return None  # `process` raises the error
+        if self._stagers is None:
+            self._stagers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batch-infer-stage")
+
+        def commit(task: dict[str, Any], started: float, staged: _Staged | str) -> dict[str, Any]:
+            if isinstance(staged, str):  # the shard's own data problem
+                return self._result(task, started, error=staged)
+            entry, token = self._commit(task, staged)
+            return self._result(task, started, entry=entry, token=token)
+
+        return commit_in_order(tasks, self._stagers, workers, self._stage, commit)
+
+    def _stage(self, task: dict[str, Any], files: contextlib.ExitStack) -> _Staged:
+        """Read, predict and write one shard's files under hidden temporary names (entered in `files`, which
+        discards them unless `_commit` publishes them); nothing is visible yet."""
         job, uri = self.job, task["input"]
         parquet = open_parquet(self.source, task["path"], uri)
         schema = parquet.schema_arrow
@@ -361,7 +426,7 @@ class Replica:
                          deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,
                          predict=self._predict if threads >= 2 and not job.categorical else None)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
-        with batches, contextlib.ExitStack() as files:
+        with batches:
             items = iter(batches)
             # The first batch is decoded (inline for a tiny shard) before the model is waited for: the
             # first shard decodes while torch and the model load.
@@ -370,7 +435,8 @@ class Replica:
             predictions = [pa.field(column, prediction_type(k)) for (column, _, _), k in zip(job.members, forward.each)]
             out_schema = output_schema(schema, written, predictions)
             splits = np.cumsum([0, *forward.each])
-            writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema))
+            writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema,
+                                                           in_memory=tiny))
             # With several CPUs the output is encoded and compressed on a thread of its own, overlapping
             # the next batch's forward pass; with one, in line.
             background = files.enter_context(Background(enabled=threads >= 2))
@@ -403,7 +469,7 @@ class Replica:
                         )
                     if rejected is None:
                         rejected = files.enter_context(
-                            ShardWriter(self.output, self.output.join(rejected_rel), rejected_schema)
+                            ShardWriter(self.output, self.output.join(rejected_rel), rejected_schema, in_memory=tiny)
                         )
                     bad_rows = data.filter(pa.array(bad)).select(columns)
                     rejected.write(pa.RecordBatch.from_arrays(
@@ -415,7 +481,9 @@ class Replica:
                         codes = None if codes is None else codes[~bad]
                 handle = item.predicted  # the CPU forward pass, run in the decoding thread (`_predict`)
                 if handle is None:  # on GPU this returns at once; collected one batch later
-                    handle = forward.submit(matrix) if codes is None else forward.submit(matrix, codes)  # type: ignore[call-arg]
+                    with self._forward_lock:  # a bundle's shards staged side by side share the forward
+                        handle = (forward.submit(matrix) if codes is None
+                                  else forward.submit(matrix, codes))  # type: ignore[call-arg]
                 item.release()  # submit has consumed (CPU) or copied (GPU) the stacked features
                 if pending is not None:
                     rows_out += write(*pending)
@@ -432,13 +500,18 @@ class Replica:
             if rejected is not None:
                 entry["rejected_bytes"], entry["rejected_sha256"] = rejected.finish()
                 entry["rejected_output"] = rejected_rel
-            token = uuid.uuid4().hex
-            self._check_ready(uri)  # a replica the driver lane gave up never commits
-            # Recorded before anything is visible, with the job that made it (another model's is never taken).
-            write_commit(self.output, job.generation, token, entry, job.job_digest)
-            if rejected is not None:
-                self._check_ready(uri)
-                rejected.publish()  # the quarantine file first: a record is whole once its output is in place
+        return _Staged(entry, writer, rejected)
+
+    def _commit(self, task: dict[str, Any], staged: _Staged) -> tuple[dict[str, Any], str]:
+        """Commit a staged shard: its journal record, then its files under their final names."""
+        job, uri, entry = self.job, task["input"], staged.entry
+        token = uuid.uuid4().hex
+        self._check_ready(uri)  # a replica the driver lane gave up never commits
+        # Recorded before anything is visible, with the job that made it (another model's is never taken).
+        write_commit(self.output, job.generation, token, entry, job.job_digest)
+        if staged.rejected is not None:
             self._check_ready(uri)
-            writer.publish()
+            staged.rejected.publish()  # the quarantine file first: a record is whole once its output is in place
+        self._check_ready(uri)
+        staged.writer.publish()
         return entry, token
