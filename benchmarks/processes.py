@@ -1,4 +1,5 @@
-"""Measurements that need a process of their own, each with a fresh embedded Ray.
+"""Measurements that need a process of their own, each run as a user would (`batch-infer run`: the driver
+lane on a machine of <= 4 CPUs without a GPU, else a fresh embedded Ray).
 
 - ``memory_check``: batch-infer at 1x and 4x rows; replica and driver peak RSS.
 - ``process_times``: one whole-process run per system and workload, plus the

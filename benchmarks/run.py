@@ -9,7 +9,8 @@ loading but not ``ray.init``; Daft runs as a process of its own venv
 ``limit`` is ``benchmarks/limit.py``: the single-threaded work no system can
 skip, divided by the cores. The small job is also run as whole processes
 (``--reps`` times each), which is its row in the summary table. Then, as
-separate processes (fresh embedded Ray each): the memory check (batch-infer at
+separate processes (each as a user's `batch-infer run`: in the driver lane on a machine
+of <= 4 CPUs without a GPU, else with a fresh embedded Ray): the memory check (batch-infer at
 1x and 4x rows), the start-up time to the first committed shard, whole-process
 times of one run per system for the other workloads, and the table-scale case
 (``--tables``, see ``benchmarks/tables.py``; on by default only at ``--scale 1``).
