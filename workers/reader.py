@@ -30,7 +30,7 @@ from basis.storage import Location
 from workers.stacking import describe_invalid, feature_matrix, invalid_rows, stack_checked
 from workers.threads import Call, start as start_thread
 
-__all__ = ["Batch", "Decoded", "ParquetSource", "decode", "describe_invalid", "feature_matrix", "invalid_rows",
+__all__ = ["Batch", "Decoded", "ParquetSource", "Spares", "decode", "describe_invalid", "feature_matrix", "invalid_rows",
            "iter_batches", "open_parquet"]
 
 logger = logging.getLogger(__name__)
@@ -283,6 +283,41 @@ def _decoded_bytes(group: pq.RowGroupMetaData, leaves: Sequence[int],
 _ROW_GROUP_DONE = object()  # a decoding thread's marker: one row group's batches end here
 
 
+class Spares:
+    """Stacking buffers kept from one shard to the next (a replica's): a shard's `decode` takes its
+    buffers here before it allocates any, and gives back what it holds when it closes.
+
+    A fresh (64, 65536) float32 buffer is 16 MiB that the kernel faults in and zeroes (2 MiB huge
+    pages) the first time it is written; a replica's shards each made theirs anew. At most `limit`
+    buffers are kept (what one shard's decoding threads use at most), so memory stays bounded by
+    one shard's.
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._free: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def take(self, shape: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            free = self._free.get(shape)
+            return free.pop() if free else None
+
+    def keep(self, buffers: Iterable[np.ndarray]) -> None:
+        with self._lock:
+            for buffer in buffers:
+                shape = (int(buffer.shape[0]), int(buffer.shape[1]))
+                if sum(len(b) for b in self._free.values()) >= self.limit:
+                    return
+                if self._free and shape not in self._free:  # another batch shape: the old ones go
+                    self._free.clear()
+                self._free.setdefault(shape, []).append(buffer)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
 class _Buffers:
     """The (width, batch_size) stacking buffers of a shard's decoding threads.
 
@@ -296,9 +331,11 @@ class _Buffers:
     first use, so a short shard never allocates them all.
     """
 
-    def __init__(self, shape: tuple[int, int], threads: int, own: int, shared: int, stop: threading.Event) -> None:
+    def __init__(self, shape: tuple[int, int], threads: int, own: int, shared: int, stop: threading.Event,
+                 spares: Spares | None = None) -> None:
         self.shape, self.own, self.shared = shape, own, shared
         self._stop = stop
+        self._spares = spares
         self._ready = threading.Condition()
         self._free: list[list[np.ndarray]] = [[] for _ in range(threads + 1)]  # per thread; the last: shared
         self._made = [0] * (threads + 1)
@@ -312,7 +349,8 @@ class _Buffers:
                         return self._free[home].pop(), home
                     if self._made[home] < limit:
                         self._made[home] += 1
-                        return np.empty(self.shape, dtype=np.float32), home
+                        spare = None if self._spares is None else self._spares.take(self.shape)
+                        return (np.empty(self.shape, dtype=np.float32) if spare is None else spare), home
                 self._ready.wait(0.1)
         return None
 
@@ -324,6 +362,15 @@ class _Buffers:
     def wake(self) -> None:
         with self._ready:
             self._ready.notify_all()
+
+    def retire(self) -> None:
+        """The shard is done (its threads joined): the free buffers go to the spares for the next one."""
+        if self._spares is not None:
+            with self._ready:
+                free = [buffer for home in self._free for buffer in home]
+                for home in self._free:
+                    home.clear()
+            self._spares.keep(free)
 
 
 @dataclass
@@ -360,7 +407,8 @@ class decode:  # noqa: N801 - used like a generator function
     thread this is the old prefetch: decoding a batch ahead of the forward pass.
     `inline` (only for a shard of about one batch: a tiny file) decodes it all in the
     caller's thread instead: starting a thread cost more than such a shard's decoding.
-    Always `close()` it (or use `with`).
+    `spares` (a replica's `Spares`) lends it the stacking buffers an earlier shard left, and takes
+    them back at `close()`. Always `close()` it (or use `with`).
 
     `predict(matrix, bad)`, when given, runs in the decoding thread right after the check
     and its return value is the item's `predicted` (the replica's CPU forward pass, so the
@@ -377,7 +425,8 @@ class decode:  # noqa: N801 - used like a generator function
                  batch_size: int, uri: str, *, features: Sequence[str], list_column: bool, width: int,
                  check_invalid: bool, threads: int = 1, depth: int = 2, deleted: np.ndarray | None = None,
                  inline: bool = False,
-                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None = None) -> None:
+                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None = None,
+                 spares: Spares | None = None) -> None:
         self.row_groups = row_groups
         self._stop = threading.Event()
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
@@ -389,7 +438,8 @@ class decode:  # noqa: N801 - used like a generator function
         # Two buffers of its own per thread (one stacking while the consumer has the other), the rest of
         # threads x depth + 2 shared; a deeper queue than the buffers allows just fills with borrowed ones.
         own = 2
-        self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop)
+        self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop,
+                              None if inline else spares)
         self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth) for _ in range(count)]
         self._threads: list[Call] = []
         leaves = _leaves(parquet.metadata, columns)  # once per shard, not per row group
@@ -468,6 +518,7 @@ class decode:  # noqa: N801 - used like a generator function
         self._pool.wake()
         for thread in self._threads:
             thread.join()
+        self._pool.retire()
 
     def __enter__(self) -> decode:
         return self

@@ -32,7 +32,7 @@ from basis.record import write_commit
 from basis.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
-from workers.reader import decode, describe_invalid, open_parquet
+from workers.reader import Spares, decode, describe_invalid, open_parquet
 from workers.threads import cores
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
 
@@ -156,6 +156,7 @@ class Replica:
         self._torch_threads = 0  # torch's threads before this replica set its own (CPU)
         self._numpy_forward = numpy_forward and in_driver
         self._category_limits: tuple[int | None, ...] = ()  # per categorical column, from the loaded program
+        self._spares = Spares()  # stacking buffers kept from shard to shard (no fresh pages per shard)
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
@@ -263,6 +264,7 @@ class Replica:
 
     def close(self) -> None:
         self.state = State.CLOSED
+        self._spares.clear()
         if self._torch_threads:
             import torch
 
@@ -359,7 +361,8 @@ class Replica:
                          list_column=job.list_column, width=job.width, check_invalid=job.invalid_rows != "keep",
                          threads=threads, inline=tiny,
                          deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,
-                         predict=self._predict if threads >= 2 and not job.categorical else None)
+                         predict=self._predict if threads >= 2 and not job.categorical else None,
+                         spares=self._spares)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches, contextlib.ExitStack() as files:
             items = iter(batches)
