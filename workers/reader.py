@@ -27,11 +27,11 @@ from basis.errors import ShardDataError, StorageError
 from basis.masks import keep_mask
 from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
 from basis.storage import Location
-from workers.stacking import describe_invalid, feature_matrix, invalid_rows, stack_checked
+from workers.stacking import Spares, describe_invalid, feature_matrix, invalid_rows, stack_checked
 from workers.threads import Call, start as start_thread
 
-__all__ = ["Batch", "Decoded", "ParquetSource", "Spares", "decode", "describe_invalid", "feature_matrix", "invalid_rows",
-           "iter_batches", "open_parquet"]
+__all__ = ["Batch", "Decoded", "ParquetSource", "Spares", "decode", "describe_invalid", "feature_matrix",
+           "invalid_rows", "iter_batches", "open_parquet"]
 
 logger = logging.getLogger(__name__)
 
@@ -281,41 +281,6 @@ def _decoded_bytes(group: pq.RowGroupMetaData, leaves: Sequence[int],
 
 
 _ROW_GROUP_DONE = object()  # a decoding thread's marker: one row group's batches end here
-
-
-class Spares:
-    """Stacking buffers kept from one shard to the next (a replica's): a shard's `decode` takes its
-    buffers here before it allocates any, and gives back what it holds when it closes.
-
-    A fresh (64, 65536) float32 buffer is 16 MiB that the kernel faults in and zeroes (2 MiB huge
-    pages) the first time it is written; a replica's shards each made theirs anew. At most `limit`
-    buffers are kept (what one shard's decoding threads use at most), so memory stays bounded by
-    one shard's.
-    """
-
-    def __init__(self, limit: int = 8) -> None:
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._free: dict[tuple[int, int], list[np.ndarray]] = {}
-
-    def take(self, shape: tuple[int, int]) -> np.ndarray | None:
-        with self._lock:
-            free = self._free.get(shape)
-            return free.pop() if free else None
-
-    def keep(self, buffers: Iterable[np.ndarray]) -> None:
-        with self._lock:
-            for buffer in buffers:
-                shape = (int(buffer.shape[0]), int(buffer.shape[1]))
-                if sum(len(b) for b in self._free.values()) >= self.limit:
-                    return
-                if self._free and shape not in self._free:  # another batch shape: the old ones go
-                    self._free.clear()
-                self._free.setdefault(shape, []).append(buffer)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._free.clear()
 
 
 class _Buffers:
