@@ -199,3 +199,46 @@ def test_the_decoded_size_estimate_is_not_below_what_arrow_holds(tmp_path: Path,
         assert actual <= estimate, (name, actual, estimate)
         if name != "dictionary" or dictionary:  # PLAIN values read back into a dictionary: far less, never more
             assert estimate < 3 * actual + 4096, (name, actual, estimate)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_a_replicas_next_shard_stacks_into_the_buffers_the_last_one_left(tmp_path: Path, threads: int) -> None:
+    """Issue 15: stacking buffers are kept from shard to shard (`Spares`), not faulted in afresh, and a
+    reused buffer never shows a batch another one's values: every matrix is its own batch's features."""
+    from basis.storage import resolve
+    from workers.reader import ParquetSource, Spares, decode
+
+    rows = 16 * 3 * BATCH
+    rng = np.random.default_rng(7)
+    paths = []
+    for k in range(3):
+        path = tmp_path / f"t{k}.parquet"
+        pq.write_table(pa.table({"id": pa.array(np.arange(rows)), "f": rng.standard_normal(rows).astype(np.float32),
+                                 "g": rng.standard_normal(rows).astype(np.float32)}), path, row_group_size=3 * BATCH)
+        paths.append(path)
+    spares = Spares()
+    used: list[set[int]] = []
+    for path in paths:
+        source = ParquetSource(resolve(str(path)), str(path), str(path))
+        buffers: set[int] = set()
+        with decode(source, (0, 16), ["id", "f", "g"], BATCH, str(path), features=["f", "g"], list_column=False,
+                    width=2, check_invalid=True, threads=threads, spares=spares) as batches:
+            for item in batches:
+                expected = np.stack([item.batch.data.column(c).to_numpy() for c in ("f", "g")], axis=1)
+                assert np.array_equal(item.matrix, expected)
+                buffers.add(id(item.matrix.base if item.matrix.base is not None else item.matrix))
+                item.release()
+        used.append(buffers)
+    assert used[1] & used[0] and used[2] & used[1]  # the later shards stacked into the earlier ones' buffers
+    assert sum(len(free) for free in spares._free.values()) <= spares.limit
+
+
+def test_spares_keep_one_shape_and_at_most_their_limit() -> None:
+    from workers.reader import Spares
+
+    spares = Spares(limit=2)
+    spares.keep([np.empty((2, 4), np.float32) for _ in range(3)])
+    assert spares.take((2, 4)) is not None and spares.take((2, 4)) is not None and spares.take((2, 4)) is None
+    spares.keep([np.empty((2, 4), np.float32)])
+    spares.keep([np.empty((3, 4), np.float32)])  # another job's batch shape: the old buffers go
+    assert spares.take((2, 4)) is None and spares.take((3, 4)) is not None

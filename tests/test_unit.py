@@ -549,3 +549,43 @@ def test_the_actor_side_never_imports_the_driver():
                 offenders += [f"{path.relative_to(root)}:{node.lineno} imports {n}"
                               for n in names if n.split(".")[0] in banned]
     assert offenders == []
+
+
+@pytest.mark.parametrize("activation, output_activation, widths", [
+    ("sigmoid", "sigmoid", [64, 16, 1]),
+    ("relu", "none", [5, 300, 3]),  # a chunk of 3495 rows: the batch spans several
+    ("tanh", "softmax", [4, 8, 4]),  # softmax over each row's outputs, whichever way the buffer lies
+    ("none", "relu", [3, 2, 2]),
+])
+def test_the_cpu_forward_by_columns_matches_the_models_pass_by_rows(activation: str, output_activation: str,
+                                                                      widths: list[int]) -> None:
+    """Issue 15: on the CPU in fp32, `Forward` multiplies the stacked (features, rows) buffer as it lies
+    (`MLP.columns`); a model set's models too. Its predictions are the row-wise pass's within rounding."""
+    from pipelines.rounding import rounding_scale, within_rounding
+    from workers.device import Forward
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((10_000, widths[0])).astype(np.float32)
+    x[:20] *= 1e4
+    x[7, 0] = np.nan  # invalid_rows: keep lets a NaN through; it stays NaN
+    buffer = np.ascontiguousarray(x.T)  # (width, rows), as the replica stacks it
+    models, wants, scales = [], [], []
+    for seed, bias in ((11, True), (12, False)):
+        model = mlp(widths, seed=seed)
+        layers = [(m.weight.detach(), m.bias.detach() if bias else None) for m in model
+                  if isinstance(m, torch.nn.Linear)]
+        models.append(MLP(layers, activation, output_activation, torch.device("cpu"), "fp32"))
+        assert models[-1].by_columns
+        wants.append(models[-1](torch.from_numpy(x)).numpy())  # the pass by rows
+        arrays = [(w.numpy(), np.zeros(w.shape[0], np.float32) if b is None else b.numpy()) for w, b in layers]
+        scales.append(rounding_scale(arrays, x, activation, output_activation))
+    for members in (models[:1], models):  # one model, and a set of two side by side
+        forward = Forward(members if len(members) > 1 else members[0], widths[0], 10_000, torch.device("cpu"))
+        got = forward.submit(buffer.T)()
+        k = widths[-1]
+        assert got.shape == (10_000, k * len(members))
+        for i, (want, scale) in enumerate(zip(wants[: len(members)], scales)):
+            part = got[:, i * k : (i + 1) * k]
+            np.testing.assert_array_equal(np.isnan(part), np.isnan(want))
+            assert within_rounding(part, want, scale, "fp32").all()
+    assert not MLP([(torch.ones(1, 2), None)], "sigmoid", "none", torch.device("cpu"), "bf16").by_columns

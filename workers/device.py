@@ -266,6 +266,14 @@ class Forward:
         whole batch and halves on out-of-memory (chunks already written are simply
         written again). Device results are copied into the pinned `out` without blocking.
         """
+        if not self.cuda and codes is None and all(getattr(model, "by_columns", False) for model in self.models):
+            columns = features.T  # (width, rows): the stacked buffer as it lies (`MLP.columns`)
+            with torch.inference_mode():
+                for start in range(0, len(features), self.max_rows):
+                    stop = start + self.max_rows
+                    for model, out in zip(self.models, outs):
+                        out[start:stop].copy_(model.columns(columns[:, start:stop]).T)
+            return
         while True:
             try:
                 with torch.inference_mode():

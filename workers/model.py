@@ -134,6 +134,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "none": lambda x: x,
     "softmax": lambda x: torch.softmax(x, dim=-1),
 }
+_SOFTMAX = _ACTIVATIONS["softmax"]
 
 
 class MLP:
@@ -167,6 +168,24 @@ class MLP:
         for (weight, bias), act in zip(self.layers, self.activations):
             x = act(torch.nn.functional.linear(x, weight, bias))
         return x.float()
+
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        """The same pass on the CPU in fp32 with rows as columns: (in_features, rows) -> (out_features, rows).
+
+        `weight @ x` (+ bias) on the stacked (features, rows) buffer as it lies, where `__call__`
+        multiplies its transpose: measured on one core, 64->256->256->1 took 1.52 against 1.67 s per
+        million rows (medians of 21; 64->16->1 within noise). The activation runs on the features'
+        axis (softmax over dim 0).
+        """
+        for (weight, bias), act in zip(self.layers, self.activations):
+            x = torch.addmm(bias[:, None], weight, x) if bias is not None else weight @ x
+            x = torch.softmax(x, dim=0) if act is _SOFTMAX else act(x)
+        return x
+
+    @property
+    def by_columns(self) -> bool:
+        """Whether `columns` runs it (fp32 on the CPU)."""
+        return self.device.type == "cpu" and self.dtype == torch.float32
 
     max_batch = None  # any number of rows per pass
     reentrant = True  # no state between calls: threads may run it at once (`Forward.concurrent`)

@@ -27,11 +27,11 @@ from basis.errors import ShardDataError, StorageError
 from basis.masks import keep_mask
 from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
 from basis.storage import Location
-from workers.stacking import describe_invalid, feature_matrix, invalid_rows, stack_checked
+from workers.stacking import Spares, describe_invalid, feature_matrix, invalid_rows, stack_checked
 from workers.threads import Call, start as start_thread
 
-__all__ = ["Batch", "Decoded", "ParquetSource", "decode", "describe_invalid", "feature_matrix", "invalid_rows",
-           "iter_batches", "open_parquet"]
+__all__ = ["Batch", "Decoded", "ParquetSource", "Spares", "decode", "describe_invalid", "feature_matrix",
+           "invalid_rows", "iter_batches", "open_parquet"]
 
 logger = logging.getLogger(__name__)
 
@@ -296,9 +296,11 @@ class _Buffers:
     first use, so a short shard never allocates them all.
     """
 
-    def __init__(self, shape: tuple[int, int], threads: int, own: int, shared: int, stop: threading.Event) -> None:
+    def __init__(self, shape: tuple[int, int], threads: int, own: int, shared: int, stop: threading.Event,
+                 spares: Spares | None = None) -> None:
         self.shape, self.own, self.shared = shape, own, shared
         self._stop = stop
+        self._spares = spares
         self._ready = threading.Condition()
         self._free: list[list[np.ndarray]] = [[] for _ in range(threads + 1)]  # per thread; the last: shared
         self._made = [0] * (threads + 1)
@@ -312,7 +314,8 @@ class _Buffers:
                         return self._free[home].pop(), home
                     if self._made[home] < limit:
                         self._made[home] += 1
-                        return np.empty(self.shape, dtype=np.float32), home
+                        spare = None if self._spares is None else self._spares.take(self.shape)
+                        return (np.empty(self.shape, dtype=np.float32) if spare is None else spare), home
                 self._ready.wait(0.1)
         return None
 
@@ -324,6 +327,15 @@ class _Buffers:
     def wake(self) -> None:
         with self._ready:
             self._ready.notify_all()
+
+    def retire(self) -> None:
+        """The shard is done (its threads joined): the free buffers go to the spares for the next one."""
+        if self._spares is not None:
+            with self._ready:
+                free = [buffer for home in self._free for buffer in home]
+                for home in self._free:
+                    home.clear()
+            self._spares.keep(free)
 
 
 @dataclass
@@ -360,7 +372,8 @@ class decode:  # noqa: N801 - used like a generator function
     thread this is the old prefetch: decoding a batch ahead of the forward pass.
     `inline` (only for a shard of about one batch: a tiny file) decodes it all in the
     caller's thread instead: starting a thread cost more than such a shard's decoding.
-    Always `close()` it (or use `with`).
+    `spares` (a replica's `Spares`) lends it the stacking buffers an earlier shard left, and takes
+    them back at `close()`. Always `close()` it (or use `with`).
 
     `predict(matrix, bad)`, when given, runs in the decoding thread right after the check
     and its return value is the item's `predicted` (the replica's CPU forward pass, so the
@@ -377,7 +390,8 @@ class decode:  # noqa: N801 - used like a generator function
                  batch_size: int, uri: str, *, features: Sequence[str], list_column: bool, width: int,
                  check_invalid: bool, threads: int = 1, depth: int = 2, deleted: np.ndarray | None = None,
                  inline: bool = False,
-                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None = None) -> None:
+                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None = None,
+                 spares: Spares | None = None) -> None:
         self.row_groups = row_groups
         self._stop = threading.Event()
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
@@ -389,7 +403,8 @@ class decode:  # noqa: N801 - used like a generator function
         # Two buffers of its own per thread (one stacking while the consumer has the other), the rest of
         # threads x depth + 2 shared; a deeper queue than the buffers allows just fills with borrowed ones.
         own = 2
-        self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop)
+        self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop,
+                              None if inline else spares)
         self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth) for _ in range(count)]
         self._threads: list[Call] = []
         # once per shard, not per row group; an inline shard's row groups (at most a batch each, so one batch
@@ -470,6 +485,7 @@ class decode:  # noqa: N801 - used like a generator function
         self._pool.wake()
         for thread in self._threads:
             thread.join()
+        self._pool.retire()
 
     def __enter__(self) -> decode:
         return self

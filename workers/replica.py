@@ -33,7 +33,7 @@ from basis.record import write_commit
 from basis.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
-from workers.reader import decode, describe_invalid, open_parquet
+from workers.reader import Spares, decode, describe_invalid, open_parquet
 from workers.staging import commit_in_order
 from workers.threads import cores
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
@@ -169,6 +169,7 @@ class Replica:
         self._category_limits: tuple[int | None, ...] = ()  # per categorical column, from the loaded program
         self._forward_lock = threading.Lock()  # shards staged side by side (`process_bundle`) share the forward
         self._stagers: ThreadPoolExecutor | None = None  # their threads, made on first use
+        self._spares = Spares()  # stacking buffers kept from shard to shard (no fresh pages per shard)
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
@@ -278,6 +279,7 @@ class Replica:
         self.state = State.CLOSED
         if self._stagers is not None:
             self._stagers.shutdown(wait=False, cancel_futures=True)
+        self._spares.clear()
         if self._torch_threads:
             import torch
 
@@ -424,7 +426,8 @@ class Replica:
                          list_column=job.list_column, width=job.width, check_invalid=job.invalid_rows != "keep",
                          threads=threads, inline=tiny,
                          deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,
-                         predict=self._predict if threads >= 2 and not job.categorical else None)
+                         predict=self._predict if threads >= 2 and not job.categorical else None,
+                         spares=self._spares)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches:
             items = iter(batches)

@@ -16,7 +16,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -109,3 +110,38 @@ def describe_invalid(matrix: np.ndarray, bad: np.ndarray, features: Sequence[str
     if list_column:
         return [f"null, NaN or inf in feature {features[0]!r}[{i}]" for i in offending]
     return [f"null, NaN or inf in feature {features[i]!r}" for i in offending]
+
+
+class Spares:
+    """Stacking buffers kept from one shard to the next (a replica's): a shard's `decode` takes its
+    buffers here before it allocates any, and gives back what it holds when it closes.
+
+    A fresh (64, 65536) float32 buffer is 16 MiB that the kernel faults in and zeroes (2 MiB huge
+    pages) the first time it is written; a replica's shards each made theirs anew. At most `limit`
+    buffers are kept (what one shard's decoding threads use at most), so memory stays bounded by
+    one shard's.
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._free: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def take(self, shape: tuple[int, int]) -> np.ndarray | None:
+        with self._lock:
+            free = self._free.get(shape)
+            return free.pop() if free else None
+
+    def keep(self, buffers: Iterable[np.ndarray]) -> None:
+        with self._lock:
+            for buffer in buffers:
+                shape = (int(buffer.shape[0]), int(buffer.shape[1]))
+                if sum(len(b) for b in self._free.values()) >= self.limit:
+                    return
+                if self._free and shape not in self._free:  # another batch shape: the old ones go
+                    self._free.clear()
+                self._free.setdefault(shape, []).append(buffer)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
