@@ -192,7 +192,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         clear_stale_request(cfg, p.output)  # a killed run's autoscaler request: cleared by the next tick, idle or not
         if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
-            return _report(p, [], [], time.perf_counter() - started, complete=True)
+            return _report(p, _Done(), [], time.perf_counter() - started, complete=True)
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
                             kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.lane import run_in_driver
@@ -200,7 +200,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         from workers.replica import ReplicaJob, default_batch_size
 
         runnable = [s for s in p.todo if s.error is None]
-        done: list[dict[str, Any]] = []
+        done = _Done(timeline=timeline is not None)
         first_commit: list[float] = []
 
         def begin() -> None:
@@ -212,8 +212,8 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                 if shard.error is not None:
                     recorder.failed(shard, shard.error, 0)
                     metrics.shard_done(shard.rows_in, committed=False)
-                    done.append({"id": shard.id, "input": shard.input, "status": "failed", "error": shard.error,
-                                 "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0})
+                    done.add({"id": shard.id, "status": "failed", "error": shard.error, "rows_in": shard.rows_in,
+                              "rows_out": 0, "rows_rejected": 0}, shard.input)
             recorder.flush(force=True)
             refusals.started = True  # shards run from here: a refusal now leaves committed work behind
 
@@ -246,8 +246,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                     recorder.committed(result["entry"], result["token"], result["attempts"])
                 else:
                     recorder.failed(shard, result["error"], result["attempts"])
-                # what the report and the timeline read: the entry is the manifest's now (a copy per shard: ~2 KiB)
-                done.append({k: v for k, v in result.items() if k not in ("entry", "token")} | {"input": shard.input})
+                done.add(result, shard.input)  # what the report and the timeline read (the entry is the manifest's now)
                 bar.update(shard.rows_in, failed=not ok)
                 metrics.shard_done(shard.rows_in, committed=ok)
 
@@ -282,7 +281,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         if chosen:
             report.cpus_per_replica, report.gpus_per_replica = chosen
         if timeline:
-            _write_timeline(timeline, done)
+            _write_timeline(timeline, done.spans or [])
         return report
 
 
@@ -554,12 +553,33 @@ def _unchanged(p: Plan) -> bool:
     return p.output.fs.get_file_info(p.output.join(SUCCESS)).type.name == "File"
 
 
-def _report(p: Plan, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
-            seconds: float, *, complete: bool) -> RunReport:
-    ok = [r for r in done if r["status"] == COMMITTED]
-    failed = [r for r in done if r["status"] != COMMITTED]
+class _Done:
+    """The run's shard results as the report and the timeline read them: sums over the committed ones, the
+    failed ones whole, and with a timeline each one's span; no dict kept per committed shard (at 100,000
+    shards those were ~100 MiB of the driver)."""
+
+    _SPAN = ("id", "status", "replica", "started", "finished", "rows_in", "rows_out", "error", "call")
+
+    def __init__(self, *, timeline: bool = False) -> None:
+        self.committed = self.rows_in = self.rows_out = self.rows_rejected = 0
+        self.failed: list[dict[str, Any]] = []  # id, input, error
+        self.spans: list[dict[str, Any]] | None = [] if timeline else None
+
+    def add(self, result: Mapping[str, Any], input_uri: str) -> None:
+        if result["status"] == COMMITTED:
+            self.committed += 1
+            self.rows_in += result["rows_in"]
+            self.rows_out += result["rows_out"]
+            self.rows_rejected += result["rows_rejected"]
+        else:
+            self.failed.append({"id": result["id"], "input": input_uri, "error": result["error"]})
+        if self.spans is not None and "started" in result and "finished" in result:
+            self.spans.append({k: result.get(k) for k in self._SPAN})
+
+
+def _report(p: Plan, done: _Done, replicas: list[dict[str, Any]], seconds: float, *, complete: bool) -> RunReport:
     foreign = [p.output.display(p.output.join(path)) for path in p.reconciled.foreign]
-    errors = [{"shard": r["id"], "input": r["input"], "error": r["error"]} for r in failed]
+    errors = [{"shard": r["id"], "input": r["input"], "error": r["error"]} for r in done.failed]
     if foreign:  # the run's work is done, but the output is not what _SUCCESS promises
         errors.append({"shard": None, "input": None, "error": (
             f"{', '.join(foreign[:3])}{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}: data "
@@ -569,14 +589,14 @@ def _report(p: Plan, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
         status="failed" if errors else "succeeded",
         output=p.output.uri,
         shards_total=len(p.shards),
-        shards_done=len(ok),
+        shards_done=done.committed,
         shards_skipped=len(p.skipped),
-        shards_failed=len(failed),
-        rows_in=sum(r["rows_in"] for r in ok),
-        rows_out=sum(r["rows_out"] for r in ok),
-        rows_rejected=sum(r["rows_rejected"] for r in ok),
+        shards_failed=len(done.failed),
+        rows_in=done.rows_in,
+        rows_out=done.rows_out,
+        rows_rejected=done.rows_rejected,
         seconds=round(seconds, 3),
-        rows_per_second=round(sum(r["rows_in"] for r in ok) / seconds, 1) if seconds > 0 else 0.0,
+        rows_per_second=round(done.rows_in / seconds, 1) if seconds > 0 else 0.0,
         errors=errors,
         replicas=replicas,
         complete=complete,

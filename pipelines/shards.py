@@ -279,7 +279,15 @@ class Shards(Sequence[Shard]):
             deleted = listing.deleted.take(take).to_pylist() if listing.deleted is not None else [None] * len(at)
             ids = self._ids.take(pa.array(at, pa.int64())).to_pylist() if self._ids is not None else None
             outputs = self._output.take(pa.array(at, pa.int64())).to_pylist()
-            uris = self.files.uris_of(files)
+            if self.files.uris is not None:
+                uris = self.files.uris.take(take).to_pylist()
+            else:  # a local path is shown as it is: one string for both
+                uris = list(map(self.files.display, paths))
+            read = self.files.read
+            for k, index in enumerate(files.tolist()):
+                f = read.get(index)
+                if f is not None:  # the strings its footer's record holds already, not copies
+                    rels[k], paths[k], fingerprints[k], uris[k] = f.rel, f.path, f.fingerprint, f.uri
             if ids is None:
                 ids = [f"{rel}:{first}-{stop}" for rel, first, stop in zip(rels, self.first[at].tolist(),
                                                                             self.stop[at].tolist())]
