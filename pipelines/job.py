@@ -353,6 +353,7 @@ def _planning_memory() -> Iterator[None]:
         yield
     finally:
         pa.set_memory_pool(previous)
+        pool.release_unused()  # what planning freed: no further allocation would ever return it
 
 
 def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None) -> Plan:
