@@ -104,6 +104,7 @@ def measure(where: Path, files: int) -> dict[str, float]:
     import pipelines.job as job
     from pipelines.commit import Listing
     from pipelines.tables import DataFiles
+    from basis.storage import resolve
     from pipelines.tables.parquet import ParquetSource
     from workers.modelfile import inspect_model
 
@@ -134,7 +135,7 @@ def measure(where: Path, files: int) -> dict[str, float]:
         synthetic[0] += time.process_time() - start
         return present
 
-    job.open_source = lambda cfg: Listed(job.resolve(base), base)  # type: ignore[assignment]
+    job.open_source = lambda cfg: Listed(resolve(base), base)  # type: ignore[assignment]
     job.output_files = listing  # type: ignore[assignment]
     inspect_model(str(where / "m.pt"))
     baseline = _status("VmRSS")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -42,11 +41,12 @@ from pipelines.plan import (
     check_file,
     check_quarantine,
     make_shards,
+    planning_memory,
     read_schema,
     resolve_columns,
     scan_source,
 )
-from pipelines.report import Progress, RunReport
+from pipelines.report import Progress, RunReport, RunResults, write_timeline
 from pipelines.tables import DataFiles, Source, catalog_record, open_source
 from pipelines.tables.history import check_removals
 from pipelines.tables.sink import Sink, open_sink, output_schema
@@ -57,9 +57,7 @@ from basis.storage import (
     output_refused,
     overlaps,
     redact,
-    resolve,
     search_root,
-    write_bytes_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -192,7 +190,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         clear_stale_request(cfg, p.output)  # a killed run's autoscaler request: cleared by the next tick, idle or not
         if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
-            return _report(p, _Done(), [], time.perf_counter() - started, complete=True)
+            return _report(p, RunResults(), [], time.perf_counter() - started, complete=True)
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
                             kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.lane import run_in_driver
@@ -200,7 +198,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         from workers.replica import ReplicaJob, default_batch_size
 
         runnable = [s for s in p.todo if s.error is None]
-        done = _Done(timeline=timeline is not None)
+        done = RunResults(timeline=timeline is not None)
         first_commit: list[float] = []
 
         def begin() -> None:
@@ -281,7 +279,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         if chosen:
             report.cpus_per_replica, report.gpus_per_replica = chosen
         if timeline:
-            _write_timeline(timeline, done.spans or [])
+            write_timeline(timeline, done.spans or [])
         return report
 
 
@@ -334,32 +332,10 @@ def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:
     return config.replace(**options) if options else config
 
 
-@contextlib.contextmanager
-def _planning_memory() -> Iterator[None]:
-    """Planning's Arrow memory from jemalloc (or the system allocator), not the default mimalloc.
-
-    Planning reads a manifest's segments, lists and compares columns of a million strings, and frees
-    most of it again: mimalloc kept ~180 MiB of those freed buffers resident at a million entries (the
-    driver's peak RSS 1.2 GiB, 0.97 GiB with jemalloc). Buffers return to the pool they came from, so
-    the run that follows (a replica in the driver: `pipelines.lane`) allocates from mimalloc as before.
-    """
-    previous = pa.default_memory_pool()
-    try:
-        pool = pa.jemalloc_memory_pool()
-    except NotImplementedError:  # a pyarrow built without jemalloc
-        pool = pa.system_memory_pool()
-    pa.set_memory_pool(pool)
-    try:
-        yield
-    finally:
-        pa.set_memory_pool(previous)
-        pool.release_unused()  # what planning freed: no further allocation would ever return it
-
-
 def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan
-    (`_plan`, its Arrow memory from `_planning_memory`)."""
-    with _planning_memory():
+    (`_plan`, its Arrow memory from `plan.planning_memory`)."""
+    with planning_memory():
         return _plan(cfg, from_manifest=from_manifest, on_work=on_work)
 
 
@@ -554,31 +530,7 @@ def _unchanged(p: Plan) -> bool:
     return p.output.fs.get_file_info(p.output.join(SUCCESS)).type.name == "File"
 
 
-class _Done:
-    """The run's shard results as the report and the timeline read them: sums over the committed ones, the
-    failed ones whole, and with a timeline each one's span; no dict kept per committed shard (at 100,000
-    shards those were ~100 MiB of the driver)."""
-
-    _SPAN = ("id", "status", "replica", "started", "finished", "rows_in", "rows_out", "error", "call")
-
-    def __init__(self, *, timeline: bool = False) -> None:
-        self.committed = self.rows_in = self.rows_out = self.rows_rejected = 0
-        self.failed: list[dict[str, Any]] = []  # id, input, error
-        self.spans: list[dict[str, Any]] | None = [] if timeline else None
-
-    def add(self, result: Mapping[str, Any], input_uri: str) -> None:
-        if result["status"] == COMMITTED:
-            self.committed += 1
-            self.rows_in += result["rows_in"]
-            self.rows_out += result["rows_out"]
-            self.rows_rejected += result["rows_rejected"]
-        else:
-            self.failed.append({"id": result["id"], "input": input_uri, "error": result["error"]})
-        if self.spans is not None and "started" in result and "finished" in result:
-            self.spans.append({k: result.get(k) for k in self._SPAN})
-
-
-def _report(p: Plan, done: _Done, replicas: list[dict[str, Any]], seconds: float, *, complete: bool) -> RunReport:
+def _report(p: Plan, done: RunResults, replicas: list[dict[str, Any]], seconds: float, *, complete: bool) -> RunReport:
     foreign = [p.output.display(p.output.join(path)) for path in p.reconciled.foreign]
     errors = [{"shard": r["id"], "input": r["input"], "error": r["error"]} for r in done.failed]
     if foreign:  # the run's work is done, but the output is not what _SUCCESS promises
@@ -602,19 +554,3 @@ def _report(p: Plan, done: _Done, replicas: list[dict[str, Any]], seconds: float
         replicas=replicas,
         complete=complete,
     )
-
-
-def _write_timeline(path: str, results: list[dict[str, Any]]) -> None:
-    """A Chrome trace (chrome://tracing, Perfetto): one span per shard, one row per replica."""
-    spans = [r for r in results if "started" in r and "finished" in r]
-    origin = min((r["started"] for r in spans), default=0.0)
-    events = [
-        {"name": r["id"], "cat": r["status"], "ph": "X", "pid": 0, "tid": r["replica"],
-         "ts": round((r["started"] - origin) * 1e6), "dur": round((r["finished"] - r["started"]) * 1e6),
-         "args": {"rows_in": r["rows_in"], "rows_out": r["rows_out"], "error": r.get("error"), "call": r.get("call")}}
-        for r in spans
-    ]
-    events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": f"replica {t}"}}
-               for t in sorted({r["replica"] for r in spans})]
-    location = resolve(path)
-    write_bytes_atomic(location.fs, location.path, json.dumps({"traceEvents": events}).encode())
