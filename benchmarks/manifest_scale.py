@@ -7,8 +7,8 @@ What is synthetic, and why: an input of a million real Parquet files (and an out
 prediction files) takes longer to create than the measurement is worth. So the output's manifest is
 generated directly (a root `_manifest.json` and its Parquet segments, exactly as a run writes them,
 with `_SUCCESS`), and the two listings a tick makes are generated in the measured process, where the
-real ones would be: the input's (`Source.files()`: one `DataFile` per file, as `ParquetSource` builds
-them) and the output's (`output_listing`: path -> size for every file). Everything else is the real
+real ones would be: the input's (`Source.files()`: `DataFiles` columns, as `ParquetSource` builds
+them) and the output's (`output_files`: path and size of every file, columns). Everything else is the real
 `pipelines.run`: the model inspected, `State.load` (root + segments), the lock, `reconcile`, claims,
 spans, `make_shards`, and the check that nothing is to be done. Each size is measured in a fresh
 process; the cost per file is the difference between two sizes (so the interpreter, pyarrow and the
@@ -102,7 +102,9 @@ def measure(where: Path, files: int) -> dict[str, float]:
     """One unchanged tick (`pipelines.run`) over the synthetic output, in this process."""
     import pipelines
     import pipelines.job as job
-    from pipelines.tables import DataFile
+    from pipelines.commit import Listing
+    from pipelines.tables import DataFiles
+    from basis.storage import resolve
     from pipelines.tables.parquet import ParquetSource
     from workers.modelfile import inspect_model
 
@@ -113,24 +115,28 @@ def measure(where: Path, files: int) -> dict[str, float]:
 
     synthetic = [0.0]  # CPU seconds spent making the two synthetic listings (a real listing costs its own)
 
-    class Listed(ParquetSource):  # the input listing of `files` files, as ParquetSource builds it
-        def files(self, *, avoid: str | None = None) -> tuple[str, list[DataFile]]:
+    class Listed(ParquetSource):  # the input listing of `files` files, as ParquetSource builds it (columns)
+        def files(self, *, avoid: str | None = None) -> tuple[str, DataFiles]:
             start = time.process_time()
-            rels = [_rel(i) for i in range(files)]
-            listed = [DataFile(f"{base}/{rel}", rel, _fingerprint(i)) for i, rel in enumerate(rels)]
+            rels = pa.array([_rel(i) for i in range(files)], pa.string())
+            listed = DataFiles(None, rels, pa.array([_fingerprint(i) for i in range(files)], pa.string()),
+                               prefix=f"{base}/")  # every path is base/rel, as ParquetSource finds them
             synthetic[0] += time.process_time() - start
             return base, listed
 
-    def listing(output: object) -> dict[str, int]:  # the output listing: every prediction file with its size
+    def listing(output: object) -> Listing:  # the output listing: every prediction file with its size (columns)
         start = time.process_time()
-        present = {_rel(i)[: -len(".parquet")] + "-00000.parquet": 2000 + i % 101 for i in range(files)}
-        present.update({"_SUCCESS": 0, "_manifest.json": manifest.stat().st_size})
-        present.update({ref["path"]: ref["bytes"] for ref in segments})
+        paths = [_rel(i)[: -len(".parquet")] + "-00000.parquet" for i in range(files)]
+        sizes = [2000 + i % 101 for i in range(files)]
+        paths += ["_SUCCESS", "_manifest.json", *(ref["path"] for ref in segments)]
+        sizes += [0, manifest.stat().st_size, *(ref["bytes"] for ref in segments)]
+        present = Listing(pa.array(paths, pa.string()), np.array(sizes, np.int64))
+        del paths, sizes
         synthetic[0] += time.process_time() - start
         return present
 
-    job.open_source = lambda cfg: Listed(job.resolve(base), base)  # type: ignore[assignment]
-    job.output_listing = listing  # type: ignore[assignment]
+    job.open_source = lambda cfg: Listed(resolve(base), base)  # type: ignore[assignment]
+    job.output_files = listing  # type: ignore[assignment]
     inspect_model(str(where / "m.pt"))
     baseline = _status("VmRSS")
     cpu, wall = time.process_time(), time.perf_counter()

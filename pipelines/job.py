@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import time
 from collections import ChainMap
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.commit import (
     COMMITTED,
@@ -20,7 +22,6 @@ from pipelines.commit import (
     Recorder,
     State,
     foreign_files,
-    output_listing,
     prediction_settings,
     reconcile,
     remove_success,
@@ -28,21 +29,25 @@ from pipelines.commit import (
 from pipelines.config import JobConfig
 from basis.errors import ConfigError, InputError, OutputConflictError
 from pipelines.commit.journal import journal_names
+from pipelines.commit.reconcile import output_files
 from pipelines.lock import OutputLock
 from pipelines.plan import (
     DEFAULT_SHARD_ROWS,
     Columns,
-    InputFile,
+    CommittedSpans,
+    InputFiles,
     Shard,
+    Shards,
     check_file,
     check_quarantine,
     make_shards,
+    planning_memory,
     read_schema,
     resolve_columns,
     scan_source,
 )
-from pipelines.report import Progress, RunReport
-from pipelines.tables import Source, catalog_record, open_source
+from pipelines.report import Progress, RunReport, RunResults, write_timeline
+from pipelines.tables import DataFiles, Source, catalog_record, open_source
 from pipelines.tables.history import check_removals
 from pipelines.tables.sink import Sink, open_sink, output_schema
 from basis.storage import (
@@ -52,9 +57,7 @@ from basis.storage import (
     output_refused,
     overlaps,
     redact,
-    resolve,
     search_root,
-    write_bytes_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -70,10 +73,10 @@ class Plan:
     source: Location
     output: Location
     base: str  # the input directory that output paths mirror
-    files: list[InputFile]
-    shards: list[Shard]
+    files: InputFiles  # an `InputFile` made only for a file asked for (`pipelines.shards`)
+    shards: Shards  # every planned shard, as columns: a `Shard` made only for one asked for
     todo: list[Shard]
-    skipped: list[Shard]
+    skipped: Sequence[Shard]
     state: State
     reconciled: Reconciled
     snapshot: tuple[Any, ...]  # the output's manifest + journal as planned from
@@ -182,20 +185,20 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
     with _refusals(p.output) as refusals, OutputLock(p.output) as lock:
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
             p = _prepare(cfg, on_work=startup.begin)
-        recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
-                            kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.cluster import clear_stale_request
 
         clear_stale_request(cfg, p.output)  # a killed run's autoscaler request: cleared by the next tick, idle or not
         if not p.todo and _unchanged(p):
             logger.info("nothing to do: all %d shard(s) already committed", len(p.skipped))
-            return _report(p, [], [], time.perf_counter() - started, complete=True)
+            return _report(p, RunResults(), [], time.perf_counter() - started, complete=True)
+        recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
+                            kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.lane import run_in_driver
         from pipelines.startup import lane_on_numpy, lane_resources
         from workers.replica import ReplicaJob, default_batch_size
 
         runnable = [s for s in p.todo if s.error is None]
-        done: list[dict[str, Any]] = []
+        done = RunResults(timeline=timeline is not None)
         first_commit: list[float] = []
 
         def begin() -> None:
@@ -207,8 +210,8 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                 if shard.error is not None:
                     recorder.failed(shard, shard.error, 0)
                     metrics.shard_done(shard.rows_in, committed=False)
-                    done.append({"id": shard.id, "input": shard.input, "status": "failed", "error": shard.error,
-                                 "rows_in": shard.rows_in, "rows_out": 0, "rows_rejected": 0})
+                    done.add({"id": shard.id, "status": "failed", "error": shard.error, "rows_in": shard.rows_in,
+                              "rows_out": 0, "rows_rejected": 0}, shard.input)
             recorder.flush(force=True)
             refusals.started = True  # shards run from here: a refusal now leaves committed work behind
 
@@ -241,8 +244,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                     recorder.committed(result["entry"], result["token"], result["attempts"])
                 else:
                     recorder.failed(shard, result["error"], result["attempts"])
-                # what the report and the timeline read: the entry is the manifest's now (a copy per shard: ~2 KiB)
-                done.append({k: v for k, v in result.items() if k not in ("entry", "token")} | {"input": shard.input})
+                done.add(result, shard.input)  # what the report and the timeline read (the entry is the manifest's now)
                 bar.update(shard.rows_in, failed=not ok)
                 metrics.shard_done(shard.rows_in, committed=ok)
 
@@ -277,7 +279,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         if chosen:
             report.cpus_per_replica, report.gpus_per_replica = chosen
         if timeline:
-            _write_timeline(timeline, done)
+            write_timeline(timeline, done.spans or [])
         return report
 
 
@@ -331,6 +333,13 @@ def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:
 
 
 def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None) -> Plan:
+    """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan
+    (`_plan`, its Arrow memory from `plan.planning_memory`)."""
+    with planning_memory():
+        return _plan(cfg, from_manifest=from_manifest, on_work=on_work)
+
+
+def _plan(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan.
 
     A table whose snapshot is the one the complete output recorded is planned from the manifest
@@ -354,7 +363,7 @@ def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..
     with _refusals(output) as _:
         snapshot = _snapshot(output)
         state = State.load(output)
-        present = sink.present(state, output_listing(output))  # a table: what it references, or we wrote
+        present = sink.present(state, output_files(output))  # a table: what it references, or we wrote
     foreign = foreign_files(state, present)
     if foreign and not state.found:
         raise OutputConflictError(
@@ -373,52 +382,60 @@ def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..
             whole, _ = state.spans(committed)
             scored = {rel for rel, _ in whole}
             table.since(recorded, scored, {rel for rel, _ in committed} - scored)
-    listed: list[tuple[str, str]] = []
+    listings: list[DataFiles] = []
 
-    def committed(files: list[tuple[str, str]]) -> tuple[dict[Any, Any], dict[Any, Any]]:
-        listed.extend(files)
-        spans: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {}) if cfg.overwrite else state.spans(files)
-        if on_work is not None and len(spans[0]) < len(files):
-            on_work(model, table, sink, len(files) - len(spans[0]))
+    def committed(listing: DataFiles) -> CommittedSpans:
+        listings.append(listing)
+        spans = CommittedSpans.none(len(listing)) if cfg.overwrite else state.committed_spans(listing)
+        work = len(listing) - int(spans.whole.sum())
+        if on_work is not None and work:
+            on_work(model, table, sink, work)
         return spans
 
     avoid = os.path.realpath(output.path) if source.is_local and output.is_local else None
     base, files = scan_source(table, committed, avoid=avoid)
+    listing = listings[0]
     columns, column_source, files = _columns(cfg, model, files, state, source)
     check_quarantine(columns, cfg.invalid_rows)  # also for columns reused from the manifest
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
         state.check_compatible(model.to_dict(), settings, source_record(table, base), output.uri)
-    checked = [f if (error := check_file(f, columns)) == f.error else dataclasses.replace(f, error=error)
-               for f in files]
-    if checked and all(f.error is not None for f in checked):
-        raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in checked[:3]))
-    listed_rels = {rel for rel, _ in listed}
+    for index, f in list(files.read.items()):  # a file planned from its committed spans alone fits: it did
+        if (error := check_file(f, columns)) != f.error:
+            files.read[index] = dataclasses.replace(f, error=error)
+    if len(files) and not files.planned_whole.any() and all(f.error is not None for f in files.read.values()):
+        raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in files[:3]))
     keep_vanished = not (cfg.prune or cfg.overwrite)
-    claims = ChainMap(state.claims(listed_rels | table.covered, keep_vanished=keep_vanished),  # a compaction's
+    claims = ChainMap(state.claims(listing.rel, keep_vanished=keep_vanished, covered=table.covered),  # a compaction's
                       {path: "" for path in foreign})  # covered predictions keep their names; foreign names never taken
-    shards = make_shards(checked, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
-    reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listed_rels, prune=cfg.prune)
-    check_removals(table, state.files, reconciled, dict(listed), prune=cfg.prune, overwrite=cfg.overwrite,
-                   output=output.uri)
+    shards = make_shards(files, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
+    reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listing.rel, prune=cfg.prune, foreign=foreign)
+    check_removals(table, state.files, reconciled, listing.mapping() if table.removal_rewrites_rows else {},
+                   prune=cfg.prune, overwrite=cfg.overwrite, output=output.uri)
     if fast and (reconciled.todo or reconciled.stale or reconciled.kept):
         # planned from the manifest, but there is work: plan the table
-        return _prepare(cfg, from_manifest=False, on_work=on_work)
-    shards, reconciled.todo = _name_outputs(sink, state, shards, reconciled.todo)
-    sink.check_schema(lambda: _output_schema(cfg, model, columns, checked, source))
-    return Plan(cfg, model, columns, source, output, base, checked, shards, reconciled.todo, reconciled.skipped,
+        return _plan(cfg, from_manifest=False, on_work=on_work)
+    reconciled.todo = _name_outputs(sink, state, shards, reconciled)
+    sink.check_schema(lambda: _output_schema(cfg, model, columns, files, source))
+    return Plan(cfg, model, columns, source, output, base, files, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source, table, sink)
 
 
-def _name_outputs(sink: Sink, state: State, shards: list[Shard], todo: list[Shard]) -> tuple[list[Shard], list[Shard]]:
+def _name_outputs(sink: Sink, state: State, shards: Shards, reconciled: Reconciled) -> list[Shard]:
     """The shards to run, named as the sink names this run's files (a table's: with the run's generation,
     so that no file a table version references is ever rewritten in place)."""
     generation = state.next_generation  # the Recorder's: this run's
-    renamed = {s.id: dataclasses.replace(s, output=sink.data_name(s.output, generation)) for s in todo}
-    return [renamed.get(s.id, s) for s in shards], [renamed[s.id] for s in todo]
+    todo = []
+    for index, shard in zip(reconciled.todo_rows.tolist(), reconciled.todo):
+        name = sink.data_name(shard.output, generation)
+        if name != shard.output:
+            shard = dataclasses.replace(shard, output=name)
+            shards.rename(index, shard)
+        todo.append(shard)
+    return todo
 
 
-def _output_schema(cfg: JobConfig, model: Any, columns: Columns, files: list[InputFile], source: Location) -> Any:
+def _output_schema(cfg: JobConfig, model: Any, columns: Columns, files: InputFiles, source: Location) -> Any:
     """The schema the replicas will write (`workers.writer`), from the first readable input file's footer."""
     for f in files:
         if f.error is None:
@@ -457,8 +474,8 @@ def _column_keys(cfg: JobConfig) -> dict[str, Any]:
 
 
 def _columns(
-    cfg: JobConfig, model: Any, files: list[InputFile], state: State, source: Location
-) -> tuple[Columns, list[str], list[InputFile]]:
+    cfg: JobConfig, model: Any, files: InputFiles, state: State, source: Location
+) -> tuple[Columns, list[str], InputFiles]:
     """Resolve features and passthrough from the first readable file in path order.
 
     A first file planned from the manifest (committed, unchanged) needs no footer
@@ -508,18 +525,14 @@ def _unchanged(p: Plan) -> bool:
         return False
     if (state.header.get("source") or {}) != p.header["source"]:
         return False  # a table's new snapshot (a compaction, nothing to score): the manifest records it
-    planned = {s.id for s in p.shards} if state.others else set()
-    if any(other["id"] in planned for other in state.others.values()):
-        return False
+    if state.others and pc.any(pc.is_in(pa.array(list(state.others), pa.string()), value_set=p.shards.ids())).as_py():
+        return False  # a failed or pending entry of a planned shard: the manifest records how it stands
     return p.output.fs.get_file_info(p.output.join(SUCCESS)).type.name == "File"
 
 
-def _report(p: Plan, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
-            seconds: float, *, complete: bool) -> RunReport:
-    ok = [r for r in done if r["status"] == COMMITTED]
-    failed = [r for r in done if r["status"] != COMMITTED]
+def _report(p: Plan, done: RunResults, replicas: list[dict[str, Any]], seconds: float, *, complete: bool) -> RunReport:
     foreign = [p.output.display(p.output.join(path)) for path in p.reconciled.foreign]
-    errors = [{"shard": r["id"], "input": r["input"], "error": r["error"]} for r in failed]
+    errors = [{"shard": r["id"], "input": r["input"], "error": r["error"]} for r in done.failed]
     if foreign:  # the run's work is done, but the output is not what _SUCCESS promises
         errors.append({"shard": None, "input": None, "error": (
             f"{', '.join(foreign[:3])}{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}: data "
@@ -529,31 +542,15 @@ def _report(p: Plan, done: list[dict[str, Any]], replicas: list[dict[str, Any]],
         status="failed" if errors else "succeeded",
         output=p.output.uri,
         shards_total=len(p.shards),
-        shards_done=len(ok),
+        shards_done=done.committed,
         shards_skipped=len(p.skipped),
-        shards_failed=len(failed),
-        rows_in=sum(r["rows_in"] for r in ok),
-        rows_out=sum(r["rows_out"] for r in ok),
-        rows_rejected=sum(r["rows_rejected"] for r in ok),
+        shards_failed=len(done.failed),
+        rows_in=done.rows_in,
+        rows_out=done.rows_out,
+        rows_rejected=done.rows_rejected,
         seconds=round(seconds, 3),
-        rows_per_second=round(sum(r["rows_in"] for r in ok) / seconds, 1) if seconds > 0 else 0.0,
+        rows_per_second=round(done.rows_in / seconds, 1) if seconds > 0 else 0.0,
         errors=errors,
         replicas=replicas,
         complete=complete,
     )
-
-
-def _write_timeline(path: str, results: list[dict[str, Any]]) -> None:
-    """A Chrome trace (chrome://tracing, Perfetto): one span per shard, one row per replica."""
-    spans = [r for r in results if "started" in r and "finished" in r]
-    origin = min((r["started"] for r in spans), default=0.0)
-    events = [
-        {"name": r["id"], "cat": r["status"], "ph": "X", "pid": 0, "tid": r["replica"],
-         "ts": round((r["started"] - origin) * 1e6), "dur": round((r["finished"] - r["started"]) * 1e6),
-         "args": {"rows_in": r["rows_in"], "rows_out": r["rows_out"], "error": r.get("error"), "call": r.get("call")}}
-        for r in spans
-    ]
-    events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": f"replica {t}"}}
-               for t in sorted({r["replica"] for r in spans})]
-    location = resolve(path)
-    write_bytes_atomic(location.fs, location.path, json.dumps({"traceEvents": events}).encode())

@@ -26,7 +26,15 @@ committed, rows reconciled, and every file of an older input version deleted.
 """
 
 from pipelines.commit.manifest import COMMITTED, FAILED, MANIFEST, PENDING, SUPERSEDED
-from pipelines.commit.reconcile import Listing, Reconciled, described_files, foreign_files, is_data_file, reconcile
+from pipelines.commit.reconcile import (
+    Listing,
+    Reconciled,
+    described_files,
+    foreign_files,
+    is_data_file,
+    output_files,
+    reconcile,
+)
 from pipelines.commit.recorder import Recorder, output_listing, remove_success
 from pipelines.commit.state import (
     REJECTED_DIR,
@@ -43,6 +51,6 @@ from pipelines.commit.state import (
 __all__ = [
     "COMMITTED", "FAILED", "MANIFEST", "PENDING", "REJECTED_DIR", "SOURCE_IDENTITY", "SUCCESS", "SUPERSEDED",
     "Listing", "Reconciled", "Recorder", "State", "described_files", "file_sha256", "foreign_files",
-    "is_data_file", "job_digest", "output_listing", "prediction_settings", "published_as_recorded", "reconcile",
+    "is_data_file", "job_digest", "output_files", "output_listing", "prediction_settings", "published_as_recorded", "reconcile",
     "remove_success", "shard_entry",
 ]

@@ -19,7 +19,9 @@ from pipelines.commit.entries import PLANNING, Claims, Entries
 from pipelines.commit.journal import Journal, read_journal
 from pipelines.commit.manifest import COMMITTED, FAILED, MANIFEST, PENDING, SUPERSEDED, load_manifest
 from pipelines.commit.segments import SCHEMA, entries_table, read_segments, table_entries
-from pipelines.plan import Columns, Shard, Span
+from pipelines.plan import Columns, Shard
+from pipelines.shards import CommittedSpans, Span
+from pipelines.tables import DataFiles
 from basis.storage import (
     Location,
     )
@@ -30,7 +32,7 @@ logger = logging.getLogger(__name__)
 SUCCESS = "_SUCCESS"
 REJECTED_DIR = "_rejected"
 
-SpanMap = dict[tuple[str, str], list[Span]]  # (rel, fingerprint) -> committed spans of that file
+SpanMap = dict[tuple[str, str], tuple[Span, ...]]  # (rel, fingerprint) -> committed spans of that file
 
 
 def prediction_settings(cfg: JobConfig, columns: Columns) -> dict[str, Any]:
@@ -244,22 +246,28 @@ class State:
         for p in [path, *(p for p, _, _ in _files_of(holder or {}))]:
             self.retiring.add(p)
 
-    def spans(self, listed: Iterable[tuple[str, str]]) -> tuple[SpanMap, SpanMap]:
-        """For the listed (rel, fingerprint) pairs: the committed spans of files they cover entirely
-        (such a file needs no footer to be planned), and for the other files every committed span
-        (checked against the file's footer when it is read). Keyed by the very pairs given."""
-        listed = listed if isinstance(listed, list) else list(listed)
+    def committed_spans(self, listing: DataFiles) -> CommittedSpans:
+        """For each listed file (same rel and fingerprint), the committed spans, as columns: those of the
+        files they cover entirely (such a file needs no footer to be planned) and, apart, every
+        committed span of the other files (checked against the file's footer when it is read).
+
+        Listed rels are unique (a listing names each file once): an entry is matched by its rel, then
+        its fingerprint compared, with no string built per file.
+        """
+        count = len(listing)
         table, _ = self.files.live(["rel", "fingerprint", "first", "stop", "file_row_groups", "rows_in", "output"])
-        if not listed or not table.num_rows:
-            return {}, {}
-        wanted = pc.binary_join_element_wise(pa.array([rel for rel, _ in listed], pa.string()),
-                                             pa.array([fp for _, fp in listed], pa.string()), "\x00")
-        found = pc.index_in(pc.binary_join_element_wise(table["rel"], table["fingerprint"], "\x00"),
-                            value_set=wanted)
-        rows = np.flatnonzero(found.is_valid().to_numpy(zero_copy_only=False))
+        if not count or not table.num_rows:
+            return CommittedSpans.none(count)
+        found = pc.fill_null(pc.index_in(table["rel"], value_set=listing.rel), -1).to_numpy().astype(np.int64)
+        listed = found >= 0
+        rows = np.flatnonzero(listed)
+        if len(rows):  # the same fingerprint too (the entries' column filtered chunk by chunk: never copied whole)
+            key = found[rows]
+            same = pc.equal(table["fingerprint"].filter(pa.array(listed)), listing.fingerprint.take(pa.array(key)))
+            same = _bools(same)
+            rows, key = rows[same], key[same]
         if not len(rows):
-            return {}, {}
-        key = found.to_numpy(zero_copy_only=False)[rows].astype(np.int64)
+            return CommittedSpans.none(count)
         first = table["first"].to_numpy()[rows]
         order = np.lexsort((first, key))
         rows, key, first = rows[order], key[order], first[order]
@@ -271,13 +279,43 @@ class State:
         broken = same & ((stop != np.r_[first[1:], 0]) | (total != np.r_[total[1:], 0]))
         covered = ((total[starts] >= 0) & (first[starts] == 0) & (stop[ends - 1] == total[starts])
                    & (np.add.reduceat(broken.astype(np.int64), starts) == 0))
-        take = pa.array(rows, pa.int64())
-        made = list(map(Span, first.tolist(), stop.tolist(), table["rows_in"].take(take).to_pylist(),
-                        table["output"].take(take).to_pylist()))
+        whole = np.zeros(count, bool)
+        whole[key[starts[covered]]] = True
+        spans_whole = np.repeat(covered, ends - starts)  # per span: its file is covered whole
+        rows_in = table["rows_in"].to_numpy()
+        at = rows[spans_whole]
+        if len(at) and (np.diff(at) > 0).all():  # in the entries' order (as a run writes them): a filter
+            chosen = np.zeros(table.num_rows, bool)
+            chosen[at] = True
+            outputs = table["output"].filter(pa.array(chosen)).combine_chunks()
+        else:
+            outputs = table["output"].combine_chunks().take(pa.array(at, pa.int64()))
+        spans = CommittedSpans(whole, key[spans_whole], first[spans_whole], stop[spans_whole], rows_in[at],
+                               _array(outputs), {})
+        for start, end in zip(starts[~covered].tolist(), ends[~covered].tolist()):
+            part = rows[start:end]
+            outputs = table["output"].take(pa.array(part, pa.int64())).to_pylist()
+            spans.partial[int(key[start])] = tuple(map(Span, first[start:end].tolist(), stop[start:end].tolist(),
+                                                       rows_in[part].tolist(), outputs))
+        return spans
+
+    def spans(self, listed: Iterable[tuple[str, str]]) -> tuple[SpanMap, SpanMap]:
+        """`committed_spans` keyed by the (rel, fingerprint) pairs given: the committed spans of the files
+        they cover entirely, and of the other files every committed span."""
+        rounds: list[list[tuple[str, str]]] = []  # each round names a rel once (`committed_spans` matches by rel)
+        seen: dict[str, int] = {}
+        for pair in dict.fromkeys(listed):
+            number = seen[pair[0]] = seen.get(pair[0], -1) + 1
+            if number == len(rounds):
+                rounds.append([])
+            rounds[number].append(pair)
         whole: SpanMap = {}
         partial: SpanMap = {}
-        for start, end, index, full in zip(starts.tolist(), ends.tolist(), key[starts].tolist(), covered.tolist()):
-            (whole if full else partial)[listed[index]] = tuple(made[start:end])
+        for pairs in rounds:
+            rels = pa.array([rel for rel, _ in pairs], pa.string())
+            found = self.committed_spans(DataFiles(rels, rels, pa.array([fp for _, fp in pairs], pa.string())))
+            whole.update({pairs[i]: found.spans_of(i) for i in np.flatnonzero(found.whole).tolist()})
+            partial.update({pairs[i]: spans for i, spans in found.partial.items()})
         return whole, partial
 
     def fingerprints(self) -> list[tuple[str, str]]:
@@ -285,17 +323,23 @@ class State:
         table, _ = self.files.live(["rel", "fingerprint"])
         return list(zip(table["rel"].to_pylist(), table["fingerprint"].to_pylist()))
 
-    def claims(self, listed_rels: set[str], *, keep_vanished: bool) -> Mapping[str, str]:
-        """Output names held by inputs that are still listed and, with `keep_vanished`, by the kept
-        predictions of inputs that vanished (a new input never takes their names). Without it a
-        vanished input's names are free: its files go when the run completes."""
+    def claims(self, listed: pa.Array, *, keep_vanished: bool, covered: Iterable[str] = ()) -> Mapping[str, str]:
+        """Output names held by inputs that are still listed (`listed` rels, and those a compaction
+        `covered`) and, with `keep_vanished`, by the kept predictions of inputs that vanished (a new input
+        never takes their names). Without it a vanished input's names are free: its files go when the
+        run completes."""
+        if covered:
+            listed = pa.concat_arrays([listed, pa.array(sorted(covered), pa.string())])
         table, _ = self.files.live(["output", "rel"])
         if not keep_vanished and table.num_rows:
-            table = table.filter(pc.is_in(table["rel"], value_set=pa.array(list(listed_rels), pa.string())))
+            table = table.filter(pc.is_in(table["rel"], value_set=listed))
         others = {}
-        for entry in self.others.values():
-            if entry["rel"] in listed_rels:
-                others.setdefault(entry["output"], entry["rel"])
+        entries = list(self.others.values())
+        if entries:
+            held = pc.is_in(pa.array([e["rel"] for e in entries], pa.string()), value_set=listed)
+            for entry, still in zip(entries, held.to_pylist()):
+                if still:
+                    others.setdefault(entry["output"], entry["rel"])
         return Claims(table, others)
 
     def check_compatible(self, model: Mapping[str, Any], settings: Mapping[str, Any], source: Mapping[str, Any],
@@ -328,6 +372,17 @@ class State:
                 f"{where} holds {what} made with a different model or config ({'; '.join(problems)}); "
                 f"set overwrite to recompute everything, or write to a new output"
             )
+
+
+def _bools(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A boolean column as numpy (nulls false)."""
+    return pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _array(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks() if values.num_chunks != 1 else values.chunk(0)
+    return values
 
 
 def _span(entry: Mapping[str, Any]) -> Span:

@@ -26,9 +26,13 @@ from __future__ import annotations
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.config import JobConfig
 from basis.errors import ConfigError
@@ -38,7 +42,7 @@ from pipelines.tables.history import Changes, Commit, Group, follow, settle
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)  # a million of them plan an unchanged tick
+@dataclass(frozen=True, slots=True)
 class DataFile:
     """One live data file of the input."""
 
@@ -47,6 +51,103 @@ class DataFile:
     fingerprint: str  # changes when the file is rewritten
     rows: int | None = None  # as the table records it (checked against the footer); None: not known
     deleted: bytes | None = None  # deleted row positions (`basis.masks`), dropped by the replicas' reader
+
+
+class DataFiles(Sequence[DataFile]):
+    """The live data files of the input as columns (a `DataFile` is made only for the file asked for):
+    a million files are a few Arrow arrays, not a million objects. Where every path is `prefix` + rel
+    (a directory's files, a table's), no path is kept: each is made when asked for.
+
+        >>> files = DataFiles.of([DataFile("/in/a", "a", "v1"), DataFile("/in/b", "b", "v2", rows=3)])
+        >>> len(files), files[1]
+        (2, DataFile(path='/in/b', rel='b', fingerprint='v2', rows=3, deleted=None))
+        >>> files.rel.to_pylist(), files.rows.to_pylist(), files.prefix
+        (['a', 'b'], [None, 3], '/in/')
+    """
+
+    def __init__(self, path: pa.Array | None, rel: pa.Array, fingerprint: pa.Array, rows: pa.Array | None = None,
+                 deleted: pa.Array | None = None, *, prefix: str = "") -> None:
+        self.rel, self.fingerprint = _string(rel), _string(fingerprint)
+        self.prefix = prefix  # with `paths` None: each file's path is `prefix` + its rel
+        self.paths = None if path is None else _string(path)
+        self.rows = rows if rows is not None and rows.null_count < len(rows) else None  # int64; None: none known
+        self.deleted = deleted if deleted is not None and deleted.null_count < len(deleted) else None  # binary
+
+    @classmethod
+    def of(cls, files: Iterable[DataFile]) -> DataFiles:
+        files = list(files)
+        rels = pa.array([f.rel for f in files], pa.string())
+        paths: pa.Array | None = pa.array([f.path for f in files], pa.string())
+        prefix = files[0].path[: len(files[0].path) - len(files[0].rel)] if files else ""
+        if files and all(f.path == prefix + f.rel for f in files):
+            paths = None
+        return cls(paths, rels, pa.array([f.fingerprint for f in files], pa.string()),
+                   pa.array([f.rows for f in files], pa.int64()), pa.array([f.deleted for f in files], pa.binary()),
+                   prefix=prefix)
+
+    @property
+    def path(self) -> pa.Array:
+        """Every file's filesystem path."""
+        return self.paths if self.paths is not None else self.path_of(None)
+
+    def path_of(self, at: pa.Array | None) -> pa.Array:
+        """The paths of the files at `at` (None: all)."""
+        if self.paths is not None:
+            return self.paths if at is None else self.paths.take(at)
+        rels = self.rel if at is None else self.rel.take(at)
+        return pc.binary_join_element_wise(self.prefix, rels, "") if self.prefix else rels
+
+    def __len__(self) -> int:
+        return len(self.rel)
+
+    @overload
+    def __getitem__(self, index: int) -> DataFile: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[DataFile]: ...
+
+    def __getitem__(self, index: int | slice) -> DataFile | list[DataFile]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        rel = self.rel[index].as_py()
+        path = self.prefix + rel if self.paths is None else self.paths[index].as_py()
+        return DataFile(path, rel, self.fingerprint[index].as_py(), self.rows_at(index), self.deleted_at(index))
+
+    def __iter__(self) -> Iterator[DataFile]:
+        for start in range(0, len(self), _BATCH):
+            part = self.take(np.arange(start, min(start + _BATCH, len(self))))
+            rows = part.rows.to_pylist() if part.rows is not None else [None] * len(part)
+            deleted = part.deleted.to_pylist() if part.deleted is not None else [None] * len(part)
+            yield from map(DataFile, part.path.to_pylist(), part.rel.to_pylist(), part.fingerprint.to_pylist(),
+                           rows, deleted)
+
+    def rows_at(self, index: int) -> int | None:
+        return None if self.rows is None else self.rows[index].as_py()
+
+    def deleted_at(self, index: int) -> bytes | None:
+        return None if self.deleted is None else self.deleted[index].as_py()
+
+    def take(self, indices: np.ndarray) -> DataFiles:
+        at = pa.array(indices, pa.int64())
+        return DataFiles(None if self.paths is None else self.paths.take(at), self.rel.take(at),
+                         self.fingerprint.take(at), None if self.rows is None else self.rows.take(at),
+                         None if self.deleted is None else self.deleted.take(at), prefix=self.prefix)
+
+    def mapping(self) -> dict[str, str]:
+        """rel -> fingerprint of every file (a dict: for the few callers that need one)."""
+        return dict(zip(self.rel.to_pylist(), self.fingerprint.to_pylist()))
+
+
+_BATCH = 16_384
+
+
+def _string(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks() if array.num_chunks != 1 else array.chunk(0)
+    return array if array.type == pa.string() else array.cast(pa.string())
 
 
 class Source(ABC):
@@ -62,7 +163,7 @@ class Source(ABC):
     name: str  # the input as the user named it (messages, the manifest)
 
     @abstractmethod
-    def files(self, *, avoid: str | None = None) -> tuple[str, list[DataFile]]:
+    def files(self, *, avoid: str | None = None) -> tuple[str, DataFiles]:
         """The base that output paths mirror, and the live data files in a stable order.
 
         Raises `InputError` (exit 2) for what cannot be scored exactly: deleted rows
@@ -122,18 +223,20 @@ class Source(ABC):
         self._recorded_files = sorted(set(files))
         self.changes = Changes(groups=[Group.from_record(g) for g in recorded.get("covered") or ()])
 
-    def _live(self, root: str, files: list[DataFile]) -> list[DataFile]:
+    def _live(self, root: str, files: list[DataFile]) -> DataFiles:
         """The listed files less those a compaction group holds (their rows are scored already)."""
         if self.changes is None:
-            return files
+            return DataFiles.of(files)
         held, self.covered = settle(self.changes, {f.rel: f.fingerprint for f in files})
         self.covered = frozenset(self.covered)
-        return [f for f in files if f.rel not in held]
+        return DataFiles.of(f for f in files if f.rel not in held)
 
-    def _manifest_files(self, root: str) -> list[DataFile] | None:
+    def _manifest_files(self, root: str) -> DataFiles | None:
         if self._recorded_files is None:
             return None
-        return [DataFile(f"{root}/{rel}", rel, fingerprint) for rel, fingerprint in self._recorded_files]
+        return DataFiles(None, pa.array([rel for rel, _ in self._recorded_files], pa.string()),
+                         pa.array([fingerprint for _, fingerprint in self._recorded_files], pa.string()),
+                         prefix=f"{root}/")
 
     def _with_coverage(self, record: dict[str, Any]) -> dict[str, Any]:
         if self.changes is not None and self.changes.groups:

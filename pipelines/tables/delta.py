@@ -17,7 +17,7 @@ from urllib.parse import unquote
 from basis import masks
 from basis.errors import InputError
 from basis.storage import Location, read_bytes, redact
-from pipelines.tables import Commit, DataFile, Source
+from pipelines.tables import Commit, DataFile, DataFiles, Source
 from pipelines.tables.stores import delta_storage_options, delta_table_uri
 
 # Reader features whose files read correctly as plain Parquet by column name (deletion vectors are
@@ -47,7 +47,7 @@ class DeltaSource(Source):
     def record(self) -> dict[str, Any]:
         return self._with_coverage(self.snapshot_record())
 
-    def files(self, *, avoid: str | None = None) -> tuple[str, list[DataFile]]:
+    def files(self, *, avoid: str | None = None) -> tuple[str, DataFiles]:
         root = self.location.path.rstrip("/")
         recorded = self._manifest_files(root)
         if recorded is not None:

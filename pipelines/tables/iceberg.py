@@ -15,7 +15,7 @@ from typing import Any
 from basis import masks
 from basis.errors import ConfigError, InputError
 from basis.storage import redact, resolve
-from pipelines.tables import Commit, DataFile, Source
+from pipelines.tables import Commit, DataFile, DataFiles, Source
 from pipelines.tables.stores import iceberg_location, iceberg_uri
 
 _POS_FILE_PATH, _POS_POS = "file_path", "pos"  # field ids 2147483546 and 2147483545 in the spec
@@ -58,7 +58,7 @@ class IcebergSource(Source):
     def record(self) -> dict[str, Any]:
         return self._with_coverage(self.snapshot_record())
 
-    def files(self, *, avoid: str | None = None) -> tuple[str, list[DataFile]]:
+    def files(self, *, avoid: str | None = None) -> tuple[str, DataFiles]:
         root = self.location.path.rstrip("/")
         recorded = self._manifest_files(root)
         if recorded is not None:

@@ -75,12 +75,13 @@ class Sink(ABC):
         """Refuse (`OutputConflictError`, exit 2) an existing table whose schema differs from the one this
         job writes (`schema()`, called only by a table: it may read a footer)."""
 
-    def present(self, state: Any, listing: Mapping[str, int]) -> dict[str, int]:
+    def present(self, state: Any, listing: Mapping[str, int]) -> Mapping[str, int]:
         """The files under the output (relative path -> size) that its state is reconciled with: for a
-        directory every file; for a table the bookkeeping, the files the table references and the files
-        the state (`pipelines.commit.State`) describes. Files no version needs any more, left for the
-        table's maintenance, are neither foreign nor ours."""
-        return dict(listing)
+        directory every file (the listing itself: `pipelines.commit.Listing`, columns); for a table the
+        bookkeeping, the files the table references and the files the state (`pipelines.commit.State`)
+        describes. Files no version needs any more, left for the table's maintenance, are neither foreign
+        nor ours."""
+        return listing
 
     def files(self) -> dict[str, OutputFile] | None:
         """The table's current data files (path relative to `location`, or absolute when outside it),
@@ -123,7 +124,7 @@ class TableSink(Sink):
         self.schema = schema()
         self._check_schema(self.schema)
 
-    def present(self, state: Any, listing: Mapping[str, int]) -> dict[str, int]:
+    def present(self, state: Any, listing: Mapping[str, int]) -> Mapping[str, int]:
         from pipelines.commit import described_files, is_data_file
 
         table, described = self.files(), described_files(state)
