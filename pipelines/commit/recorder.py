@@ -26,6 +26,7 @@ from pipelines.commit.checkpoint import committed_rows, rebased, write_checkpoin
 from pipelines.commit.journal import SegmentWriter, clear_journal, read_journal
 from pipelines.commit.manifest import FAILED
 from pipelines.plan import Shard
+from pipelines.shards import Shards
 from basis.storage import (
     Location,
     delete_file,
@@ -75,7 +76,7 @@ class Recorder:
         self.output = output
         self.state = state
         self.header = dict(header)
-        self.planned = list(shards)  # in input order
+        self.planned = shards if isinstance(shards, Shards) else list(shards)  # in input order; columns kept as such
         self._shards: dict[str, Shard] | None = None
         self._plan: pa.Table | None = None
         self.digest = job_digest(self.header)  # what this run's replicas write into their commit records
@@ -210,7 +211,9 @@ class Recorder:
 
     def _plan_table(self) -> pa.Table:
         """The planned shards as columns (what an entry must hold to describe one)."""
-        if self._plan is None:
+        if self._plan is None and isinstance(self.planned, Shards):
+            self._plan = self.planned.table()  # no `Shard` made per planned shard
+        elif self._plan is None:
             shards = self.planned
             self._plan = pa.table({
                 "id": pa.array([s.id for s in shards], pa.string()),
@@ -268,9 +271,8 @@ class Recorder:
         table, _ = self.state.files.live(["id"])
         held = pc.is_in(self._plan_table()["id"], value_set=table["id"]).to_numpy(zero_copy_only=False)
         extras = []
-        for shard, committed in zip(self.planned, held.tolist()):
-            if committed:
-                continue
+        for index in np.flatnonzero(~held).tolist():  # a `Shard` made only for a shard not committed
+            shard = self.planned[index]
             other = self.state.others.get(shard.id)
             extras.append(other if other is not None and other["fingerprint"] == shard.fingerprint
                           else shard_entry(shard))
