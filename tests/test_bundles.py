@@ -132,15 +132,20 @@ def test_a_replica_lost_mid_bundle_is_charged_to_a_shard_only_when_it_is_known(t
         assert all((r["status"], r["attempts"]) == ("committed", 1) for i, r in results.items() if i != bad)
 
 
-@pytest.mark.parametrize("cpus", [1, 2])
-def test_a_bundle_commits_in_order_and_nothing_after_a_shard_that_raised(tmp_path: Path, cpus: int) -> None:
-    """A replica with several CPUs stages a bundle's tiny shards side by side (read, predicted, written under
-    temporary names) but commits them in bundle order, as one CPU does: a shard's data problem fails that
-    shard only; an error that is not the data's ends the bundle at its shard, and no shard after it
-    commits (no journal record, no file, no temporary file left)."""
+@pytest.mark.parametrize("cpus, local", [(1, True), (2, True), (2, False)])
+def test_a_bundle_commits_in_order_and_nothing_after_a_shard_that_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpus: int, local: bool) -> None:
+    """A replica with several CPUs on an object store stages a bundle's tiny shards side by side (read,
+    predicted, written under temporary names) but commits them in bundle order, as one CPU does (and any
+    replica on local files): a shard's data problem fails that shard only; an error that is not the data's
+    ends the bundle at its shard, and no shard after it commits (no journal record, no file, no temporary
+    file left). `local=False`: staged side by side as on a store (`STAGE_LOCAL`), over these local files."""
     import threading
 
+    import workers.replica
     from workers.replica import Replica, ReplicaJob
+
+    monkeypatch.setattr(workers.replica, "STAGE_LOCAL", not local)
 
     for i in range(6):
         write_files(tmp_path / "in" / f"s{i}", [ROWS], features=4, row_group_size=ROWS, start=i * ROWS, seed=i)
@@ -165,7 +170,7 @@ def test_a_bundle_commits_in_order_and_nothing_after_a_shard_that_raised(tmp_pat
             for done in replica.process_bundle([s.to_task() for s in shards]):
                 results.extend(done)
         side_by_side = any(t.name.startswith("batch-infer-stage") for t in threading.enumerate())
-        assert side_by_side == (cpus > 1)
+        assert side_by_side == (cpus > 1 and not local)
     finally:
         replica.close()
     assert [(r["id"], r["status"]) for r in results] == [(shards[0].id, "committed"), (shards[1].id, "failed"),
