@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.tables import DataFiles
+from pipelines.tables import DataFiles, position
 
 _BATCH = 16_384
 
@@ -159,10 +159,7 @@ class InputFiles(Sequence[InputFile]):
     def __getitem__(self, index: int | slice) -> InputFile | list[InputFile]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        index = position(index, len(self))
         found = self.read.get(index)
         if found is not None:
             return found
@@ -244,10 +241,7 @@ class Shards(Sequence[Shard]):
     def __getitem__(self, index: int | slice) -> Shard | list[Shard]:
         if isinstance(index, slice):
             return self.objects(np.arange(len(self))[index], keep=False)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        index = position(index, len(self))
         return self.objects(np.array([index]), keep=False)[0]
 
     def __iter__(self) -> Iterator[Shard]:

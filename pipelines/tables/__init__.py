@@ -53,6 +53,15 @@ class DataFile:
     deleted: bytes | None = None  # deleted row positions (`basis.masks`), dropped by the replicas' reader
 
 
+def position(index: int, length: int) -> int:
+    """`index` into a sequence of `length` items as a non-negative position (negative counts from the end),
+    or IndexError, as a list does."""
+    at = index + length if index < 0 else index
+    if not 0 <= at < length:
+        raise IndexError(index)
+    return at
+
+
 class DataFiles(Sequence[DataFile]):
     """The live data files of the input as columns (a `DataFile` is made only for the file asked for):
     a million files are a few Arrow arrays, not a million objects. Where every path is `prefix` + rel
@@ -108,10 +117,7 @@ class DataFiles(Sequence[DataFile]):
     def __getitem__(self, index: int | slice) -> DataFile | list[DataFile]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
+        index = position(index, len(self))
         rel = self.rel[index].as_py()
         path = self.prefix + rel if self.paths is None else self.paths[index].as_py()
         return DataFile(path, rel, self.fingerprint[index].as_py(), self.rows_at(index), self.deleted_at(index))
