@@ -19,8 +19,8 @@ repository root:
    what other processes on a busy machine take is not counted, and the last
    0.25 s of a process killed at the end may be) and so the CPU
    milliseconds per shard, the
-   shards per call (bundles, from the run's timeline), ``_manifest.json``
-   bytes, files left in ``_journal/``;
+   shards per call (bundles, from the run's timeline), the manifest's bytes
+   (``_manifest.json`` and its segments under ``_manifest/``), files left in ``_journal/``;
 2. the same command again (unchanged tick): wall seconds, shards done (0),
    manifest untouched, input files opened (0: no footer read, via inotify);
 3. the same command after rewriting 1% of the input files: wall seconds,
@@ -185,7 +185,7 @@ def measure(n: int, sets: list[str]) -> dict[str, Any]:
         "cpu_ms_per_shard": round(1000 * full["tree_cpu_seconds"] / n, 3),
         "shards_per_call": full["shards_per_call"],
         "path": _path(full["report"]),
-        "manifest_bytes": before.st_size,
+        "manifest_bytes": before.st_size + _tree_bytes(output / "_manifest"),  # the root and its segments
         "journal_files_left": journal_left,
         "unchanged_tick_seconds": unchanged["seconds"],
         "unchanged_tick_shards_done": unchanged["report"].get("shards_done"),
@@ -201,6 +201,11 @@ def measure(n: int, sets: list[str]) -> dict[str, Any]:
                                                               ("changed", changed)]},
         "problems": problems,
     }
+
+
+def _tree_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder` (0 when it does not exist): a manifest's Parquet segments."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def _launch(
