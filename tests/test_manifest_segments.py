@@ -212,3 +212,18 @@ def test_the_benchmark_quick_mode_plans_an_unchanged_tick_from_segments(tmp_path
 
     (result,) = run(QUICK, root=tmp_path)  # asserts that every file was skipped and nothing rewritten
     assert result["files"] == QUICK[0] and result["peak_rss"] > result["baseline_rss"] > 0
+
+
+def test_an_index_extended_by_appended_keys_finds_old_and_new_ones_with_its_dict_or_without() -> None:
+    from pipelines.commit.entries import _DICT_AFTER, KeyIndex
+
+    old_keys = [f"d{i % 7}/part-{i:06d}.parquet" for i in range(3_000)]
+    new_keys = [*old_keys, "d9/part-999999.parquet", old_keys[5]]  # a new key, and an old one committed again
+    for lookups in (1, _DICT_AFTER + 1):  # binary search only, then a dict built
+        old = KeyIndex(pa.array(old_keys))
+        for key in old_keys[:lookups]:
+            assert old.find(key) == old_keys.index(key)
+        index = old.extended(pa.array(new_keys))
+        assert index.find("d9/part-999999.parquet") == 3_000
+        assert index.find(old_keys[5]) == 3_001  # the last position holding a key, as before
+        assert index.find(old_keys[6]) == 6 and index.find("d0/nowhere.parquet") is None

@@ -68,6 +68,16 @@ class KeyIndex:
         position = int(order[at - 1])  # the last of equal keys: the highest position among them
         return position if keys[position].as_py() == key else None
 
+    def extended(self, keys: pa.Array | pa.ChunkedArray) -> KeyIndex:
+        """The index of `keys`, whose first positions hold this index's keys unchanged: a lookup dict
+        already built is kept and extended by the new keys alone (rebuilding one costs ~0.7 s a million)."""
+        index = KeyIndex(keys)
+        if self._dict is not None:
+            start = len(self.keys)
+            self._dict.update(zip(index.keys.slice(start).to_pylist(), range(start, len(index.keys))))
+            index._dict, self._dict = self._dict, None  # moved, not shared: this index is done with
+        return index
+
 
 class _Values(ValuesView):  # type: ignore[type-arg]
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -102,6 +112,11 @@ class Entries(MutableMapping[str, dict[str, Any]]):
             self.alive[list(last.values())] = True
         self._alive_count = int(self.alive.sum())
         self.dirty_segments = set(self.segment[~self.alive].tolist()) if self.segment is not None else set()
+
+    def keep_index_of(self, older: Entries) -> None:
+        """This base is `older`'s base with rows appended: take over `older`'s lookup index, extended."""
+        if older._index is not None and self.base.num_rows:
+            self._index = older._index.extended(self.base["output"])
 
     # --- the mapping ----------------------------------------------------------------------------------
     def _row(self, path: str) -> int | None:
