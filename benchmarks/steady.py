@@ -92,7 +92,7 @@ def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.steady", description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", default="data", choices=("data", "compute"))
+    parser.add_argument("--workload", default="data", choices=("data", "compute", "data-1x"))
     parser.add_argument("--scale", type=float, default=0.25)
     parser.add_argument("--cpus", type=float, default=2.0)
     parser.add_argument("--warm", type=int, default=2, help="shards run first and not counted")
