@@ -13,13 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from conftest import mlp, reference, save_mlp
+from conftest import reference, save_mlp
 
 import pipelines
 from workers.replica import Replica, ReplicaJob
-from workers.stacking import can_hold_invalid, confirm, feature_matrix, invalid_rows, screen_unit, stack_checked
+from workers.stacking import can_hold_invalid, feature_matrix, invalid_rows, stack_checked
 
 
 def _exact_bad(matrix: np.ndarray) -> np.ndarray | None:
@@ -173,89 +172,3 @@ def test_decode_runs_predict_in_its_threads_and_hands_results_out_in_order(tmp_p
             seen.append(item.predicted)
     np.testing.assert_array_equal(np.concatenate(seen), values * 2)
     assert len(threads) == 3 and threading.current_thread().name not in threads
-
-
-def _spoiled_input(root: Path, rows: int) -> None:
-    """Float32 and nullable columns with each kind of invalid value (NaN, inf, -inf, inf and -inf in one row,
-    a null over a finite value in a float and in an integer column) and a valid row of huge finite values."""
-    rng = np.random.default_rng(17)
-    values = rng.standard_normal((rows, 5)).astype(np.float32)
-    values[5, 0], values[1234, 1], values[rows - 1, 2], values[700, 3] = np.nan, np.inf, -np.inf, np.inf
-    values[900, 1], values[900, 2] = np.inf, -np.inf
-    values[50] = 3e38  # finite: its pre-activations overflow, and it is a valid row
-    ids = np.arange(rows)
-    columns = {"id": pa.array(ids), **{f"f{j}": pa.array(values[:, j]) for j in range(4)},
-               "f4": pa.array(values[:, 4], mask=np.isin(ids, [10, 1500])),  # the value under a null is finite
-               "f5": pa.array(ids % 7, pa.int64(), mask=ids == 333)}
-    root.mkdir()
-    pq.write_table(pa.table(columns), root / "p.parquet", row_group_size=250)
-
-
-@pytest.mark.parametrize("weights", ["dense", "zeros", "no-unit"])
-@pytest.mark.parametrize("mode", ["quarantine", "fail"])
-def test_the_first_layer_finds_exactly_the_invalid_rows_the_stacking_check_finds(tmp_path: Path, weights: str,
-                                                                                   mode: str) -> None:
-    """Issue 15: a two-thread replica whose model has a screening unit (every weight non-zero and finite) checks
-    rows by that unit's pre-activations (`_predict_checked`) instead of while stacking: the same rows rejected
-    with the same reasons, the same predictions, the same failure, for a NaN, an inf, a -inf, inf - inf, a null
-    in a float or an integer column, and a valid row that overflows the unit. A unit with a zero weight is
-    never the screen (inf * 0 would be NaN, but a kernel may skip a zero); with none left, the stack checks."""
-    rows, width = 2000, 6
-    _spoiled_input(tmp_path / "in", rows)
-    model = mlp([width, 8, 1], seed=3)
-    with torch.no_grad():
-        if weights == "zeros":  # every unit but the last ignores f0 and f3
-            model[0].weight[:7, 0] = 0.0
-            model[0].weight[:7, 3] = 0.0
-        elif weights == "no-unit":
-            for unit in range(8):
-                model[0].weight[unit, unit % width] = 0.0
-    torch.save(model.state_dict(), tmp_path / "m.pt")
-    plan = pipelines.plan(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
-                          features=[f"f{j}" for j in range(width)])
-    results, screened = {}, []
-    threads = torch.get_num_threads()
-    for cpus in (1, 2):
-        job = _replica_job(tmp_path, plan, cpus=cpus, batch_size=100, invalid_rows=mode)
-        job = ReplicaJob(**{**job.__dict__, "output": str(tmp_path / f"out{cpus}")})
-        replica = Replica(0, job, in_driver=True)
-        try:
-            unit = replica.forward.screen_unit  # loaded: every shard of this replica may screen
-            assert unit == {"dense": 0, "zeros": 7, "no-unit": None}[weights]
-            checked = replica._predict_checked
-
-            def spy(matrix: np.ndarray, bad: None) -> Any:
-                torch.set_num_threads(1)  # this decoding thread's torch: one thread, as in a 2-CPU replica process
-                predicted, found = checked(matrix, bad)
-                screened.append(cpus)
-                return predicted, found
-
-            replica._predict_checked = spy  # type: ignore[method-assign]
-            results[cpus] = replica.process(plan.todo[0].to_task())
-        finally:
-            replica.close()
-            torch.set_num_threads(threads)
-    assert bool(screened) == (weights != "no-unit") and set(screened) <= {2}
-    if mode == "fail":
-        assert results[1]["status"] == results[2]["status"] == "failed"
-        assert results[2]["error"] == results[1]["error"] and "row 5 (row group 0)" in results[2]["error"]
-        assert not list((tmp_path / "out2").rglob("*.parquet"))
-        return
-    outputs = {cpus: pq.read_table(tmp_path / f"out{cpus}" / plan.todo[0].output) for cpus in (1, 2)}
-    invalid = [5, 10, 333, 700, 900, 1234, 1500, rows - 1]
-    assert outputs[2]["id"].to_pylist() == np.setdiff1d(np.arange(rows), invalid).tolist()
-    assert outputs[1]["id"].equals(outputs[2]["id"])
-    np.testing.assert_allclose(outputs[2]["prediction"].to_numpy(), outputs[1]["prediction"].to_numpy(), rtol=1e-6)
-    assert np.isfinite(outputs[2]["prediction"].to_numpy()).all()
-    rejected = {cpus: pq.read_table(tmp_path / f"out{cpus}" / "_rejected" / plan.todo[0].output) for cpus in (1, 2)}
-    assert rejected[2]["id"].to_pylist() == invalid
-    assert rejected[2]["reason"].to_pylist() == rejected[1]["reason"].to_pylist()
-
-
-def test_screen_unit_and_confirm() -> None:
-    tiny = np.finfo(np.float32).tiny
-    assert screen_unit(np.array([[1.0, 0.0], [2.0, 3.0]], np.float32), np.array([0.0, np.inf], np.float32)) is None
-    assert screen_unit(np.array([[tiny / 2, 1.0], [np.nan, 1.0], [1.0, -1.0]], np.float32), None) == 2
-    matrix = np.array([[1.0, 2.0], [np.nan, 0.0], [3e38, 3e38], [0.0, -np.inf]], np.float32)
-    assert confirm(matrix, np.array([False, False, True, False])) is None  # an overflow alone: no invalid row
-    assert confirm(matrix, np.array([True, True, True, True])).tolist() == [False, True, False, True]

@@ -191,13 +191,6 @@ class Forward:
         cpu_rows = min(65_536, max(1_024, _CPU_ACTIVATION_BYTES // (4 * max(m.widest for m in self.models))))
         limits = [m.max_batch for m in self.models if m.max_batch]
         self.max_rows = min(capacity if self.cuda else cpu_rows, *limits, capacity)
-        # The first model's first-layer unit that finds invalid rows (`submit`'s `suspects`): CPU fp32 MLPs
-        self.screen_unit: int | None = None
-        if not self.cuda and not categories and all(getattr(m, "by_columns", False) for m in self.models):
-            from workers.stacking import screen_unit
-
-            weight, bias = self.models[0].layers[0]  # type: ignore[union-attr]
-            self.screen_unit = screen_unit(weight.numpy(), None if bias is None else bias.numpy())
 
     @property
     def concurrent(self) -> bool:
@@ -215,26 +208,20 @@ class Forward:
         slot.free_host()
         return slot.host[: self.width * rows].numpy().reshape(self.width, rows)
 
-    def submit(self, matrix: np.ndarray, codes: np.ndarray | None = None, *,
-               suspects: np.ndarray | None = None) -> Callable[[], np.ndarray]:
+    def submit(self, matrix: np.ndarray, codes: np.ndarray | None = None) -> Callable[[], np.ndarray]:
         """Start the forward pass of a (rows, width) float32 batch; call the result for (rows, outputs).
 
         `matrix` is ideally `buffer(rows).T`; anything else is copied into the slot first.
         `codes`: the (rows, k) int64 categorical codes of a program that takes them.
-        `suspects` (a bool array of rows, only where `screen_unit` is set): filled, as the pass runs,
-        with the rows whose `screen_unit` came out non-finite (every row holding a NaN, inf or null).
         Results may be collected in any order, or not at all.
         """
         rows = matrix.shape[0]
         slot = self._slots[self._next]
         self._next = 1 - self._next
-        if suspects is not None and self.screen_unit is None:
-            raise ValueError("this forward pass has no unit that screens rows (screen_unit is None)")
         if self.streams is None:  # CPU: synchronous, straight from the caller's matrix
             out = np.empty((rows, self.outputs), dtype=np.float32)
             self._run(torch.from_numpy(matrix), self._columns(torch.from_numpy(out)),
-                      None if codes is None else torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64)),
-                      None if suspects is None else torch.from_numpy(suspects))
+                      None if codes is None else torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int64)))
             return lambda: out
         if rows > self.capacity:
             raise ValueError(f"batch of {rows} rows exceeds the buffer capacity {self.capacity}")
@@ -271,8 +258,7 @@ class Forward:
             start += k
         return views
 
-    def _run(self, features: torch.Tensor, outs: list[torch.Tensor], codes: torch.Tensor | None = None,
-             suspects: torch.Tensor | None = None) -> None:
+    def _run(self, features: torch.Tensor, outs: list[torch.Tensor], codes: torch.Tensor | None = None) -> None:
         """Forward (rows, width) features into each model's `outs` (rows, k), `max_rows` rows per pass
         (every model over a chunk before the next chunk: the chunk's features stay in cache).
 
@@ -285,13 +271,9 @@ class Forward:
             with torch.inference_mode():
                 for start in range(0, len(features), self.max_rows):
                     stop = start + self.max_rows
-                    screen = None if suspects is None else suspects[start:stop]
                     for model, out in zip(self.models, outs):
-                        out[start:stop].copy_(model.columns(columns[:, start:stop], screen, self.screen_unit or 0).T)
-                        screen = None  # the first model's first layer screens the rows
+                        out[start:stop].copy_(model.columns(columns[:, start:stop]).T)
             return
-        if suspects is not None:
-            raise ValueError("rows are screened only by the CPU pass by columns")
         while True:
             try:
                 with torch.inference_mode():

@@ -169,19 +169,16 @@ class MLP:
             x = act(torch.nn.functional.linear(x, weight, bias))
         return x.float()
 
-    def columns(self, x: torch.Tensor, suspects: torch.Tensor | None = None, unit: int = 0) -> torch.Tensor:
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
         """The same pass on the CPU in fp32 with rows as columns: (in_features, rows) -> (out_features, rows).
 
         `weight @ x` (+ bias) on the stacked (features, rows) buffer as it lies, where `__call__`
         multiplies its transpose: measured on one core, 64->256->256->1 took 1.52 against 1.67 s per
         million rows (medians of 21; 64->16->1 within noise). The activation runs on the features'
-        axis (softmax over dim 0). `suspects` (bool, rows): set where the first layer's `unit` came out
-        non-finite, before its activation (`workers.stacking.screen_unit`).
+        axis (softmax over dim 0).
         """
-        for index, ((weight, bias), act) in enumerate(zip(self.layers, self.activations)):
+        for (weight, bias), act in zip(self.layers, self.activations):
             x = torch.addmm(bias[:, None], weight, x) if bias is not None else weight @ x
-            if index == 0 and suspects is not None:
-                torch.logical_not(torch.isfinite(x[unit]), out=suspects)
             x = torch.softmax(x, dim=0) if act is _SOFTMAX else act(x)
         return x
 

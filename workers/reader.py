@@ -373,9 +373,6 @@ class decode:  # noqa: N801 - used like a generator function
     thread this is the old prefetch: decoding a batch ahead of the forward pass.
     `inline` (only for a shard of about one batch: a tiny file) decodes it all in the
     caller's thread instead: starting a thread cost more than such a shard's decoding.
-    `predict_checks`: `predict(matrix, None)` finds the invalid rows itself and returns
-    (predicted, bad mask or None) (the replica's forward, from its first layer: `workers.stacking.
-    screen_unit`); the stack is then a plain copy, whatever `check_invalid` says.
     `spares` (a replica's `Spares`) lends it the stacking buffers an earlier shard left, and takes
     them back at `close()`. Always `close()` it (or use `with`).
 
@@ -400,7 +397,7 @@ class decode:  # noqa: N801 - used like a generator function
                  check_invalid: bool, threads: int = 1, depth: int = 2, deleted: np.ndarray | None = None,
                  inline: bool = False,
                  predict: Callable[[np.ndarray, np.ndarray | None], Any] | None = None,
-                 predict_checks: bool = False, spares: Spares | None = None) -> None:
+                 spares: Spares | None = None) -> None:
         self.row_groups = row_groups
         self._stop = threading.Event()
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
@@ -428,8 +425,8 @@ class decode:  # noqa: N801 - used like a generator function
             handle = parquet if k == 0 else _second_handle(parquet)
             mine = range(row_groups[0] + k, row_groups[1], count)
             args = (k, handle, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
-                    check_invalid and not (predict_checks and predict is not None), count == 1 and threads >= 2,
-                    DECODE_BUDGET_BYTES // (2 * count), leaves, types, deleted, predict, predict_checks)
+                    check_invalid, count == 1 and threads >= 2, DECODE_BUDGET_BYTES // (2 * count), leaves, types,
+                    deleted, predict)
             if inline:
                 self._inline = functools.partial(self._produce, *args)  # run by the first `next`, in its thread
                 continue
@@ -440,7 +437,7 @@ class decode:  # noqa: N801 - used like a generator function
                  batch_size: int, uri: str, features: Sequence[str], list_column: bool, width: int,
                  check_invalid: bool, use_threads: bool, whole_bytes: int, leaves: list[int],
                  types: list[tuple[pa.DataType, int] | None], deleted: np.ndarray | None,
-                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None, predict_checks: bool) -> None:
+                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None) -> None:
         try:
             for rg in mine:
                 for batch in iter_batches(parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads,
@@ -453,12 +450,7 @@ class decode:  # noqa: N801 - used like a generator function
                         buffer, home = taken
                     view = None if buffer is None else buffer[:, : batch.data.num_rows]
                     matrix, bad = stack_checked(batch.data, features, list_column, width, view, check=check_invalid)
-                    if predict is None:
-                        predicted = None
-                    elif predict_checks:  # the forward pass finds the invalid rows (its first layer)
-                        predicted, bad = predict(matrix, None)
-                    else:
-                        predicted = predict(matrix, bad)
+                    predicted = None if predict is None else predict(matrix, bad)
                     if predicted is not None and bad is None and buffer is not None:
                         self._pool.give(buffer, home)  # consumed by the forward pass: nothing reads it again
                         buffer, matrix = None, None

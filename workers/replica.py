@@ -34,7 +34,6 @@ from basis.storage import Location, resolve
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import Spares, decode, describe_invalid, open_parquet
-from workers.stacking import confirm, invalid_rows
 from workers.staging import commit_in_order
 from workers.threads import cores
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
@@ -251,34 +250,6 @@ class Replica:
             return None
         return forward.submit(matrix if bad is None else matrix[~bad])
 
-    def _screens(self) -> bool:
-        """Whether the loaded forward pass can find invalid rows from its first layer (`_predict_checked`):
-        a CPU fp32 MLP by columns with a unit that screens. A replica's first shard, decoded while the
-        model loads, is checked while it is stacked."""
-        if not self._model.done() or self._model.exception() is not None:
-            return False
-        return getattr(self.forward, "screen_unit", None) is not None
-
-    def _predict_checked(self, matrix: np.ndarray, _: None) -> tuple[Callable[[], np.ndarray] | None,
-                                                                   np.ndarray | None]:
-        """`_predict` that also finds the batch's invalid rows (`decode`'s `predict_checks`): the forward
-        pass runs on every row and marks the rows whose screening unit came out non-finite; only those
-        are checked value by value (`workers.stacking.confirm`). Rows are independent in an MLP, so
-        the valid rows' predictions are those of a pass over them alone; the invalid rows' are dropped.
-        With `invalid_rows: fail` and an invalid row, no predictions: the shard's loop fails it."""
-        forward = self.forward
-        if not forward.concurrent:  # as `_predict`: the shard's loop runs the forward pass; the check runs here
-            return None, invalid_rows(matrix)
-        suspects = np.empty(len(matrix), dtype=bool)
-        handle = forward.submit(matrix, suspects=suspects)  # type: ignore[call-arg]
-        bad = confirm(matrix, suspects)
-        if bad is None:
-            return handle, None
-        if self.job.invalid_rows == "fail":
-            return None, bad
-        kept = handle()[~bad]
-        return (lambda: kept), bad
-
     def _check_unchanged(self, uri: str, planned: str, sha256: str) -> None:
         if sha256 != planned:
             raise ModelError(f"model {uri!r} changed since the run was planned (sha256 {sha256[:12]}...)")
@@ -456,14 +427,12 @@ class Replica:
         # as threads started for it cost more than its work.
         tiny = task["rows_in"] <= self.batch_size
         threads = 1 if tiny else cores(job.cpus)  # the CPUs it reserved, as far as this process may use them
-        in_threads = threads >= 2 and not job.categorical  # the CPU forward pass runs in the decoding threads
-        screened = in_threads and job.invalid_rows != "keep" and self._screens()
         batches = decode(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri, features=job.features,
                          list_column=job.list_column, width=job.width, check_invalid=job.invalid_rows != "keep",
                          threads=threads, inline=tiny,
                          deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,
-                         predict=(self._predict_checked if screened else self._predict) if in_threads else None,
-                         predict_checks=screened, spares=self._spares)
+                         predict=self._predict if threads >= 2 and not job.categorical else None,
+                         spares=self._spares)
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches:
             items = iter(batches)

@@ -5,9 +5,7 @@ Checking a whole stacked batch reads it from memory a second time; `stack_checke
 adds each column into a running row sum right after copying it, while it is still
 in cache, and only a non-finite sum leads to the exact per-value check. Columns that
 cannot hold an invalid value are left out of the sum (`can_hold_invalid`: integer
-and boolean columns without nulls). Where a replica's CPU forward pass runs in the
-decoding threads, its first layer does the check instead (`screen_unit`, `confirm`):
-one finite test per row of one unit's pre-activations, and the stack is a plain copy.
+and boolean columns without nulls).
 
 Example:
     >>> batch = pa.record_batch({"a": pa.array([1.0, float("nan")], pa.float32()), "b": pa.array([1, 2])})
@@ -104,41 +102,6 @@ def invalid_rows(matrix: np.ndarray) -> np.ndarray | None:
         return None
     bad = ~np.isfinite(matrix).all(axis=1)
     return bad if bad.any() else None
-
-
-def screen_unit(weight: np.ndarray, bias: np.ndarray | None) -> int | None:
-    """A first-layer unit whose pre-activation is non-finite for every row holding a NaN, inf or null
-    feature: one whose weights are all finite and of normal size (no zero a kernel could skip, or a
-    denormal it could flush to zero) and whose bias is finite. None when no unit is.
-
-    A NaN times any weight is NaN and an inf times a non-zero one is inf; a sum holding either
-    is NaN or inf (inf - inf is NaN). So only such a unit's one value per row needs a test, where
-    the check read every feature again. A finite row may overflow it: `confirm` rules those out.
-
-    Example:
-        >>> screen_unit(np.array([[1.0, 0.0], [0.5, -2.0]], np.float32), None)
-        1
-    """
-    smallest = np.finfo(np.float32).tiny
-    fit = (np.isfinite(weight) & (np.abs(weight) >= smallest)).all(axis=1)
-    if bias is not None:
-        fit &= np.isfinite(np.asarray(bias).reshape(-1))
-    units = np.flatnonzero(fit)
-    return int(units[0]) if units.size else None
-
-
-def confirm(matrix: np.ndarray, suspects: np.ndarray) -> np.ndarray | None:
-    """The invalid rows of `matrix`, checked exactly among the `suspects` only (rows whose screening unit
-    came out non-finite: every invalid row and finite rows that overflowed it); None when none is."""
-    rows = np.flatnonzero(suspects)
-    if not rows.size:
-        return None
-    invalid = ~np.isfinite(matrix[rows]).all(axis=1)
-    if not invalid.any():
-        return None
-    bad = np.zeros(len(matrix), dtype=bool)
-    bad[rows[invalid]] = True
-    return bad
 
 
 def describe_invalid(matrix: np.ndarray, bad: np.ndarray, features: Sequence[str], list_column: bool) -> list[str]:
