@@ -383,7 +383,8 @@ class decode:  # noqa: N801 - used like a generator function
     matrix), and a thread may then queue a whole row group's batches (`depth` at least the
     batches of the shard's largest row group): with 2 batches, a thread whose row group the
     consumer had not reached yet stopped after 2 of its 4, idle while the consumer was still
-    on the other thread's (250,000-row row groups of 65,536-row batches, the data-bound job).
+    on the other thread's (250,000-row row groups of 65,536-row batches, the data-bound job:
+    its steady state went from 0.235 to 0.201 wall and 0.363 to 0.330 CPU seconds per million rows).
 
     Example:
         >>> with decode(parquet, (0, 4), cols, 65536, uri, features=f, list_column=False, width=64,
