@@ -12,8 +12,12 @@ rate per core is what `benchmarks.limit` measures single-threaded.
 ``--profile S`` sleeps S seconds first and prints the PID, for
 `py-spy record -p PID --native` or `perf record -p PID`.
 
+``--workload data-1x --scale 1`` runs `make bench`'s shard layout (1M-row shards of four
+250k-row row groups, four batches each); ``data`` at 0.25 has one batch per row group.
+
 Example:
     python -m benchmarks.steady --workload data --scale 0.25 --cpus 2
+    python -m benchmarks.steady --workload data-1x --scale 1 --cpus 2
     python -m benchmarks.steady --workload compute --scale 0.25 --cpus 1 --repeat 3
 """
 
@@ -92,7 +96,7 @@ def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.steady", description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", default="data", choices=("data", "compute"))
+    parser.add_argument("--workload", default="data", choices=("data", "compute", "data-1x"))
     parser.add_argument("--scale", type=float, default=0.25)
     parser.add_argument("--cpus", type=float, default=2.0)
     parser.add_argument("--warm", type=int, default=2, help="shards run first and not counted")

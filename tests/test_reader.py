@@ -242,3 +242,43 @@ def test_spares_keep_one_shape_and_at_most_their_limit() -> None:
     spares.keep([np.empty((2, 4), np.float32)])
     spares.keep([np.empty((3, 4), np.float32)])  # another job's batch shape: the old buffers go
     assert spares.take((2, 4)) is None and spares.take((3, 4)) is not None
+
+
+def test_a_thread_predicts_its_whole_row_group_while_the_consumer_is_still_on_another(tmp_path: Path) -> None:
+    """Issue 15: with `predict` (the replica's CPU forward in the decoding threads), a predicted batch with no
+    bad row keeps no stacking buffer, so a thread may queue all its row group's batches: while the consumer
+    still holds the first batch of row group 0, thread 1 predicts all of row group 1 (with a queue of 2 it
+    stopped after 2 of its 4 and waited, idle). A batch with a bad row keeps its matrix for the reasons;
+    every prediction is its own batch's."""
+    from basis.storage import resolve
+    from workers.reader import ParquetSource, decode
+
+    per_group, groups = 4, 4
+    rows = groups * per_group * BATCH
+    values = np.arange(rows, dtype=np.float32)
+    values[5 * BATCH + 1] = np.nan  # a bad row in row group 1's second batch
+    path = tmp_path / "groups.parquet"
+    pq.write_table(pa.table({"id": pa.array(np.arange(rows)), "f": values}), path, row_group_size=per_group * BATCH)
+    predicted = threading.Semaphore(0)
+
+    def predict(matrix: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
+        predicted.release()
+        return (matrix if bad is None else matrix[~bad])[:, 0].copy()
+
+    source = ParquetSource(resolve(str(path)), str(path), str(path))
+    seen = []
+    with decode(source, (0, groups), ["id", "f"], BATCH, str(path), features=["f"], list_column=False, width=1,
+                check_invalid=True, threads=2, predict=predict) as batches:
+        for index, item in enumerate(batches):
+            if index == 0:  # row group 0's and row group 1's batches are all predicted before this one is let go
+                for k in range(2 * per_group):
+                    assert predicted.acquire(timeout=SHARD_SECONDS), f"only {k} batches predicted"
+            ids = item.batch.data.column("id").to_numpy()
+            if item.bad is None:
+                assert item.matrix is None
+                np.testing.assert_array_equal(item.predicted, ids.astype(np.float32))
+            else:
+                assert item.matrix is not None and np.isnan(item.matrix[item.bad, 0]).all()
+                np.testing.assert_array_equal(item.predicted, ids[~item.bad].astype(np.float32))
+            seen.append(ids)
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(rows))
