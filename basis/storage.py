@@ -15,6 +15,7 @@ import errno
 import fnmatch
 import functools
 import hashlib
+import itertools
 import os
 import posixpath
 import re
@@ -442,6 +443,24 @@ def check_output_path(output: Location) -> None:
 TEMP_SUFFIX = ".tmp"
 # Stores whose move is a server-side copy that replaces the destination in one step.
 _COPY_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem") if hasattr(pafs, name))
+
+
+class _Unique:
+    """Names no other process or host makes: 16 random hex digits drawn once per process (again in a
+    forked child) and a counter; one `getrandom` per process, not one per name as `uuid4` costs."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix, self.counter = os.urandom(8).hex(), itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):08x}"
+
+
+unique_suffix = _Unique()
 
 
 def temp_name(path: str) -> str:
