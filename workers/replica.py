@@ -388,7 +388,8 @@ class Replica:
                 ahead.close()
             log.seal()  # after the last commit of this call: nothing more is ever appended to its file
 
-    def _staged_ahead(self, tasks: list[dict[str, Any]], log: CommitLog) -> Generator[Callable[[], dict[str, Any]], None, None] | None:
+    def _staged_ahead(self, tasks: list[dict[str, Any]],
+                      log: CommitLog) -> Generator[Callable[[], dict[str, Any]], None, None] | None:
         """Per task, in order, a call that commits it once staged and returns its result (as `process`);
         the stagings run up to `cores` ahead on threads of their own. None when the bundle is better done
         one shard at a time: one CPU, a GPU, a shard of more than a forward batch, a forward that keeps

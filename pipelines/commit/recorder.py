@@ -3,10 +3,10 @@
 A long run checkpoints the journal into the manifest as it goes (`Recorder.checkpoint`): every
 `CHECKPOINT_RECORDS` records the run journalled, or every `CHECKPOINT_SECONDS` when it journalled any,
 whichever comes first. Only the segments that changed are rewritten, and only the journal records the
-new root holds are deleted (a bundle's file once it is sealed and the root holds all its records), so `_journal/` holds at most about `CHECKPOINT_RECORDS` records (plus the
-attempts in flight) and a driver killed late replays only those. A mid-run root is never complete: it
-is written as a killed run would leave its state, and `_SUCCESS` and a table's commit come only at the
-end (`finish`).
+new root holds are deleted (a bundle's file once it is sealed and the root holds all its records), so
+`_journal/` holds at most about `CHECKPOINT_RECORDS` records (plus the attempts in flight) and a driver
+killed late replays only those. A mid-run root is never complete: it is written as a killed run would
+leave its state, and `_SUCCESS` and a table's commit come only at the end (`finish`).
 """
 
 from __future__ import annotations
