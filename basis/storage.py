@@ -20,7 +20,6 @@ import os
 import posixpath
 import re
 import stat as statmod
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -466,7 +465,7 @@ unique_suffix = _Unique()
 def temp_name(path: str) -> str:
     """A hidden, unique temporary name next to `path` (`.name.<hex>.tmp`)."""
     parent, name = posixpath.split(path)
-    return posixpath.join(parent, f".{name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+    return posixpath.join(parent, f".{name}.{unique_suffix()}{TEMP_SUFFIX}")
 
 
 def is_temp(path: str) -> bool:

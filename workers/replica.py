@@ -19,7 +19,6 @@ import resource
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ import pyarrow as pa
 from basis.errors import ModelError, ShardDataError
 from basis.masks import decode as decode_mask
 from basis.record import CommitLog
-from basis.storage import Location, resolve
+from basis.storage import Location, resolve, unique_suffix
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import Spares, decode, describe_invalid, open_parquet
@@ -524,7 +523,7 @@ class Replica:
     def _commit(self, task: dict[str, Any], staged: _Staged, log: CommitLog) -> tuple[dict[str, Any], str]:
         """Commit a staged shard: its journal record (in `log`), then its files under their final names."""
         job, uri, entry = self.job, task["input"], staged.entry
-        token = uuid.uuid4().hex
+        token = unique_suffix()  # no `getrandom` per shard
         self._check_ready(uri)  # a replica the driver lane gave up never commits
         # Recorded before anything is visible, with the job that made it (another model's is never taken).
         log.write(token, entry, job.job_digest)
