@@ -52,6 +52,7 @@ from basis.storage import Location, delete_file, read_bytes, write_bytes_atomic
 
 _NAME = re.compile(r"^g(\d{6,})-(?:([cd])-([0-9a-f]+)\.json|(b)-([0-9a-f]+)\.jsonl)$")
 _READ_THREADS = 16
+_TOKEN = b'"token": "'
 _DELETE_CHUNK = 512
 
 
@@ -107,12 +108,11 @@ def read_journal(output: Location, after: int, skip: Container[str] = (),
         texts = list(pool.map(lambda item: read_bytes(output.fs, item[2]), wanted))
     for (generation, kind, path), data in zip(wanted, texts):
         if kind == "b":
-            commits, sealed = bundle_records(data)
+            commits, sealed = bundle_records(data, skip)
             if not sealed:
                 journal.unsealed.add(path)
             for record in commits:
-                if record["token"] not in skip:
-                    _add_commit(journal.generations.setdefault(generation, Generation()), record)
+                _add_commit(journal.generations.setdefault(generation, Generation()), record)
             continue
         record = _parse(data, kind)
         if record is None:
@@ -138,9 +138,10 @@ def _add_commit(records: Generation, record: dict[str, Any]) -> None:
     records.jobs[record["token"]] = record.get("job")  # None: a record older than job digests
 
 
-def bundle_records(data: bytes | None) -> tuple[list[dict[str, Any]], bool]:
-    """The whole commit records of a bundle's file, and whether it is sealed. A line not ended by its
-    newline (its writer killed while writing it), or not a whole record, is skipped.
+def bundle_records(data: bytes | None, skip: Container[str] = ()) -> tuple[list[dict[str, Any]], bool]:
+    """The whole commit records of a bundle's file, but those whose token is in `skip` (not parsed), and
+    whether it is sealed. A line not ended by its newline (its writer killed while writing it), or not a
+    whole record, is skipped.
 
         >>> bundle_records(b'{"token": "a1", "entry": {"id": "x", "output": "o", "rel": "r", "fingerprint": "f"}}\\n'
         ...                b'{"token": "b2", "en')
@@ -151,8 +152,12 @@ def bundle_records(data: bytes | None) -> tuple[list[dict[str, Any]], bool]:
     lines = data.split(b"\n")
     records, sealed = [], False
     for line in lines[:-1]:  # the last piece: empty, or a line cut short
+        if skip:  # `write_commit`'s records begin {"generation": G, "token": "<hex>"
+            start = line.find(_TOKEN) + len(_TOKEN)
+            if start >= len(_TOKEN) and line[start:start + 64].split(b'"', 1)[0].decode("ascii", "replace") in skip:
+                continue
         record = _parse(line, "c")
-        if record is not None:
+        if record is not None and record["token"] not in skip:
             records.append(record)
         elif line.startswith(b'{"' + SEALED.encode()):
             sealed = True
