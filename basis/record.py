@@ -79,8 +79,10 @@ class CommitLog:
             written = 0
             while written < line.nbytes:
                 written += os.write(fd, line[written:])
-        except BaseException:
+        except BaseException as exc:
             self._drop()  # a part of the line may be there: this file takes no more records
+            if isinstance(exc, OSError) and exc.errno and not exc.filename:  # no space, read-only, ...: say where
+                raise OSError(exc.errno, os.strerror(exc.errno), self.path) from exc
             raise
         self.records += 1
 

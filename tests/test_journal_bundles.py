@@ -186,3 +186,35 @@ def test_a_driver_killed_after_folding_half_a_bundle_file_loses_and_repeats_no_r
     assert again.status == "succeeded" and again.shards_skipped >= every * checkpoints
     assert again.shards_done + again.shards_skipped == FILES
     _complete(out, tmp_path)
+
+
+def test_a_record_whose_write_fails_ends_its_file_and_says_where(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed append (no space) raises naming the journal file, and leaves at most a line cut short there:
+    the bundle's next record starts a file of its own, so no record ever follows a broken one."""
+    import errno
+
+    from basis import record
+
+    output = resolve(str(tmp_path / "out"))
+    log = CommitLog(output, 1)
+    log.write("a" * 24, _entry(0), "job")
+    first = log.path
+    real = os.write
+
+    def short_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 40:
+            return real(fd, bytes(data[:40]))  # a short write, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record.os, "write", short_then_full)
+    with pytest.raises(OSError, match="No space left") as info:
+        log.write("b" * 24, _entry(1), "job")
+    assert info.value.filename == first
+    monkeypatch.undo()
+    log.write("c" * 24, _entry(2), "job")
+    log.seal()
+    assert log.path != first
+    journal = read_journal(output, after=0)
+    assert sorted(journal.generations[1].commits) == ["a" * 24, "c" * 24]
+    assert journal.unsealed == {first}  # kept to the end of the run, its one whole record read
