@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO, TEST_REPLICA, cli, read_output, save_mlp, write_files
+from journal_files import commit_records
 from test_failures import _schedule, signal_a_busy_replica
 from test_histories import _kill_group
 
@@ -103,7 +104,7 @@ def test_a_driver_killed_with_bundles_in_flight_then_rerun_loses_and_repeats_no_
     deadline = time.monotonic() + 120
     try:
         while process.poll() is None and time.monotonic() < deadline:
-            if journal.is_dir() and sum("-c-" in p.name for p in journal.iterdir()) >= 20:
+            if len(commit_records(out)) >= 20:
                 break  # commit records of several calls' shards written, more calls in flight
             time.sleep(0.01)
         assert process.poll() is None, "the run ended before it could be killed; make it longer"
@@ -176,7 +177,7 @@ def test_a_bundle_commits_in_order_and_nothing_after_a_shard_that_raised(
     assert [(r["id"], r["status"]) for r in results] == [(shards[0].id, "committed"), (shards[1].id, "failed"),
                                                          (shards[2].id, "committed")]
     assert "not parquet" in results[1]["error"] or shards[1].input in results[1]["error"]
-    records = [json.loads(p.read_text())["entry"]["id"] for p in (out / "_journal").iterdir()]
+    records = [record["entry"]["id"] for _, record in commit_records(out)]
     assert sorted(records) == sorted([shards[0].id, shards[2].id])
     deadline = time.monotonic() + 30  # stagings still running when the bundle ended drop their files when done
     while any(p.name.endswith(".tmp") for p in out.rglob("*")) and time.monotonic() < deadline:

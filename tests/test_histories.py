@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, read_output, reference, save_mlp
+from journal_files import record_ids
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -272,13 +273,9 @@ class Histories(RuleBasedStateMachine):
                 str(self.root / "out"), "--shard-rows", str(self.shard_rows), "--replicas", "2",
                 "--cpus-per-replica", "0.5", "--batch-size", "32", "--output-activation", activation,
                 *(["--overwrite"] if overwrite else [])]
-        journal = self.root / "out" / "_journal"
 
         def records() -> set[str]:
-            try:
-                return {p.name for p in journal.iterdir() if "-c-" in p.name}
-            except FileNotFoundError:  # not made yet, or cleared by a run that has just completed
-                return set()
+            return record_ids(self.root / "out")
 
         def root() -> str:
             try:

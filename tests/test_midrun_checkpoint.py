@@ -140,7 +140,7 @@ def clear(output, paths=()):
     if moment == "before-journal" and paths:
         die("journal")
     if moment == "commits-gone" and paths:  # the commit records deleted, the driver's (its `begin`) still there
-        real_clear(output, [p for p in paths if "-c-" in p])
+        real_clear(output, [p for p in paths if "-c-" in p or "-b-" in p])
         die("journal")
     real_clear(output, paths)
 

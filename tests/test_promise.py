@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, TEST_REPLICA, cli, feature_table, read_output, reference, save_mlp, write_files
+from journal_files import commit_records
 
 import pipelines
 from pipelines.commit import MANIFEST, SUCCESS
@@ -40,7 +41,7 @@ def _interrupted(args: list[str], out: Path) -> int:
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
-        if any("-c-" in p.name for p in (out / "_journal").glob("*.json")):
+        if commit_records(out):
             break
         time.sleep(0.005)
     process.send_signal(signal.SIGTERM)

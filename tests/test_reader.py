@@ -282,3 +282,25 @@ def test_a_thread_predicts_its_whole_row_group_while_the_consumer_is_still_on_an
                 np.testing.assert_array_equal(item.predicted, ids[~item.bad].astype(np.float32))
             seen.append(ids)
     np.testing.assert_array_equal(np.concatenate(seen), np.arange(rows))
+
+
+def test_a_small_local_file_is_read_whole_once_and_decoded_from_memory(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from basis.storage import resolve
+    from workers import reader
+
+    table = pa.table({"id": pa.array(range(300), pa.int64()), "f0": pa.array(np.arange(300, dtype=np.float32))})
+    path = tmp_path / "t.parquet"
+    pq.write_table(table, path, row_group_size=100)
+    location = resolve(str(tmp_path))
+    small = reader.open_parquet(location, str(path), str(path))
+    assert isinstance(small.handle, pa.BufferReader) and small.handle.size() == path.stat().st_size
+    path.unlink()  # nothing more is read from the file
+    batches = reader.iter_batches(small, (1, 3), ["id"], 64, "t")
+    assert [i for batch in batches for i in batch.data.column("id").to_pylist()] == list(range(100, 300))
+    pq.write_table(table, path, row_group_size=100)
+    monkeypatch.setattr(reader, "SMALL_FILE_BYTES", path.stat().st_size - 1)  # a larger file: read by ranges
+    large = reader.open_parquet(location, str(path), str(path))
+    assert not isinstance(large.handle, pa.BufferReader)
+    assert [i for b in reader.iter_batches(large, (0, 3), ["id"], 64, "t") for i in b.data.column("id").to_pylist()] \
+        == list(range(300))

@@ -494,3 +494,24 @@ def test_decoding_threads_share_one_budget_of_whole_row_groups(
             item.release()
     assert ids == table.column("id").to_pylist()
     assert (Counting.whole, Counting.streamed) == ((4, 0) if threads <= 2 else (0, 4))
+
+
+def test_unique_names_differ_between_calls_and_between_a_process_and_its_forked_child() -> None:
+    """Temporary names and commit tokens draw one random prefix per process (no `getrandom` per name)."""
+    import os
+
+    from basis.storage import temp_name, unique_suffix
+
+    names = {unique_suffix() for _ in range(1000)}
+    assert len(names) == 1000 and all(len(n) == 24 and int(n, 16) >= 0 for n in names)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # a forked replica or worker: its own prefix, not its parent's
+        os.write(write, unique_suffix().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    theirs = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert theirs[:16] != next(iter(names))[:16]
+    assert temp_name("/out/a.parquet").startswith("/out/.a.parquet.") and temp_name("/o/a") != temp_name("/o/a")

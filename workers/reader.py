@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 # (the one it decodes and the one whose batches wait in its queue), so a thread reads a row
 # group whole when it decodes to at most DECODE_BUDGET_BYTES / (2 x threads), else streams it.
 DECODE_BUDGET_BYTES = 512 << 20
+# A local file this small is read whole and parsed from memory (`ParquetSource`): a file of 100 rows costs one
+# read, not a footer and ~11 more reads.
+SMALL_FILE_BYTES = 2 << 20
 
 @dataclass
 class Batch:
@@ -50,14 +53,24 @@ class Batch:
 
 
 class ParquetSource(pq.ParquetFile):
-    """A Parquet file opened from a `Location` that can open itself again after a transient error."""
+    """A Parquet file opened from a `Location` that can open itself again after a transient error.
+
+    A local file of at most `SMALL_FILE_BYTES` is read whole with one read and parsed from memory: its
+    footer and column chunks would each cost a read of their own. (On an object store `pre_buffer`
+    already fetches a row group's chunks in one request.)
+    """
 
     def __init__(self, location: Location, path: str, uri: str, *, metadata: pq.FileMetaData | None = None) -> None:
         self.location, self.path, self.uri = location, path, uri
         self.handle = location.fs.open_input_file(path)
         try:
+            if location.is_local and self.handle.size() <= SMALL_FILE_BYTES:
+                data = self.handle.read_buffer()
+                self.handle.close()
+                self.handle = pa.BufferReader(data)
             # pre_buffer coalesces a row group's column chunks into few large reads on object stores
-            super().__init__(self.handle, metadata=metadata, pre_buffer=not location.is_local)
+            super().__init__(self.handle, metadata=metadata, pre_buffer=not location.is_local
+                             and not isinstance(self.handle, pa.BufferReader))
         except BaseException:
             self.handle.close()
             raise

@@ -19,7 +19,6 @@ import resource
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -29,8 +28,8 @@ import pyarrow as pa
 
 from basis.errors import ModelError, ShardDataError
 from basis.masks import decode as decode_mask
-from basis.record import write_commit
-from basis.storage import Location, resolve
+from basis.record import CommitLog
+from basis.storage import Location, resolve, unique_suffix
 from workers.categorical import category_codes, merge_invalid
 from workers.modelfile import forward_share
 from workers.reader import Spares, decode, describe_invalid, open_parquet
@@ -310,6 +309,14 @@ class Replica:
         `status: failed` with the file named; an exception escaping here is a
         bug or an infrastructure failure.
         """
+        log = CommitLog(self.output, self.job.generation)
+        try:
+            return self._process(task, log)
+        finally:
+            log.seal()
+
+    def _process(self, task: dict[str, Any], log: CommitLog) -> dict[str, Any]:
+        """`process`, its commit record written to `log`."""
         if self.state is not State.READY:
             raise RuntimeError(f"replica {self.index} is {self.state.value}")
         if self.job.provisional:  # never written with a guessed job: the plan's columns, generation, digest
@@ -317,7 +324,7 @@ class Replica:
         started = time.time()
         try:
             with contextlib.ExitStack() as files:
-                entry, token = self._commit(task, self._stage(task, files))
+                entry, token = self._commit(task, self._stage(task, files), log)
         except ShardDataError as exc:
             return self._result(task, started, error=str(exc))
         return self._result(task, started, entry=entry, token=token)
@@ -359,11 +366,12 @@ class Replica:
         """
         self.calls += 1
         call, results, last = self.calls, [], time.monotonic()
-        ahead = self._staged_ahead(tasks)
+        log = CommitLog(self.output, self.job.generation)  # the bundle's commit records, in one file
+        ahead = self._staged_ahead(tasks, log)
         try:
             for task in tasks:
                 try:
-                    result = self.process(task) if ahead is None else next(ahead)()
+                    result = self._process(task, log) if ahead is None else next(ahead)()
                     results.append({**result, "call": call})  # which of this replica's calls (a bundle)
                 except BaseException:
                     if results:
@@ -377,8 +385,10 @@ class Replica:
         finally:
             if ahead is not None:
                 ahead.close()
+            log.seal()  # after the last commit of this call: nothing more is ever appended to its file
 
-    def _staged_ahead(self, tasks: list[dict[str, Any]]) -> Generator[Callable[[], dict[str, Any]], None, None] | None:
+    def _staged_ahead(self, tasks: list[dict[str, Any]],
+                      log: CommitLog) -> Generator[Callable[[], dict[str, Any]], None, None] | None:
         """Per task, in order, a call that commits it once staged and returns its result (as `process`);
         the stagings run up to `cores` ahead on threads of their own. None when the bundle is better done
         one shard at a time: one CPU, a GPU, a shard of more than a forward batch, a forward that keeps
@@ -403,7 +413,7 @@ class Replica:
         def commit(task: dict[str, Any], started: float, staged: _Staged | str) -> dict[str, Any]:
             if isinstance(staged, str):  # the shard's own data problem
                 return self._result(task, started, error=staged)
-            entry, token = self._commit(task, staged)
+            entry, token = self._commit(task, staged, log)
             return self._result(task, started, entry=entry, token=token)
 
         return commit_in_order(tasks, self._stagers, workers, self._stage, commit)
@@ -510,13 +520,13 @@ class Replica:
                 entry["rejected_output"] = rejected_rel
         return _Staged(entry, writer, rejected)
 
-    def _commit(self, task: dict[str, Any], staged: _Staged) -> tuple[dict[str, Any], str]:
-        """Commit a staged shard: its journal record, then its files under their final names."""
+    def _commit(self, task: dict[str, Any], staged: _Staged, log: CommitLog) -> tuple[dict[str, Any], str]:
+        """Commit a staged shard: its journal record (in `log`), then its files under their final names."""
         job, uri, entry = self.job, task["input"], staged.entry
-        token = uuid.uuid4().hex
+        token = unique_suffix()  # no `getrandom` per shard
         self._check_ready(uri)  # a replica the driver lane gave up never commits
         # Recorded before anything is visible, with the job that made it (another model's is never taken).
-        write_commit(self.output, job.generation, token, entry, job.job_digest)
+        log.write(token, entry, job.job_digest)
         if staged.rejected is not None:
             self._check_ready(uri)
             staged.rejected.publish()  # the quarantine file first: a record is whole once its output is in place

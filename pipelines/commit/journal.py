@@ -1,12 +1,15 @@
 """The commit journal: what was committed since `_manifest.json` was last written.
 
     OUTPUT/_journal/g000007-c-<token>.json     one shard's commit record, written by its replica
-                                               BEFORE the shard's files are published
+                                               BEFORE the shard's files are published (object stores)
+    OUTPUT/_journal/g000007-b-<name>.jsonl     a bundle's commit records, a line each, appended by
+                                               its replica the same way (local outputs; sealed by a
+                                               last line once the replica appends no more)
     OUTPUT/_journal/g000007-d-00000012.json    the driver's records since its last flush
                                                (the run's header first, then confirmations,
                                                failures, retirements)
 
-Recording a commit costs one small file, whatever the size of the output, so
+Recording a commit costs one small file (a line of a bundle's file), whatever the size of the output, so
 the driver's cost per shard stays flat from 1k to 100k shards; the manifest is
 rewritten at the end of a run and checkpointed during it every so many records
 (`pipelines.commit.recorder.CHECKPOINT_RECORDS`), not once per flush. Every
@@ -26,7 +29,10 @@ never taken as this output's.
 Because a replica writes its record (rows, size and sha256 of each file) before
 it publishes, no committed file can ever be missing from manifest + journal:
 a record whose files were not (or only partly) published is recognised by
-their checksums and ignored.
+their checksums and ignored. A bundle's file holds a record per line; a line
+without its newline (a replica killed while writing it) is not a record, and
+its shard was never published. A bundle's file is deleted in the middle of a
+run only once it is sealed and every record in it is folded into the root.
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from basis.record import JOURNAL_DIR
+from basis.record import JOURNAL_DIR, SEALED
 from basis.storage import Location, delete_file, read_bytes, write_bytes_atomic
 
-_NAME = re.compile(r"^g(\d{6,})-([cd])-([0-9a-f]+)\.json$")
+_NAME = re.compile(r"^g(\d{6,})-(?:([cd])-([0-9a-f]+)\.json|(b)-([0-9a-f]+)\.jsonl)$")
 _READ_THREADS = 16
+_TOKEN = b'"token": "'
 _DELETE_CHUNK = 512
 
 
@@ -65,6 +72,7 @@ class Journal:
     generations: dict[int, Generation] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)  # every journal file seen (any generation)
     newest: int = 0  # the highest generation seen (any)
+    unsealed: set[str] = field(default_factory=set)  # bundle files read that a replica may still append to
 
     @property
     def empty(self) -> bool:
@@ -83,33 +91,94 @@ def read_journal(output: Location, after: int, skip: Container[str] = (),
         return journal
     wanted = []
     for info in sorted(infos, key=lambda i: i.path):  # segments sort by sequence within a generation
-        match = _NAME.match(posixpath.basename(info.path))
-        if info.type != pafs.FileType.File or not match:
+        named = _name(info)
+        if named is None:
             continue
+        generation, kind, name = named
         journal.files.append(info.path)
-        generation = int(match.group(1))
         journal.newest = max(journal.newest, generation)
-        kind = match.group(2)
-        if kind == "c" and match.group(3) in skip:
+        if kind == "c" and name in skip:
             continue
         if (folded is not None and kind == "d" and generation == folded[0]
-                and match.group(3).isdigit() and int(match.group(3)) <= folded[1]):
+                and name.isdigit() and int(name) <= folded[1]):
             continue
         if generation > after:
-            wanted.append((generation, match.group(2), info.path))
+            wanted.append((generation, kind, info.path))
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
         texts = list(pool.map(lambda item: read_bytes(output.fs, item[2]), wanted))
-    for (generation, kind, _), data in zip(wanted, texts):
+    for (generation, kind, path), data in zip(wanted, texts):
+        if kind == "b":
+            commits, sealed = bundle_records(data, skip)
+            if not sealed:
+                journal.unsealed.add(path)
+            for record in commits:
+                _add_commit(journal.generations.setdefault(generation, Generation()), record)
+            continue
         record = _parse(data, kind)
         if record is None:
             continue  # a torn (or foreign) record: not ours to apply; its files, if any, are not committed
         records = journal.generations.setdefault(generation, Generation())
         if kind == "c":
-            records.commits[record["token"]] = record["entry"]
-            records.jobs[record["token"]] = record.get("job")  # None: a record older than job digests
+            _add_commit(records, record)
         else:
             records.ops.extend(record["ops"])
     return journal
+
+
+def _name(info: pafs.FileInfo) -> tuple[int, str, str] | None:
+    """(generation, kind, token or sequence or name) of a journal file; None for anything else."""
+    match = _NAME.match(posixpath.basename(info.path))
+    if info.type != pafs.FileType.File or not match:
+        return None
+    return int(match.group(1)), match.group(2) or match.group(4), match.group(3) or match.group(5)
+
+
+def _add_commit(records: Generation, record: dict[str, Any]) -> None:
+    records.commits[record["token"]] = record["entry"]
+    records.jobs[record["token"]] = record.get("job")  # None: a record older than job digests
+
+
+def bundle_records(data: bytes | None, skip: Container[str] = ()) -> tuple[list[dict[str, Any]], bool]:
+    """The whole commit records of a bundle's file, but those whose token is in `skip` (not parsed), and
+    whether it is sealed. A line not ended by its newline (its writer killed while writing it), or not a
+    whole record, is skipped.
+
+        >>> bundle_records(b'{"token": "a1", "entry": {"id": "x", "output": "o", "rel": "r", "fingerprint": "f"}}\\n'
+        ...                b'{"token": "b2", "en')
+        ([{'token': 'a1', 'entry': {'id': 'x', 'output': 'o', 'rel': 'r', 'fingerprint': 'f'}}], False)
+    """
+    if not data:
+        return [], False
+    lines = data.split(b"\n")
+    records, sealed = [], False
+    for line in lines[:-1]:  # the last piece: empty, or a line cut short
+        if skip:  # `write_commit`'s records begin {"generation": G, "token": "<hex>"
+            start = line.find(_TOKEN) + len(_TOKEN)
+            if start >= len(_TOKEN) and line[start:start + 64].split(b'"', 1)[0].decode("ascii", "replace") in skip:
+                continue
+        record = _parse(line, "c")
+        if record is not None and record["token"] not in skip:
+            records.append(record)
+        elif line.startswith(b'{"' + SEALED.encode()):
+            sealed = True
+    return records, sealed
+
+
+def bundles_of(output: Location, generation: int) -> dict[str, tuple[set[str], bool]]:
+    """Per bundle file of `generation` in the journal: the tokens of its whole records and whether it is
+    sealed (a mid-run checkpoint deletes the sealed files whose records it folded)."""
+    try:
+        infos = output.fs.get_file_info(pafs.FileSelector(output.join(JOURNAL_DIR), allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    paths = [info.path for info in infos if (named := _name(info)) and named[:2] == (generation, "b")]
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        texts = list(pool.map(lambda path: read_bytes(output.fs, path), paths))
+    found = {}
+    for path, data in zip(paths, texts):
+        records, sealed = bundle_records(data)
+        found[path] = ({record["token"] for record in records}, sealed)
+    return found
 
 
 def _parse(data: bytes | None, kind: str) -> dict[str, Any] | None:

@@ -3,10 +3,10 @@
 A long run checkpoints the journal into the manifest as it goes (`Recorder.checkpoint`): every
 `CHECKPOINT_RECORDS` records the run journalled, or every `CHECKPOINT_SECONDS` when it journalled any,
 whichever comes first. Only the segments that changed are rewritten, and only the journal records the
-new root holds are deleted, so `_journal/` holds at most about `CHECKPOINT_RECORDS` records (plus the
-attempts in flight) and a driver killed late replays only those. A mid-run root is never complete: it
-is written as a killed run would leave its state, and `_SUCCESS` and a table's commit come only at the
-end (`finish`).
+new root holds are deleted (a bundle's file once it is sealed and the root holds all its records), so
+`_journal/` holds at most about `CHECKPOINT_RECORDS` records (plus the attempts in flight) and a driver
+killed late replays only those. A mid-run root is never complete: it is written as a killed run would
+leave its state, and `_SUCCESS` and a table's commit come only at the end (`finish`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from basis.record import commit_path
 from pipelines.commit.checkpoint import committed_rows, rebased, write_checkpoint
-from pipelines.commit.journal import SegmentWriter, clear_journal, read_journal
+from pipelines.commit.journal import SegmentWriter, bundles_of, clear_journal, read_journal
 from pipelines.commit.manifest import FAILED
 from pipelines.plan import Shard
 from pipelines.shards import Shards
@@ -92,7 +92,10 @@ class Recorder:
         self.confirmed = 0  # commits confirmed in this run
         self._records = 0  # records journalled since the last checkpoint
         self._last_checkpoint = time.monotonic()
-        self._older = list(state.journal.files)  # earlier runs' records: the first checkpoint holds them
+        # earlier runs' records: the first checkpoint holds them (a bundle file that is not sealed stays to the
+        # end: a replica of a killed run may still append to it)
+        self._older = [path for path in state.journal.files if path not in state.journal.unsealed]
+        self._held: set[str] = set()  # tokens folded by a checkpoint whose bundle file is still there
         self.checkpoints = 0
 
     def begin(self, *, overwrite: bool, stale: Sequence[str] = ()) -> None:
@@ -151,12 +154,19 @@ class Recorder:
                                    self.generation, self.check_lock)
         self.state.files = rebased(self.output, self.state.files, written)
         self.check_lock()
+        held = self._confirmed | self._held
+        bundles = bundles_of(self.output, self.generation)
+        done = [path for path, (tokens, sealed) in bundles.items() if sealed and tokens <= held]
+        in_bundles = set().union(*(tokens for tokens, _ in bundles.values()))
+        self._held = set().union(*(tokens & held for path, (tokens, sealed) in bundles.items()
+                                   if not sealed or not tokens <= held))
         records = commit_path(self.output, self.generation, "")[: -len(".json")]  # + token + ".json"
-        folded = [*self._older, *driver, *(f"{records}{token}.json" for token in self._confirmed)]
+        folded = [*self._older, *driver, *done,
+                  *(f"{records}{token}.json" for token in self._confirmed if token not in in_bundles)]
         if folded:
             clear_journal(self.output, folded)
         self._older, self._records = [], 0
-        self._confirmed = set()  # their records are gone: `_settle_unconfirmed` need not skip them
+        self._confirmed = set()  # their records are gone (or `_held`): `_settle_unconfirmed` need not skip them
         self._last_checkpoint = time.monotonic()
         self.checkpoints += 1
         logger.debug("checkpointed %d journal record(s) into the manifest", len(folded))
@@ -256,12 +266,13 @@ class Recorder:
 
     def _settle_unconfirmed(self) -> None:
         """Commits of this run that nobody confirmed (killed attempts): the files decide."""
-        journal = read_journal(self.output, after=self.generation - 1, skip=self._confirmed)
+        confirmed = self._confirmed | self._held
+        journal = read_journal(self.output, after=self.generation - 1, skip=confirmed)
         records = journal.generations.get(self.generation)
         if records is None:
             return
         for token, entry in records.commits.items():
-            if token not in self._confirmed:
+            if token not in confirmed:
                 trusted = records.jobs.get(token) == self.digest
                 self.state.settle(self.output, {**_V1_DEFAULTS, **entry}, trusted=trusted)
 
