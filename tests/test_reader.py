@@ -304,3 +304,92 @@ def test_a_small_local_file_is_read_whole_once_and_decoded_from_memory(tmp_path:
     assert not isinstance(large.handle, pa.BufferReader)
     assert [i for b in reader.iter_batches(large, (0, 3), ["id"], 64, "t") for i in b.data.column("id").to_pylist()] \
         == list(range(300))
+
+
+def _predicting_decode(path: Path, groups: int, threads: int, predict: Any, *, list_column: bool = False,
+                       width: int = 1) -> list[Any]:
+    """`decode` of `path`'s row groups with `predict`, consumed on a thread of its own (a hang fails the test)."""
+    from basis.storage import resolve
+    from workers.reader import ParquetSource, decode
+
+    items: list[Any] = []
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            source = ParquetSource(resolve(str(path)), str(path), str(path))
+            with decode(source, (0, groups), ["id", "f"], BATCH, str(path), features=["f"], list_column=list_column,
+                        width=width, check_invalid=True, threads=threads, predict=predict) as batches:
+                for item in batches:
+                    ids = item.batch.data.column("id").to_numpy()
+                    items.append((ids, item.bad, item.predicted))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=consume, name="test-reader-predict", daemon=True)
+    thread.start()
+    thread.join(SHARD_SECONDS)
+    assert not thread.is_alive(), f"{threads} thread(s): the decoder stalled after {len(items)} batch(es)"
+    if errors:
+        raise errors[0]
+    return items
+
+
+def test_a_thread_with_no_row_group_left_predicts_the_batches_of_another_threads(tmp_path: Path) -> None:
+    """Issue 15: in a shard's last row group one thread stacked and predicted all its batches while the
+    other, done with its own, waited. Now it takes batches of the other's decoded row group: here thread 0
+    is held in its first batch's forward until another thread has predicted row group 0's last batch (before,
+    no thread but 0 ever did: it waited out the timeout). Order and each batch's prediction are unchanged."""
+    per_group, groups = 4, 2
+    rows = groups * per_group * BATCH
+    path = tmp_path / "two.parquet"
+    pq.write_table(pa.table({"id": pa.array(np.arange(rows)), "f": np.arange(rows, dtype=np.float32)}), path,
+                   row_group_size=per_group * BATCH)
+    last = threading.Event()
+    who: dict[int, int] = {}
+
+    def predict(matrix: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
+        first = int(matrix[0, 0])
+        who[first] = threading.get_ident()
+        if first == (per_group - 1) * BATCH:  # row group 0's last batch
+            last.set()
+        if first == 0:
+            last.wait(SHARD_SECONDS / 4)
+        return matrix[:, 0].copy()
+
+    items = _predicting_decode(path, groups, 2, predict)
+    assert last.is_set() and who[(per_group - 1) * BATCH] != who[0], "no other thread helped with row group 0"
+    np.testing.assert_array_equal(np.concatenate([ids for ids, _, _ in items]), np.arange(rows))
+    for ids, _, predicted in items:
+        np.testing.assert_array_equal(predicted, ids.astype(np.float32))
+
+
+@pytest.mark.parametrize("list_column", [False, True])
+def test_no_thread_count_row_group_length_or_bad_rows_deadlock_threads_that_help_each_other(
+        tmp_path: Path, list_column: bool) -> None:
+    """Threads that take each other's batches (with `predict`): for any thread count, batches per row group and
+    bad rows (which keep their buffer), every batch comes once, in order, with its own prediction."""
+    rng = np.random.default_rng(11)
+    groups = 6
+    width = 2 if list_column else 1
+
+    def predict(matrix: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
+        if rng.random() < 0.2:  # uneven forward passes shuffle which thread takes what
+            threading.Event().wait(0.002)
+        return (matrix if bad is None else matrix[~bad])[:, 0].copy()
+
+    for per_group in (1, 2, 3, 5, 8):
+        rows = groups * per_group * BATCH - 3
+        values = np.arange(rows, dtype=np.float32)
+        values[rng.choice(rows, size=rows // 25, replace=False)] = np.nan  # bad rows in some batches
+        column = pa.array(list(zip(values, values))) if list_column else pa.array(values)
+        path = tmp_path / f"g{per_group}.parquet"
+        pq.write_table(pa.table({"id": pa.array(np.arange(rows)), "f": column}), path,
+                       row_group_size=per_group * BATCH)
+        for threads in (2, 3, 5, 16):
+            items = _predicting_decode(path, groups, threads, predict, list_column=list_column, width=width)
+            np.testing.assert_array_equal(np.concatenate([ids for ids, _, _ in items]), np.arange(rows))
+            for ids, bad, predicted in items:
+                good = ids if bad is None else ids[~bad]
+                np.testing.assert_array_equal(predicted, good.astype(np.float32), err_msg=f"{per_group} {threads}")
+                assert bad is None or np.isnan(values[ids[bad]]).all()

@@ -27,6 +27,7 @@ from basis.errors import ShardDataError, StorageError
 from basis.masks import keep_mask
 from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
 from basis.storage import Location
+from workers.handoff import Offers, Slot
 from workers.stacking import Spares, describe_invalid, feature_matrix, invalid_rows, stack_checked
 from workers.threads import Call, start as start_thread
 
@@ -318,8 +319,9 @@ class _Buffers:
         self._free: list[list[np.ndarray]] = [[] for _ in range(threads + 1)]  # per thread; the last: shared
         self._made = [0] * (threads + 1)
 
-    def take(self, thread: int) -> tuple[np.ndarray, int] | None:
-        """A free buffer for `thread` and where it goes back (its own first); None once stopped."""
+    def take(self, thread: int, *, wait: bool = True) -> tuple[np.ndarray, int] | None:
+        """A free buffer for `thread` and where it goes back (its own first); None once stopped, or
+        (`wait` False) when none is free now."""
         with self._ready:
             while not self._stop.is_set():
                 for home, limit in ((thread, self.own), (len(self._free) - 1, self.shared)):
@@ -329,6 +331,8 @@ class _Buffers:
                         self._made[home] += 1
                         spare = None if self._spares is None else self._spares.take(self.shape)
                         return (np.empty(self.shape, dtype=np.float32) if spare is None else spare), home
+                if not wait:
+                    return None
                 self._ready.wait(0.1)
         return None
 
@@ -398,6 +402,10 @@ class decode:  # noqa: N801 - used like a generator function
     consumer had not reached yet stopped after 2 of its 4, idle while the consumer was still
     on the other thread's (250,000-row row groups of 65,536-row batches, the data-bound job:
     its steady state went from 0.235 to 0.201 wall and 0.363 to 0.330 CPU seconds per million rows).
+    With `predict` and 2+ threads, a row group read whole is offered batch by batch (`workers.handoff`):
+    a thread with no row group of its own left stacks and predicts batches of another's (a shard's last
+    row group was one thread's alone while the other waited), taking one only with a buffer free at once;
+    its owner queues every batch's slot in order, so the order and the buffer guarantees are unchanged.
 
     Example:
         >>> with decode(parquet, (0, 4), cols, 65536, uri, features=f, list_column=False, width=64,
@@ -429,7 +437,12 @@ class decode:  # noqa: N801 - used like a generator function
         own = 2
         self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop,
                               None if inline else spares)
-        self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth) for _ in range(count)]
+        # predicted batches of a row group read whole may be taken by a thread with none of its own left
+        self._offers = Offers(count) if predict is not None and not inline and count > 1 else None
+        # with offers, room for a row group's end marker too: a thread whose whole last row group waits in
+        # its queue gets on to help the others instead of waiting to queue the marker (it holds no buffer)
+        self._queues: list[queue.Queue[object]] = [queue.Queue(maxsize=depth + (self._offers is not None))
+                                                   for _ in range(count)]
         self._threads: list[Call] = []
         # once per shard, not per row group; an inline shard's row groups (at most a batch each, so one batch
         # whether read whole or streamed) are read whole without sizing them: no leaves, 0 bytes
@@ -452,32 +465,84 @@ class decode:  # noqa: N801 - used like a generator function
                  check_invalid: bool, use_threads: bool, whole_bytes: int, leaves: list[int],
                  types: list[tuple[pa.DataType, int] | None], deleted: np.ndarray | None,
                  predict: Callable[[np.ndarray, np.ndarray | None], Any] | None) -> None:
+        offers, done = self._offers, False
         try:
             for rg in mine:
-                for batch in iter_batches(parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads,
-                                          whole_bytes=whole_bytes, leaves=leaves, types=types, deleted=deleted):
-                    buffer, home = None, 0
+                batches: Iterable[Batch | Slot[Decoded]] = iter_batches(
+                    parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads,
+                    whole_bytes=whole_bytes, leaves=leaves, types=types, deleted=deleted)
+                if offers is not None and _decoded_bytes(parquet.metadata.row_group(rg), leaves, types) <= whole_bytes:
+                    slots = [Slot[Decoded](batch) for batch in batches]  # read whole: its batches are slices of it
+                    offers.offer(k, slots)
+                    batches = slots
+                for batch in batches:
+                    if isinstance(batch, Slot):  # queued in order; stacked here unless a thread took it meanwhile
+                        slot = batch
+                        if not self._put(out, slot):
+                            return
+                        if not offers.claim(k, slot):  # type: ignore[union-attr]
+                            continue
+                        try:
+                            taken = None if list_column else self._pool.take(k)
+                            if taken is None and not list_column:
+                                return  # stopped
+                            slot.fill(self._stack(slot.batch, taken, features, list_column, width, check_invalid,
+                                                  predict))
+                        except BaseException as exc:
+                            slot.fail(exc)
+                            raise
+                        continue
+                    taken = None
                     if not list_column:
                         taken = self._pool.take(k)
                         if taken is None:
                             return  # stopped
-                        buffer, home = taken
-                    view = None if buffer is None else buffer[:, : batch.data.num_rows]
-                    matrix, bad = stack_checked(batch.data, features, list_column, width, view, check=check_invalid)
-                    predicted = None if predict is None else predict(matrix, bad)
-                    if predicted is not None and bad is None and buffer is not None:
-                        self._pool.give(buffer, home)  # consumed by the forward pass: nothing reads it again
-                        buffer, matrix = None, None
-                    if not self._put(out, Decoded(batch, matrix, bad, predicted, buffer, self._pool, home)):
+                    if not self._put(out, self._stack(batch, taken, features, list_column, width, check_invalid,
+                                                      predict)):
                         return
                 if not self._put(out, _ROW_GROUP_DONE):
                     return
+            if offers is not None:
+                offers.done(k)
+                done = True
+                self._steal(k, offers, features, list_column, width, check_invalid, predict)
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(out, exc)
         finally:
+            if offers is not None and not done:
+                offers.done(k)
             if k > 0 and isinstance(parquet, ParquetSource):  # a second handle, opened for this thread
                 with contextlib.suppress(Exception):
                     parquet.handle.close()
+
+    def _stack(self, batch: Batch, taken: tuple[np.ndarray | None, int] | None, features: Sequence[str],
+               list_column: bool, width: int, check_invalid: bool,
+               predict: Callable[[np.ndarray, np.ndarray | None], Any] | None) -> Decoded:
+        """One batch stacked into the `taken` buffer (none for a list column), checked and predicted."""
+        buffer, home = (None, 0) if taken is None else taken
+        view = None if buffer is None else buffer[:, : batch.data.num_rows]
+        matrix, bad = stack_checked(batch.data, features, list_column, width, view, check=check_invalid)
+        predicted = None if predict is None else predict(matrix, bad)
+        if predicted is not None and bad is None and buffer is not None:
+            self._pool.give(buffer, home)  # consumed by the forward pass: nothing reads it again
+            buffer, matrix = None, None
+        return Decoded(batch, matrix, bad, predicted, buffer, self._pool, home)
+
+    def _steal(self, k: int, offers: Offers, features: Sequence[str], list_column: bool, width: int,
+               check_invalid: bool, predict: Callable[[np.ndarray, np.ndarray | None], Any] | None) -> None:
+        """Thread `k` has no row group left: it stacks and predicts other threads' offered batches until all
+        are done. It takes one only with a buffer free at once (`_Buffers.take(wait=False)`), never waiting
+        while it holds a slot; the slot's owner queued it in order, so the consumer's order is unchanged."""
+        def ready() -> tuple[np.ndarray | None, int] | None:
+            return (None, 0) if list_column else self._pool.take(k, wait=False)
+
+        while (got := offers.steal(k, ready, self._stop)) is not None:
+            slot, taken = got
+            try:
+                slot.fill(self._stack(slot.batch, taken, features, list_column, width, check_invalid, predict))
+            except BaseException as exc:  # raised by the consumer when it reaches this batch
+                slot.fail(exc)
+                return
 
     def _put(self, out: queue.Queue[object], item: object) -> bool:
         while not self._stop.is_set():
@@ -504,6 +569,8 @@ class decode:  # noqa: N801 - used like a generator function
                     break
                 if isinstance(item, BaseException):
                     raise item
+                if isinstance(item, Slot):  # a row group read whole: filled by its owner or a thread helping it
+                    item = item.wait(self._stop)
                 previous = item  # type: ignore[assignment]
                 yield item  # type: ignore[misc]
 
