@@ -50,6 +50,7 @@ from basis.storage import absolute
 logger = logging.getLogger(__name__)
 
 LANE_ALL_CPUS = 4.0  # up to this many CPUs, one in-process replica of every core does what Ray's would (module doc)
+LANE_PROCESS_SHARDS = 2_000  # from this many tiny shards, the lane's replicas run in child processes
 JOIN_SECONDS = 120.0  # how long a refused run waits for a start in flight (a connection, `ray.init`) to end
 
 
@@ -112,6 +113,24 @@ def lane_on_numpy(rows: int, shards: int, batch_rows: int) -> bool:
     from pipelines.lane import LANE_MAX_ROWS
 
     return rows <= LANE_MAX_ROWS or rows < shards * batch_rows
+
+
+def lane_processes(cpus: float, rows: int, shards: int, batch_rows: int) -> int:
+    """How many child processes run the lane's replicas (`pipelines.lane_processes`), one per CPU; 0: its one
+    replica runs in the driver process. Children for a run of at least `LANE_PROCESS_SHARDS` shards of less
+    than a forward batch on average (tiny files): each shard is mostly Python, so one interpreter's lock
+    bounds the lane at about one core (two work threads in the driver gave nothing: 661 against 670
+    shards/s), while a child starts in ~0.3 s (Ray's replicas: 5-10 s, and Ray's memory in the driver).
+    A small job and a few big files keep the replica in the driver (no start at all; a big file's
+    decode and forward already use every core on one replica).
+
+    Example:
+        >>> lane_processes(2.0, 1_000_000, 10_000, 65_536), lane_processes(2.0, 500, 5, 65_536)
+        (2, 0)
+    """
+    if int(cpus) < 2 or shards < LANE_PROCESS_SHARDS or rows >= shards * batch_rows:
+        return 0
+    return int(cpus)
 
 
 class Startup:
