@@ -21,6 +21,7 @@ import pipelines
 import pipelines.lane
 import pipelines.startup
 from pipelines.commit import SUCCESS
+from pipelines.commit.recorder import Recorder
 from basis.errors import ResourceError
 from pipelines.lock import LOCK
 
@@ -122,7 +123,12 @@ def test_many_tiny_files_run_on_one_child_replica_per_cpu_each_row_once(tmp_path
     monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 20)  # what 2,000 files do, on 40
     model = save_mlp(tmp_path / "m.pt", [8, 16, 1])
     write_files(tmp_path / "in", [25] * 40, features=8, row_group_size=100)
-    job = {"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "progress": False}
+    job = {"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+           "progress": False}
+    entries: list[dict] = []  # what the run keeps of each shard until its next checkpoint
+    committed = Recorder.committed
+    monkeypatch.setattr(Recorder, "committed", lambda self, entry, *rest: (entries.append(entry),
+                                                                            committed(self, entry, *rest))[1])
     report = pipelines.run(**job)
     assert report.status == "succeeded" and report.complete and report.rows_out == 1000, report.to_dict()
     lanes = report.replicas
@@ -130,6 +136,8 @@ def test_many_tiny_files_run_on_one_child_replica_per_cpu_each_row_once(tmp_path
     assert sum(r["shards"] for r in lanes) == 40 and all(r["shards"] > 0 for r in lanes)  # both children worked
     assert report.cpus_per_replica == 1.0
     assert not _lane_children()
+    # Memory: an entry unpickled from a child holds no copies of its ~20 keys (1.5 KiB of objects per entry)
+    assert len(entries) == 40 and len({id(key) for entry in entries for key in entry}) == len(entries[0])
     assert cli("verify", str(tmp_path / "out"), "--sample", "40", "--checksums").returncode == 0
     out = read_output(tmp_path / "out").sort_by("id")
     assert out["id"].to_pylist() == list(range(1000))  # each row once
