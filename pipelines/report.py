@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import sys
@@ -145,19 +146,20 @@ def write_timeline(path: str, spans: list[tuple[Any, ...]]) -> None:
     names = RunResults._SPAN
     at = {name: names.index(name) for name in names}
     origin = min((span[at["started"]] for span in spans), default=0.0)
-    parts = []
-    for span in spans:
+    out = io.BytesIO()
+    out.write(b'{"traceEvents":[')
+    for n, span in enumerate(spans):
         started, finished = span[at["started"]], span[at["finished"]]
-        parts.append(json.dumps(
+        out.write((b"," if n else b"") + json.dumps(
             {"name": span[at["id"]], "cat": span[at["status"]], "ph": "X", "pid": 0, "tid": span[at["replica"]],
              "ts": round((started - origin) * 1e6), "dur": round((finished - started) * 1e6),
              "args": {"rows_in": span[at["rows_in"]], "rows_out": span[at["rows_out"]], "error": span[at["error"]],
-                      "call": span[at["call"]]}}))
-    parts += [json.dumps({"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": f"replica {t}"}})
-              for t in sorted({span[at["replica"]] for span in spans})]
-    data = ('{"traceEvents":[' + ",".join(parts) + "]}").encode()
-    del parts
+                      "call": span[at["call"]]}}).encode())
+    for t in sorted({span[at["replica"]] for span in spans}):
+        out.write((b"," if out.tell() > 16 else b"") + json.dumps(
+            {"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": f"replica {t}"}}).encode())
+    out.write(b"]}")
     from basis.storage import resolve, write_bytes_atomic
 
     location = resolve(path)
-    write_bytes_atomic(location.fs, location.path, data)
+    write_bytes_atomic(location.fs, location.path, out.getbuffer())  # type: ignore[arg-type] # a buffer will do

@@ -180,6 +180,10 @@ class Recorder:
 
     def finish(self) -> bool:
         """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
+        with planning_memory():  # as `checkpoint`: its Arrow buffers from jemalloc, released after
+            return self._finish()
+
+    def _finish(self) -> bool:
         self._settle_unconfirmed()
         self._retire(self._not_current())
         planned = self._planned_complete()
