@@ -10,7 +10,10 @@ Each shard is committed exactly as a Ray replica commits it (journal record,
 then publish), so resume, exactly-once and `verify` do not depend on which ran
 it; the report lists the lane as one replica on node `driver`. Small shards
 go to it in bundles as they go to Ray replicas (`pipelines.bundle`): one
-thread per bundle, a result per shard. An fp32 model of a run of at most
+thread per bundle, a result per shard. A run of many tiny shards
+(`pipelines.startup.lane_processes`) runs on one child replica process per
+CPU instead (`pipelines.lane_processes`), each fed by a thread of the driver
+with the same clock, retries and records. An fp32 model of a run of at most
 `LANE_MAX_ROWS` rows runs on numpy there (`workers.cpu_forward`): `import
 torch` alone would be most of a small job's time (1.3-1.7 s of ~2 s); a
 longer run loads torch while its first shard decodes (6.4M data-bound rows:

@@ -19,7 +19,9 @@ Two decisions, made before anything is written:
   2M rows 4.36 s in a 2-core lane against 9.27 s with Ray's two replicas, 8M
   rows 11.15 s against 15.25 s. On more CPUs than that, where one process's
   torch threads and Python loop would have to feed every core, a long run of
-  such a model still starts Ray (not measured here: no such machine).
+  such a model still starts Ray (not measured here: no such machine). A lane
+  run of many tiny shards has its replica's work done by one child process
+  per CPU (`lane_processes`), still without Ray.
 - **Ray started while the driver plans** (`Startup`). A run that will use Ray
   (a cluster address or `RAY_ADDRESS`, a Ray session in this process, GPUs, or
   an exact `replicas` count) connects and creates its replicas on a thread of
