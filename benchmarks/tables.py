@@ -7,7 +7,7 @@ input reads no Parquet footer (under 10 s at 100,000 files).
 Per N, each step its own ``python -m pipelines run --json`` process with the
 product's defaults (no ``RAY_ADDRESS``; ``replicas`` and ``cpus_per_replica``
 ``auto``: on a machine of up to 4 CPUs the run is done in the driver lane with
-every core, elsewhere on a fresh embedded Ray; ``--set`` changes that, e.g.
+every core (many tiny files: on a child replica process per CPU), elsewhere on a fresh embedded Ray; ``--set`` changes that, e.g.
 ``--set replicas=2 --set cpus_per_replica=1`` for two Ray replicas), from the
 repository root:
 
@@ -336,7 +336,11 @@ def _expect(problems: list[str], step: str, report: dict[str, Any], *, done: int
 def _path(report: dict[str, Any]) -> str:
     """Where the full run's shards ran: the driver lane, or how many Ray replicas."""
     nodes = [r.get("node") for r in report.get("replicas", [])]
-    return "driver lane" if nodes == ["driver"] else f"{len(nodes)} Ray replica(s)"
+    if nodes == ["driver"]:
+        return "driver lane"
+    if nodes and all(node == "driver" for node in nodes):
+        return f"driver lane, {len(nodes)} child replica processes"
+    return f"{len(nodes)} Ray replica(s)"
 
 
 def _brief(report: dict[str, Any]) -> dict[str, Any]:

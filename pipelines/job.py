@@ -194,7 +194,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
                             kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.lane import run_in_driver
-        from pipelines.startup import lane_on_numpy, lane_resources
+        from pipelines.startup import lane_on_numpy, lane_processes, lane_resources
         from workers.replica import ReplicaJob, default_batch_size
 
         runnable = [s for s in p.todo if s.error is None]
@@ -254,15 +254,17 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
             local = None if startup.started else lane_resources(cfg, rows, len(runnable), p.model.layers)
             try:
                 if local is not None:
-                    job = dataclasses.replace(job, cpus=local.num_cpus)
-                    chosen[:] = [local.num_cpus, 0.0]
-                    logger.info("running %d shard(s) in the driver process: %d row(s) need no Ray started",
-                                len(runnable), rows)
-                    begin()
                     batch_rows = cfg.batch_size or default_batch_size(p.columns.width, on_gpu=False)
+                    processes = lane_processes(local.num_cpus, rows, len(runnable), batch_rows)
+                    job = dataclasses.replace(job, cpus=1.0 if processes else local.num_cpus)
+                    chosen[:] = [job.cpus, 0.0]
+                    logger.info("running %d shard(s) in the driver process%s: %d row(s) need no Ray started",
+                                len(runnable), f" and {processes} of its children" if processes else "", rows)
+                    begin()
                     replicas = run_in_driver(job, runnable, on_result, max_attempts=cfg.max_attempts,
                                              shard_timeout=cfg.shard_timeout, bundle_rows=bundle_rows,
-                                             numpy_forward=lane_on_numpy(rows, len(runnable), batch_rows))
+                                             numpy_forward=lane_on_numpy(rows, len(runnable), batch_rows),
+                                             processes=processes)
                 else:
                     replicas, waited = _run_on_ray(cfg, p, job, startup, runnable, on_result, begin, metrics, chosen,
                                                    bundle_rows)

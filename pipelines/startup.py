@@ -19,7 +19,9 @@ Two decisions, made before anything is written:
   2M rows 4.36 s in a 2-core lane against 9.27 s with Ray's two replicas, 8M
   rows 11.15 s against 15.25 s. On more CPUs than that, where one process's
   torch threads and Python loop would have to feed every core, a long run of
-  such a model still starts Ray (not measured here: no such machine).
+  such a model still starts Ray (not measured here: no such machine). A lane
+  run of many tiny shards has its replica's work done by one child process
+  per CPU (`lane_processes`), still without Ray.
 - **Ray started while the driver plans** (`Startup`). A run that will use Ray
   (a cluster address or `RAY_ADDRESS`, a Ray session in this process, GPUs, or
   an exact `replicas` count) connects and creates its replicas on a thread of
@@ -50,6 +52,7 @@ from basis.storage import absolute
 logger = logging.getLogger(__name__)
 
 LANE_ALL_CPUS = 4.0  # up to this many CPUs, one in-process replica of every core does what Ray's would (module doc)
+LANE_PROCESS_SHARDS = 2_000  # from this many tiny shards, the lane's replicas run in child processes
 JOIN_SECONDS = 120.0  # how long a refused run waits for a start in flight (a connection, `ray.init`) to end
 
 
@@ -112,6 +115,24 @@ def lane_on_numpy(rows: int, shards: int, batch_rows: int) -> bool:
     from pipelines.lane import LANE_MAX_ROWS
 
     return rows <= LANE_MAX_ROWS or rows < shards * batch_rows
+
+
+def lane_processes(cpus: float, rows: int, shards: int, batch_rows: int) -> int:
+    """How many child processes run the lane's replicas (`pipelines.lane_processes`), one per CPU; 0: its one
+    replica runs in the driver process. Children for a run of at least `LANE_PROCESS_SHARDS` shards of less
+    than a forward batch on average (tiny files): each shard is mostly Python, so one interpreter's lock
+    bounds the lane at about one core (two work threads in the driver gave nothing: 661 against 670
+    shards/s), while a child starts in ~0.3 s (Ray's replicas: 5-10 s, and Ray's memory in the driver).
+    A small job and a few big files keep the replica in the driver (no start at all; a big file's
+    decode and forward already use every core on one replica).
+
+    Example:
+        >>> lane_processes(2.0, 1_000_000, 10_000, 65_536), lane_processes(2.0, 500, 5, 65_536)
+        (2, 0)
+    """
+    if int(cpus) < 2 or shards < LANE_PROCESS_SHARDS or rows >= shards * batch_rows:
+        return 0
+    return int(cpus)
 
 
 class Startup:

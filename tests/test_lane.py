@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -18,7 +19,9 @@ from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtu
 
 import pipelines
 import pipelines.lane
+import pipelines.startup
 from pipelines.commit import SUCCESS
+from pipelines.commit.recorder import Recorder
 from basis.errors import ResourceError
 from pipelines.lock import LOCK
 
@@ -112,17 +115,74 @@ def test_a_small_run_in_bf16_takes_torch_in_the_lane(tmp_path: Path) -> None:
     np.testing.assert_allclose(out["prediction"].to_numpy(), reference(model, features)[:, 0], rtol=3e-2, atol=1e-2)
 
 
+def test_many_tiny_files_run_on_one_child_replica_per_cpu_each_row_once(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15, item 4: a run of many tiny shards is bound by one interpreter's lock in the driver; it
+    runs on a child process per CPU instead (`pipelines.lane_processes`), each committing its shards as
+    any replica does; the driver records each result once, and no child outlives the run."""
+    monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 20)  # what 2,000 files do, on 40
+    model = save_mlp(tmp_path / "m.pt", [8, 16, 1])
+    write_files(tmp_path / "in", [25] * 40, features=8, row_group_size=100)
+    job = {"model": str(tmp_path / "m.pt"), "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+           "progress": False}
+    entries: list[dict] = []  # what the run keeps of each shard until its next checkpoint
+    committed = Recorder.committed
+    monkeypatch.setattr(Recorder, "committed", lambda self, entry, *rest: (entries.append(entry),
+                                                                            committed(self, entry, *rest))[1])
+    report = pipelines.run(**job)
+    assert report.status == "succeeded" and report.complete and report.rows_out == 1000, report.to_dict()
+    lanes = report.replicas
+    assert [(r["node"], r["ended"]) for r in lanes] == [("driver", "finished")] * 2, lanes
+    assert sum(r["shards"] for r in lanes) == 40 and all(r["shards"] > 0 for r in lanes)  # both children worked
+    assert report.cpus_per_replica == 1.0
+    assert not _lane_children()
+    # Memory: an entry unpickled from a child holds no copies of its ~20 keys (1.5 KiB of objects per entry)
+    assert len(entries) == 40 and len({id(key) for entry in entries for key in entry}) == len(entries[0])
+    assert cli("verify", str(tmp_path / "out"), "--sample", "40", "--checksums").returncode == 0
+    out = read_output(tmp_path / "out").sort_by("id")
+    assert out["id"].to_pylist() == list(range(1000))  # each row once
+    inputs = pq.read_table(tmp_path / "in").sort_by("id")
+    features = np.stack([inputs[f"f{j:02d}"].to_numpy() for j in range(8)], axis=1)
+    np.testing.assert_allclose(out["prediction"].to_numpy(), reference(model, features)[:, 0], rtol=1e-5, atol=1e-6)
+
+    write_files(tmp_path / "more", [25] * 3, features=8, row_group_size=100, start=1000, seed=3)
+    for index, path in enumerate(sorted((tmp_path / "more").iterdir())):
+        path.rename(tmp_path / "in" / f"part-{100 + index:04d}.parquet")
+    again = pipelines.run(**job)  # three new files: below the children's threshold, in the driver
+    assert (again.shards_done, again.shards_skipped) == (3, 40)
+    assert [r["node"] for r in again.replicas] == ["driver"]  # one replica, in the driver
+    assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(1075))
+
+
+def _lane_children() -> list[int]:
+    """This process's child replicas (`workers.lane_child`) still alive."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"workers.lane_child" in (entry / "cmdline").read_bytes():
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def _lane_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("batch-infer-lane-")]
 
 
+@pytest.mark.parametrize("children", [False, True], ids=["in-driver", "child-processes"])
 def test_a_read_that_hangs_in_the_lane_costs_its_shard_after_shard_timeout(
-    tmp_path: Path, s3: FaultProxy, s3_server: S3Server, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, s3: FaultProxy, s3_server: S3Server, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, children: bool,
 ) -> None:
     """Issue 12, item 9: a stuck read (here a real S3 endpoint that never answers the row group's
     GETs, as a hung mount or store does) hung the driver lane for good, lock held. Now the shard is
     retried on a fresh replica after `shard_timeout`, then fails; the run ends (exit 1) with its
-    report, and the abandoned attempts never commit, even once the read comes back."""
+    report, and the abandoned attempts never commit, even once the read comes back. The same with
+    the lane's replicas in child processes (many tiny shards): a stalled child is killed."""
+    if children:
+        monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 2)  # two tiny files: two child replicas
     model = tmp_path / "m.pt"
     save_mlp(model, [4, 8, 1])
     for index, start in enumerate((0, 300)):
@@ -143,7 +203,10 @@ def test_a_read_that_hangs_in_the_lane_costs_its_shard_after_shard_timeout(
     assert "shard_timeout" in report.errors[0]["error"]
     assert took < 120, took  # two 2-second timeouts and one quick shard, on a loaded machine
     assert not (out / LOCK).exists() and not (out / SUCCESS).exists()
-    assert [r["ended"].split(":")[0] for r in report.replicas] == ["lost", "lost", "finished"]
+    ended = [r["ended"].split(":")[0] for r in report.replicas]
+    assert sorted(ended) == (["finished", "finished", "lost", "lost"] if children else ["finished", "lost", "lost"])
+    assert all(r["node"] == "driver" for r in report.replicas)
+    assert not _lane_children()
     assert any("stalled on shard" in r.getMessage() for r in caplog.records)
     assert read_output(out)["id"].to_pylist() == list(range(300, 600))
     before = output_files(out)

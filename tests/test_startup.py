@@ -18,7 +18,7 @@ import pipelines.lane
 from basis.errors import InputError
 from pipelines.cluster import ClusterView, Node
 from pipelines.config import JobConfig
-from pipelines.startup import lane_on_numpy, lane_resources
+from pipelines.startup import LANE_PROCESS_SHARDS, lane_on_numpy, lane_processes, lane_resources
 
 DATA_BOUND = ((64, 16, True), (16, 1, True))  # the benchmark's data-bound model: the forward is a small share
 COMPUTE_BOUND = ((64, 256, True), (256, 256, True), (256, 1, True))
@@ -70,6 +70,20 @@ def test_a_run_above_the_small_job_runs_in_the_lane_on_torch_when_ray_would_run_
     assert "running 3 shard(s) in the driver process" in caplog.text
     assert "model loaded on" in caplog.text and "(cpu, numpy)" not in caplog.text  # torch: a long run
     assert read_output(tmp_path / "out")["id"].to_pylist() == list(range(600))
+
+
+def test_many_tiny_shards_take_a_child_replica_per_cpu_and_small_or_big_runs_keep_it_in_the_driver() -> None:
+    """Issue 15, item 4: on 2 CPUs a run of many 100-row files used one core (one interpreter's lock) unless
+    the user passed `--cpus-per-replica 1` for Ray's two replicas; now the lane runs such a run on a child
+    process per CPU, and keeps its one replica in the driver for a small job and for big files."""
+    tiny = LANE_PROCESS_SHARDS
+    assert lane_processes(2.0, tiny * 100, tiny, 65_536) == 2  # tiny files from the threshold on: every CPU
+    assert lane_processes(4.0, 100_000 * 100, 100_000, 65_536) == 4
+    assert lane_processes(2.0, (tiny - 1) * 100, tiny - 1, 65_536) == 0  # a few thousand files: no start
+    assert lane_processes(2.0, 500, 5, 65_536) == 0  # the small job
+    assert lane_processes(2.0, 32_000_000, 16, 65_536) == 0  # big files: one replica decodes on every core
+    assert lane_processes(2.0, tiny * 70_000, tiny, 65_536) == 0  # shards of full forward batches
+    assert lane_processes(1.0, 100_000 * 100, 100_000, 65_536) == 0  # one CPU: nothing to gain
 
 
 @pytest.fixture

@@ -1,0 +1,129 @@
+"""The driver lane's replicas in processes of their own, for runs of many tiny shards (`workers.lane_child`).
+
+The lane's replica in the driver process shares one interpreter lock with the
+driver's own work (recording each commit): a run of 100-row files is bound by
+it, so a second work thread gives nothing (10,000 files, busy 2-core box: 661
+against 670 shards/s, 1.58 against 1.53 ms of CPU per file). Ray's replicas are
+separate interpreters but take ~5-10 s to start and hold Ray's memory in the
+driver. So for many tiny shards (`pipelines.startup.lane_processes`) the lane
+starts one child process per CPU (a Python that imports pyarrow and numpy:
+~0.3 s), each a `Replica` that commits its shards as every replica does; the
+driver keeps the clock, the retries and the records, as for its own replica.
+
+`ProcessReplica` stands for a child where `pipelines.lane` holds a `Replica`:
+`process_bundle` yields the shards' results as the child sends them,
+`abandon` kills the child (a stalled shard can never commit after it), `close`
+ends it and keeps its counters for the report.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from workers.replica import ReplicaJob, State
+
+
+class ReplicaStartError(RuntimeError):
+    """A child replica did not start (its imports failed, or it never answered)."""
+
+_CLOSE_SECONDS = 30.0  # how long `close` waits for a child's last counters
+START_SECONDS = 120.0  # how long a child may take to import what it needs (a busy machine: seconds)
+
+
+class ProcessReplica:
+    """A lane replica in a child process (module doc); the parts of `workers.replica.Replica` the lane uses."""
+
+    def __init__(self, index: int, job: ReplicaJob, *, numpy_forward: bool) -> None:
+        self.index = index
+        mine, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH"))))}
+        # Started from the caller's thread: the child dies when that thread ends (PR_SET_PDEATHSIG), so the lane
+        # starts its replicas from the thread that runs it to the end (`pipelines.lane.run_in_driver`).
+        self.process = subprocess.Popen([sys.executable, "-m", "workers.lane_child", str(theirs.fileno()),
+                                         str(os.getpid())], pass_fds=(theirs.fileno(),), env=env,
+                                        stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(mine.detach())
+        self.conn.send(("start", index, job, numpy_forward))
+        self.state = State.READY
+        self._stats: dict[str, Any] = {"node": "driver", "device": "cpu", "pid": self.process.pid, "shards": 0,
+                                       "rows": 0, "busy_seconds": 0.0, "peak_rss_bytes": 0}
+        self._lock = threading.Lock()  # one bundle at a time; `close` waits for it
+        self._ready = False
+
+    def wait_ready(self) -> None:
+        """Waits for the child's imports (not a shard's time: the lane's clock starts after this); raises
+        `ReplicaStartError` when it did not start within `START_SECONDS`."""
+        if self._ready:
+            return
+        try:
+            if self.conn.poll(START_SECONDS) and self.conn.recv() == ("ready",):
+                self._ready = True
+                return
+        except (EOFError, OSError):
+            pass
+        code = self.process.poll()
+        raise ReplicaStartError(f"the driver lane's child replica {self.index} (pid {self.process.pid}) did not "
+                                f"start within {START_SECONDS:g} s" + (f" (exit {code})" if code is not None else ""))
+
+    def process_bundle(self, tasks: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """The child's results for `tasks`, a list at a time; raises what the bundle raised there
+        (`EOFError` or `OSError` when the child is gone: it was abandoned, or it died)."""
+        with self._lock:
+            self.conn.send(("bundle", tasks))
+            while True:
+                message = self.conn.recv()
+                if message[0] == "results":
+                    yield message[1]
+                    continue
+                self._stats = message[-1]
+                if message[0] == "error":
+                    raise message[1]
+                return
+
+    def stats(self) -> dict[str, Any]:
+        """The child's counters as it last sent them (after each bundle, and when it closed)."""
+        return dict(self._stats)
+
+    def close(self) -> None:
+        """Ends the child after its bundle in hand, keeping its last counters."""
+        if self.state is not State.READY:
+            return
+        self.state = State.CLOSED
+        if self._lock.acquire(timeout=_CLOSE_SECONDS):
+            try:
+                self.conn.send(("close",))
+                while self.conn.poll(_CLOSE_SECONDS):
+                    message = self.conn.recv()  # ("ready",) first if it never ran a bundle
+                    if message[0] == "closed":
+                        self._stats = message[1]
+                        break
+            except (EOFError, OSError):
+                pass
+            finally:
+                self._lock.release()
+        self._end()
+
+    def abandon(self) -> None:
+        """Given up (it stalled, or the run was interrupted): the child is killed, so the shard in hand never
+        commits (a shard killed between its journal record and its publish is as on a Ray replica)."""
+        self.state = State.CLOSED
+        self._end(close=False)  # a thread may be reading from it: it meets the end of the stream
+
+    def _end(self, close: bool = True) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if close:
+            self.conn.close()
+
+
+_ROOT = str(Path(__file__).resolve().parent.parent)  # where `workers` is, for the child's imports
