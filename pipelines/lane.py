@@ -33,8 +33,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.attempts import STALLED, STORAGE, attempts_error, default_timeout
+from pipelines.attempts import DIED, STALLED, STORAGE, attempts_error, default_timeout
 from pipelines.bundle import BUNDLE_SHARDS, share, take
+from pipelines.lane_processes import ProcessReplica, ReplicaDied
 from basis.errors import StorageError
 from pipelines.plan import DEFAULT_SHARD_ROWS, Shard
 from workers.replica import Replica, ReplicaJob, State
@@ -192,8 +193,6 @@ class _Lane:
     def _fresh(self, before: Any = None) -> Any:
         """A new replica: in this process (taking `before`'s storage clients), or in a child process."""
         if self.processes:
-            from pipelines.lane_processes import ProcessReplica
-
             return ProcessReplica(self.index, self.job, numpy_forward=self.numpy_forward)
         storage = (before.source, before.output) if before is not None else None
         return Replica(self.index, self.job, in_driver=True, numpy_forward=self.numpy_forward, storage=storage)
@@ -204,9 +203,9 @@ class _Lane:
     def run(self, bundle: list[Shard], pending: collections.deque[Shard],
             on_result: Callable[[Shard, dict[str, Any]], None]) -> str:
         """One bundle on a thread of its own, each shard's result handed to `on_result` as it comes. A shard
-        that stalls or meets a storage error ends the bundle: it goes back to the front of `pending` (or
-        fails past `max_attempts`), and the shards after it too, uncharged. Returns the error that stops
-        the lane ("" when it goes on)."""
+        that stalls, meets a storage error or loses its child process ends the bundle: it goes back to the
+        front of `pending` (or fails past `max_attempts`), and the shards after it too, uncharged. Returns
+        the error that stops the lane ("" when it goes on)."""
         results: queue.SimpleQueue[tuple[dict[str, Any], BaseException | None]] = queue.SimpleQueue()
         replica, tasks = self.replica, [shard.to_task() for shard in bundle]
         if self.processes:
@@ -242,6 +241,13 @@ class _Lane:
                 self.abandon(f"{STALLED}: {reason}")
                 self.replica = self._fresh(self.replica)
                 self._again(bundle[position:], pending, on_result, STALLED, reason)
+                return ""
+            if isinstance(error, ReplicaDied):  # a child killed: as a dead Ray replica, a fresh one retries
+                logger.warning("driver lane: %s; shard %s is retried on a fresh one%s", error, shard.id,
+                               "" if attempts < self.max_attempts else " (no: it has had max_attempts)")
+                self.abandon(f"{DIED}: {error}")
+                self.replica = self._fresh(self.replica)
+                self._again(bundle[position:], pending, on_result, DIED, f"{error}")
                 return ""
             if isinstance(error, StorageError):  # transient storage: retried like on a Ray replica
                 logger.warning("driver: storage error on shard %s (attempt %d): %s", shard.id, attempts, error)

@@ -34,6 +34,10 @@ from workers.replica import ReplicaJob, State
 class ReplicaStartError(RuntimeError):
     """A child replica did not start (its imports failed, or it never answered)."""
 
+
+class ReplicaDied(RuntimeError):
+    """A child replica's process ended in the middle of a bundle (killed: the OOM killer, a signal)."""
+
 _CLOSE_SECONDS = 30.0  # how long `close` waits for a child's last counters
 START_SECONDS = 120.0  # how long a child may take to import what it needs (a busy machine: seconds)
 
@@ -78,9 +82,15 @@ class ProcessReplica:
         """The child's results for `tasks`, a list at a time; raises what the bundle raised there
         (`EOFError` or `OSError` when the child is gone: it was abandoned, or it died)."""
         with self._lock:
-            self.conn.send(("bundle", tasks))
+            try:
+                self.conn.send(("bundle", tasks))
+            except OSError as exc:
+                raise self._died() from exc
             while True:
-                message = self.conn.recv()
+                try:
+                    message = self.conn.recv()
+                except (EOFError, OSError) as exc:
+                    raise self._died() from exc
                 if message[0] == "results":
                     yield message[1]
                     continue
@@ -88,6 +98,15 @@ class ProcessReplica:
                 if message[0] == "error":
                     raise message[1]
                 return
+
+    def _died(self) -> ReplicaDied:
+        try:
+            code: int | None = self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = "still running" if code is None else f"killed by signal {-code}" if code < 0 else f"exit {code}"
+        return ReplicaDied(f"the driver lane's child replica {self.index} (pid {self.process.pid}) ended in the "
+                           f"middle of a bundle ({how})")
 
     def stats(self) -> dict[str, Any]:
         """The child's counters as it last sent them (after each bundle, and when it closed)."""

@@ -154,6 +154,42 @@ def test_many_tiny_files_run_on_one_child_replica_per_cpu_each_row_once(tmp_path
     assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(1075))
 
 
+def test_a_child_replica_that_dies_costs_only_its_shard_which_a_fresh_child_retries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SPEC: a replica that dies costs at most the shards it held, retried elsewhere. A child killed (as the
+    OOM killer would) after the run's 5th commit: a fresh child takes its shard and the ones after it; the run
+    succeeds, each row once; the report lists the lost child."""
+    import signal
+
+    monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 20)
+    save_mlp(tmp_path / "m.pt", [8, 16, 1])
+    write_files(tmp_path / "in", [25] * 40, features=8, row_group_size=100)
+    killed: list[int] = []
+    recorded = [0]
+    committed = Recorder.committed
+
+    def kill_a_child_once(self: Recorder, entry: dict, *rest: object) -> object:
+        done = committed(self, entry, *rest)
+        recorded[0] += 1
+        if recorded[0] == 5 and not killed:
+            children = _lane_children()
+            assert children, "no child replica to kill"
+            os.kill(children[0], signal.SIGKILL)
+            killed.append(children[0])
+        return done
+
+    monkeypatch.setattr(Recorder, "committed", kill_a_child_once)
+    report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                           progress=False)
+    assert killed
+    assert report.status == "succeeded" and report.complete and report.rows_out == 1000, report.to_dict()
+    ended = [r["ended"] for r in report.replicas]
+    assert sum(e.startswith("lost: replica died") for e in ended) == 1 and ended.count("finished") == 2, ended
+    assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(1000))  # each row once
+    assert cli("verify", str(tmp_path / "out"), "--sample", "40", "--checksums").returncode == 0
+    assert not _lane_children()
+
+
 def _lane_children() -> list[int]:
     """This process's child replicas (`workers.lane_child`) still alive."""
     found = []
