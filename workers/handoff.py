@@ -1,4 +1,4 @@
-"""Batches a decoding thread offers to the others once its row group is decoded (`workers.reader.decode`).
+"""Batches a decoding thread offers to the others once its row group is decoded (`workers.decode.decode`).
 
 A shard's row groups are dealt round-robin to its decoding threads, and each thread stacks and predicts
 its own row group's batches. In a shard's last row group one thread did that alone while the other had
@@ -53,7 +53,7 @@ class Offers:
 
     The owner claims its own from the front, in order; a thief takes from the back of another's. A thief
     takes one only when `ready()` gives it what it needs right away (a free stacking buffer): it never
-    waits while holding a slot, so the owner's guarantees (`workers.reader._Buffers`) are unchanged, and
+    waits while holding a slot, so the owner's guarantees (`workers.decode._Buffers`) are unchanged, and
     the consumer's wait on a stolen slot always ends.
     """
 

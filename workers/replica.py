@@ -31,8 +31,9 @@ from basis.masks import decode as decode_mask
 from basis.record import CommitLog
 from basis.storage import Location, resolve, unique_suffix
 from workers.categorical import category_codes, merge_invalid
+from workers.decode import decode
 from workers.modelfile import forward_share
-from workers.reader import Spares, decode, describe_invalid, open_parquet
+from workers.reader import Spares, describe_invalid, open_parquet
 from workers.staging import commit_in_order
 from workers.threads import cores
 from workers.writer import Background, ShardWriter, output_schema, prediction_array, prediction_type
