@@ -263,16 +263,19 @@ class Histories(RuleBasedStateMachine):
             assert all(n in self.broken for n in self.tables if n.startswith("sub/")), refused.value
         assert _files(self.root / "out") == before
 
-    @rule(commits=st.integers(0, 6), overwrite=st.booleans(), checkpoints=st.booleans())
-    def kill_the_driver(self, commits: int, overwrite: bool, checkpoints: bool) -> None:
+    @rule(commits=st.integers(0, 6), overwrite=st.booleans(), checkpoints=st.booleans(),
+          where=st.sampled_from(["ray", "lane children", "a lane child"]))
+    def kill_the_driver(self, commits: int, overwrite: bool, checkpoints: bool, where: str) -> None:
         """SIGKILL `batch-infer run` once `commits` shard records are in the journal (or it ended); with
         `checkpoints`, the run checkpoints its journal into the manifest after every record, and is killed
-        once it wrote one or two mid-run roots."""
+        once it wrote one or two mid-run roots. `where` the run's replicas are: two Ray replicas, or the
+        driver lane's child processes (`pipelines.lane_processes`, bundle journal files); "a lane child":
+        one of those children is killed instead of the driver, which goes on (a fresh child retries)."""
         model, activation = self.job
+        replicas = ["--replicas", "2", "--cpus-per-replica", "0.5", "--batch-size", "32"] if where == "ray" else []
         args = ["run", "--model", str(self.root / f"{model}.pt"), "--input", str(self.root / "in"), "--output",
-                str(self.root / "out"), "--shard-rows", str(self.shard_rows), "--replicas", "2",
-                "--cpus-per-replica", "0.5", "--batch-size", "32", "--output-activation", activation,
-                *(["--overwrite"] if overwrite else [])]
+                str(self.root / "out"), "--shard-rows", str(self.shard_rows), *replicas,
+                "--output-activation", activation, *(["--overwrite"] if overwrite else [])]
 
         def records() -> set[str]:
             return record_ids(self.root / "out")
@@ -287,9 +290,11 @@ class Histories(RuleBasedStateMachine):
             return text != before and "journal_folded" in json.loads(text or "{}")
 
         earlier, before = records(), root()
-        command = (["-c", "import sys; from pipelines.commit import recorder; recorder.CHECKPOINT_RECORDS = 1; "
-                          "from pipelines.cli import entry; sys.argv[0] = 'batch-infer'; entry()"]
-                   if checkpoints else ["-m", "pipelines"])
+        patches = ["from pipelines.commit import recorder; recorder.CHECKPOINT_RECORDS = 1"] if checkpoints else []
+        if where != "ray":  # the children's path for any number of shards (it takes 2,000 by default)
+            patches.append("import pipelines.startup; pipelines.startup.LANE_PROCESS_SHARDS = 1")
+        command = (["-c", "; ".join(["import sys", *patches, "from pipelines.cli import entry",
+                                     "sys.argv[0] = 'batch-infer'", "entry()"])] if patches else ["-m", "pipelines"])
         process = subprocess.Popen([sys.executable, *command, *args], cwd=REPO, start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -307,11 +312,18 @@ class Histories(RuleBasedStateMachine):
                 break
             time.sleep(0.01)
         folded = bool(roots)
+        if where == "a lane child" and process.poll() is None:
+            children = _lane_children(process.pid)
+            if children:
+                os.kill(children[0], signal.SIGKILL)
+                if process.wait(timeout=120) not in (0, 1):  # 1: a broken input's shard failed
+                    raise AssertionError(f"a lane child killed: the run exited {process.returncode}")
         ended = process.poll()
         # its header is recorded before any commit (and before any checkpoint)
         began = ended in (0, 1) or bool(seen | (records() - earlier)) or folded
         if TRACE:
-            print(f"driver (overwrite={overwrite}, checkpoints={checkpoints}, checkpointed={folded}) killed after "
+            print(f"driver ({where}, overwrite={overwrite}, checkpoints={checkpoints}, checkpointed={folded}) "
+                  f"{'a child' if where == 'a lane child' else ''} killed after "
                   f">= {commits} commit record(s): exit {ended}, "
                   f"began {began}", flush=True)
         _kill_group(process)
@@ -424,6 +436,19 @@ class Histories(RuleBasedStateMachine):
             assert report.problems and all(FOREIGN in p for p in report.problems), report.problems
         else:
             assert report.ok, report.problems
+
+
+def _lane_children(driver: int) -> list[int]:
+    """The lane's child replica processes (`workers.lane_child`) of the `batch-infer run` with pid `driver`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"workers.lane_child" in (entry / "cmdline").read_bytes():
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == driver:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def _files(root: Path) -> dict[str, int]:
