@@ -19,11 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import posixpath
 from collections.abc import Mapping
 from typing import Any
 
-from basis.storage import Location, unique_suffix, write_bytes_atomic
+from basis.storage import Location, open_new_local, unique_suffix, write_all, write_bytes_atomic
 
 JOURNAL_DIR = "_journal"
 SEALED = "sealed"  # the key of a bundle file's last line: no record follows
@@ -72,29 +71,14 @@ class CommitLog:
             return
         line = memoryview((json.dumps(_record(self.generation, token, entry, job)) + "\n").encode())
         if self._fd is None:
-            self._open()
-        fd = self._fd
-        assert fd is not None
+            self.path = bundle_path(self.output, self.generation, unique_suffix())
+            self._fd, self.records = open_new_local(self.path, append=True), 0
         try:
-            written = 0
-            while written < line.nbytes:
-                written += os.write(fd, line[written:])
-        except BaseException as exc:
+            write_all(self._fd, line, self.path or "")
+        except BaseException:
             self._drop()  # a part of the line may be there: this file takes no more records
-            if isinstance(exc, OSError) and exc.errno and not exc.filename:  # no space, read-only, ...: say where
-                raise OSError(exc.errno, os.strerror(exc.errno), self.path) from exc
             raise
         self.records += 1
-
-    def _open(self) -> None:
-        self.path = bundle_path(self.output, self.generation, unique_suffix())
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        try:
-            self._fd = os.open(self.path, flags, 0o666)
-        except FileNotFoundError:
-            os.makedirs(posixpath.dirname(self.path), exist_ok=True)
-            self._fd = os.open(self.path, flags, 0o666)
-        self.records = 0
 
     def _drop(self) -> None:
         fd, self._fd = self._fd, None

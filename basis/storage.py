@@ -660,30 +660,47 @@ def atomic_sink(fs: pafs.FileSystem, path: str) -> Iterator[pa.NativeFile]:
         raise
 
 
-def _write_new_local(path: str, data: memoryview) -> None:
-    """A new local file holding `data` (its directory made when missing); nothing is left on an error."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+def open_new_local(path: str, *, append: bool = False) -> int:
+    """A descriptor of a new local file at `path` (it must not exist; its directory is made when missing)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_APPEND if append else 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(path, flags, 0o666)
+        return os.open(path, flags, 0o666)
     except FileNotFoundError:
         os.makedirs(posixpath.dirname(path), exist_ok=True)
-        fd = os.open(path, flags, 0o666)
+        return os.open(path, flags, 0o666)
+
+
+def write_all(fd: int, data: memoryview, path: str) -> None:
+    """All of `data` to `fd` (what a short write left is written again); an error without a file name
+    (no space, read-only, ...) is raised again naming `path`."""
+    try:
+        written = 0
+        while written < data.nbytes:
+            written += os.write(fd, data[written:])
+    except OSError as exc:
+        if (named := _where(exc, path)) is not exc:
+            raise named from exc
+        raise
+
+
+def _where(exc: OSError, path: str) -> OSError:
+    """`exc`, or when it names no file (no space, read-only, ...) the same error naming `path`."""
+    return OSError(exc.errno, os.strerror(exc.errno), path) if exc.errno and not exc.filename else exc
+
+
+def _write_new_local(path: str, data: memoryview) -> None:
+    """A new local file holding `data` (its directory made when missing); nothing is left on an error."""
+    fd = open_new_local(path)
     try:
         try:
-            written = 0
-            while written < data.nbytes:
-                written += os.write(fd, data[written:])
+            write_all(fd, data, path)
         finally:
             os.close(fd)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(path)
-        if exc.errno and not exc.filename:  # no space, read-only, ...: say where
-            raise OSError(exc.errno, os.strerror(exc.errno), path) from exc
-        raise
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        if isinstance(exc, OSError) and (named := _where(exc, path)) is not exc:  # a close that failed
+            raise named from exc
         raise
 
 
