@@ -85,12 +85,8 @@ def read_journal(output: Location, after: int, skip: Container[str] = (),
     and, with `folded` (generation, sequence), that generation's driver records up to that sequence (a
     root written in the middle of that run holds them)."""
     journal = Journal()
-    try:
-        infos = output.fs.get_file_info(pafs.FileSelector(output.join(JOURNAL_DIR), allow_not_found=True))
-    except (FileNotFoundError, NotADirectoryError):
-        return journal
     wanted = []
-    for info in sorted(infos, key=lambda i: i.path):  # segments sort by sequence within a generation
+    for info in sorted(_listing(output), key=lambda i: i.path):  # segments sort by sequence within a generation
         named = _name(info)
         if named is None:
             continue
@@ -104,9 +100,7 @@ def read_journal(output: Location, after: int, skip: Container[str] = (),
             continue
         if generation > after:
             wanted.append((generation, kind, info.path))
-    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        texts = list(pool.map(lambda item: read_bytes(output.fs, item[2]), wanted))
-    for (generation, kind, path), data in zip(wanted, texts):
+    for (generation, kind, path), data in zip(wanted, _read_all(output, [path for _, _, path in wanted])):
         if kind == "b":
             commits, sealed = bundle_records(data, skip)
             if not sealed:
@@ -123,6 +117,20 @@ def read_journal(output: Location, after: int, skip: Container[str] = (),
         else:
             records.ops.extend(record["ops"])
     return journal
+
+
+def _listing(output: Location) -> list[pafs.FileInfo]:
+    """What the journal directory holds (nothing when there is none)."""
+    try:
+        return output.fs.get_file_info(pafs.FileSelector(output.join(JOURNAL_DIR), allow_not_found=True))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _read_all(output: Location, paths: list[str]) -> list[bytes | None]:
+    """Each file's bytes (None: gone), read side by side (journal files are small: the round trips dominate)."""
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        return list(pool.map(lambda path: read_bytes(output.fs, path), paths))
 
 
 def _name(info: pafs.FileInfo) -> tuple[int, str, str] | None:
@@ -167,15 +175,9 @@ def bundle_records(data: bytes | None, skip: Container[str] = ()) -> tuple[list[
 def bundles_of(output: Location, generation: int) -> dict[str, tuple[set[str], bool]]:
     """Per bundle file of `generation` in the journal: the tokens of its whole records and whether it is
     sealed (a mid-run checkpoint deletes the sealed files whose records it folded)."""
-    try:
-        infos = output.fs.get_file_info(pafs.FileSelector(output.join(JOURNAL_DIR), allow_not_found=True))
-    except (FileNotFoundError, NotADirectoryError):
-        return {}
-    paths = [info.path for info in infos if (named := _name(info)) and named[:2] == (generation, "b")]
-    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        texts = list(pool.map(lambda path: read_bytes(output.fs, path), paths))
+    paths = [info.path for info in _listing(output) if (named := _name(info)) and named[:2] == (generation, "b")]
     found = {}
-    for path, data in zip(paths, texts):
+    for path, data in zip(paths, _read_all(output, paths)):
         records, sealed = bundle_records(data)
         found[path] = ({record["token"] for record in records}, sealed)
     return found
@@ -249,8 +251,4 @@ def clear_journal(output: Location, paths: Iterable[str] = ()) -> None:
 
 def journal_names(output: Location) -> Iterator[str]:
     """Base names of the files in the journal directory (for tests and `verify`)."""
-    try:
-        infos = output.fs.get_file_info(pafs.FileSelector(output.join(JOURNAL_DIR), allow_not_found=True))
-    except (FileNotFoundError, NotADirectoryError):
-        return iter(())
-    return (posixpath.basename(info.path) for info in infos)
+    return (posixpath.basename(info.path) for info in _listing(output))
