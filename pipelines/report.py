@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, TextIO
 
 logger = logging.getLogger(__name__)
@@ -146,18 +146,20 @@ def write_timeline(path: str, spans: list[tuple[Any, ...]]) -> None:
     names = RunResults._SPAN
     at = {name: names.index(name) for name in names}
     origin = min((span[at["started"]] for span in spans), default=0.0)
+    def events() -> Iterator[dict[str, Any]]:
+        for span in spans:
+            started, finished = span[at["started"]], span[at["finished"]]
+            yield {"name": span[at["id"]], "cat": span[at["status"]], "ph": "X", "pid": 0, "tid": span[at["replica"]],
+                   "ts": round((started - origin) * 1e6), "dur": round((finished - started) * 1e6),
+                   "args": {"rows_in": span[at["rows_in"]], "rows_out": span[at["rows_out"]],
+                            "error": span[at["error"]], "call": span[at["call"]]}}
+        for t in sorted({span[at["replica"]] for span in spans}):
+            yield {"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": f"replica {t}"}}
+
     out = io.BytesIO()
     out.write(b'{"traceEvents":[')
-    for n, span in enumerate(spans):
-        started, finished = span[at["started"]], span[at["finished"]]
-        out.write((b"," if n else b"") + json.dumps(
-            {"name": span[at["id"]], "cat": span[at["status"]], "ph": "X", "pid": 0, "tid": span[at["replica"]],
-             "ts": round((started - origin) * 1e6), "dur": round((finished - started) * 1e6),
-             "args": {"rows_in": span[at["rows_in"]], "rows_out": span[at["rows_out"]], "error": span[at["error"]],
-                      "call": span[at["call"]]}}).encode())
-    for t in sorted({span[at["replica"]] for span in spans}):
-        out.write((b"," if out.tell() > 16 else b"") + json.dumps(
-            {"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": f"replica {t}"}}).encode())
+    for n, event in enumerate(events()):
+        out.write((b"," if n else b"") + json.dumps(event).encode())
     out.write(b"]}")
     from basis.storage import resolve, write_bytes_atomic
 
