@@ -238,16 +238,12 @@ class _Lane:
                 logger.warning("driver lane stalled on shard %s: no result within the shard timeout of %g s; "
                                "abandoning its replica%s", shard.id, limit,
                                " and retrying the shard" if attempts < self.max_attempts else "")
-                self.abandon(f"{STALLED}: {reason}")
-                self.replica = self._fresh(self.replica)
-                self._again(bundle[position:], pending, on_result, STALLED, reason)
+                self._replace(bundle[position:], pending, on_result, STALLED, reason)
                 return ""
             if isinstance(error, ReplicaDied):  # a child killed: as a dead Ray replica, a fresh one retries
                 logger.warning("driver lane: %s; shard %s is retried on a fresh one%s", error, shard.id,
                                "" if attempts < self.max_attempts else " (no: it has had max_attempts)")
-                self.abandon(f"{DIED}: {error}")
-                self.replica = self._fresh(self.replica)
-                self._again(bundle[position:], pending, on_result, DIED, f"{error}")
+                self._replace(bundle[position:], pending, on_result, DIED, f"{error}")
                 return ""
             if isinstance(error, StorageError):  # transient storage: retried like on a Ray replica
                 logger.warning("driver: storage error on shard %s (attempt %d): %s", shard.id, attempts, error)
@@ -270,6 +266,14 @@ class _Lane:
             self._attempts.pop(shard.id, None)  # done: nothing kept per shard (a retry never comes now)
             self._kinds.pop(shard.id, None)
         return ""
+
+    def _replace(self, left: list[Shard], pending: collections.deque[Shard],
+                 on_result: Callable[[Shard, dict[str, Any]], None], kind: str, reason: str) -> None:
+        """The replica is lost (`kind`) with `left[0]` in hand: given up, a fresh one takes its place, and
+        the shards go back as `_again` says."""
+        self.abandon(f"{kind}: {reason}")
+        self.replica = self._fresh(self.replica)
+        self._again(left, pending, on_result, kind, reason)
 
     def _again(self, left: list[Shard], pending: collections.deque[Shard],
                on_result: Callable[[Shard, dict[str, Any]], None], kind: str, reason: str) -> None:
