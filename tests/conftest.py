@@ -117,6 +117,19 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> 
                           timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO)
 
 
+def lane_children(parent: int) -> list[int]:
+    """The driver lane's child replica processes (`workers.lane_child`) of the process `parent`, alive."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"workers.lane_child" in (entry / "cmdline").read_bytes():
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def stop_group(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM the process group a test started (a `ray start` and the daemons it started share it),
     then SIGKILL what is left. Never anything else: no `ray stop`, no kill by name.

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, read_output, reference, save_mlp
+from conftest import REPO, lane_children, read_output, reference, save_mlp
 from journal_files import record_ids
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -313,7 +313,7 @@ class Histories(RuleBasedStateMachine):
             time.sleep(0.01)
         folded = bool(roots)
         if where == "a lane child" and process.poll() is None:
-            children = _lane_children(process.pid)
+            children = lane_children(process.pid)
             if children:
                 os.kill(children[0], signal.SIGKILL)
                 if process.wait(timeout=120) not in (0, 1):  # 1: a broken input's shard failed
@@ -436,19 +436,6 @@ class Histories(RuleBasedStateMachine):
             assert report.problems and all(FOREIGN in p for p in report.problems), report.problems
         else:
             assert report.ok, report.problems
-
-
-def _lane_children(driver: int) -> list[int]:
-    """The lane's child replica processes (`workers.lane_child`) of the `batch-infer run` with pid `driver`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"workers.lane_child" in (entry / "cmdline").read_bytes():
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == driver:
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def _files(root: Path) -> dict[str, int]:

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, cli, output_files, read_output, reference, save_mlp, write_files
+from conftest import REPO, cli, lane_children, output_files, read_output, reference, save_mlp, write_files
 from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtures
 
 import pipelines
@@ -135,7 +135,7 @@ def test_many_tiny_files_run_on_one_child_replica_per_cpu_each_row_once(tmp_path
     assert [(r["node"], r["ended"]) for r in lanes] == [("driver", "finished")] * 2, lanes
     assert sum(r["shards"] for r in lanes) == 40 and all(r["shards"] > 0 for r in lanes)  # both children worked
     assert report.cpus_per_replica == 1.0
-    assert not _lane_children()
+    assert not lane_children(os.getpid())
     # Memory: an entry unpickled from a child holds no copies of its ~20 keys (1.5 KiB of objects per entry)
     assert len(entries) == 40 and len({id(key) for entry in entries for key in entry}) == len(entries[0])
     assert cli("verify", str(tmp_path / "out"), "--sample", "40", "--checksums").returncode == 0
@@ -172,7 +172,7 @@ def test_a_child_replica_that_dies_costs_only_its_shard_which_a_fresh_child_retr
         done = committed(self, entry, *rest)
         recorded[0] += 1
         if recorded[0] == 5 and not killed:
-            children = _lane_children()
+            children = lane_children(os.getpid())
             assert children, "no child replica to kill"
             os.kill(children[0], signal.SIGKILL)
             killed.append(children[0])
@@ -187,20 +187,7 @@ def test_a_child_replica_that_dies_costs_only_its_shard_which_a_fresh_child_retr
     assert sum(e.startswith("lost: replica died") for e in ended) == 1 and ended.count("finished") == 2, ended
     assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(1000))  # each row once
     assert cli("verify", str(tmp_path / "out"), "--sample", "40", "--checksums").returncode == 0
-    assert not _lane_children()
-
-
-def _lane_children() -> list[int]:
-    """This process's child replicas (`workers.lane_child`) still alive."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"workers.lane_child" in (entry / "cmdline").read_bytes():
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    assert not lane_children(os.getpid())
 
 
 def _lane_threads() -> list[threading.Thread]:
@@ -242,7 +229,7 @@ def test_a_read_that_hangs_in_the_lane_costs_its_shard_after_shard_timeout(
     ended = [r["ended"].split(":")[0] for r in report.replicas]
     assert sorted(ended) == (["finished", "finished", "lost", "lost"] if children else ["finished", "lost", "lost"])
     assert all(r["node"] == "driver" for r in report.replicas)
-    assert not _lane_children()
+    assert not lane_children(os.getpid())
     assert any("stalled on shard" in r.getMessage() for r in caplog.records)
     assert read_output(out)["id"].to_pylist() == list(range(300, 600))
     before = output_files(out)
