@@ -90,7 +90,8 @@ def test_no_thread_count_and_row_group_length_can_deadlock_the_decoder(tmp_path:
 def test_taking_the_next_batch_hands_the_last_ones_buffer_back(tmp_path: Path, threads: int) -> None:
     """A consumer that never calls `release()` still cannot starve the decoder (nor see a reused buffer early)."""
     from basis.storage import resolve
-    from workers.reader import ParquetSource, decode
+    from workers.decode import decode
+    from workers.reader import ParquetSource
 
     path = tmp_path / "t.parquet"
     rows = 16 * 5 * BATCH
@@ -125,7 +126,8 @@ def test_a_row_group_reported_small_but_decoding_large_is_streamed(tmp_path: Pat
     size (306 KB for a million rows that decoded to 505 MB): such a row group must not be read whole."""
     from basis.storage import resolve
     from workers import reader
-    from workers.reader import ParquetSource, decode
+    from workers.decode import decode
+    from workers.reader import ParquetSource
 
     path = tmp_path / "t.parquet"
     rows = 20_000
@@ -206,7 +208,8 @@ def test_a_replicas_next_shard_stacks_into_the_buffers_the_last_one_left(tmp_pat
     """Issue 15: stacking buffers are kept from shard to shard (`Spares`), not faulted in afresh, and a
     reused buffer never shows a batch another one's values: every matrix is its own batch's features."""
     from basis.storage import resolve
-    from workers.reader import ParquetSource, Spares, decode
+    from workers.decode import decode
+    from workers.reader import ParquetSource, Spares
 
     rows = 16 * 3 * BATCH
     rng = np.random.default_rng(7)
@@ -251,7 +254,8 @@ def test_a_thread_predicts_its_whole_row_group_while_the_consumer_is_still_on_an
     stopped after 2 of its 4 and waited, idle). A batch with a bad row keeps its matrix for the reasons;
     every prediction is its own batch's."""
     from basis.storage import resolve
-    from workers.reader import ParquetSource, decode
+    from workers.decode import decode
+    from workers.reader import ParquetSource
 
     per_group, groups = 4, 4
     rows = groups * per_group * BATCH
@@ -310,7 +314,8 @@ def _predicting_decode(path: Path, groups: int, threads: int, predict: Any, *, l
                        width: int = 1) -> list[Any]:
     """`decode` of `path`'s row groups with `predict`, consumed on a thread of its own (a hang fails the test)."""
     from basis.storage import resolve
-    from workers.reader import ParquetSource, decode
+    from workers.decode import decode
+    from workers.reader import ParquetSource
 
     items: list[Any] = []
     errors: list[BaseException] = []

@@ -152,7 +152,8 @@ def test_a_two_thread_replica_predicts_in_its_decoding_threads_as_one_thread_doe
 
 def test_decode_runs_predict_in_its_threads_and_hands_results_out_in_order(tmp_path: Path) -> None:
     from basis.storage import resolve
-    from workers.reader import ParquetSource, decode
+    from workers.decode import decode
+    from workers.reader import ParquetSource
 
     path = tmp_path / "t.parquet"
     values = np.arange(12 * 40, dtype=np.float32)

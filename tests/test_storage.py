@@ -35,6 +35,7 @@ from basis.storage import (
     write_bytes_atomic,
 )
 from workers import reader
+from workers.decode import decode
 from workers.reader import ParquetSource, iter_batches, open_parquet
 
 # --- globs ------------------------------------------------------------------------------------
@@ -486,8 +487,8 @@ def test_decoding_threads_share_one_budget_of_whole_row_groups(
             return super().iter_batches(*args, **kwargs)  # type: ignore[arg-type]
 
     source = Counting(resolve(str(path)), str(path), str(path))
-    with reader.decode(source, (0, 4), ["id", "f"], 300, str(path), features=["f"], list_column=False, width=1,
-                       check_invalid=True, threads=threads) as batches:
+    with decode(source, (0, 4), ["id", "f"], 300, str(path), features=["f"], list_column=False, width=1,
+                check_invalid=True, threads=threads) as batches:
         ids = []
         for item in batches:
             ids.extend(item.batch.data.column("id").to_pylist())

@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +25,7 @@ from basis.storage import Location
 from workers.stacking import Spares, describe_invalid, feature_matrix, invalid_rows
 
 __all__ = ["Batch", "ParquetSource", "Spares", "describe_invalid", "feature_matrix", "invalid_rows", "iter_batches",
-           "open_parquet"]  # and `decode`, `Decoded`: from `workers.decode`, see `__getattr__`
+           "open_parquet"]  # a shard's decoding threads: `workers.decode`
 
 logger = logging.getLogger(__name__)
 
@@ -286,12 +285,3 @@ def _decoded_bytes(group: pq.RowGroupMetaData, leaves: Sequence[int],
                    types: Sequence[tuple[pa.DataType, int] | None] | None = None) -> float:
     """What the row group's `leaves` take once decoded to Arrow (`_leaf_bytes`; `inf`: unknown)."""
     return sum(_leaf_bytes(group.column(i), types[i] if types is not None else None) for i in leaves)
-
-
-def __getattr__(name: str) -> Any:
-    """`decode` and `Decoded` live in `workers.decode` (a shard's threads); still importable from here."""
-    if name in ("decode", "Decoded"):
-        from workers import decode as module
-
-        return getattr(module, name)
-    raise AttributeError(f"module 'workers.reader' has no attribute {name!r}")
