@@ -185,7 +185,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
     with _refusals(p.output) as refusals, OutputLock(p.output) as lock:
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
             p = _prepare(cfg, on_work=startup.begin)
-        from pipelines.cluster import clear_stale_request
+        from pipelines.autoscaler import clear_stale_request
 
         clear_stale_request(cfg, p.output)  # a killed run's autoscaler request: cleared by the next tick, idle or not
         if not p.todo and _unchanged(p):
@@ -289,7 +289,8 @@ def _run_on_ray(cfg: JobConfig, p: Plan, job: Any, startup: Any, runnable: list[
                 metrics: Any, chosen: list[float], bundle_rows: int) -> tuple[list[dict[str, Any]], float]:
     """The shards on Ray replicas (those started while planning, if any); returns their records and the
     seconds spent waiting for capacity."""
-    from pipelines.cluster import AutoscalerRequest, plan_replicas
+    from pipelines.autoscaler import AutoscalerRequest
+    from pipelines.cluster import plan_replicas
     from pipelines.schedule import Scheduler
 
     ray_session, view, early = startup.wait(p.model, p.input, p.sink, len(runnable))

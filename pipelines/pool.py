@@ -24,7 +24,8 @@ from typing import Any
 import ray
 import ray.exceptions
 
-from pipelines.cluster import AutoscalerRequest, ReplicaResources, draining_nodes
+from pipelines.autoscaler import AutoscalerRequest
+from pipelines.cluster import ReplicaResources, draining_nodes
 from basis.errors import ModelError
 from pipelines.metrics import RunMetrics
 from pipelines.plan import Shard

@@ -48,7 +48,8 @@ import ray.exceptions
 
 from pipelines.attempts import DIED, STALLED, STORAGE, attempts_error, default_timeout
 from pipelines.bundle import share, take
-from pipelines.cluster import AutoscalerRequest, ReplicaResources
+from pipelines.autoscaler import AutoscalerRequest
+from pipelines.cluster import ReplicaResources
 from basis.errors import ModelError, ResourceError, StorageError
 from pipelines.metrics import RunMetrics
 from pipelines.plan import DEFAULT_SHARD_ROWS, Shard

@@ -31,7 +31,7 @@ from conftest import REPO, cli, fake_autoscaler_config, read_output, save_mlp, s
 from ray.experimental.internal_kv import _internal_kv_get
 
 import pipelines
-from pipelines.cluster import REQUEST_FILE
+from pipelines.autoscaler import REQUEST_FILE
 
 pytestmark = pytest.mark.cluster
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -150,7 +150,7 @@ def _killed_while_asking(head: Head, output: Path) -> None:
     """A driver that asks the autoscaler for replicas for `output` and is SIGKILLed before it can clear them."""
     code = (
         "import os, signal, ray\n"
-        "from pipelines.cluster import AutoscalerRequest\n"
+        "from pipelines.autoscaler import AutoscalerRequest\n"
         "from basis.storage import resolve\n"
         f"ray.init(address={head.address!r}, logging_level='ERROR', log_to_driver=False)\n"
         f"AutoscalerRequest(enabled=True, output=resolve({str(output)!r})).ask({{'CPU': 1.0, 'GPU': 1.0}}, 2)\n"

@@ -58,7 +58,8 @@ def test_the_autoscaler_request_is_capped_and_recorded_in_the_output(cluster: Cl
     finished); the pool is capped by what the node types can ever hold, the request by REQUEST_MOST."""
     from ray.experimental.internal_kv import _internal_kv_get
 
-    from pipelines.cluster import REQUEST_FILE, REQUEST_MOST, AutoscalerRequest, ClusterView, Node, plan_replicas
+    from pipelines.autoscaler import REQUEST_FILE, REQUEST_MOST, AutoscalerRequest
+    from pipelines.cluster import ClusterView, Node, plan_replicas
     from pipelines.config import JobConfig
     from basis.storage import resolve
 
