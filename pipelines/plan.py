@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-import hashlib
 from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,15 @@ from basis.masks import deleted_between
 from basis.storage import Location, is_hidden, read_parquet_footer
 from pipelines.shards import CommittedSpans, InputFile, InputFiles, Shard, Shards, Span
 from pipelines.tables import DataFile, DataFiles, Source
+from workers.fit import (
+    distinct_output_name,
+    footer_error,
+    is_float_list,
+    misfit,
+    output_name,
+    short,
+    split_row_groups,
+)
 
 __all__ = ["DEFAULT_SHARD_ROWS", "Columns", "CommittedSpans", "InputFile", "InputFiles", "Shard", "Shards", "Span",
            "check_file", "check_quarantine", "distinct_output_name", "make_shards", "output_name", "planning_memory",
@@ -46,7 +54,6 @@ DEFAULT_SHARD_ROWS = 1_000_000
 _FOOTER_THREADS = 16  # object stores: footer reads wait on the network
 _LOCAL_FOOTER_THREADS = 4  # local disks: the work is CPU, more threads only contend for the GIL
 _FOOTER_CHUNK = 64
-_PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 
 Committed = Callable[[DataFiles], CommittedSpans]  # the listing -> the output's committed spans of its files
 
@@ -93,64 +100,6 @@ def planning_memory() -> Iterator[None]:
     finally:
         pa.set_memory_pool(previous)
         pool.release_unused()  # what planning freed: no further allocation would ever return it
-
-
-def split_row_groups(rows: Sequence[int], shard_rows: int) -> list[tuple[int, int]]:
-    """Group consecutive row groups into runs of about `shard_rows` rows.
-
-    A run closes once it holds at least `shard_rows` rows, so a shard is never
-    split inside a row group. A file with no row groups has one empty shard.
-    """
-    if not rows:
-        return [(0, 0)]
-    spans, first, total = [], 0, 0
-    for index, count in enumerate(rows):
-        total += count
-        if total >= shard_rows:
-            spans.append((first, index + 1))
-            first, total = index + 1, 0
-    if first < len(rows):
-        spans.append((first, len(rows)))
-    return spans
-
-
-def output_name(rel: str, first_row_group: int) -> str:
-    """The output path of a shard, mirroring the input's relative path.
-
-    A hidden name (`_x.parquet`, given as the input itself) loses its leading `_` and `.`:
-    readers skip hidden files, so its predictions would be invisible beside `_SUCCESS`.
-
-    Example:
-        >>> output_name("_x.parquet", 0)
-        'x-00000.parquet'
-    """
-    return f"{_visible(_stem(rel))}-{first_row_group:05d}.parquet"
-
-
-def distinct_output_name(rel: str, first_row_group: int) -> str:
-    """The name used when `output_name` is taken by another input with the same stem.
-
-    `a.parquet`, `a.parq` and `a` share the stem `a`; the second to claim it gets
-    a name that also carries a hash of its full relative path.
-
-    Example:
-        >>> distinct_output_name("a.parq", 0)
-        'a-00000-4bd32b85.parquet'
-    """
-    digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
-    return f"{_visible(_stem(rel))}-{first_row_group:05d}-{digest}.parquet"
-
-
-def _visible(path: str) -> str:
-    """`path` with the leading `_` and `.` of each part dropped (a part of only those becomes `part`)."""
-    return "/".join(part.lstrip("_.") or "part" for part in path.split("/"))
-
-
-def _stem(rel: str) -> str:
-    for suffix in _PARQUET_SUFFIXES:
-        if rel.endswith(suffix):
-            return rel[: -len(suffix)]
-    return rel
 
 
 def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str, str] | None = None) -> Shards:
@@ -296,7 +245,7 @@ def scan_source(source: Source, committed: Committed | None = None, *,
             schema = arrow_schema(meta.schema)
             rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
-            return InputFile(data.path, rel, uri, fingerprint, error=_footer_error(uri, exc))
+            return InputFile(data.path, rel, uri, fingerprint, error=footer_error(uri, exc))
         if data.rows is not None and sum(rows) != data.rows:
             return InputFile(data.path, rel, uri, fingerprint, error=(
                 f"{uri}: the footer holds {sum(rows)} row(s) but the {source.format} table records {data.rows}"))
@@ -324,15 +273,9 @@ def read_schema(f: InputFile, location: Location) -> InputFile:
     try:
         meta = read_parquet_footer(location.fs, f.path)
     except Exception as exc:
-        return dataclasses.replace(f, error=_footer_error(f.uri, exc))
+        return dataclasses.replace(f, error=footer_error(f.uri, exc))
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     return dataclasses.replace(f, row_group_rows=rows, schema=meta.schema.to_arrow_schema().remove_metadata())
-
-
-def _footer_error(uri: str, exc: Exception) -> str:
-    if isinstance(exc, StorageError):  # storage kept failing: not a verdict on the file's bytes
-        return f"storage error reading the Parquet footer of {uri} (retried): {exc}"
-    return f"cannot read Parquet footer of {uri}: {exc}"
 
 
 def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) -> Columns:
@@ -342,7 +285,7 @@ def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) 
     passthrough_given = set(cfg.passthrough or ()) | set(categorical)  # never features, by default or by glob
     if cfg.features is None:
         features = [f.name for f in schema if pa.types.is_floating(f.type) and f.name not in passthrough_given]
-        lists = [f.name for f in schema if _is_float_list(f.type) and f.name not in passthrough_given]
+        lists = [f.name for f in schema if is_float_list(f.type) and f.name not in passthrough_given]
         if not features and len(lists) == 1:
             features = lists
         if not features:
@@ -362,10 +305,10 @@ def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) 
                 raise InputError(f"feature column {entry!r} not found in {source} (columns: {', '.join(names)})")
             else:
                 features.append(entry)
-    list_column = len(features) == 1 and _is_float_list(schema.field(features[0]).type)
+    list_column = len(features) == 1 and is_float_list(schema.field(features[0]).type)
     found = schema.field(features[0]).type.list_size if list_column else len(features)
     if found != width:
-        what = f"list column {features[0]!r} of size {found}" if list_column else f"{found} feature columns ({_short(features)})"
+        what = f"list column {features[0]!r} of size {found}" if list_column else f"{found} feature columns ({short(features)})"
         raise InputError(f"the model expects {width} input features, but {source} gives {what}")
     passthrough = list(cfg.passthrough) if cfg.passthrough is not None else [n for n in names if n not in features]
     missing = [n for n in passthrough if n not in names]
@@ -411,36 +354,13 @@ def check_quarantine(columns: Columns, invalid_rows: str) -> None:
 
 
 def check_file(f: InputFile, columns: Columns) -> str | None:
-    """Why this file can't be processed with these columns, or None when it fits."""
+    """Why this file can't be processed with these columns, or None when it fits (`workers.fit.misfit`:
+    a replica that plans a small file itself checks it alike)."""
     if f.error is not None:
         return f.error
     if f.schema is None:
         return None if f.committed else f"{f.uri}: no schema"
-    names = set(f.schema.names)
-    missing = [n for n in columns.read if n not in names]
-    if missing:
-        return f"{f.uri}: missing column(s) {missing} (expected features {_short(columns.features)})"
-    for name in columns.features:
-        kind = f.schema.field(name).type
-        if columns.list_column:
-            ok = _is_float_list(kind) and kind.list_size == columns.width
-        else:
-            ok = pa.types.is_floating(kind) or pa.types.is_integer(kind)
-        if not ok:
-            return f"{f.uri}: feature column {name!r} has type {kind}, expected a number type"
-    for name in columns.categorical:
-        kind = f.schema.field(name).type
-        if not pa.types.is_integer(kind):
-            return f"{f.uri}: categorical column {name!r} has type {kind}, expected an integer type"
-    return None
+    return misfit(f.schema, f.uri, columns.read, columns.features, columns.list_column, columns.width,
+                  columns.categorical)
 
-
-def _is_float_list(kind: pa.DataType) -> bool:
-    return pa.types.is_fixed_size_list(kind) and (
-        pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)
-    )
-
-
-def _short(names: Sequence[str]) -> str:
-    return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"
 
