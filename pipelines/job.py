@@ -11,6 +11,7 @@ from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -44,7 +45,9 @@ from pipelines.plan import (
     planning_memory,
     read_schema,
     resolve_columns,
+    resolve_failed,
     scan_source,
+    settle_lazy,
 )
 from pipelines.report import Progress, RunReport, RunResults, write_timeline
 from pipelines.tables import DataFiles, Source, catalog_record, open_source
@@ -61,6 +64,10 @@ from basis.storage import (
 )
 
 logger = logging.getLogger(__name__)
+
+# A fresh local input file of at most this many bytes is planned without its footer (`_plan`'s `lazy`): its
+# replica reads it whole anyway (`workers.reader.SMALL_FILE_BYTES`) and checks and plans it there.
+LAZY_FILE_BYTES = 2 << 20
 
 
 @dataclasses.dataclass
@@ -180,11 +187,11 @@ def run(
 
 def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline: str | None,
          progress: bool) -> RunReport:
-    p = _prepare(cfg, on_work=startup.begin)
+    p = _prepare(cfg, on_work=startup.begin, lazy=True)
     metrics.output = p.output.uri
     with _refusals(p.output) as refusals, OutputLock(p.output) as lock:
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
-            p = _prepare(cfg, on_work=startup.begin)
+            p = _prepare(cfg, on_work=startup.begin, lazy=True)
         from pipelines.cluster import clear_stale_request
 
         clear_stale_request(cfg, p.output)  # a killed run's autoscaler request: cleared by the next tick, idle or not
@@ -194,6 +201,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
                             kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.lane import run_in_driver
+        from pipelines.lane import _share_strings as share_strings
         from pipelines.startup import lane_on_numpy, lane_processes, lane_resources
         from workers.replica import ReplicaJob, default_batch_size
 
@@ -235,6 +243,18 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
             def on_result(shard: Shard, result: dict[str, Any]) -> None:
+                spans = result.get("spans")
+                if spans is not None:  # a file planned by its replica (`workers.lazy`): its shards now known
+                    for piece, part in zip(p.shards.resolve(shard, spans, result["file_row_groups"]), result["parts"]):
+                        share_strings(part, piece)
+                        record(piece, {**part, "attempts": result["attempts"]})
+                elif shard.lazy and result["status"] != COMMITTED:  # failed before its replica planned it
+                    for piece in resolve_failed(p.shards, shard, p.source, p.columns):
+                        record(piece, {**result, "id": piece.id, "rows_in": piece.rows_in, "output": piece.output})
+                else:
+                    record(shard, result)
+
+            def record(shard: Shard, result: dict[str, Any]) -> None:
                 if result.get("error"):  # recorded in the journal and the report: no secret in it
                     result = {**result, "error": redact(result["error"])}
                 ok = result["status"] == COMMITTED
@@ -249,7 +269,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                 metrics.shard_done(shard.rows_in, committed=ok)
 
             bundle_rows = cfg.shard_rows or DEFAULT_SHARD_ROWS  # small shards go out in calls of about a shard
-            rows = sum(s.rows_in for s in runnable)
+            rows = _rows_estimate(p, runnable)
             # an embedded CPU run that one replica does as well as Ray: refused here, or run in the driver
             local = None if startup.started else lane_resources(cfg, rows, len(runnable), p.model.layers)
             try:
@@ -283,6 +303,22 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         if timeline:
             write_timeline(timeline, done.spans or [])
         return report
+
+
+def _rows_estimate(p: Plan, shards: Sequence[Shard]) -> int:
+    """The rows of `shards`; a lazy shard's (its file's footer not read) estimated from its file's size at the
+    rows per byte of the files whose footers were read."""
+    rows = sum(s.rows_in for s in shards)
+    lazy = np.array([s.at for s in shards if s.lazy], np.int64)
+    sizes = p.files.listing.sizes
+    if not len(lazy) or sizes is None:
+        return rows
+    read = [(index, sum(f.row_group_rows)) for index, f in p.files.read.items() if f.row_group_rows is not None]
+    if not read:
+        return rows
+    at = pa.array([index for index, _ in read], pa.int64())
+    per_byte = sum(n for _, n in read) / max(1, pc.sum(sizes.take(at)).as_py() or 0)
+    return rows + int(per_byte * (pc.sum(sizes.take(pa.array(p.shards.file[lazy]))).as_py() or 0))
 
 
 def _run_on_ray(cfg: JobConfig, p: Plan, job: Any, startup: Any, runnable: list[Shard], on_result: Any, begin: Any,
@@ -334,18 +370,23 @@ def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:
     return config.replace(**options) if options else config
 
 
-def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None) -> Plan:
+def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None,
+             lazy: bool = False) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan
     (`_plan`, its Arrow memory from `plan.planning_memory`)."""
     with planning_memory():
-        return _plan(cfg, from_manifest=from_manifest, on_work=on_work)
+        return _plan(cfg, from_manifest=from_manifest, on_work=on_work, lazy=lazy)
 
 
-def _plan(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None) -> Plan:
+def _plan(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None,
+          lazy: bool = False) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan.
 
     A table whose snapshot is the one the complete output recorded is planned from the manifest
     (`from_manifest`: no file list, no footer); should that plan find work after all, it is planned again.
+    `lazy` (a run; `plan` reads every footer, so what it prints is what its files hold): small fresh local
+    files are planned without their footers, their replicas check and plan them (`plan.settle_lazy`,
+    `workers.lazy`); footers are read only until one file fits, so a job no file fits is still exit 2.
     `on_work(model, source, sink, files)` is called once the listing shows work (`files` listed files
     not wholly committed), before the footers are read: a run starts its replicas then
     (`pipelines.startup`); a plan with no such file never calls it."""
@@ -395,21 +436,22 @@ def _plan(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., 
         return spans
 
     avoid = os.path.realpath(output.path) if source.is_local and output.is_local else None
-    base, files = scan_source(table, committed, avoid=avoid)
+    base, files = scan_source(table, committed, avoid=avoid,
+                              lazy_bytes=LAZY_FILE_BYTES if lazy and not sink.is_table else 0)
     listing = listings[0]
     columns, column_source, files = _columns(cfg, model, files, state, source)
     check_quarantine(columns, cfg.invalid_rows)  # also for columns reused from the manifest
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
         state.check_compatible(model.to_dict(), settings, source_record(table, base), output.uri)
-    for index, f in list(files.read.items()):  # a file planned from its committed spans alone fits: it did
-        if (error := check_file(f, columns)) != f.error:
-            files.read[index] = dataclasses.replace(f, error=error)
-    if len(files) and not files.planned_whole.any() and all(f.error is not None for f in files.read.values()):
-        raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in files[:3]))
     keep_vanished = not (cfg.prune or cfg.overwrite)
     claims = ChainMap(state.claims(listing.rel, keep_vanished=keep_vanished, covered=table.covered),  # a compaction's
                       {path: "" for path in foreign})  # covered predictions keep their names; foreign names never taken
+    settle_lazy(files, claims, source, cfg.shard_rows or DEFAULT_SHARD_ROWS)
+    for index, f in list(files.read.items()):  # a file planned from its committed spans alone fits: it did
+        if (error := check_file(f, columns)) != f.error:
+            files.read[index] = dataclasses.replace(f, error=error)
+    _one_fits(files, columns, source)
     shards = make_shards(files, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
     reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listing.rel, prune=cfg.prune, foreign=foreign)
     check_removals(table, state.files, reconciled, listing.mapping() if table.removal_rewrites_rows else {},
@@ -421,6 +463,19 @@ def _plan(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., 
     sink.check_schema(lambda: _output_schema(cfg, model, columns, files, source))
     return Plan(cfg, model, columns, source, output, base, files, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source, table, sink)
+
+
+def _one_fits(files: InputFiles, columns: Columns, source: Location) -> None:
+    """Exit 2 (`InputError`) when no input file fits the model; files planned lazily have their footers
+    read, in order, until one fits (normally the first: its footer gave the columns)."""
+    if not len(files) or files.planned_whole.any() or any(f.error is None for f in files.read.values()):
+        return
+    for index in (np.flatnonzero(files.lazy) if files.lazy is not None else ()):
+        f = read_schema(files[int(index)], source)
+        files[int(index)] = f = dataclasses.replace(f, error=check_file(f, columns))
+        if f.error is None:
+            return
+    raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in files[:3]))
 
 
 def _name_outputs(sink: Sink, state: State, shards: Shards, reconciled: Reconciled) -> list[Shard]:

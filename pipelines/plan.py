@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.config import JobConfig
@@ -35,6 +36,7 @@ from basis.masks import deleted_between
 from basis.storage import Location, is_hidden, read_parquet_footer
 from pipelines.shards import CommittedSpans, InputFile, InputFiles, Shard, Shards, Span
 from pipelines.tables import DataFile, DataFiles, Source
+from workers.lazy import spans_of
 from workers.fit import (
     distinct_output_name,
     footer_error,
@@ -47,7 +49,7 @@ from workers.fit import (
 
 __all__ = ["DEFAULT_SHARD_ROWS", "Columns", "CommittedSpans", "InputFile", "InputFiles", "Shard", "Shards", "Span",
            "check_file", "check_quarantine", "distinct_output_name", "make_shards", "output_name", "planning_memory",
-           "read_schema",
+           "read_schema", "resolve_failed", "settle_lazy",
            "resolve_columns", "scan_inputs", "scan_source", "split_row_groups"]
 
 DEFAULT_SHARD_ROWS = 1_000_000
@@ -126,6 +128,11 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
         total = f.row_groups
         for first, stop, rows, name in _spans(f, shard_rows):
             made.append((index, first, stop, rows, name or _claim(taken, f.rel, first), -1 if total is None else total))
+    lazy = np.flatnonzero(files.lazy) if files.lazy is not None else np.zeros(0, np.int64)
+    if len(lazy):  # one shard each, named as its first row group's (`settle_lazy`: no other input shares it)
+        names = pc.binary_join_element_wise(
+            pc.replace_substring_regex(files.listing.rel.take(pa.array(lazy)), _SUFFIX, ""), "-00000.parquet", "")
+        lazy_shards = (lazy, np.zeros(len(lazy), np.int64), names)
     committed = files.committed
     keep = files.planned_whole[committed.file] if len(committed.file) else np.zeros(0, bool)
     whole = committed if keep.all() else dataclasses.replace(
@@ -133,8 +140,20 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
         rows=committed.rows[keep], output=committed.output.filter(pa.array(keep)))
     last = np.r_[whole.file[1:] != whole.file[:-1], True] if len(whole.file) else np.zeros(0, bool)
     total = np.repeat(whole.stop[last], np.diff(np.r_[0, np.flatnonzero(last) + 1]))  # a file's last stop
-    if not made:
+    if len(lazy):
+        file, zeros, names = lazy_shards
+        whole = dataclasses.replace(whole, file=np.concatenate([whole.file, file]),
+                                    first=np.concatenate([whole.first, zeros]), stop=np.concatenate([whole.stop, zeros]),
+                                    rows=np.concatenate([whole.rows, zeros]),
+                                    output=pa.concat_arrays([whole.output.cast(pa.string()), names]))
+        total = np.concatenate([total, np.full(len(lazy), -1, np.int64)])
+    unread = np.r_[np.zeros(len(whole.file) - len(lazy), bool), np.ones(len(lazy), bool)] if len(lazy) else None
+    if not made and unread is None:
         return Shards(files, whole.file, whole.first, whole.stop, whole.rows, whole.output, total)
+    if not made:
+        order = np.argsort(whole.file, kind="stable")
+        return Shards(files, whole.file[order], whole.first[order], whole.stop[order], whole.rows[order],
+                      whole.output.take(pa.array(order)), total[order], lazy=unread[order], split_rows=shard_rows)
     columns = list(zip(*made))
     file = np.concatenate([whole.file, np.array(columns[0], np.int64)])
     order = np.argsort(file, kind="stable")  # input order; a file's shards in their order
@@ -145,7 +164,94 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
                   np.concatenate([whole.rows, np.array(columns[3], np.int64)])[order],
                   pa.concat_arrays([whole.output, pa.array(columns[4], pa.string())]).take(pa.array(order)),
                   np.concatenate([total, np.array(columns[5], np.int64)])[order],
-                  {int(where[len(whole.file) + k]): error for k, error in errors.items()})
+                  {int(where[len(whole.file) + k]): error for k, error in errors.items()},
+                  lazy=None if unread is None else np.r_[unread, np.zeros(len(made), bool)][order],
+                  split_rows=shard_rows)
+
+
+_SUFFIX = r"\.(parquet|parq|pq)$"  # what `workers.fit.stem` cuts off
+_HIDDEN_PART = r"(^|/)[_.]"  # a part `workers.fit.output_name` makes visible
+_NAME_TAIL = r"-[0-9]{5}(-[0-9a-f]{8})?\.parquet$"  # an output name less its stem
+
+
+def settle_lazy(files: InputFiles, claims: Mapping[str, str], location: Location, shard_rows: int) -> None:
+    """Read the footers of the files planned lazily (`scan_source`'s `lazy_bytes`) whose output names
+    another input might share: a stem two listed inputs share (`a.parquet`, `a.parq`), a hidden part,
+    a stem that names the output `claims` hold for another input; and a file likely to hold several
+    shards (`_more_than`). The rest keep one shard each, whose replica names any further span
+    `output_name(rel, first)` as `make_shards` would: no other name claims their stem."""
+    if files.lazy is None or not files.lazy.any():
+        return
+    rels = files.listing.rel
+    stems = pc.replace_substring_regex(rels, _SUFFIX, "")
+    hidden = pc.match_substring_regex(rels, _HIDDEN_PART).to_numpy(zero_copy_only=False)
+    eager = hidden.copy()
+    if hidden.any():  # their stems as `output_name` makes them visible
+        at = np.flatnonzero(hidden)
+        visible = [output_name(rel, 0)[: -len("-00000.parquet")] for rel in rels.take(pa.array(at)).to_pylist()]
+        stems = pc.replace_with_mask(stems, pa.array(hidden), pa.array(visible, pa.string()))
+    order = pc.sort_indices(stems).to_numpy()
+    ranked = stems.take(pa.array(order))
+    same = pc.equal(ranked.slice(1), ranked.slice(0, len(ranked) - 1)).to_numpy(zero_copy_only=False)
+    eager[order[1:][same]] = True
+    eager[order[:-1][same]] = True
+    names, holders = _claimed(claims)
+    lazy = np.flatnonzero(files.lazy)
+    if len(names):
+        claimed = pc.replace_substring_regex(names, _NAME_TAIL, "")
+        hit = lazy[pc.is_in(stems.take(pa.array(lazy)), value_set=claimed).to_numpy(zero_copy_only=False)]
+        if len(hit):
+            wanted = set(stems.take(pa.array(hit)).to_pylist())
+            held: dict[str, set[str]] = {}
+            for name_stem, holder in zip(claimed.to_pylist(), holders.to_pylist()):
+                if name_stem in wanted:
+                    held.setdefault(name_stem, set()).add(holder)
+            for index, stem, rel in zip(hit.tolist(), stems.take(pa.array(hit)).to_pylist(),
+                                        rels.take(pa.array(hit)).to_pylist()):
+                eager[index] |= bool(held[stem] - {rel})
+    eager[lazy[_more_than(files, lazy, shard_rows)]] = True
+    for index in lazy[eager[lazy]].tolist():
+        files[index] = read_schema(files[index], location)
+
+
+def _more_than(files: InputFiles, lazy: np.ndarray, shard_rows: int) -> np.ndarray:
+    """Per file of `lazy`: likely to hold `shard_rows` rows or more (its size at the rows per byte of the
+    files whose footers were read), so likely several shards: planned from its footer, as a big file is."""
+    sizes = files.listing.sizes
+    read = [(index, sum(f.row_group_rows)) for index, f in files.read.items() if f.row_group_rows is not None]
+    if sizes is None or not read:
+        return np.zeros(len(lazy), bool)
+    at = pa.array([index for index, _ in read], pa.int64())
+    per_byte = sum(n for _, n in read) / max(1, pc.sum(sizes.take(at)).as_py() or 0)
+    return sizes.take(pa.array(lazy)).to_numpy(zero_copy_only=False) * per_byte >= shard_rows
+
+
+def resolve_failed(shards: Shards, shard: Shard, location: Location, columns: Columns) -> list[Shard]:
+    """A lazy shard that failed before its replica planned its file (a replica that died, a storage error):
+    its file's shards as the eager plan makes them, from its footer read now, to be recorded as failed;
+    the shard itself when the file cannot be read or does not fit (the eager plan's one failed shard)."""
+    f = read_schema(shards.files[int(shards.file[shard.at])], location)
+    if check_file(f, columns) is not None or f.row_group_rows is None:
+        return [shard]
+    rows = f.row_group_rows
+    return shards.resolve(shard, spans_of(rows, shard_rows=shards.split_rows, rel=shard.rel, output=shard.output),
+                          len(rows))
+
+
+def _claimed(claims: Mapping[str, str]) -> tuple[pa.Array, pa.Array]:
+    """The names `claims` hold and their holders, as columns (without a record per committed name)."""
+    names: list[pa.Array] = []
+    holders: list[pa.Array] = []
+    for part in (claims.maps if isinstance(claims, ChainMap) else [claims]):
+        table = getattr(part, "table", None)  # `pipelines.commit.entries.Claims`: its committed names' columns
+        if table is not None:
+            names.append(table["output"].combine_chunks() if table.num_rows else pa.array([], pa.string()))
+            holders.append(table["rel"].combine_chunks() if table.num_rows else pa.array([], pa.string()))
+            part = part.others
+        names.append(pa.array(list(part), pa.string()))
+        holders.append(pa.array(list(part.values()), pa.string()))
+    return (pa.concat_arrays([n.cast(pa.string()) for n in names]),
+            pa.concat_arrays([h.cast(pa.string()) for h in holders]))
 
 
 def _spans(f: InputFile, shard_rows: int) -> list[tuple[int, int, int, str | None]]:
@@ -213,7 +319,7 @@ def scan_inputs(location: Location, committed: Committed | None = None, *,
 
 
 def scan_source(source: Source, committed: Committed | None = None, *,
-                avoid: str | None = None) -> tuple[str, InputFiles]:
+                avoid: str | None = None, lazy_bytes: int = 0) -> tuple[str, InputFiles]:
     """List the input's live data files (`Source.files`) and read the footers that are needed (in
     parallel: footers are small reads).
 
@@ -222,6 +328,11 @@ def scan_source(source: Source, committed: Committed | None = None, *,
     not read and no record made for it; the spans of a file held in part are reused where
     they fit its footer. `avoid`: the output's real path, which no input may reach through
     a symlink (`list_files`).
+
+    `lazy_bytes`: a fresh local file (no committed span) of at most this many bytes, as the listing
+    sizes it, is not opened at all (`InputFiles.lazy`): the replica that reads it whole plans it
+    (`workers.lazy`), with the same checks, shards and names. A table's files (row counts, deleted
+    rows) and an object store's are always read here.
     """
     location = source.location
     base, listing = source.files(avoid=avoid)
@@ -251,7 +362,15 @@ def scan_source(source: Source, committed: Committed | None = None, *,
                 f"{uri}: the footer holds {sum(rows)} row(s) but the {source.format} table records {data.rows}"))
         return InputFile(data.path, rel, uri, fingerprint, rows, schema, committed=reusable, deleted=data.deleted)
 
-    needed = np.flatnonzero(~known.whole)  # not committed over all its row groups: its footer is read
+    needed = ~known.whole  # not committed over all its row groups: its footer is read, unless planned lazily
+    lazy = np.zeros(len(listing), bool)
+    if lazy_bytes and location.is_local and listing.sizes is not None and listing.rows is None \
+            and listing.deleted is None:
+        lazy = needed & (listing.sizes.to_numpy(zero_copy_only=False) <= lazy_bytes)
+        if known.partial:
+            lazy[list(known.partial)] = False
+        needed &= ~lazy
+    needed = np.flatnonzero(needed)
     # Footers in chunks: one pool task per file costs more than the read itself on 100k small files.
     chunks = [needed[i:i + _FOOTER_CHUNK] for i in range(0, len(needed), _FOOTER_CHUNK)]
     threads = _LOCAL_FOOTER_THREADS if location.is_local else _FOOTER_THREADS
@@ -263,7 +382,8 @@ def scan_source(source: Source, committed: Committed | None = None, *,
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
         for chunk, files in zip(chunks, pool.map(footers, chunks)):
             read.update(zip(chunk.tolist(), files))
-    return base, InputFiles(listing, display=location.display, committed=known, read=read)
+    return base, InputFiles(listing, display=location.display, committed=known, read=read,
+                            lazy=lazy if lazy.any() else None)
 
 
 def read_schema(f: InputFile, location: Location) -> InputFile:
