@@ -269,7 +269,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                 metrics.shard_done(shard.rows_in, committed=ok)
 
             bundle_rows = cfg.shard_rows or DEFAULT_SHARD_ROWS  # small shards go out in calls of about a shard
-            rows = _rows_estimate(p, runnable)
+            rows = sum(s.rows_in for s in runnable)  # a lazy shard's estimated
             # an embedded CPU run that one replica does as well as Ray: refused here, or run in the driver
             local = None if startup.started else lane_resources(cfg, rows, len(runnable), p.model.layers)
             try:
@@ -303,22 +303,6 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         if timeline:
             write_timeline(timeline, done.spans or [])
         return report
-
-
-def _rows_estimate(p: Plan, shards: Sequence[Shard]) -> int:
-    """The rows of `shards`; a lazy shard's (its file's footer not read) estimated from its file's size at the
-    rows per byte of the files whose footers were read."""
-    rows = sum(s.rows_in for s in shards)
-    lazy = np.array([s.at for s in shards if s.lazy], np.int64)
-    sizes = p.files.listing.sizes
-    if not len(lazy) or sizes is None:
-        return rows
-    read = [(index, sum(f.row_group_rows)) for index, f in p.files.read.items() if f.row_group_rows is not None]
-    if not read:
-        return rows
-    at = pa.array([index for index, _ in read], pa.int64())
-    per_byte = sum(n for _, n in read) / max(1, pc.sum(sizes.take(at)).as_py() or 0)
-    return rows + int(per_byte * (pc.sum(sizes.take(pa.array(p.shards.file[lazy]))).as_py() or 0))
 
 
 def _run_on_ray(cfg: JobConfig, p: Plan, job: Any, startup: Any, runnable: list[Shard], on_result: Any, begin: Any,

@@ -132,7 +132,7 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
     if len(lazy):  # one shard each, named as its first row group's (`settle_lazy`: no other input shares it)
         names = pc.binary_join_element_wise(
             pc.replace_substring_regex(files.listing.rel.take(pa.array(lazy)), _SUFFIX, ""), "-00000.parquet", "")
-        lazy_shards = (lazy, np.zeros(len(lazy), np.int64), names)
+        lazy_shards = (lazy, np.zeros(len(lazy), np.int64), names, estimated_rows(files, lazy))
     committed = files.committed
     keep = files.planned_whole[committed.file] if len(committed.file) else np.zeros(0, bool)
     whole = committed if keep.all() else dataclasses.replace(
@@ -141,10 +141,10 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
     last = np.r_[whole.file[1:] != whole.file[:-1], True] if len(whole.file) else np.zeros(0, bool)
     total = np.repeat(whole.stop[last], np.diff(np.r_[0, np.flatnonzero(last) + 1]))  # a file's last stop
     if len(lazy):
-        file, zeros, names = lazy_shards
+        file, zeros, names, estimate = lazy_shards
         whole = dataclasses.replace(whole, file=np.concatenate([whole.file, file]),
                                     first=np.concatenate([whole.first, zeros]), stop=np.concatenate([whole.stop, zeros]),
-                                    rows=np.concatenate([whole.rows, zeros]),
+                                    rows=np.concatenate([whole.rows, estimate]),
                                     output=pa.concat_arrays([whole.output.cast(pa.string()), names]))
         total = np.concatenate([total, np.full(len(lazy), -1, np.int64)])
     unread = np.r_[np.zeros(len(whole.file) - len(lazy), bool), np.ones(len(lazy), bool)] if len(lazy) else None
@@ -215,15 +215,20 @@ def settle_lazy(files: InputFiles, claims: Mapping[str, str], location: Location
 
 
 def _more_than(files: InputFiles, lazy: np.ndarray, shard_rows: int) -> np.ndarray:
-    """Per file of `lazy`: likely to hold `shard_rows` rows or more (its size at the rows per byte of the
-    files whose footers were read), so likely several shards: planned from its footer, as a big file is."""
+    """Per file of `lazy`: likely to hold `shard_rows` rows or more (`estimated_rows`), so likely several
+    shards: planned from its footer, as a big file is."""
+    return estimated_rows(files, lazy) >= shard_rows
+
+
+def estimated_rows(files: InputFiles, at: np.ndarray) -> np.ndarray:
+    """Rows of the listed files `at` (int64), estimated from their sizes at the rows per byte of the files
+    whose footers were read (0 where nothing tells): a lazy shard's `rows_in` until its replica counts them."""
     sizes = files.listing.sizes
     read = [(index, sum(f.row_group_rows)) for index, f in files.read.items() if f.row_group_rows is not None]
-    if sizes is None or not read:
-        return np.zeros(len(lazy), bool)
-    at = pa.array([index for index, _ in read], pa.int64())
-    per_byte = sum(n for _, n in read) / max(1, pc.sum(sizes.take(at)).as_py() or 0)
-    return sizes.take(pa.array(lazy)).to_numpy(zero_copy_only=False) * per_byte >= shard_rows
+    if sizes is None or not read or not len(at):
+        return np.zeros(len(at), np.int64)
+    per_byte = sum(n for _, n in read) / max(1, pc.sum(sizes.take(pa.array([i for i, _ in read], pa.int64()))).as_py())
+    return np.ceil(sizes.take(pa.array(at, pa.int64())).to_numpy(zero_copy_only=False) * per_byte).astype(np.int64)
 
 
 def resolve_failed(shards: Shards, shard: Shard, location: Location, columns: Columns) -> list[Shard]:
@@ -232,7 +237,7 @@ def resolve_failed(shards: Shards, shard: Shard, location: Location, columns: Co
     the shard itself when the file cannot be read or does not fit (the eager plan's one failed shard)."""
     f = read_schema(shards.files[int(shards.file[shard.at])], location)
     if check_file(f, columns) is not None or f.row_group_rows is None:
-        return [shard]
+        return [dataclasses.replace(shard, rows_in=0)]
     rows = f.row_group_rows
     return shards.resolve(shard, spans_of(rows, shard_rows=shards.split_rows, rel=shard.rel, output=shard.output),
                           len(rows))

@@ -79,8 +79,8 @@ class Shard:
     file_row_groups: int | None = None  # row groups in the whole file (None: unknown, the file failed)
     deleted: bytes | None = None  # the file's deleted rows (`basis.masks`): dropped by the reader; not in rows_in
     # A small file planned without its footer (`InputFiles.lazy`): the shard_rows its replica splits it by
-    # (`workers.lazy`); its row groups (0, 0) and rows_in 0 stand until its result says what it held.
-    lazy: int = 0
+    # (`workers.lazy`); its row groups (0, 0) and an estimated rows_in stand until its result says what it held.
+    lazy: int = 0  # (rows_in: estimated from the file's size, `plan.estimated_rows`)
     at: int = -1  # a lazy shard's position in its plan's `Shards` (`Shards.resolve`)
 
     def to_task(self) -> dict[str, object]:

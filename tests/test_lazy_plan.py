@@ -20,6 +20,7 @@ from basis.storage import resolve
 from pipelines.commit import SUCCESS, State
 from pipelines.config import JobConfig
 from pipelines.job import _prepare
+from pipelines.plan import resolve_failed
 
 KEYS = ("id", "input", "rel", "fingerprint", "file_row_groups", "row_groups", "rows_in", "output", "status")
 
@@ -137,3 +138,25 @@ def test_footers_are_read_until_one_file_fits_and_a_job_no_file_fits_is_exit_2_b
     assert report.status == "failed" and report.shards_failed == 3 and report.rows_out == 20
     assert {e["shard"]: e["error"] for e in report.errors} == {
         s.id: s.error for s in pipelines.plan(**_cfg(tmp_path, **features)).shards if s.error}
+
+
+def test_a_lazy_shard_that_fails_before_its_replica_planned_it_is_recorded_as_the_eager_plans_shards(
+        tmp_path: Path) -> None:
+    """A replica that died (or storage that kept failing) before it read the file: the driver reads that one
+    footer and records the file's shards as the eager plan makes them, each failed."""
+    _inputs(tmp_path)
+    eager = {s.id: s for s in pipelines.plan(**_cfg(tmp_path)).shards}
+    p = _prepare(JobConfig.from_dict(_cfg(tmp_path)), lazy=True)
+    lazy = [s for s in p.todo if s.lazy]
+    three = next(s for s in lazy if s.rel == "part-0003.parquet")
+    assert three.row_groups == (0, 0) and three.rows_in > 0  # an estimate until it is read
+    pieces = resolve_failed(p.shards, three, p.source, p.columns)
+    assert [(s.id, s.row_groups, s.rows_in, s.output, s.file_row_groups) for s in pieces] == [
+        (e.id, e.row_groups, e.rows_in, e.output, e.file_row_groups) for e in eager.values()
+        if e.rel == "part-0003.parquet"]
+    assert len(p.shards) == len(eager)  # its second span added to the plan
+    assert {s.id for s in p.shards if s.rel == "part-0003.parquet"} == {"part-0003.parquet:0-2", "part-0003.parquet:2-3"}
+    empty = next(s for s in lazy if s.rel == "part-0005.parquet")
+    (tmp_path / "in" / "part-0005.parquet").write_bytes(b"gone bad")  # unreadable now: the plan's failed shard
+    [failed] = resolve_failed(p.shards, empty, p.source, p.columns)
+    assert (failed.id, failed.row_groups, failed.rows_in) == ("part-0005.parquet:0-0", (0, 0), 0)

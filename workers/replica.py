@@ -339,11 +339,11 @@ class Replica:
         each of its shards committed on its own; the result holds theirs (`parts`) and its `spans`."""
         try:
             parquet = open_parquet(self.source, task["path"], task["input"])
-        except ShardDataError as exc:
-            return self._result(task, started, error=footer_error(task["input"], exc.__cause__ or exc))
+        except ShardDataError as exc:  # as the driver's plan fails it: row groups (0, 0), no rows
+            return self._result({**task, "rows_in": 0}, started, error=footer_error(task["input"], exc.__cause__ or exc))
         shards = plan_file(parquet, task, self.job)
         if isinstance(shards, str):
-            return self._result(task, started, error=shards)
+            return self._result({**task, "rows_in": 0}, started, error=shards)
         parts = [self._process(shard, log, parquet) for shard in shards]
         failed = [part["error"] for part in parts if part["status"] != "committed"]
         return {"id": task["id"], "replica": self.index, "started": started, "finished": parts[-1]["finished"],
