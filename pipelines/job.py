@@ -247,7 +247,8 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                 if spans is not None:  # a file planned by its replica (`workers.lazy`): its shards now known
                     for piece, part in zip(p.shards.resolve(shard, spans, result["file_row_groups"]), result["parts"]):
                         share_strings(part, piece)
-                        record(piece, {**part, "attempts": result["attempts"]})
+                        record(piece, {**part, "attempts": result["attempts"],
+                                       **({"call": result["call"]} if "call" in result else {})})
                 elif shard.lazy and result["status"] != COMMITTED:  # failed before its replica planned it
                     for piece in resolve_failed(p.shards, shard, p.source, p.columns):
                         record(piece, {**result, "id": piece.id, "rows_in": piece.rows_in, "output": piece.output})

@@ -228,7 +228,7 @@ def estimated_rows(files: InputFiles, at: np.ndarray) -> np.ndarray:
     if sizes is None or not read or not len(at):
         return np.zeros(len(at), np.int64)
     per_byte = sum(n for _, n in read) / max(1, pc.sum(sizes.take(pa.array([i for i, _ in read], pa.int64()))).as_py())
-    return np.ceil(sizes.take(pa.array(at, pa.int64())).to_numpy(zero_copy_only=False) * per_byte).astype(np.int64)
+    return (sizes.take(pa.array(at, pa.int64())).to_numpy(zero_copy_only=False) * per_byte).astype(np.int64)
 
 
 def resolve_failed(shards: Shards, shard: Shard, location: Location, columns: Columns) -> list[Shard]:
