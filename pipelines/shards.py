@@ -19,7 +19,7 @@ made only for a shard asked for (those to run; a few for messages). `InputFiles`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, overload
 
 import numpy as np
@@ -334,7 +334,9 @@ class Shards(Sequence[Shard]):
             self.total = np.append(self.total, np.full(more, total))
             self.lazy = np.append(self.lazy, np.zeros(more, bool))
             self._output = pa.concat_arrays([self._output, pa.array([s[3] for s in spans[1:]], pa.string())])
-        return self.objects(np.array(indices, np.int64), keep=False)
+        return [replace(shard, id=f"{shard.rel}:{first}-{stop}", row_groups=(first, stop), rows_in=rows,
+                        output=output if first else shard.output, file_row_groups=total, lazy=0, at=-1)
+                for first, stop, rows, output in spans]  # the shard's own strings, not copies
 
     def rename(self, index: int, shard: Shard) -> None:
         """Shard `index` is now `shard` (the same shard under the output name the sink gives it)."""
