@@ -536,7 +536,9 @@ def _columns(
                 return columns, [f.rel, f.fingerprint], files
             read = read_schema(f, source)
             if read.schema is None:
-                continue  # unreadable now; it stays planned from its committed shards
+                if not f.committed:  # planned lazily: it fails as the eager plan fails it
+                    files[index] = read
+                continue  # unreadable now; a committed one stays planned from its committed shards
             f = files[index] = read
         return resolve_columns(f.schema, cfg, model.in_features, f.uri), [f.rel, f.fingerprint], files
     same_keys = {k: recorded.get(k) for k in _column_keys(cfg)} == _column_keys(cfg)

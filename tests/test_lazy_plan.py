@@ -118,6 +118,14 @@ def test_footers_are_read_until_one_file_fits_and_a_job_no_file_fits_is_exit_2_b
         pipelines.run(**_cfg(tmp_path), progress=False)
     assert not (tmp_path / "out").exists()
 
+    for path in root.iterdir():  # no file readable at all: the same message as the plan's
+        path.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError) as refused:
+        pipelines.run(**_cfg(tmp_path), progress=False)
+    with pytest.raises(InputError) as planned:
+        pipelines.plan(**_cfg(tmp_path))
+    assert str(refused.value) == str(planned.value) and "cannot read Parquet footer" in str(planned.value)
+
     # The first file gives the columns but holds a feature as text; no other file has them all.
     pq.write_table(feature_table(np.arange(20), 4, 0).set_column(5, "f03", pa.array(["x"] * 20)),
                    root / "part-0000.parquet")
