@@ -125,7 +125,7 @@ class Scheduler:
         `on_started()` is called once, when the first replica is ready and before the first
         shard is dispatched; a `ResourceError` is raised only before that.
         """
-        self._pending = collections.deque(shards)
+        self._pending = shards if isinstance(shards, collections.deque) else collections.deque(shards)
         self._on_result = on_result
         try:
             self.pool.start()

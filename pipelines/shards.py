@@ -313,6 +313,11 @@ class Shards(Sequence[Shard]):
         """The shards at `indices` (a view: nothing is copied)."""
         return ShardsView(self, indices)
 
+    def release(self) -> None:
+        """Forget the `Shard`s made so far (a run's, once they are handed to its replicas): one asked for
+        again is made again, the same shard (renamed as it was) but another object."""
+        self._made.clear()
+
     def resolve(self, shard: Shard, spans: Sequence[tuple[int, int, int, str]], total: int) -> list[Shard]:
         """A lazy shard (`Shard.lazy`) as its replica found its file: `spans` (first, stop, live rows, output),
         the file's row groups `total`. The first span takes the shard's place (its output name is the
