@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -11,6 +12,7 @@ from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -44,7 +46,9 @@ from pipelines.plan import (
     planning_memory,
     read_schema,
     resolve_columns,
+    resolve_failed,
     scan_source,
+    settle_lazy,
 )
 from pipelines.report import Progress, RunReport, RunResults, write_timeline
 from pipelines.tables import DataFiles, Source, catalog_record, open_source
@@ -61,6 +65,10 @@ from basis.storage import (
 )
 
 logger = logging.getLogger(__name__)
+
+# A fresh local input file of at most this many bytes is planned without its footer (`_plan`'s `lazy`): its
+# replica reads it whole anyway (`workers.reader.SMALL_FILE_BYTES`) and checks and plans it there.
+LAZY_FILE_BYTES = 2 << 20
 
 
 @dataclasses.dataclass
@@ -180,11 +188,11 @@ def run(
 
 def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline: str | None,
          progress: bool) -> RunReport:
-    p = _prepare(cfg, on_work=startup.begin)
+    p = _prepare(cfg, on_work=startup.begin, lazy=True)
     metrics.output = p.output.uri
     with _refusals(p.output) as refusals, OutputLock(p.output) as lock:
         if _snapshot(p.output) != p.snapshot:  # another run committed between planning and the lock
-            p = _prepare(cfg, on_work=startup.begin)
+            p = _prepare(cfg, on_work=startup.begin, lazy=True)
         from pipelines.autoscaler import clear_stale_request
 
         clear_stale_request(cfg, p.output)  # a killed run's autoscaler request: cleared by the next tick, idle or not
@@ -194,10 +202,12 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
                             kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.lane import run_in_driver
+        from pipelines.lane import _share_strings as share_strings
         from pipelines.startup import lane_on_numpy, lane_processes, lane_resources
         from workers.replica import ReplicaJob, default_batch_size
 
-        runnable = [s for s in p.todo if s.error is None]
+        # the shards to run, handed over to the lane or the scheduler: each is dropped once its result is in
+        runnable = collections.deque(s for s in p.todo if s.error is None)
         done = RunResults(timeline=timeline is not None)
         first_commit: list[float] = []
 
@@ -214,6 +224,9 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                               "rows_out": 0, "rows_rejected": 0}, shard.input)
             recorder.flush(force=True)
             refusals.started = True  # shards run from here: a refusal now leaves committed work behind
+            # Only `runnable` holds the shards to run from here (100,000 tiny files: ~75 MiB of `Shard`s).
+            p.todo = p.reconciled.todo = []
+            p.shards.release()
 
         replicas: list[dict[str, Any]] = []
         waited = 0.0
@@ -235,6 +248,19 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
             bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
 
             def on_result(shard: Shard, result: dict[str, Any]) -> None:
+                spans = result.get("spans")
+                if spans is not None:  # a file planned by its replica (`workers.lazy`): its shards now known
+                    for piece, part in zip(p.shards.resolve(shard, spans, result["file_row_groups"]), result["parts"]):
+                        share_strings(part, piece)
+                        record(piece, {**part, "attempts": result["attempts"],
+                                       **({"call": result["call"]} if "call" in result else {})})
+                elif shard.lazy and result["status"] != COMMITTED:  # failed before its replica planned it
+                    for piece in resolve_failed(p.shards, shard, p.source, p.columns):
+                        record(piece, {**result, "id": piece.id, "rows_in": piece.rows_in, "output": piece.output})
+                else:
+                    record(shard, result)
+
+            def record(shard: Shard, result: dict[str, Any]) -> None:
                 if result.get("error"):  # recorded in the journal and the report: no secret in it
                     result = {**result, "error": redact(result["error"])}
                 ok = result["status"] == COMMITTED
@@ -249,7 +275,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                 metrics.shard_done(shard.rows_in, committed=ok)
 
             bundle_rows = cfg.shard_rows or DEFAULT_SHARD_ROWS  # small shards go out in calls of about a shard
-            rows = sum(s.rows_in for s in runnable)
+            rows = sum(s.rows_in for s in runnable)  # a lazy shard's estimated
             # an embedded CPU run that one replica does as well as Ray: refused here, or run in the driver
             local = None if startup.started else lane_resources(cfg, rows, len(runnable), p.model.layers)
             try:
@@ -285,7 +311,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         return report
 
 
-def _run_on_ray(cfg: JobConfig, p: Plan, job: Any, startup: Any, runnable: list[Shard], on_result: Any, begin: Any,
+def _run_on_ray(cfg: JobConfig, p: Plan, job: Any, startup: Any, runnable: Sequence[Shard], on_result: Any, begin: Any,
                 metrics: Any, chosen: list[float], bundle_rows: int) -> tuple[list[dict[str, Any]], float]:
     """The shards on Ray replicas (those started while planning, if any); returns their records and the
     seconds spent waiting for capacity."""
@@ -335,18 +361,23 @@ def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:
     return config.replace(**options) if options else config
 
 
-def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None) -> Plan:
+def _prepare(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None,
+             lazy: bool = False) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan
     (`_plan`, its Arrow memory from `plan.planning_memory`)."""
     with planning_memory():
-        return _plan(cfg, from_manifest=from_manifest, on_work=on_work)
+        return _plan(cfg, from_manifest=from_manifest, on_work=on_work, lazy=lazy)
 
 
-def _plan(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None) -> Plan:
+def _plan(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., None] | None = None,
+          lazy: bool = False) -> Plan:
     """Everything checked before the lock and before Ray: model, inputs, columns, output; then the plan.
 
     A table whose snapshot is the one the complete output recorded is planned from the manifest
     (`from_manifest`: no file list, no footer); should that plan find work after all, it is planned again.
+    `lazy` (a run; `plan` reads every footer, so what it prints is what its files hold): small fresh local
+    files are planned without their footers, their replicas check and plan them (`plan.settle_lazy`,
+    `workers.lazy`); footers are read only until one file fits, so a job no file fits is still exit 2.
     `on_work(model, source, sink, files)` is called once the listing shows work (`files` listed files
     not wholly committed), before the footers are read: a run starts its replicas then
     (`pipelines.startup`); a plan with no such file never calls it."""
@@ -396,21 +427,22 @@ def _plan(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., 
         return spans
 
     avoid = os.path.realpath(output.path) if source.is_local and output.is_local else None
-    base, files = scan_source(table, committed, avoid=avoid)
+    base, files = scan_source(table, committed, avoid=avoid,
+                              lazy_bytes=LAZY_FILE_BYTES if lazy and not sink.is_table else 0)
     listing = listings[0]
     columns, column_source, files = _columns(cfg, model, files, state, source)
     check_quarantine(columns, cfg.invalid_rows)  # also for columns reused from the manifest
     settings = prediction_settings(cfg, columns)
     if not cfg.overwrite:
         state.check_compatible(model.to_dict(), settings, source_record(table, base), output.uri)
-    for index, f in list(files.read.items()):  # a file planned from its committed spans alone fits: it did
-        if (error := check_file(f, columns)) != f.error:
-            files.read[index] = dataclasses.replace(f, error=error)
-    if len(files) and not files.planned_whole.any() and all(f.error is not None for f in files.read.values()):
-        raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in files[:3]))
     keep_vanished = not (cfg.prune or cfg.overwrite)
     claims = ChainMap(state.claims(listing.rel, keep_vanished=keep_vanished, covered=table.covered),  # a compaction's
                       {path: "" for path in foreign})  # covered predictions keep their names; foreign names never taken
+    settle_lazy(files, claims, source, cfg.shard_rows or DEFAULT_SHARD_ROWS)
+    for index, f in list(files.read.items()):  # a file planned from its committed spans alone fits: it did
+        if (error := check_file(f, columns)) != f.error:
+            files.read[index] = dataclasses.replace(f, error=error)
+    _one_fits(files, columns, source)
     shards = make_shards(files, cfg.shard_rows or DEFAULT_SHARD_ROWS, claims)  # foreign names are never taken
     reconciled = reconcile(state, shards, present, cfg.overwrite, listed=listing.rel, prune=cfg.prune, foreign=foreign)
     check_removals(table, state.files, reconciled, listing.mapping() if table.removal_rewrites_rows else {},
@@ -422,6 +454,19 @@ def _plan(cfg: JobConfig, *, from_manifest: bool = True, on_work: Callable[..., 
     sink.check_schema(lambda: _output_schema(cfg, model, columns, files, source))
     return Plan(cfg, model, columns, source, output, base, files, shards, reconciled.todo, reconciled.skipped,
                 state, reconciled, snapshot, column_source, table, sink)
+
+
+def _one_fits(files: InputFiles, columns: Columns, source: Location) -> None:
+    """Exit 2 (`InputError`) when no input file fits the model; files planned lazily have their footers
+    read, in order, until one fits (normally the first: its footer gave the columns)."""
+    if not len(files) or files.planned_whole.any() or any(f.error is None for f in files.read.values()):
+        return
+    for index in (np.flatnonzero(files.lazy) if files.lazy is not None else ()):
+        f = read_schema(files[int(index)], source)
+        files[int(index)] = f = dataclasses.replace(f, error=check_file(f, columns))
+        if f.error is None:
+            return
+    raise InputError("no input file fits the model: " + "; ".join(f.error or "" for f in files[:3]))
 
 
 def _name_outputs(sink: Sink, state: State, shards: Shards, reconciled: Reconciled) -> list[Shard]:
@@ -497,7 +542,9 @@ def _columns(
                 return columns, [f.rel, f.fingerprint], files
             read = read_schema(f, source)
             if read.schema is None:
-                continue  # unreadable now; it stays planned from its committed shards
+                if not f.committed:  # planned lazily: it fails as the eager plan fails it
+                    files[index] = read
+                continue  # unreadable now; a committed one stays planned from its committed shards
             f = files[index] = read
         return resolve_columns(f.schema, cfg, model.in_features, f.uri), [f.rel, f.fingerprint], files
     same_keys = {k: recorded.get(k) for k in _column_keys(cfg)} == _column_keys(cfg)

@@ -72,7 +72,7 @@ def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[
         >>> run_in_driver(job, plan.todo, on_result, max_attempts=3)[0]["shards"]  # doctest: +SKIP
         1
     """
-    pending = collections.deque(shards)
+    pending = shards if isinstance(shards, collections.deque) else collections.deque(shards)  # a deque: the caller's own
     if processes >= 2:
         return _run_on_processes(job, pending, on_result, max_attempts, shard_timeout, bundle_rows, numpy_forward,
                                  processes)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-import hashlib
 from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,26 +26,36 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.config import JobConfig
-from basis.errors import ConfigError, InputError, StorageError
+from basis.errors import ConfigError, InputError
 from basis.masks import decode as decode_mask
 from basis.masks import deleted_between
 from basis.storage import Location, is_hidden, read_parquet_footer
 from pipelines.shards import CommittedSpans, InputFile, InputFiles, Shard, Shards, Span
 from pipelines.tables import DataFile, DataFiles, Source
+from workers.lazy import spans_of
+from workers.fit import (
+    distinct_output_name,
+    footer_error,
+    is_float_list,
+    misfit,
+    output_name,
+    short,
+    split_row_groups,
+)
 
 __all__ = ["DEFAULT_SHARD_ROWS", "Columns", "CommittedSpans", "InputFile", "InputFiles", "Shard", "Shards", "Span",
            "check_file", "check_quarantine", "distinct_output_name", "make_shards", "output_name", "planning_memory",
-           "read_schema",
+           "read_schema", "resolve_failed", "settle_lazy",
            "resolve_columns", "scan_inputs", "scan_source", "split_row_groups"]
 
 DEFAULT_SHARD_ROWS = 1_000_000
 _FOOTER_THREADS = 16  # object stores: footer reads wait on the network
 _LOCAL_FOOTER_THREADS = 4  # local disks: the work is CPU, more threads only contend for the GIL
 _FOOTER_CHUNK = 64
-_PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 
 Committed = Callable[[DataFiles], CommittedSpans]  # the listing -> the output's committed spans of its files
 
@@ -95,64 +104,6 @@ def planning_memory() -> Iterator[None]:
         pool.release_unused()  # what planning freed: no further allocation would ever return it
 
 
-def split_row_groups(rows: Sequence[int], shard_rows: int) -> list[tuple[int, int]]:
-    """Group consecutive row groups into runs of about `shard_rows` rows.
-
-    A run closes once it holds at least `shard_rows` rows, so a shard is never
-    split inside a row group. A file with no row groups has one empty shard.
-    """
-    if not rows:
-        return [(0, 0)]
-    spans, first, total = [], 0, 0
-    for index, count in enumerate(rows):
-        total += count
-        if total >= shard_rows:
-            spans.append((first, index + 1))
-            first, total = index + 1, 0
-    if first < len(rows):
-        spans.append((first, len(rows)))
-    return spans
-
-
-def output_name(rel: str, first_row_group: int) -> str:
-    """The output path of a shard, mirroring the input's relative path.
-
-    A hidden name (`_x.parquet`, given as the input itself) loses its leading `_` and `.`:
-    readers skip hidden files, so its predictions would be invisible beside `_SUCCESS`.
-
-    Example:
-        >>> output_name("_x.parquet", 0)
-        'x-00000.parquet'
-    """
-    return f"{_visible(_stem(rel))}-{first_row_group:05d}.parquet"
-
-
-def distinct_output_name(rel: str, first_row_group: int) -> str:
-    """The name used when `output_name` is taken by another input with the same stem.
-
-    `a.parquet`, `a.parq` and `a` share the stem `a`; the second to claim it gets
-    a name that also carries a hash of its full relative path.
-
-    Example:
-        >>> distinct_output_name("a.parq", 0)
-        'a-00000-4bd32b85.parquet'
-    """
-    digest = hashlib.sha1(rel.encode()).hexdigest()[:8]
-    return f"{_visible(_stem(rel))}-{first_row_group:05d}-{digest}.parquet"
-
-
-def _visible(path: str) -> str:
-    """`path` with the leading `_` and `.` of each part dropped (a part of only those becomes `part`)."""
-    return "/".join(part.lstrip("_.") or "part" for part in path.split("/"))
-
-
-def _stem(rel: str) -> str:
-    for suffix in _PARQUET_SUFFIXES:
-        if rel.endswith(suffix):
-            return rel[: -len(suffix)]
-    return rel
-
-
 def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str, str] | None = None) -> Shards:
     """Shards for every file, in input order.
 
@@ -177,6 +128,11 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
         total = f.row_groups
         for first, stop, rows, name in _spans(f, shard_rows):
             made.append((index, first, stop, rows, name or _claim(taken, f.rel, first), -1 if total is None else total))
+    lazy = np.flatnonzero(files.lazy) if files.lazy is not None else np.zeros(0, np.int64)
+    if len(lazy):  # one shard each, named as its first row group's (`settle_lazy`: no other input shares it)
+        names = pc.binary_join_element_wise(
+            pc.replace_substring_regex(files.listing.rel.take(pa.array(lazy)), _SUFFIX, ""), "-00000.parquet", "")
+        lazy_shards = (lazy, np.zeros(len(lazy), np.int64), names, estimated_rows(files, lazy))
     committed = files.committed
     keep = files.planned_whole[committed.file] if len(committed.file) else np.zeros(0, bool)
     whole = committed if keep.all() else dataclasses.replace(
@@ -184,8 +140,20 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
         rows=committed.rows[keep], output=committed.output.filter(pa.array(keep)))
     last = np.r_[whole.file[1:] != whole.file[:-1], True] if len(whole.file) else np.zeros(0, bool)
     total = np.repeat(whole.stop[last], np.diff(np.r_[0, np.flatnonzero(last) + 1]))  # a file's last stop
-    if not made:
+    if len(lazy):
+        file, zeros, names, estimate = lazy_shards
+        whole = dataclasses.replace(whole, file=np.concatenate([whole.file, file]),
+                                    first=np.concatenate([whole.first, zeros]), stop=np.concatenate([whole.stop, zeros]),
+                                    rows=np.concatenate([whole.rows, estimate]),
+                                    output=pa.concat_arrays([whole.output.cast(pa.string()), names]))
+        total = np.concatenate([total, np.full(len(lazy), -1, np.int64)])
+    unread = np.r_[np.zeros(len(whole.file) - len(lazy), bool), np.ones(len(lazy), bool)] if len(lazy) else None
+    if not made and unread is None:
         return Shards(files, whole.file, whole.first, whole.stop, whole.rows, whole.output, total)
+    if not made:
+        order = np.argsort(whole.file, kind="stable")
+        return Shards(files, whole.file[order], whole.first[order], whole.stop[order], whole.rows[order],
+                      whole.output.take(pa.array(order)), total[order], lazy=unread[order], split_rows=shard_rows)
     columns = list(zip(*made))
     file = np.concatenate([whole.file, np.array(columns[0], np.int64)])
     order = np.argsort(file, kind="stable")  # input order; a file's shards in their order
@@ -196,7 +164,99 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
                   np.concatenate([whole.rows, np.array(columns[3], np.int64)])[order],
                   pa.concat_arrays([whole.output, pa.array(columns[4], pa.string())]).take(pa.array(order)),
                   np.concatenate([total, np.array(columns[5], np.int64)])[order],
-                  {int(where[len(whole.file) + k]): error for k, error in errors.items()})
+                  {int(where[len(whole.file) + k]): error for k, error in errors.items()},
+                  lazy=None if unread is None else np.r_[unread, np.zeros(len(made), bool)][order],
+                  split_rows=shard_rows)
+
+
+_SUFFIX = r"\.(parquet|parq|pq)$"  # what `workers.fit.stem` cuts off
+_HIDDEN_PART = r"(^|/)[_.]"  # a part `workers.fit.output_name` makes visible
+_NAME_TAIL = r"-[0-9]{5}(-[0-9a-f]{8})?\.parquet$"  # an output name less its stem
+
+
+def settle_lazy(files: InputFiles, claims: Mapping[str, str], location: Location, shard_rows: int) -> None:
+    """Read the footers of the files planned lazily (`scan_source`'s `lazy_bytes`) whose output names
+    another input might share: a stem two listed inputs share (`a.parquet`, `a.parq`), a hidden part,
+    a stem that names the output `claims` hold for another input; and a file likely to hold several
+    shards (`_more_than`). The rest keep one shard each, whose replica names any further span
+    `output_name(rel, first)` as `make_shards` would: no other name claims their stem."""
+    if files.lazy is None or not files.lazy.any():
+        return
+    rels = files.listing.rel
+    stems = pc.replace_substring_regex(rels, _SUFFIX, "")
+    hidden = pc.match_substring_regex(rels, _HIDDEN_PART).to_numpy(zero_copy_only=False)
+    eager = hidden.copy()
+    if hidden.any():  # their stems as `output_name` makes them visible
+        at = np.flatnonzero(hidden)
+        visible = [output_name(rel, 0)[: -len("-00000.parquet")] for rel in rels.take(pa.array(at)).to_pylist()]
+        stems = pc.replace_with_mask(stems, pa.array(hidden), pa.array(visible, pa.string()))
+    order = pc.sort_indices(stems).to_numpy()
+    ranked = stems.take(pa.array(order))
+    same = pc.equal(ranked.slice(1), ranked.slice(0, len(ranked) - 1)).to_numpy(zero_copy_only=False)
+    eager[order[1:][same]] = True
+    eager[order[:-1][same]] = True
+    names, holders = _claimed(claims)
+    lazy = np.flatnonzero(files.lazy)
+    if len(names):
+        claimed = pc.replace_substring_regex(names, _NAME_TAIL, "")
+        hit = lazy[pc.is_in(stems.take(pa.array(lazy)), value_set=claimed).to_numpy(zero_copy_only=False)]
+        if len(hit):
+            wanted = set(stems.take(pa.array(hit)).to_pylist())
+            held: dict[str, set[str]] = {}
+            for name_stem, holder in zip(claimed.to_pylist(), holders.to_pylist()):
+                if name_stem in wanted:
+                    held.setdefault(name_stem, set()).add(holder)
+            for index, stem, rel in zip(hit.tolist(), stems.take(pa.array(hit)).to_pylist(),
+                                        rels.take(pa.array(hit)).to_pylist()):
+                eager[index] |= bool(held[stem] - {rel})
+    eager[lazy[_more_than(files, lazy, shard_rows)]] = True
+    for index in lazy[eager[lazy]].tolist():
+        files[index] = read_schema(files[index], location)
+
+
+def _more_than(files: InputFiles, lazy: np.ndarray, shard_rows: int) -> np.ndarray:
+    """Per file of `lazy`: likely to hold `shard_rows` rows or more (`estimated_rows`), so likely several
+    shards: planned from its footer, as a big file is."""
+    return estimated_rows(files, lazy) >= shard_rows
+
+
+def estimated_rows(files: InputFiles, at: np.ndarray) -> np.ndarray:
+    """Rows of the listed files `at` (int64), estimated from their sizes at the rows per byte of the files
+    whose footers were read (0 where nothing tells): a lazy shard's `rows_in` until its replica counts them."""
+    sizes = files.listing.sizes
+    read = [(index, sum(f.row_group_rows)) for index, f in files.read.items() if f.row_group_rows is not None]
+    if sizes is None or not read or not len(at):
+        return np.zeros(len(at), np.int64)
+    per_byte = sum(n for _, n in read) / max(1, pc.sum(sizes.take(pa.array([i for i, _ in read], pa.int64()))).as_py())
+    return (sizes.take(pa.array(at, pa.int64())).to_numpy(zero_copy_only=False) * per_byte).astype(np.int64)
+
+
+def resolve_failed(shards: Shards, shard: Shard, location: Location, columns: Columns) -> list[Shard]:
+    """A lazy shard that failed before its replica planned its file (a replica that died, a storage error):
+    its file's shards as the eager plan makes them, from its footer read now, to be recorded as failed;
+    the shard itself when the file cannot be read or does not fit (the eager plan's one failed shard)."""
+    f = read_schema(shards.files[int(shards.file[shard.at])], location)
+    if check_file(f, columns) is not None or f.row_group_rows is None:
+        return [dataclasses.replace(shard, rows_in=0)]
+    rows = f.row_group_rows
+    return shards.resolve(shard, spans_of(rows, shard_rows=shards.split_rows, rel=shard.rel, output=shard.output),
+                          len(rows))
+
+
+def _claimed(claims: Mapping[str, str]) -> tuple[pa.Array, pa.Array]:
+    """The names `claims` hold and their holders, as columns (without a record per committed name)."""
+    names: list[pa.Array] = []
+    holders: list[pa.Array] = []
+    for part in (claims.maps if isinstance(claims, ChainMap) else [claims]):
+        table = getattr(part, "table", None)  # `pipelines.commit.entries.Claims`: its committed names' columns
+        if table is not None:
+            names.append(table["output"].combine_chunks() if table.num_rows else pa.array([], pa.string()))
+            holders.append(table["rel"].combine_chunks() if table.num_rows else pa.array([], pa.string()))
+            part = part.others
+        names.append(pa.array(list(part), pa.string()))
+        holders.append(pa.array(list(part.values()), pa.string()))
+    return (pa.concat_arrays([n.cast(pa.string()) for n in names]),
+            pa.concat_arrays([h.cast(pa.string()) for h in holders]))
 
 
 def _spans(f: InputFile, shard_rows: int) -> list[tuple[int, int, int, str | None]]:
@@ -264,7 +324,7 @@ def scan_inputs(location: Location, committed: Committed | None = None, *,
 
 
 def scan_source(source: Source, committed: Committed | None = None, *,
-                avoid: str | None = None) -> tuple[str, InputFiles]:
+                avoid: str | None = None, lazy_bytes: int = 0) -> tuple[str, InputFiles]:
     """List the input's live data files (`Source.files`) and read the footers that are needed (in
     parallel: footers are small reads).
 
@@ -273,6 +333,11 @@ def scan_source(source: Source, committed: Committed | None = None, *,
     not read and no record made for it; the spans of a file held in part are reused where
     they fit its footer. `avoid`: the output's real path, which no input may reach through
     a symlink (`list_files`).
+
+    `lazy_bytes`: a fresh local file (no committed span) of at most this many bytes, as the listing
+    sizes it, is not opened at all (`InputFiles.lazy`): the replica that reads it whole plans it
+    (`workers.lazy`), with the same checks, shards and names. A table's files (row counts, deleted
+    rows) and an object store's are always read here.
     """
     location = source.location
     base, listing = source.files(avoid=avoid)
@@ -296,13 +361,21 @@ def scan_source(source: Source, committed: Committed | None = None, *,
             schema = arrow_schema(meta.schema)
             rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for a bad file
-            return InputFile(data.path, rel, uri, fingerprint, error=_footer_error(uri, exc))
+            return InputFile(data.path, rel, uri, fingerprint, error=footer_error(uri, exc))
         if data.rows is not None and sum(rows) != data.rows:
             return InputFile(data.path, rel, uri, fingerprint, error=(
                 f"{uri}: the footer holds {sum(rows)} row(s) but the {source.format} table records {data.rows}"))
         return InputFile(data.path, rel, uri, fingerprint, rows, schema, committed=reusable, deleted=data.deleted)
 
-    needed = np.flatnonzero(~known.whole)  # not committed over all its row groups: its footer is read
+    needed = ~known.whole  # not committed over all its row groups: its footer is read, unless planned lazily
+    lazy = np.zeros(len(listing), bool)
+    if lazy_bytes and location.is_local and listing.sizes is not None and listing.rows is None \
+            and listing.deleted is None:
+        lazy = needed & (listing.sizes.to_numpy(zero_copy_only=False) <= lazy_bytes)
+        if known.partial:
+            lazy[list(known.partial)] = False
+        needed &= ~lazy
+    needed = np.flatnonzero(needed)
     # Footers in chunks: one pool task per file costs more than the read itself on 100k small files.
     chunks = [needed[i:i + _FOOTER_CHUNK] for i in range(0, len(needed), _FOOTER_CHUNK)]
     threads = _LOCAL_FOOTER_THREADS if location.is_local else _FOOTER_THREADS
@@ -314,7 +387,8 @@ def scan_source(source: Source, committed: Committed | None = None, *,
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(chunks)))) as pool:
         for chunk, files in zip(chunks, pool.map(footers, chunks)):
             read.update(zip(chunk.tolist(), files))
-    return base, InputFiles(listing, display=location.display, committed=known, read=read)
+    return base, InputFiles(listing, display=location.display, committed=known, read=read,
+                            lazy=lazy if lazy.any() else None)
 
 
 def read_schema(f: InputFile, location: Location) -> InputFile:
@@ -324,15 +398,9 @@ def read_schema(f: InputFile, location: Location) -> InputFile:
     try:
         meta = read_parquet_footer(location.fs, f.path)
     except Exception as exc:
-        return dataclasses.replace(f, error=_footer_error(f.uri, exc))
+        return dataclasses.replace(f, error=footer_error(f.uri, exc))
     rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
     return dataclasses.replace(f, row_group_rows=rows, schema=meta.schema.to_arrow_schema().remove_metadata())
-
-
-def _footer_error(uri: str, exc: Exception) -> str:
-    if isinstance(exc, StorageError):  # storage kept failing: not a verdict on the file's bytes
-        return f"storage error reading the Parquet footer of {uri} (retried): {exc}"
-    return f"cannot read Parquet footer of {uri}: {exc}"
 
 
 def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) -> Columns:
@@ -342,7 +410,7 @@ def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) 
     passthrough_given = set(cfg.passthrough or ()) | set(categorical)  # never features, by default or by glob
     if cfg.features is None:
         features = [f.name for f in schema if pa.types.is_floating(f.type) and f.name not in passthrough_given]
-        lists = [f.name for f in schema if _is_float_list(f.type) and f.name not in passthrough_given]
+        lists = [f.name for f in schema if is_float_list(f.type) and f.name not in passthrough_given]
         if not features and len(lists) == 1:
             features = lists
         if not features:
@@ -362,10 +430,10 @@ def resolve_columns(schema: pa.Schema, cfg: JobConfig, width: int, source: str) 
                 raise InputError(f"feature column {entry!r} not found in {source} (columns: {', '.join(names)})")
             else:
                 features.append(entry)
-    list_column = len(features) == 1 and _is_float_list(schema.field(features[0]).type)
+    list_column = len(features) == 1 and is_float_list(schema.field(features[0]).type)
     found = schema.field(features[0]).type.list_size if list_column else len(features)
     if found != width:
-        what = f"list column {features[0]!r} of size {found}" if list_column else f"{found} feature columns ({_short(features)})"
+        what = f"list column {features[0]!r} of size {found}" if list_column else f"{found} feature columns ({short(features)})"
         raise InputError(f"the model expects {width} input features, but {source} gives {what}")
     passthrough = list(cfg.passthrough) if cfg.passthrough is not None else [n for n in names if n not in features]
     missing = [n for n in passthrough if n not in names]
@@ -411,36 +479,13 @@ def check_quarantine(columns: Columns, invalid_rows: str) -> None:
 
 
 def check_file(f: InputFile, columns: Columns) -> str | None:
-    """Why this file can't be processed with these columns, or None when it fits."""
+    """Why this file can't be processed with these columns, or None when it fits (`workers.fit.misfit`:
+    a replica that plans a small file itself checks it alike)."""
     if f.error is not None:
         return f.error
     if f.schema is None:
         return None if f.committed else f"{f.uri}: no schema"
-    names = set(f.schema.names)
-    missing = [n for n in columns.read if n not in names]
-    if missing:
-        return f"{f.uri}: missing column(s) {missing} (expected features {_short(columns.features)})"
-    for name in columns.features:
-        kind = f.schema.field(name).type
-        if columns.list_column:
-            ok = _is_float_list(kind) and kind.list_size == columns.width
-        else:
-            ok = pa.types.is_floating(kind) or pa.types.is_integer(kind)
-        if not ok:
-            return f"{f.uri}: feature column {name!r} has type {kind}, expected a number type"
-    for name in columns.categorical:
-        kind = f.schema.field(name).type
-        if not pa.types.is_integer(kind):
-            return f"{f.uri}: categorical column {name!r} has type {kind}, expected an integer type"
-    return None
+    return misfit(f.schema, f.uri, columns.read, columns.features, columns.list_column, columns.width,
+                  columns.categorical)
 
-
-def _is_float_list(kind: pa.DataType) -> bool:
-    return pa.types.is_fixed_size_list(kind) and (
-        pa.types.is_floating(kind.value_type) or pa.types.is_integer(kind.value_type)
-    )
-
-
-def _short(names: Sequence[str]) -> str:
-    return ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"
 

@@ -126,7 +126,7 @@ class Scheduler:
         `on_started()` is called once, when the first replica is ready and before the first
         shard is dispatched; a `ResourceError` is raised only before that.
         """
-        self._pending = collections.deque(shards)
+        self._pending = shards if isinstance(shards, collections.deque) else collections.deque(shards)
         self._on_result = on_result
         try:
             self.pool.start()
@@ -216,8 +216,9 @@ class Scheduler:
             shard = self._finish(slot, call)
             if value.get("status") == "committed" and "started" in value and "finished" in value:
                 seconds = max(0.0, value["finished"] - value["started"])
-                self._slowest = max(self._slowest, seconds / max(1, shard.rows_in))
-                slot.shards, slot.rows = slot.shards + 1, slot.rows + shard.rows_in
+                rows = value.get("rows_in", shard.rows_in)  # as read: a lazy shard's planned rows are an estimate
+                self._slowest = max(self._slowest, seconds / max(1, rows))
+                slot.shards, slot.rows = slot.shards + len(value.get("parts") or (value,)), slot.rows + rows
                 slot.busy_seconds += seconds
             value["attempts"] = self._attempts[shard.id]
             self._on_result(shard, value)

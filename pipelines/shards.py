@@ -19,7 +19,7 @@ made only for a shard asked for (those to run; a few for messages). `InputFiles`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, overload
 
 import numpy as np
@@ -78,6 +78,10 @@ class Shard:
     error: str | None = None  # known at planning: the file can't be read or doesn't fit
     file_row_groups: int | None = None  # row groups in the whole file (None: unknown, the file failed)
     deleted: bytes | None = None  # the file's deleted rows (`basis.masks`): dropped by the reader; not in rows_in
+    # A small file planned without its footer (`InputFiles.lazy`): the shard_rows its replica splits it by
+    # (`workers.lazy`); its row groups (0, 0) and an estimated rows_in stand until its result says what it held.
+    lazy: int = 0  # (rows_in: estimated from the file's size, `plan.estimated_rows`)
+    at: int = -1  # a lazy shard's position in its plan's `Shards` (`Shards.resolve`)
 
     def to_task(self) -> dict[str, object]:
         """The small record a replica needs (no Arrow, no tensors)."""
@@ -86,6 +90,8 @@ class Shard:
                                    "row_groups": self.row_groups, "rows_in": self.rows_in, "output": self.output}
         if self.deleted is not None:
             task["deleted"] = self.deleted
+        if self.lazy:
+            task["lazy"] = self.lazy
         return task
 
     def failed(self, attempts: int, error: str) -> dict[str, Any]:
@@ -128,17 +134,18 @@ class CommittedSpans:
 
 class InputFiles(Sequence[InputFile]):
     """The listed input files: an `InputFile` for each file whose footer was read (`read`), the others
-    planned from their committed spans alone (`committed.whole`) and made into an `InputFile` only
-    when asked for."""
+    planned from their committed spans alone (`committed.whole`) or, small and fresh, from the listing
+    alone (`lazy`: no footer read; its replica plans it), and made into an `InputFile` only when asked for."""
 
     def __init__(self, listing: DataFiles, *, display: Callable[[str], str] = str,
                  committed: CommittedSpans | None = None, read: dict[int, InputFile] | None = None,
-                 uris: pa.Array | None = None) -> None:
+                 uris: pa.Array | None = None, lazy: np.ndarray | None = None) -> None:
         self.listing = listing
         self.display = display  # filesystem path -> as shown to users
         self.committed = committed if committed is not None else CommittedSpans.none(len(listing))
         self.read = read if read is not None else {}
         self.uris = uris  # as shown to users, when not `display(path)`
+        self.lazy = lazy  # bool per listed file: planned without its footer (None: none)
 
     @classmethod
     def of(cls, files: Sequence[InputFile]) -> InputFiles:
@@ -170,6 +177,8 @@ class InputFiles(Sequence[InputFile]):
 
     def __setitem__(self, index: int, f: InputFile) -> None:
         self.read[index] = f
+        if self.lazy is not None:
+            self.lazy[index] = False  # its footer is read now
 
     def __iter__(self) -> Iterator[InputFile]:
         return (self[i] for i in range(len(self)))
@@ -204,7 +213,7 @@ class Shards(Sequence[Shard]):
 
     def __init__(self, files: InputFiles, file: np.ndarray, first: np.ndarray, stop: np.ndarray,
                  rows: np.ndarray, output: pa.Array, total: np.ndarray, errors: dict[int, str] | None = None,
-                 ids: pa.Array | None = None) -> None:
+                 ids: pa.Array | None = None, lazy: np.ndarray | None = None, split_rows: int = 0) -> None:
         self.files = files
         self.file, self.first, self.stop = file.astype(np.int64), first.astype(np.int64), stop.astype(np.int64)
         self.rows, self.total = rows.astype(np.int64), total.astype(np.int64)
@@ -213,6 +222,8 @@ class Shards(Sequence[Shard]):
         self._ids = ids  # given, when not "<rel>:<first>-<stop>"
         self._made: dict[int, Shard] = {}
         self._renamed: dict[int, str] = {}
+        self.lazy = lazy  # bool per shard: a lazy file's one shard, not resolved yet (None: none)
+        self.split_rows = split_rows  # the shard_rows a lazy shard's replica splits its file by
 
     @classmethod
     def of(cls, shards: Sequence[Shard]) -> Shards:
@@ -285,12 +296,14 @@ class Shards(Sequence[Shard]):
             if ids is None:
                 ids = [f"{rel}:{first}-{stop}" for rel, first, stop in zip(rels, self.first[at].tolist(),
                                                                             self.stop[at].tolist())]
-            for k, i, shard_id, rel, first, stop, rows, total, out, path, fp, uri, gone in zip(
+            lazy = self.lazy[at].tolist() if self.lazy is not None else [False] * len(at)
+            for k, i, shard_id, rel, first, stop, rows, total, out, path, fp, uri, gone, unread in zip(
                     missing, at.tolist(), ids, rels, self.first[at].tolist(), self.stop[at].tolist(),
-                    self.rows[at].tolist(), self.total[at].tolist(), outputs, paths, fingerprints, uris, deleted):
+                    self.rows[at].tolist(), self.total[at].tolist(), outputs, paths, fingerprints, uris, deleted, lazy):
                 error = self.errors.get(i)
                 shard = Shard(shard_id, uri, path, rel, fp, (first, stop), rows, self._renamed.get(i, out), error,
-                              None if total < 0 else total, None if error is not None else gone)
+                              None if total < 0 else total, None if error is not None else gone,
+                              *((self.split_rows, i) if unread else ()))
                 made[k] = shard
                 if keep:
                     self._made[i] = shard
@@ -299,6 +312,36 @@ class Shards(Sequence[Shard]):
     def view(self, indices: np.ndarray) -> ShardsView:
         """The shards at `indices` (a view: nothing is copied)."""
         return ShardsView(self, indices)
+
+    def release(self) -> None:
+        """Forget the `Shard`s made so far (a run's, once they are handed to its replicas): one asked for
+        again is made again, the same shard (renamed as it was) but another object."""
+        self._made.clear()
+
+    def resolve(self, shard: Shard, spans: Sequence[tuple[int, int, int, str]], total: int) -> list[Shard]:
+        """A lazy shard (`Shard.lazy`) as its replica found its file: `spans` (first, stop, live rows, output),
+        the file's row groups `total`. The first span takes the shard's place (its output name is the
+        shard's), any others are added after the plan's shards. Returns the spans' shards."""
+        at = shard.at
+        if self.lazy is None or not self.lazy[at] or not spans or spans[0][3] != shard.output:
+            raise ValueError(f"{shard.id}: not a lazy shard of this plan, or spans {spans!r} do not start with it")
+        self.lazy[at] = False
+        self._made.pop(at, None)
+        (self.first[at], self.stop[at], self.rows[at], _), self.total[at] = spans[0], total
+        indices = [at]
+        if len(spans) > 1:  # a file of more rows than a shard: rare, so the columns are copied
+            more = len(spans) - 1
+            indices += range(len(self), len(self) + more)
+            self.file = np.append(self.file, np.full(more, self.file[at]))
+            self.first = np.append(self.first, [s[0] for s in spans[1:]])
+            self.stop = np.append(self.stop, [s[1] for s in spans[1:]])
+            self.rows = np.append(self.rows, [s[2] for s in spans[1:]])
+            self.total = np.append(self.total, np.full(more, total))
+            self.lazy = np.append(self.lazy, np.zeros(more, bool))
+            self._output = pa.concat_arrays([self._output, pa.array([s[3] for s in spans[1:]], pa.string())])
+        return [replace(shard, id=f"{shard.rel}:{first}-{stop}", row_groups=(first, stop), rows_in=rows,
+                        output=output if first else shard.output, file_row_groups=total, lazy=0, at=-1)
+                for first, stop, rows, output in spans]  # the shard's own strings, not copies
 
     def rename(self, index: int, shard: Shard) -> None:
         """Shard `index` is now `shard` (the same shard under the output name the sink gives it)."""
@@ -350,6 +393,7 @@ class ShardsView(Shards):
         self.file, self.first, self.stop = parent.file[self.at], parent.first[self.at], parent.stop[self.at]
         self.rows, self.total = parent.rows[self.at], parent.total[self.at]
         self._ids = None
+        self.lazy = None if parent.lazy is None else parent.lazy[self.at]
 
     @property
     def errors(self) -> dict[int, str]:  # type: ignore[override]

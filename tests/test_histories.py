@@ -1,6 +1,6 @@
 """Histories, not single runs: a Hypothesis state machine over what a cron job meets in a few months.
 
-Steps: add / modify / corrupt (same size and mtime, or changed) / restore / delete / rename input
+Steps: add / modify / corrupt (same size and mtime, or changed, or readable but not fitting) / restore / delete / rename input
 files, nested directories, a changed `shard_rows`; runs, with `overwrite` and `prune`; a driver
 SIGKILLed mid-run (with or without `overwrite`), a replica SIGKILLed mid-run; a change of the model
 or of a prediction setting; an overwrite in which one file's shards fail (its pages rot under an
@@ -69,6 +69,7 @@ class Histories(RuleBasedStateMachine):
         self.tables: dict[str, pa.Table] = {}  # name -> what the file holds (or held, while broken)
         self.broken: dict[str, tuple[bytes, os.stat_result | None]] = {}  # name -> (good bytes, stat if same-stat)
         self.must_fail: set[str] = set()  # broken names whose entries an overwrite demoted: no run completes
+        self.misfit: set[str] = set()  # broken names that hold readable Parquet with a feature column of text
         self.next_id = 0
         self.shard_rows = 100
         self.job = JOBS[0]  # what the user runs with now
@@ -132,20 +133,28 @@ class Histories(RuleBasedStateMachine):
         self._write(name, rows, row_group_size, seed=self.next_id + 1)
 
     @precondition(lambda self: bool(self._intact()))
-    @rule(data=st.data(), same_stat=st.booleans())
-    def corrupt(self, data: st.DataObject, same_stat: bool) -> None:
+    @rule(data=st.data(), kind=st.sampled_from(["same_stat", "garbage", "misfit"]))
+    def corrupt(self, data: st.DataObject, kind: str) -> None:
+        """Unreadable (same size and mtime, or changed), or readable Parquet that does not fit the job (a
+        feature column of text): a small file's replica finds that, the run's plan did not open it."""
         name = data.draw(st.sampled_from(self._intact()))
         path = self.root / "in" / name
         good, stat = path.read_bytes(), path.stat()
+        same_stat = kind == "same_stat"
         if same_stat:  # a truncated footer, a half-synced mount: same size and mtime, unreadable
             path.write_bytes(b"\0" * len(good))
             os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         else:
-            path.write_bytes(b"not parquet at all")
+            if kind == "misfit":
+                table = self.tables[name]
+                pq.write_table(table.set_column(2, "f1", pa.array(["x"] * table.num_rows, pa.string())), path)
+                self.misfit.add(name)
+            else:
+                path.write_bytes(b"not parquet at all")
             self.certain.discard(name)  # its old version's entries go when a run begins
         self.broken[name] = (good, stat if same_stat else None)
         if TRACE:
-            print(f"corrupt {name} same_stat={same_stat}", flush=True)
+            print(f"corrupt {name} kind={kind}", flush=True)
 
     @precondition(lambda self: bool(self.broken))
     @rule(data=st.data())
@@ -153,6 +162,7 @@ class Histories(RuleBasedStateMachine):
         name = data.draw(st.sampled_from(sorted(self.broken)))
         good, stat = self.broken.pop(name)
         self.must_fail.discard(name)
+        self.misfit.discard(name)
         if TRACE:
             print(f"restore {name}", flush=True)
         path = self.root / "in" / name
@@ -171,6 +181,7 @@ class Histories(RuleBasedStateMachine):
         self.tables.pop(name)
         self.broken.pop(name, None)
         self.must_fail.discard(name)
+        self.misfit.discard(name)
         if TRACE:
             print(f"delete {name}", flush=True)
 
@@ -365,7 +376,9 @@ class Histories(RuleBasedStateMachine):
             self.output_jobs.discard(self.job)
             return
         if isinstance(result, Exception):  # the whole input is unusable: allowed only when it really is
-            assert all(name in self.broken for name in self.tables), result
+            readable = [n for n in sorted(self.tables) if n not in self.broken or n in self.misfit]
+            # (or the first readable file, which the columns are resolved from, is the misfit)
+            assert all(name in self.broken for name in self.tables) or readable[0] in self.misfit, result
             return
         assert isinstance(result, pipelines.RunReport)
         self.output_jobs = {self.job}

@@ -32,6 +32,8 @@ from basis.record import CommitLog
 from basis.storage import Location, resolve, unique_suffix
 from workers.categorical import category_codes, merge_invalid
 from workers.decode import decode
+from workers.fit import footer_error
+from workers.lazy import plan_file
 from workers.modelfile import forward_share
 from workers.reader import Spares, describe_invalid, open_parquet
 from workers.staging import commit_in_order
@@ -316,19 +318,40 @@ class Replica:
         finally:
             log.seal()
 
-    def _process(self, task: dict[str, Any], log: CommitLog) -> dict[str, Any]:
-        """`process`, its commit record written to `log`."""
+    def _process(self, task: dict[str, Any], log: CommitLog, parquet: Any = None) -> dict[str, Any]:
+        """`process`, its commit record written to `log` (`parquet`: the shard's file, opened already)."""
         if self.state is not State.READY:
             raise RuntimeError(f"replica {self.index} is {self.state.value}")
         if self.job.provisional:  # never written with a guessed job: the plan's columns, generation, digest
             raise RuntimeError(f"replica {self.index} was given no planned job (Replica.configure)")
         started = time.time()
+        if task.get("lazy"):
+            return self._process_file(task, log, started)
         try:
             with contextlib.ExitStack() as files:
-                entry, token = self._commit(task, self._stage(task, files), log)
+                entry, token = self._commit(task, self._stage(task, files, parquet), log)
         except ShardDataError as exc:
             return self._result(task, started, error=str(exc))
         return self._result(task, started, entry=entry, token=token)
+
+    def _process_file(self, task: dict[str, Any], log: CommitLog, started: float) -> dict[str, Any]:
+        """A small file the driver planned without opening it (`workers.lazy`): checked and split here,
+        each of its shards committed on its own; the result holds theirs (`parts`) and its `spans`."""
+        try:
+            parquet = open_parquet(self.source, task["path"], task["input"])
+        except ShardDataError as exc:  # as the driver's plan fails it: row groups (0, 0), no rows
+            return self._result({**task, "rows_in": 0}, started, error=footer_error(task["input"], exc.__cause__ or exc))
+        shards = plan_file(parquet, task, self.job)
+        if isinstance(shards, str):
+            return self._result({**task, "rows_in": 0}, started, error=shards)
+        parts = [self._process(shard, log, parquet) for shard in shards]
+        failed = [part["error"] for part in parts if part["status"] != "committed"]
+        return {"id": task["id"], "replica": self.index, "started": started, "finished": parts[-1]["finished"],
+                "status": "failed" if failed else "committed", "error": failed[0] if failed else None,
+                "rows_in": sum(part["rows_in"] for part in parts), "rows_out": sum(part["rows_out"] for part in parts),
+                "rows_rejected": sum(part["rows_rejected"] for part in parts), "output": task["output"],
+                "rejected_output": None, "parts": parts, "file_row_groups": shards[0]["file_row_groups"],
+                "spans": [(*shard["row_groups"], shard["rows_in"], shard["output"]) for shard in shards]}
 
     def _result(self, task: dict[str, Any], started: float, *, entry: dict[str, Any] | None = None,
                 token: str = "", error: str = "") -> dict[str, Any]:
@@ -395,7 +418,7 @@ class Replica:
         one shard at a time: one CPU, a GPU, a shard of more than a forward batch, a forward that keeps
         its state between calls."""
         workers = min(cores(self.job.cpus), len(tasks))
-        if workers < 2 or self.gpu_ids or any(task["rows_in"] > self.batch_size for task in tasks):
+        if workers < 2 or self.gpu_ids or any(task["rows_in"] > self.batch_size or task.get("lazy") for task in tasks):
             return None
         if self.source.is_local and self.output.is_local and not STAGE_LOCAL:
             return None  # measured on a quiet 2-core box, 10,000 local files: no faster than one at a time, +35% CPU
@@ -419,11 +442,11 @@ class Replica:
 
         return commit_in_order(tasks, self._stagers, workers, self._stage, commit)
 
-    def _stage(self, task: dict[str, Any], files: contextlib.ExitStack) -> _Staged:
+    def _stage(self, task: dict[str, Any], files: contextlib.ExitStack, parquet: Any = None) -> _Staged:
         """Read, predict and write one shard's files under hidden temporary names (entered in `files`, which
         discards them unless `_commit` publishes them); nothing is visible yet."""
         job, uri = self.job, task["input"]
-        parquet = open_parquet(self.source, task["path"], uri)
+        parquet = parquet if parquet is not None else open_parquet(self.source, task["path"], uri)
         schema = parquet.schema_arrow
         columns = list(dict.fromkeys([*job.passthrough, *job.features, *job.categorical]))
         missing = [c for c in columns if c not in schema.names]

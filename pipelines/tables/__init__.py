@@ -75,8 +75,9 @@ class DataFiles(Sequence[DataFile]):
     """
 
     def __init__(self, path: pa.Array | None, rel: pa.Array, fingerprint: pa.Array, rows: pa.Array | None = None,
-                 deleted: pa.Array | None = None, *, prefix: str = "") -> None:
+                 deleted: pa.Array | None = None, *, prefix: str = "", sizes: pa.Array | None = None) -> None:
         self.rel, self.fingerprint = _string(rel), _string(fingerprint)
+        self.sizes = sizes  # int64 bytes per file, where the listing knows them (a Parquet directory's); None: not
         self.prefix = prefix  # with `paths` None: each file's path is `prefix` + its rel
         self.paths = None if path is None else _string(path)
         self.rows = rows if rows is not None and rows.null_count < len(rows) else None  # int64; None: none known
@@ -140,7 +141,8 @@ class DataFiles(Sequence[DataFile]):
         at = pa.array(indices, pa.int64())
         return DataFiles(None if self.paths is None else self.paths.take(at), self.rel.take(at),
                          self.fingerprint.take(at), None if self.rows is None else self.rows.take(at),
-                         None if self.deleted is None else self.deleted.take(at), prefix=self.prefix)
+                         None if self.deleted is None else self.deleted.take(at), prefix=self.prefix,
+                         sizes=None if self.sizes is None else self.sizes.take(at))
 
     def mapping(self) -> dict[str, str]:
         """rel -> fingerprint of every file (a dict: for the few callers that need one)."""

@@ -30,8 +30,8 @@ class ParquetSource(Source):
         prefix = under(base, paths)
         if prefix is not None:  # every path is prefix + rel: the paths need not be kept
             return base, DataFiles(None, pc.utf8_slice_codeunits(paths, len(prefix)), fingerprints(sizes, mtimes),
-                                   prefix=prefix)
-        return base, DataFiles(paths, relatives(base, paths), fingerprints(sizes, mtimes))
+                                   prefix=prefix, sizes=sizes)
+        return base, DataFiles(paths, relatives(base, paths), fingerprints(sizes, mtimes), sizes=sizes)
 
 
 def fingerprints(sizes: pa.Array, mtimes: pa.Array) -> pa.Array:
