@@ -38,6 +38,10 @@ class ReplicaStartError(RuntimeError):
 class ReplicaDied(RuntimeError):
     """A child replica's process ended in the middle of a bundle (killed: the OOM killer, a signal)."""
 
+# A child sends its results at most this long after each came, in one message (`workers.lane_child._Outbox`):
+# one message per ~40 tiny shards instead of one each (a message costs CPU in both processes, and the
+# driver's threads contend for its interpreter lock meanwhile). The driver's clock is late by as much.
+SEND_EVERY = 0.05
 _CLOSE_SECONDS = 30.0  # how long `close` waits for a child's last counters
 START_SECONDS = 120.0  # how long a child may take to import what it needs (a busy machine: seconds)
 
@@ -56,7 +60,7 @@ class ProcessReplica:
                                         stdin=subprocess.DEVNULL)
         theirs.close()
         self.conn = Connection(mine.detach())
-        self.conn.send(("start", index, job, numpy_forward))
+        self.conn.send(("start", index, job, numpy_forward, SEND_EVERY))
         self.state = State.READY
         self._stats: dict[str, Any] = {"node": "driver", "device": "cpu", "pid": self.process.pid, "shards": 0,
                                        "rows": 0, "busy_seconds": 0.0, "peak_rss_bytes": 0}

@@ -19,6 +19,7 @@ from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtu
 
 import pipelines
 import pipelines.lane
+import pipelines.lane_processes
 import pipelines.startup
 from pipelines.commit import SUCCESS
 from pipelines.commit.recorder import Recorder
@@ -162,6 +163,9 @@ def test_a_child_replica_that_dies_costs_only_its_shard_which_a_fresh_child_retr
     import signal
 
     monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 20)
+    # each result sent as it comes, so the child is still in its bundle at the 5th commit (batched, a child
+    # is up to 50 ms ahead of what the driver has recorded: all 20 shards of its bundle)
+    monkeypatch.setattr(pipelines.lane_processes, "SEND_EVERY", 0.0)
     save_mlp(tmp_path / "m.pt", [8, 16, 1])
     write_files(tmp_path / "in", [25] * 40, features=8, row_group_size=100)
     killed: list[int] = []
