@@ -252,6 +252,39 @@ def test_a_read_that_hangs_in_the_lane_costs_its_shard_after_shard_timeout(
     assert read_output(out)["id"].to_pylist() == list(range(300)) + list(range(300, 600))  # each row once
 
 
+def test_a_child_sends_the_results_before_a_shard_that_hangs_so_only_that_shard_is_charged(
+    tmp_path: Path, s3: FaultProxy, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child sends its results in lists (`workers.lane_child._Outbox`), yet none is held back behind a shard
+    that hangs: in a bundle of part-0 then part-1, whose reads hang, part-0's result reaches the driver, which
+    charges the stall to part-1 alone (held back, part-0 would be charged too, lost a third child and
+    committed on its second attempt)."""
+    monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 2)  # four tiny files: two child replicas
+    monkeypatch.setattr(pipelines.lane_processes, "SEND_EVERY", 0.2)
+    model = tmp_path / "m.pt"
+    save_mlp(model, [4, 8, 1])
+    for index in range(4):
+        table = pa.table({"id": np.arange(index * 300, index * 300 + 300),
+                          **{f"f{j}": np.ones(300, np.float32) * j for j in range(4)}})
+        with s3_server.filesystem().open_output_stream(f"{BUCKET}/lane/part-{index}.parquet") as sink:
+            pq.write_table(table, sink, row_group_size=100)
+    release = s3.stall("GET", r"/lane/part-1\.parquet", header=("Range", r"^bytes=[1-9]"))
+    out = tmp_path / "out"
+    try:
+        report = pipelines.run(model=str(model), input=s3.uri("lane/"), output=str(out), shard_timeout=3,
+                               max_attempts=2, progress=False)
+    finally:
+        release.set()
+    assert report.status == "failed" and (report.shards_done, report.shards_failed) == (3, 1), report.to_dict()
+    assert "part-1.parquet" in report.errors[0]["input"]
+    ended = sorted(r["ended"].split(":")[0] for r in report.replicas)
+    assert ended == ["finished", "finished", "lost", "lost"], report.replicas  # part-1's two attempts, no more
+    manifest = json.loads((out / "_manifest.json").read_text())
+    attempts = {entry["rel"]: entry["attempts"] for entry in manifest["shards"] if entry["status"] == "committed"}
+    assert attempts == {"part-0.parquet": 1, "part-2.parquet": 1, "part-3.parquet": 1}, attempts
+    assert read_output(out).sort_by("id")["id"].to_pylist() == list(range(300)) + list(range(600, 1200))
+
+
 def test_the_lanes_default_shard_timeout_is_the_schedulers() -> None:
     from pipelines import attempts, schedule
 
