@@ -69,7 +69,8 @@ class ProcessReplica:
 
     def wait_ready(self) -> None:
         """Waits for the child's imports (not a shard's time: the lane's clock starts after this); raises
-        `ReplicaStartError` when it did not start within `START_SECONDS`."""
+        `ReplicaDied` when a signal killed it meanwhile (the OOM killer), `ReplicaStartError` when it did not
+        start within `START_SECONDS` (or exited: its imports failed)."""
         if self._ready:
             return
         try:
@@ -79,6 +80,9 @@ class ProcessReplica:
         except (EOFError, OSError):
             pass
         code = self.process.poll()
+        if code is not None and code < 0:
+            raise ReplicaDied(f"the driver lane's child replica {self.index} (pid {self.process.pid}) was killed by "
+                              f"signal {-code} before it was ready")
         raise ReplicaStartError(f"the driver lane's child replica {self.index} (pid {self.process.pid}) did not "
                                 f"start within {START_SECONDS:g} s" + (f" (exit {code})" if code is not None else ""))
 

@@ -194,6 +194,36 @@ def test_a_child_replica_that_dies_costs_only_its_shard_which_a_fresh_child_retr
     assert not lane_children(os.getpid())
 
 
+def test_a_child_replica_killed_while_it_starts_is_replaced_and_the_run_succeeds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child killed before it was ready (the OOM killer while it imports; a busy machine starts one child
+    seconds after the other) is a dead replica, not a replica that cannot start: a fresh child takes its
+    bundle and the run succeeds, each row once (it failed every shard left: "did not start ... (exit -9)")."""
+    import signal
+
+    monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 20)
+    save_mlp(tmp_path / "m.pt", [8, 16, 1])
+    write_files(tmp_path / "in", [25] * 40, features=8, row_group_size=100)
+    started = pipelines.lane_processes.ProcessReplica.__init__
+    killed: list[int] = []
+
+    def kill_the_first_at_start(self: pipelines.lane_processes.ProcessReplica, *args: object, **kw: object) -> None:
+        started(self, *args, **kw)
+        if not killed:
+            os.kill(self.process.pid, signal.SIGKILL)
+            killed.append(self.process.pid)
+
+    monkeypatch.setattr(pipelines.lane_processes.ProcessReplica, "__init__", kill_the_first_at_start)
+    report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                           progress=False)
+    assert killed
+    assert report.status == "succeeded" and report.complete and report.rows_out == 1000, report.to_dict()
+    ended = [r["ended"] for r in report.replicas]
+    assert sum(e.startswith("lost: replica died") for e in ended) == 1 and ended.count("finished") == 2, ended
+    assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(1000))  # each row once
+    assert not lane_children(os.getpid())
+
+
 def _lane_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("batch-infer-lane-")]
 
