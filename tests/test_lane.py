@@ -301,7 +301,7 @@ def test_a_child_sends_the_results_before_a_shard_that_hangs_so_only_that_shard_
     release = s3.stall("GET", r"/lane/part-1\.parquet", header=("Range", r"^bytes=[1-9]"))
     out = tmp_path / "out"
     try:
-        report = pipelines.run(model=str(model), input=s3.uri("lane/"), output=str(out), shard_timeout=3,
+        report = pipelines.run(model=str(model), input=s3.uri("lane/"), output=str(out), shard_timeout=5,
                                max_attempts=2, progress=False)
     finally:
         release.set()
