@@ -211,6 +211,11 @@ class _Lane:
         if self.processes:
             try:
                 replica.wait_ready()  # a child's start (imports) is not its first shard's time
+            except ReplicaDied as exc:  # killed while it started: as a dead replica, a fresh one takes the bundle
+                self._attempts[bundle[0].id] += 1  # charged, so a child killed at every start cannot loop
+                logger.warning("driver lane: %s; a fresh one takes its bundle", exc)
+                self._replace(bundle, pending, on_result, DIED, f"{exc}")
+                return ""
             except RuntimeError as exc:  # it never started: as a replica error, it ends the lane
                 message = f"{type(exc).__name__}: {exc}"
                 logger.error("driver: %s", message)

@@ -38,6 +38,10 @@ class ReplicaStartError(RuntimeError):
 class ReplicaDied(RuntimeError):
     """A child replica's process ended in the middle of a bundle (killed: the OOM killer, a signal)."""
 
+# A child sends its results at most this long after each came, in one message (`workers.lane_child._Outbox`):
+# one message per ~40 tiny shards instead of one each (a message costs CPU in both processes, and the
+# driver's threads contend for its interpreter lock meanwhile). The driver's clock is late by as much.
+SEND_EVERY = 0.05
 _CLOSE_SECONDS = 30.0  # how long `close` waits for a child's last counters
 START_SECONDS = 120.0  # how long a child may take to import what it needs (a busy machine: seconds)
 
@@ -56,7 +60,7 @@ class ProcessReplica:
                                         stdin=subprocess.DEVNULL)
         theirs.close()
         self.conn = Connection(mine.detach())
-        self.conn.send(("start", index, job, numpy_forward))
+        self.conn.send(("start", index, job, numpy_forward, SEND_EVERY))
         self.state = State.READY
         self._stats: dict[str, Any] = {"node": "driver", "device": "cpu", "pid": self.process.pid, "shards": 0,
                                        "rows": 0, "busy_seconds": 0.0, "peak_rss_bytes": 0}
@@ -65,7 +69,8 @@ class ProcessReplica:
 
     def wait_ready(self) -> None:
         """Waits for the child's imports (not a shard's time: the lane's clock starts after this); raises
-        `ReplicaStartError` when it did not start within `START_SECONDS`."""
+        `ReplicaDied` when a signal killed it meanwhile (the OOM killer), `ReplicaStartError` when it did not
+        start within `START_SECONDS` (or exited: its imports failed)."""
         if self._ready:
             return
         try:
@@ -75,6 +80,9 @@ class ProcessReplica:
         except (EOFError, OSError):
             pass
         code = self.process.poll()
+        if code is not None and code < 0:
+            raise ReplicaDied(f"the driver lane's child replica {self.index} (pid {self.process.pid}) was killed by "
+                              f"signal {-code} before it was ready")
         raise ReplicaStartError(f"the driver lane's child replica {self.index} (pid {self.process.pid}) did not "
                                 f"start within {START_SECONDS:g} s" + (f" (exit {code})" if code is not None else ""))
 

@@ -19,6 +19,7 @@ from s3 import BUCKET, FaultProxy, S3Server, s3, s3_server  # noqa: F401 - fixtu
 
 import pipelines
 import pipelines.lane
+import pipelines.lane_processes
 import pipelines.startup
 from pipelines.commit import SUCCESS
 from pipelines.commit.recorder import Recorder
@@ -162,6 +163,9 @@ def test_a_child_replica_that_dies_costs_only_its_shard_which_a_fresh_child_retr
     import signal
 
     monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 20)
+    # each result sent as it comes, so the child is still in its bundle at the 5th commit (batched, a child
+    # is up to 50 ms ahead of what the driver has recorded: all 20 shards of its bundle)
+    monkeypatch.setattr(pipelines.lane_processes, "SEND_EVERY", 0.0)
     save_mlp(tmp_path / "m.pt", [8, 16, 1])
     write_files(tmp_path / "in", [25] * 40, features=8, row_group_size=100)
     killed: list[int] = []
@@ -187,6 +191,36 @@ def test_a_child_replica_that_dies_costs_only_its_shard_which_a_fresh_child_retr
     assert sum(e.startswith("lost: replica died") for e in ended) == 1 and ended.count("finished") == 2, ended
     assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(1000))  # each row once
     assert cli("verify", str(tmp_path / "out"), "--sample", "40", "--checksums").returncode == 0
+    assert not lane_children(os.getpid())
+
+
+def test_a_child_replica_killed_while_it_starts_is_replaced_and_the_run_succeeds(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child killed before it was ready (the OOM killer while it imports; a busy machine starts one child
+    seconds after the other) is a dead replica, not a replica that cannot start: a fresh child takes its
+    bundle and the run succeeds, each row once (it failed every shard left: "did not start ... (exit -9)")."""
+    import signal
+
+    monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 20)
+    save_mlp(tmp_path / "m.pt", [8, 16, 1])
+    write_files(tmp_path / "in", [25] * 40, features=8, row_group_size=100)
+    started = pipelines.lane_processes.ProcessReplica.__init__
+    killed: list[int] = []
+
+    def kill_the_first_at_start(self: pipelines.lane_processes.ProcessReplica, *args: object, **kw: object) -> None:
+        started(self, *args, **kw)
+        if not killed:
+            os.kill(self.process.pid, signal.SIGKILL)
+            killed.append(self.process.pid)
+
+    monkeypatch.setattr(pipelines.lane_processes.ProcessReplica, "__init__", kill_the_first_at_start)
+    report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                           progress=False)
+    assert killed
+    assert report.status == "succeeded" and report.complete and report.rows_out == 1000, report.to_dict()
+    ended = [r["ended"] for r in report.replicas]
+    assert sum(e.startswith("lost: replica died") for e in ended) == 1 and ended.count("finished") == 2, ended
+    assert read_output(tmp_path / "out").sort_by("id")["id"].to_pylist() == list(range(1000))  # each row once
     assert not lane_children(os.getpid())
 
 
@@ -246,6 +280,39 @@ def test_a_read_that_hangs_in_the_lane_costs_its_shard_after_shard_timeout(
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["shards_done"] == 1
     assert read_output(out)["id"].to_pylist() == list(range(300)) + list(range(300, 600))  # each row once
+
+
+def test_a_child_sends_the_results_before_a_shard_that_hangs_so_only_that_shard_is_charged(
+    tmp_path: Path, s3: FaultProxy, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child sends its results in lists (`workers.lane_child._Outbox`), yet none is held back behind a shard
+    that hangs: in a bundle of part-0 then part-1, whose reads hang, part-0's result reaches the driver, which
+    charges the stall to part-1 alone (held back, part-0 would be charged too, lost a third child and
+    committed on its second attempt)."""
+    monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 2)  # four tiny files: two child replicas
+    monkeypatch.setattr(pipelines.lane_processes, "SEND_EVERY", 0.2)
+    model = tmp_path / "m.pt"
+    save_mlp(model, [4, 8, 1])
+    for index in range(4):
+        table = pa.table({"id": np.arange(index * 300, index * 300 + 300),
+                          **{f"f{j}": np.ones(300, np.float32) * j for j in range(4)}})
+        with s3_server.filesystem().open_output_stream(f"{BUCKET}/lane/part-{index}.parquet") as sink:
+            pq.write_table(table, sink, row_group_size=100)
+    release = s3.stall("GET", r"/lane/part-1\.parquet", header=("Range", r"^bytes=[1-9]"))
+    out = tmp_path / "out"
+    try:
+        report = pipelines.run(model=str(model), input=s3.uri("lane/"), output=str(out), shard_timeout=5,
+                               max_attempts=2, progress=False)
+    finally:
+        release.set()
+    assert report.status == "failed" and (report.shards_done, report.shards_failed) == (3, 1), report.to_dict()
+    assert "part-1.parquet" in report.errors[0]["input"]
+    ended = sorted(r["ended"].split(":")[0] for r in report.replicas)
+    assert ended == ["finished", "finished", "lost", "lost"], report.replicas  # part-1's two attempts, no more
+    manifest = json.loads((out / "_manifest.json").read_text())
+    attempts = {entry["rel"]: entry["attempts"] for entry in manifest["shards"] if entry["status"] == "committed"}
+    assert attempts == {"part-0.parquet": 1, "part-2.parquet": 1, "part-3.parquet": 1}, attempts
+    assert read_output(out).sort_by("id")["id"].to_pylist() == list(range(300)) + list(range(600, 1200))
 
 
 def test_the_lanes_default_shard_timeout_is_the_schedulers() -> None:

@@ -5,14 +5,16 @@ numpy forward and the write of a 100-row file are mostly Python), so the lane
 runs such a run on one of these per CPU. Started by the driver as
 ``python -m workers.lane_child FD PARENT_PID`` with one end of a socket pair;
 it builds a `Replica` from the first message and then, per bundle, commits each
-shard as any replica does (journal record, then publish) and sends each
-shard's result as it comes. It dies with the driver (PR_SET_PDEATHSIG), so a
+shard as any replica does (journal record, then publish) and sends the
+shards' results in lists (`_Outbox`: none held back more than `send_every`
+seconds). It dies with the driver (PR_SET_PDEATHSIG), so a
 killed or stalled run leaves nothing that could commit behind it.
 
 Messages (pickled, `multiprocessing.connection`): driver -> child
-``("start", index, job, numpy_forward)``, ``("bundle", tasks)``, ``("close",)``;
-child -> driver ``("ready",)`` once its imports are done, ``("results", [result, ...])``, ``("done", stats)`` after a
-bundle, ``("error", exception, stats)`` when a bundle raised, ``("closed", stats)``.
+``("start", index, job, numpy_forward, send_every)``, ``("bundle", tasks)``, ``("close",)``;
+child -> driver ``("ready",)`` once its imports are done, ``("results", [result, ...])`` (every result of a
+bundle once, in order, in one or more lists), ``("done", stats)`` after a bundle, ``("error", exception, stats)``
+when a bundle raised, ``("closed", stats)``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import os
 import pickle
 import signal
 import sys
+import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -48,28 +52,70 @@ def _sendable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
+class _Outbox:
+    """The results of a bundle, sent in lists by a thread of their own: each goes out at most `every`
+    seconds after it came, whatever the next shard does (a shard that hangs in a read holds back no
+    result of the shards before it: the driver's clock charges the shard that stalled)."""
+
+    def __init__(self, conn: Connection, every: float) -> None:
+        self.conn, self.every = conn, every
+        self._lock = threading.Lock()  # the connection and `_pending`
+        self._pending: list[dict[str, Any]] = []
+        self._wake = threading.Event()
+        threading.Thread(target=self._loop, name="batch-infer-outbox", daemon=True).start()
+
+    def add(self, results: list[dict[str, Any]]) -> None:
+        with self._lock:
+            self._pending.extend(results)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """`message` after every result added before it."""
+        with self._lock:
+            self._flush()
+            self.conn.send(message)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            time.sleep(self.every)
+            self._wake.clear()  # a result added from here on sets it again
+            try:
+                with self._lock:
+                    self._flush()
+            except OSError:  # the driver is gone: the main thread meets it too
+                return
+
+    def _flush(self) -> None:
+        if self._pending:
+            results, self._pending = self._pending, []
+            self.conn.send(("results", results))
+
+
 def serve(conn: Connection) -> None:
     import pyarrow as pa
 
     from workers.replica import Replica
 
     pa.set_cpu_count(1)  # one core per process: the lane runs one of these per CPU
-    _, index, job, numpy_forward = conn.recv()
+    _, index, job, numpy_forward, send_every = conn.recv()
     replica = Replica(index, job, in_driver=True, numpy_forward=numpy_forward)
     conn.send(("ready",))
+    outbox = _Outbox(conn, send_every)
     while True:
         message = conn.recv()
         if message[0] == "close":
             replica.close()
-            conn.send(("closed", replica.stats()))
+            outbox.send(("closed", replica.stats()))
             return
         try:
             for results in replica.process_bundle(message[1]):
-                conn.send(("results", results))
+                outbox.add(results)
         except Exception as exc:  # noqa: BLE001 - the driver decides (a storage error is retried)
-            conn.send(("error", _sendable(exc), replica.stats()))
+            outbox.send(("error", _sendable(exc), replica.stats()))
         else:
-            conn.send(("done", replica.stats()))
+            outbox.send(("done", replica.stats()))
 
 
 def main(argv: list[str]) -> None:

@@ -173,6 +173,8 @@ class Replica:
         self._forward_lock = threading.Lock()  # shards staged side by side (`process_bundle`) share the forward
         self._stagers: ThreadPoolExecutor | None = None  # their threads, made on first use
         self._spares = Spares()  # stacking buffers kept from shard to shard (no fresh pages per shard)
+        self._shard_columns: tuple[ReplicaJob, list[str], list[str]] | None = None  # `_columns`
+        self._schemas: tuple[Any, ...] | None = None  # `_output_schema`'s last answer
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
@@ -448,13 +450,12 @@ class Replica:
         job, uri = self.job, task["input"]
         parquet = parquet if parquet is not None else open_parquet(self.source, task["path"], uri)
         schema = parquet.schema_arrow
-        columns = list(dict.fromkeys([*job.passthrough, *job.features, *job.categorical]))
-        missing = [c for c in columns if c not in schema.names]
+        columns, written = self._columns()
+        names = schema.names
+        missing = [c for c in columns if c not in names]
         if missing:
             raise ShardDataError(f"{uri}: missing column(s) {missing}")
-        written = [*job.passthrough, *(job.features if job.keep_features else ())]
         rejected_rel = f"{job.rejected_dir}/{task['output']}"
-        rejected_schema = output_schema(schema, columns, [pa.field("reason", pa.string())])
         rejected: ShardWriter | None = None
         rows_out = rows_rejected = 0
         # A shard of one forward pass (a tiny file) has nothing to overlap: decoded and written in line,
@@ -474,9 +475,7 @@ class Replica:
             # first shard decodes while torch and the model load.
             first = next(items, None) if not self._model.done() else None
             forward = self.forward
-            predictions = [pa.field(column, prediction_type(k)) for (column, _, _), k in zip(job.members, forward.each)]
-            out_schema = output_schema(schema, written, predictions)
-            splits = np.cumsum([0, *forward.each])
+            out_schema, splits = self._output_schema(schema, written, forward)
             writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema,
                                                            in_memory=tiny))
             # With several CPUs the output is encoded and compressed on a thread of its own, overlapping
@@ -510,12 +509,13 @@ class Replica:
                             f"{uri}: row {row} (row group {item.batch.row_group}): {reasons[0]} (invalid_rows: fail)"
                         )
                     if rejected is None:
+                        rejected_schema = output_schema(schema, columns, [pa.field("reason", pa.string())])
                         rejected = files.enter_context(
                             ShardWriter(self.output, self.output.join(rejected_rel), rejected_schema, in_memory=tiny)
                         )
                     bad_rows = data.filter(pa.array(bad)).select(columns)
                     rejected.write(pa.RecordBatch.from_arrays(
-                        [*bad_rows.columns, pa.array(reasons, pa.string())], schema=rejected_schema))
+                        [*bad_rows.columns, pa.array(reasons, pa.string())], schema=rejected.schema))
                     rows_rejected += len(reasons)
                     data = data.filter(pa.array(~bad))
                     if item.predicted is None:
@@ -543,6 +543,30 @@ class Replica:
                 entry["rejected_bytes"], entry["rejected_sha256"] = rejected.finish()
                 entry["rejected_output"] = rejected_rel
         return _Staged(entry, writer, rejected)
+
+    def _columns(self) -> tuple[list[str], list[str]]:
+        """The columns a shard reads and the input columns it writes (the job's; kept while it is the same)."""
+        job = self.job
+        if self._shard_columns is None or self._shard_columns[0] is not job:
+            columns = list(dict.fromkeys([*job.passthrough, *job.features, *job.categorical]))
+            written = [*job.passthrough, *(job.features if job.keep_features else ())]
+            self._shard_columns = (job, columns, written)
+        return self._shard_columns[1], self._shard_columns[2]
+
+    def _output_schema(self, schema: pa.Schema, written: list[str],
+                       forward: Forward | NumpyForward) -> tuple[pa.Schema, np.ndarray]:
+        """The output file's schema for an input of `schema`, and where each model's columns start and end in
+        the forward pass's outputs; kept from the shard before when its input schema and job were the same
+        (many tiny files: one schema)."""
+        kept = self._schemas
+        if kept is not None and kept[0] is self.job and kept[1] is forward and kept[2].equals(schema, check_metadata=True):
+            return kept[3], kept[4]
+        predictions = [pa.field(column, prediction_type(k)) for (column, _, _), k in zip(self.job.members,
+                                                                                       forward.each)]
+        out_schema = output_schema(schema, written, predictions)
+        splits = np.cumsum([0, *forward.each])
+        self._schemas = (self.job, forward, schema, out_schema, splits)
+        return out_schema, splits
 
     def _commit(self, task: dict[str, Any], staged: _Staged, log: CommitLog) -> tuple[dict[str, Any], str]:
         """Commit a staged shard: its journal record (in `log`), then its files under their final names."""

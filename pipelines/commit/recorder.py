@@ -11,8 +11,10 @@ leave its state, and `_SUCCESS` and a table's commit come only at the end (`fini
 
 from __future__ import annotations
 
+import ctypes
 import datetime as dt
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -105,6 +107,7 @@ class Recorder:
         self.state.begin(self.header, overwrite=overwrite)
         self.segments.add({"op": "begin", "header": self.header, "overwrite": overwrite})
         self._retire([path for path in stale if path in self.state.files])
+        release_freed()  # what planning freed, before the run's results come
 
     def _retire(self, paths: Sequence[str]) -> None:
         """Entries never reused again: journalled, then their files go when a run completes."""
@@ -172,6 +175,7 @@ class Recorder:
         self._confirmed = set()  # their records are gone (or `_held`): `_settle_unconfirmed` need not skip them
         self._last_checkpoint = time.monotonic()
         self.checkpoints += 1
+        release_freed()  # the folded entries' dicts
         logger.debug("checkpointed %d journal record(s) into the manifest", len(folded))
 
     @property
@@ -194,6 +198,7 @@ class Recorder:
             return self._finish()
 
     def _finish(self) -> bool:
+        release_freed()
         self._settle_unconfirmed()
         self._retire(self._not_current())
         planned = self._planned_complete()
@@ -306,6 +311,33 @@ class Recorder:
             **committed_rows(self.state.files),
             "retiring": sorted(self.state.retiring),
         }
+
+
+def release_freed() -> None:
+    """Hands the C heap's free pages back to the system (glibc's `malloc_trim`; elsewhere a no-op).
+
+    A run's results are unpickled on a thread per bundle, each with its own malloc arena, and their
+    entries are freed at the next checkpoint: the pages stayed resident, scattered over the arenas
+    (10,000 tiny files checkpointed every 2,000: the driver's RSS +13 MiB by the end, peak +13 MiB).
+    Python's objects of more than 512 bytes (an entry's dict) and Arrow's system-pool buffers live
+    there. Takes well under a millisecond.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only (musl has none)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
 
 
 def _same(table: pa.Table, other: pa.Table, columns: Sequence[str]) -> np.ndarray:
