@@ -42,7 +42,7 @@ def profile(workload: str = "data", scale: float = 0.25) -> dict[str, Any]:
     import torch
 
     from pipelines.config import JobConfig
-    from pipelines.job import _prepare
+    from pipelines.prepare import prepare
     from basis.storage import resolve
     from workers.device import Forward
     from workers.model import MLP, read_model
@@ -57,7 +57,7 @@ def profile(workload: str = "data", scale: float = 0.25) -> dict[str, Any]:
     chosen = ensure(workloads(scale)[workload])
     out = OUT / "stages"
     shutil.rmtree(out, ignore_errors=True)
-    plan = _prepare(JobConfig.from_dict({"model": str(chosen.model), "input": str(chosen.input), "output": str(out),
+    plan = prepare(JobConfig.from_dict({"model": str(chosen.model), "input": str(chosen.input), "output": str(out),
                                          "cpus_per_replica": 1}))
     first = plan.shards[0].input
     shards = [s for s in plan.shards if s.input == first]

@@ -49,14 +49,14 @@ def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm
 
     from basis.storage import resolve
     from pipelines.config import JobConfig
-    from pipelines.job import _prepare
+    from pipelines.prepare import prepare
     from workers.replica import Replica, ReplicaJob
 
     chosen = ensure(workloads(scale)[workload])
     out = OUT / "steady"
     shutil.rmtree(out, ignore_errors=True)
     cfg = {"model": str(chosen.model), "input": str(chosen.input), "output": str(out), **(options or {})}
-    plan = _prepare(JobConfig.from_dict(cfg))
+    plan = prepare(JobConfig.from_dict(cfg))
     shards = [s.to_task() for s in plan.shards]
     job = ReplicaJob(model=str(chosen.model), model_sha256=plan.model.sha256, input=str(chosen.input),
                      output=str(out), features=plan.columns.features, passthrough=plan.columns.passthrough,

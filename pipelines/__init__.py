@@ -16,7 +16,8 @@ from basis.errors import (
     OutputConflictError,
     ResourceError,
 )
-from pipelines.job import Plan, plan, run
+from pipelines.job import plan, run
+from pipelines.prepare import Plan
 from pipelines.report import RunReport
 from pipelines.verifier import VerifyReport, verify
 

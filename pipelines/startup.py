@@ -140,7 +140,7 @@ class Startup:
 
     Example:
         >>> with Startup(cfg) as startup:  # doctest: +SKIP
-        ...     p = _prepare(cfg, on_work=startup.begin)
+        ...     p = prepare(cfg, on_work=startup.begin)
         ...     connection, view, pool = startup.wait(p.model, p.input, p.sink, len(p.todo))
     """
 

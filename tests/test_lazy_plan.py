@@ -19,7 +19,7 @@ from basis.errors import InputError
 from basis.storage import resolve
 from pipelines.commit import SUCCESS, State
 from pipelines.config import JobConfig
-from pipelines.job import _prepare
+from pipelines.prepare import prepare
 from pipelines.plan import resolve_failed
 
 KEYS = ("id", "input", "rel", "fingerprint", "file_row_groups", "row_groups", "rows_in", "output", "status")
@@ -65,7 +65,7 @@ def test_a_run_plans_small_files_without_their_footers_and_commits_the_eager_pla
     eager = _planned(tmp_path)
     assert [e["output"] for e in eager if e["rel"] == "part-0003.parquet"] == [
         "part-0003-00000.parquet", "part-0003-00002.parquet"]  # 60+60 rows, then 30
-    lazy = _prepare(JobConfig.from_dict(_cfg(tmp_path)), lazy=True)
+    lazy = prepare(JobConfig.from_dict(_cfg(tmp_path)), lazy=True)
     assert len(lazy.files.read) == 1  # the first file's footer (the columns); the others' replicas read theirs
     assert len(lazy.shards) == len(lazy.files) == 7 and lazy.shards.lazy.sum() == 6
 
@@ -154,7 +154,7 @@ def test_a_lazy_shard_that_fails_before_its_replica_planned_it_is_recorded_as_th
     footer and records the file's shards as the eager plan makes them, each failed."""
     _inputs(tmp_path)
     eager = {s.id: s for s in pipelines.plan(**_cfg(tmp_path)).shards}
-    p = _prepare(JobConfig.from_dict(_cfg(tmp_path)), lazy=True)
+    p = prepare(JobConfig.from_dict(_cfg(tmp_path)), lazy=True)
     lazy = [s for s in p.todo if s.lazy]
     three = next(s for s in lazy if s.rel == "part-0003.parquet")
     assert three.row_groups == (0, 0) and three.rows_in > 0  # an estimate until it is read
