@@ -101,7 +101,7 @@ def _status(key: str) -> int:
 def measure(where: Path, files: int) -> dict[str, float]:
     """One unchanged tick (`pipelines.run`) over the synthetic output, in this process."""
     import pipelines
-    import pipelines.job as job
+    import pipelines.prepare as prepare
     from pipelines.commit import Listing
     from pipelines.tables import DataFiles
     from basis.storage import resolve
@@ -135,8 +135,8 @@ def measure(where: Path, files: int) -> dict[str, float]:
         synthetic[0] += time.process_time() - start
         return present
 
-    job.open_source = lambda cfg: Listed(resolve(base), base)  # type: ignore[assignment]
-    job.output_files = listing  # type: ignore[assignment]
+    prepare.open_source = lambda cfg: Listed(resolve(base), base)  # type: ignore[assignment]
+    prepare.output_files = listing  # type: ignore[assignment]
     inspect_model(str(where / "m.pt"))
     baseline = _status("VmRSS")
     cpu, wall = time.process_time(), time.perf_counter()
