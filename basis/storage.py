@@ -479,7 +479,11 @@ def sweep_temps(fs: pafs.FileSystem, root: str) -> int:
 
     Only safe when no attempt is writing under `root` any more (after a complete run).
     """
-    temps = [info.path for info in _walk(fs, root) if is_temp(info.path)]
+    if isinstance(fs, pafs.LocalFileSystem):  # a directory at a time: no record kept of every file (100,000: ~10 MiB)
+        temps = [os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
+                 if name.startswith(".") and name.endswith(TEMP_SUFFIX)]
+    else:
+        temps = [info.path for info in _walk(fs, root) if is_temp(info.path)]
     for path in temps:
         delete_file(fs, path)
     return len(temps)

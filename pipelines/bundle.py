@@ -24,11 +24,18 @@ No Ray here: the driver lane runs without it.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from pipelines.plan import Shard
 
+if TYPE_CHECKING:
+    from pipelines.shards import Shards
+
 BUNDLE_SHARDS = 64  # at most this many shards in one call
+_MAKE = 512  # a `ShardQueue` makes this many `Shard`s at a time
 
 
 def take(pending: deque[Shard], *, rows: int, most: int = BUNDLE_SHARDS, alone: Container[str] = ()) -> list[Shard]:
@@ -42,6 +49,68 @@ def take(pending: deque[Shard], *, rows: int, most: int = BUNDLE_SHARDS, alone: 
         total += pending[0].rows_in
         bundle.append(pending.popleft())
     return bundle
+
+
+class ShardQueue(deque[Shard]):
+    """The shards to run, a deque as `take`, the lane and the scheduler use one (`popleft`, `[0]`,
+    `appendleft`/`extendleft` for a shard put back, `len`, truth, iteration), holding the plan's
+    `indices` into its columnar `shards` rather than a `Shard` per shard: the front's `Shard`s are made
+    `_MAKE` at a time as they are taken (100,000 tiny files: ~60 MiB of `Shard`s no longer held for the
+    whole run). A shard put back goes in front, the very object; a lazy shard is made with its place in
+    the plan (`Shard.at`), so `Shards.resolve` finds it.
+
+        >>> from pipelines.shards import Shards
+        >>> plan = Shards.of(_example([100] * 5 + [900, 100, 1000, 100]))
+        >>> pending = ShardQueue(plan, np.arange(1, 9))
+        >>> len(pending), pending.rows
+        (8, 2500)
+        >>> [[s.rows_in for s in take(pending, rows=1000, most=3)] for _ in range(2)]
+        [[100, 100, 100], [100, 900]]
+        >>> pending.appendleft(plan[1]); [s.id for s in pending]
+        ['f1:0-1', 'f6:0-1', 'f7:0-1', 'f8:0-1']
+    """
+
+    def __init__(self, shards: Shards, indices: np.ndarray) -> None:
+        super().__init__()
+        self._shards = shards
+        self._rest = np.asarray(indices, np.int64)  # the plan's shards not made yet, from `_next` on
+        self._next = 0
+
+    def _fill(self) -> None:
+        if not super().__len__() and self._next < len(self._rest):
+            batch = self._rest[self._next:self._next + _MAKE]
+            self._next += len(batch)
+            super().extend(self._shards.objects(batch, keep=False))
+
+    def __len__(self) -> int:
+        return super().__len__() + len(self._rest) - self._next
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    def popleft(self) -> Shard:
+        self._fill()
+        return super().popleft()
+
+    def __getitem__(self, index: int) -> Shard:  # type: ignore[override]
+        if index != 0:
+            raise IndexError("a ShardQueue gives only its front shard, [0]")
+        self._fill()
+        return super().__getitem__(0)
+
+    def __iter__(self) -> Iterator[Shard]:
+        yield from list(super().__iter__())
+        for start in range(self._next, len(self._rest), _MAKE):
+            yield from self._shards.objects(self._rest[start:start + _MAKE], keep=False)
+
+    def clear(self) -> None:
+        super().clear()
+        self._next = len(self._rest)
+
+    @property
+    def rows(self) -> int:
+        """The rows of the shards left (a lazy shard's estimated)."""
+        return int(self._shards.rows[self._rest[self._next:]].sum()) + sum(s.rows_in for s in super().__iter__())
 
 
 def share(pending: int, calls: int) -> int:

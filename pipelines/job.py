@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.bundle import ShardQueue
 from pipelines.commit import COMMITTED, REJECTED_DIR, SUCCESS, Recorder, remove_success
 from pipelines.config import JobConfig
 from basis.errors import ConfigError
@@ -86,8 +87,9 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         from pipelines.startup import lane_on_numpy, lane_processes, lane_resources
         from workers.replica import ReplicaJob, default_batch_size
 
-        # the shards to run, handed over to the lane or the scheduler: each is dropped once its result is in
-        runnable = collections.deque(s for s in p.todo if s.error is None)
+        # the shards to run, handed over to the lane or the scheduler: each made as it is taken, dropped once
+        # its result is in
+        runnable = _runnable(p)
         done = RunResults(timeline=timeline is not None)
         first_commit: list[float] = []
 
@@ -104,7 +106,8 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                               "rows_out": 0, "rows_rejected": 0}, shard.input)
             recorder.flush(force=True)
             refused.started = True  # shards run from here: a refusal now leaves committed work behind
-            # Only `runnable` holds the shards to run from here (100,000 tiny files: ~75 MiB of `Shard`s).
+            # Only `runnable` holds the shards to run from here, as the plan's columns (100,000 tiny files:
+            # ~60 MiB of `Shard`s freed).
             p.todo = p.reconciled.todo = []
             p.shards.release()
 
@@ -125,7 +128,8 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                 categorical=p.columns.categorical, job_digest=recorder.digest,
                 models=tuple((name, spec.uri, spec.sha256) for name, spec in members),
             )
-            bar = Progress(sum(s.rows_in for s in runnable), len(runnable), enabled=progress)
+            rows = runnable.rows if isinstance(runnable, ShardQueue) else sum(s.rows_in for s in runnable)
+            bar = Progress(rows, len(runnable), enabled=progress)
 
             def on_result(shard: Shard, result: dict[str, Any]) -> None:
                 spans = result.get("spans")
@@ -155,7 +159,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                 metrics.shard_done(shard.rows_in, committed=ok)
 
             bundle_rows = cfg.shard_rows or DEFAULT_SHARD_ROWS  # small shards go out in calls of about a shard
-            rows = sum(s.rows_in for s in runnable)  # a lazy shard's estimated
+            # rows: a lazy shard's estimated
             # an embedded CPU run that one replica does as well as Ray: refused here, or run in the driver
             local = None if startup.started else lane_resources(cfg, rows, len(runnable), p.model.layers)
             try:
@@ -216,6 +220,15 @@ def _run_on_ray(cfg: JobConfig, p: Plan, job: Any, startup: Any, runnable: Seque
                                   bundle_rows=bundle_rows, metrics=metrics, pool=early)
             startup.pool = None  # the scheduler's now: it stops them, however the run ends
             return scheduler.run(runnable, on_result, on_started=begin), scheduler.pool.waited_seconds
+
+
+def _runnable(p: Plan) -> collections.deque[Shard]:
+    """The plan's shards to run (those not failing at planning), as a queue that makes each `Shard` from the
+    plan's columns when it is taken (`pipelines.bundle.ShardQueue`)."""
+    rows = p.reconciled.todo_rows
+    if p.todo is not p.reconciled.todo or len(rows) != len(p.todo):  # not the plan's own rows: as they are
+        return collections.deque(s for s in p.todo if s.error is None)
+    return ShardQueue(p.shards, rows[~p.shards.failing()[rows]])
 
 
 def _config(config: JobConfig | None, options: Mapping[str, Any]) -> JobConfig:

@@ -194,12 +194,29 @@ def write_timeline(path: str, spans: Iterable[tuple[Any, ...]]) -> None:
         for t in sorted({span[at["replica"]] for span in spans}):
             yield {"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": f"replica {t}"}}
 
-    out = io.BytesIO()
-    out.write(b'{"traceEvents":[')
-    for n, event in enumerate(events()):
-        out.write((b"," if n else b"") + json.dumps(event).encode())
-    out.write(b"]}")
-    from basis.storage import resolve, write_bytes_atomic
+    from basis.storage import StagedFile, resolve, retry_transient
 
     location = resolve(path)
-    write_bytes_atomic(location.fs, location.path, out.getbuffer())  # type: ignore[arg-type] # a buffer will do
+
+    def attempt() -> None:  # streamed a chunk at a time (100,000 shards: ~25 MB of JSON never held whole)
+        staged = StagedFile(location.fs, location.path)
+        try:
+            out = io.BytesIO()
+            out.write(b'{"traceEvents":[')
+            for n, event in enumerate(events()):
+                out.write((b"," if n else b"") + json.dumps(event).encode())
+                if out.tell() >= _CHUNK:
+                    staged.stream.write(out.getvalue())
+                    out = io.BytesIO()
+            out.write(b"]}")
+            staged.stream.write(out.getvalue())
+            staged.finish()
+            staged.publish()
+        except BaseException:
+            staged.discard()
+            raise
+
+    retry_transient(attempt, what=f"writing {path}")
+
+
+_CHUNK = 1 << 20  # bytes of the timeline's JSON written at a time
