@@ -169,6 +169,9 @@ class decode:  # noqa: N801 - used like a generator function
         # Two buffers of its own per thread (one stacking while the consumer has the other), the rest of
         # threads x depth + 2 shared; a deeper queue than the buffers allows just fills with borrowed ones.
         own = 2
+        if inline:  # a buffer of its rows, not of batch_size: 8 MiB made and handed back (madvise) per tiny file
+            meta = parquet.metadata
+            batch_size = min(batch_size, max(1, sum(meta.row_group(i).num_rows for i in range(*row_groups))))
         self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop,
                               None if inline else spares)
         # predicted batches of a row group read whole may be taken by a thread with none of its own left
