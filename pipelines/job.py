@@ -83,7 +83,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         recorder = Recorder(p.output, p.state, header=p.header, shards=p.shards, check_lock=lock.check,
                             kept=p.reconciled.kept, foreign=p.reconciled.foreign, sink=p.sink)
         from pipelines.lane import run_in_driver
-        from pipelines.lane import _share_strings as share_strings
+        from pipelines.lane import share_strings
         from pipelines.startup import lane_on_numpy, lane_processes, lane_resources
         from workers.replica import ReplicaJob, default_batch_size
 

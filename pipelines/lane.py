@@ -157,7 +157,7 @@ def _run_on_processes(job: ReplicaJob, pending: collections.deque[Shard],
     return [record for lane in lanes for record in lane.records]
 
 
-def _share_strings(result: dict[str, Any], shard: Shard) -> None:
+def share_strings(result: dict[str, Any], shard: Shard) -> None:
     """A child's result is unpickled: its entry, which the run keeps until the next checkpoint, would hold
     its own copy of every key (~20) and of its shard's strings. It takes the interned keys and the shard's
     own strings instead (measured: 1.5 KiB of Python objects per entry fewer)."""
@@ -266,7 +266,7 @@ class _Lane:
                 self._slowest = max(self._slowest, seconds / max(1, shard.rows_in))
             result["attempts"] = attempts
             if self.processes:
-                _share_strings(result, shard)
+                share_strings(result, shard)
             on_result(shard, result)
             self._attempts.pop(shard.id, None)  # done: nothing kept per shard (a retry never comes now)
             self._kinds.pop(shard.id, None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
+import re
 from collections import ChainMap
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ from pipelines.shards import CommittedSpans, InputFile, InputFiles, Shard, Shard
 from pipelines.tables import DataFile, DataFiles, Source
 from workers.lazy import spans_of
 from workers.fit import (
+    PARQUET_SUFFIXES,
     distinct_output_name,
     footer_error,
     is_float_list,
@@ -143,7 +145,8 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
     if len(lazy):
         file, zeros, names, estimate = lazy_shards
         whole = dataclasses.replace(whole, file=np.concatenate([whole.file, file]),
-                                    first=np.concatenate([whole.first, zeros]), stop=np.concatenate([whole.stop, zeros]),
+                                    first=np.concatenate([whole.first, zeros]),
+                                    stop=np.concatenate([whole.stop, zeros]),
                                     rows=np.concatenate([whole.rows, estimate]),
                                     output=pa.concat_arrays([whole.output.cast(pa.string()), names]))
         total = np.concatenate([total, np.full(len(lazy), -1, np.int64)])
@@ -169,7 +172,7 @@ def make_shards(files: Sequence[InputFile], shard_rows: int, claims: Mapping[str
                   split_rows=shard_rows)
 
 
-_SUFFIX = r"\.(parquet|parq|pq)$"  # what `workers.fit.stem` cuts off
+_SUFFIX = "(" + "|".join(re.escape(suffix) for suffix in PARQUET_SUFFIXES) + ")$"  # what `workers.fit.stem` cuts off
 _HIDDEN_PART = r"(^|/)[_.]"  # a part `workers.fit.output_name` makes visible
 _NAME_TAIL = r"-[0-9]{5}(-[0-9a-f]{8})?\.parquet$"  # an output name less its stem
 
@@ -178,8 +181,9 @@ def settle_lazy(files: InputFiles, claims: Mapping[str, str], location: Location
     """Read the footers of the files planned lazily (`scan_source`'s `lazy_bytes`) whose output names
     another input might share: a stem two listed inputs share (`a.parquet`, `a.parq`), a hidden part,
     a stem that names the output `claims` hold for another input; and a file likely to hold several
-    shards (`_more_than`). The rest keep one shard each, whose replica names any further span
-    `output_name(rel, first)` as `make_shards` would: no other name claims their stem."""
+    shards (`estimated_rows` of `shard_rows` or more: planned from its footer, as a big file is). The rest
+    keep one shard each, whose replica names any further span `output_name(rel, first)` as `make_shards`
+    would: no other name claims their stem."""
     if files.lazy is None or not files.lazy.any():
         return
     rels = files.listing.rel
@@ -209,15 +213,9 @@ def settle_lazy(files: InputFiles, claims: Mapping[str, str], location: Location
             for index, stem, rel in zip(hit.tolist(), stems.take(pa.array(hit)).to_pylist(),
                                         rels.take(pa.array(hit)).to_pylist()):
                 eager[index] |= bool(held[stem] - {rel})
-    eager[lazy[_more_than(files, lazy, shard_rows)]] = True
+    eager[lazy[estimated_rows(files, lazy) >= shard_rows]] = True
     for index in lazy[eager[lazy]].tolist():
         files[index] = read_schema(files[index], location)
-
-
-def _more_than(files: InputFiles, lazy: np.ndarray, shard_rows: int) -> np.ndarray:
-    """Per file of `lazy`: likely to hold `shard_rows` rows or more (`estimated_rows`), so likely several
-    shards: planned from its footer, as a big file is."""
-    return estimated_rows(files, lazy) >= shard_rows
 
 
 def estimated_rows(files: InputFiles, at: np.ndarray) -> np.ndarray:
