@@ -275,13 +275,15 @@ class Histories(RuleBasedStateMachine):
         assert _files(self.root / "out") == before
 
     @rule(commits=st.integers(0, 6), overwrite=st.booleans(), checkpoints=st.booleans(),
-          where=st.sampled_from(["ray", "lane children", "a lane child"]))
+          where=st.sampled_from(["ray", "lane children", "a lane child", "a starting lane child"]))
     def kill_the_driver(self, commits: int, overwrite: bool, checkpoints: bool, where: str) -> None:
         """SIGKILL `batch-infer run` once `commits` shard records are in the journal (or it ended); with
         `checkpoints`, the run checkpoints its journal into the manifest after every record, and is killed
         once it wrote one or two mid-run roots. `where` the run's replicas are: two Ray replicas, or the
         driver lane's child processes (`pipelines.lane_processes`, bundle journal files); "a lane child":
-        one of those children is killed instead of the driver, which goes on (a fresh child retries)."""
+        one of those children is killed instead of the driver, which goes on (a fresh child retries); "a starting
+        lane child": the first child is killed as soon as it exists, while it still imports (the OOM killer at
+        start: it is a dead replica, not one that cannot start)."""
         model, activation = self.job
         replicas = ["--replicas", "2", "--cpus-per-replica", "0.5", "--batch-size", "32"] if where == "ray" else []
         args = ["run", "--model", str(self.root / f"{model}.pt"), "--input", str(self.root / "in"), "--output",
@@ -312,6 +314,12 @@ class Histories(RuleBasedStateMachine):
         seen: set[str] = set()
         roots: set[str] = set()  # the mid-run roots seen (a checkpoint deletes the commit records it holds)
         while process.poll() is None and time.monotonic() < deadline:
+            if where == "a starting lane child":
+                children = lane_children(process.pid)
+                if children:
+                    break
+                time.sleep(0.005)
+                continue
             seen |= records() - earlier
             if checkpoints:
                 text = root()
@@ -323,10 +331,12 @@ class Histories(RuleBasedStateMachine):
                 break
             time.sleep(0.01)
         folded = bool(roots)
-        if where == "a lane child" and process.poll() is None:
+        killed = None  # the lane child killed, if any
+        if where in ("a lane child", "a starting lane child") and process.poll() is None:
             children = lane_children(process.pid)
             if children:
-                os.kill(children[0], signal.SIGKILL)
+                killed = children[0]
+                os.kill(killed, signal.SIGKILL)
                 if process.wait(timeout=120) not in (0, 1):  # 1: a broken input's shard failed
                     raise AssertionError(f"a lane child killed: the run exited {process.returncode}")
         ended = process.poll()
@@ -334,7 +344,7 @@ class Histories(RuleBasedStateMachine):
         began = ended in (0, 1) or bool(seen | (records() - earlier)) or folded
         if TRACE:
             print(f"driver ({where}, overwrite={overwrite}, checkpoints={checkpoints}, checkpointed={folded}) "
-                  f"{'a child' if where == 'a lane child' else ''} killed after "
+                  f"{f'child {killed}' if killed else ''} killed after "
                   f">= {commits} commit record(s): exit {ended}, "
                   f"began {began}", flush=True)
         _kill_group(process)
