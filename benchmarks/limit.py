@@ -24,6 +24,14 @@ process of its own, so the single-thread settings touch no other arm:
 prints one JSON line: ``seconds`` (the limit), ``single_core_seconds`` per
 stage, ``cores``, ``rows``. The output (one file per input file) is written
 like the other arms' so its rows can be checked.
+
+The arm (``run``) also measures how far the machine itself is from that
+ideal: ``cores`` copies of the same loop start together, each over every
+file (``concurrent``). Memory-bound work (decode copies each value several
+times) may not go ``cores`` times as fast on ``cores`` cores of a VM;
+``parallel.seconds`` (each copy's mean stage time / cores) is the limit with
+every core busy, ``parallel.scaling`` the throughput that reaches against the
+ideal's (1.0: perfect). ``seconds`` stays the ideal: the issue's target.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,11 +63,46 @@ def run(model: Path, input: Path, output: Path) -> dict[str, Any]:
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-    return result
+    return {**result, "parallel": concurrent(model, input, output, cores=result["cores"],
+                                             single=result["single_core_seconds"]["total"])}
 
 
-def measure(model: Path, input: Path, output: Path, *, cores: int) -> dict[str, Any]:
-    """Single-threaded seconds per stage over every row group of ``input``; see the module doc."""
+def concurrent(model: Path, input: Path, output: Path, *, cores: int, single: float) -> dict[str, Any]:
+    """``cores`` copies of ``measure``'s loop at once, each over every file of ``input`` into a folder of its own
+    under ``output`` (deleted after), released together once all have imported: each copy's stage seconds, the
+    limit with every core busy (``seconds``) and its throughput against the ideal's (``scaling``)."""
+    cmd = [sys.executable, "-m", "benchmarks.limit", "--model", str(model), "--input", str(input), "--cores", "1",
+           "--wait"]
+    copies = [subprocess.Popen([*cmd, "--output", str(output / f".copy-{i}")], cwd=_REPO, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+              for i in range(cores)]
+    try:
+        for copy in copies:  # each says it is ready: imports, model and warm-up done
+            if copy.stdout is None or copy.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a concurrent limit copy did not start: {copy.communicate()[1][-2000:]}")
+        for copy in copies:
+            assert copy.stdin is not None
+            copy.stdin.write("go\n")
+            copy.stdin.flush()
+        done = [copy.communicate() for copy in copies]
+    finally:
+        for copy in copies:
+            if copy.poll() is None:
+                copy.kill()
+        for i in range(cores):
+            shutil.rmtree(output / f".copy-{i}", ignore_errors=True)
+    failed = [err for copy, (_, err) in zip(copies, done) if copy.returncode != 0]
+    if failed:
+        raise RuntimeError(f"a concurrent limit copy failed:\n{failed[0][-2000:]}")
+    each = [json.loads(out.strip().splitlines()[-1])["single_core_seconds"] for out, _ in done]
+    mean = sum(e["total"] for e in each) / cores
+    return {"seconds": round(mean / cores, 3), "scaling": round(single / mean, 3), "copies": cores,
+            "single_core_seconds_each": each}
+
+
+def measure(model: Path, input: Path, output: Path, *, cores: int, wait: bool = False) -> dict[str, Any]:
+    """Single-threaded seconds per stage over every row group of ``input``; see the module doc. With ``wait``,
+    it prints ``ready`` once warmed up and starts when a line comes on stdin (``concurrent``)."""
     import torch
 
     torch.set_num_threads(1)
@@ -67,6 +111,9 @@ def measure(model: Path, input: Path, output: Path, *, cores: int) -> dict[str, 
     layers, stack = _load_layers(model), _Stacker()
     _forward(layers, stack(pa.table({name: pa.array([0.0] * 8, pa.float32()) for name in FEATURES})))  # warm-up
     output.mkdir(parents=True, exist_ok=True)
+    if wait:
+        print("ready", flush=True)
+        sys.stdin.readline()
     spent = dict.fromkeys(STAGES, 0.0)
     rows = 0
     files = sorted(p for p in input.glob("*.parquet") if not p.name.startswith((".", "_")))
@@ -106,8 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", type=Path, required=True)
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="divide by (default: every core)")
+    parser.add_argument("--wait", action="store_true",
+                        help="print 'ready' once warmed up and start on a line from stdin (copies run together)")
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.model, args.input, args.output, cores=args.cores)))
+    print(json.dumps(measure(args.model, args.input, args.output, cores=args.cores, wait=args.wait)))
 
 
 if __name__ == "__main__":

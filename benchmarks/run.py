@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     daft_options = {w.name: runs[w.name]["daft"][0]["details"]["options"] for w in chosen if runs[w.name].get("daft")}
     process_names = [n for n in names if n != "limit"]
     small = next((w for w in chosen if w.name == "small"), None)
-    whole = processes.whole_process(small, process_names, args.reps, args.set, daft, daft_options) if small else {}
+    whole = processes.whole_process(small, process_names, args.reps, args.set, daft, daft_options) \
+        if small and process_names else {}  # the limit alone has no whole process
 
     if "batch-infer" in args.systems and args.memory:
         processes.memory_check(ensure(jobs["data-1x"]), ensure(jobs["data"]), args.set)
@@ -190,7 +191,11 @@ def _summary_row(
     steadies = [r["details"]["steady"] for r in runs.get("batch-infer", []) if whole is None and r["details"].get("steady")]
     steady = {key: statistics.median(s[key] for s in steadies) for key in ("rows_per_second", "start_up_seconds")} \
         if steadies else None
-    return {**summary.summarise_row(label, seconds, workload.rows, steady), "name": workload.name}
+    parallels = [r["details"]["parallel"]["seconds"] for r in runs.get("limit", [])
+                 if whole is None and r["details"].get("parallel")]
+    parallel = statistics.median(parallels) if parallels else None
+    return {**summary.summarise_row(label, seconds, workload.rows, steady, parallel_limit=parallel),
+            "name": workload.name}
 
 
 def _names(allowed: Any) -> Any:

@@ -39,18 +39,23 @@ def workload_label(description: str, widths: tuple[int, ...], rows: int, files: 
 
 
 def summarise_row(label: str, seconds: dict[str, float], rows: int,
-                  steady: dict[str, float] | None = None) -> dict[str, Any]:
+                  steady: dict[str, float] | None = None, *, parallel_limit: float | None = None) -> dict[str, Any]:
     """One table row from the median seconds per system (systems not run are absent).
 
     ``steady``: batch-infer's median steady-state rows/s and start-up seconds
     (`steady_state`); with the limit it gives ``steady_vs_limit``, the steady
-    rate as a fraction of the limit's.
+    rate as a fraction of the limit's, and with ``parallel_limit`` (the limit's
+    seconds with every core running a copy of its loop: `benchmarks.limit.concurrent`)
+    ``steady_vs_parallel_limit``.
     """
     ours = seconds.get("batch-infer")
     peers = {name: seconds[name] for name in PEERS if name in seconds}
     best = min(peers, key=peers.__getitem__) if peers else None
     if steady is not None and "limit" in seconds:
         steady = {**steady, "steady_vs_limit": round(steady["rows_per_second"] * seconds["limit"] / rows, 3)}
+        if parallel_limit:
+            steady["steady_vs_parallel_limit"] = round(steady["rows_per_second"] * parallel_limit / rows, 3)
+            steady["limit_scaling"] = round(seconds["limit"] / parallel_limit, 3)
     return {
         "metric": "summary",
         "workload": label,
@@ -129,6 +134,9 @@ def render(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
         steady = row.get("steady")
         if steady:
             share = f" = {steady['steady_vs_limit']:.2f}x the limit's rate" if "steady_vs_limit" in steady else ""
+            if "steady_vs_parallel_limit" in steady:
+                share += (f" ({steady['steady_vs_parallel_limit']:.2f}x the rate of the limit's loop run on every core"
+                          f" at once, which reaches {steady['limit_scaling']:.2f}x of the limit)")
             lines.append(f"batch-infer, {row['workload']}: steady state {_count(steady['rows_per_second'], 2)} rows/s"
                          f"{share}; start-up (actor start, torch import, first shards) {steady['start_up_seconds']:.2f} s")
     lines += [f"{LABELS.get(name, name)}: {text}" for name, text in notes.items()]

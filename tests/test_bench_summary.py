@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from benchmarks import peers, run, summary
@@ -64,3 +66,27 @@ def test_the_table_states_the_steady_rate_against_the_limits() -> None:
     text = summary.render([row], {})
     assert "batch-infer, data-bound: steady state 4.00M rows/s = 0.80x the limit's rate; start-up" in text
     assert "2.50 s" in text
+    both = summary.summarise_row("data-bound", {"batch-infer": 10.5, "limit": 6.4}, 32_000_000, steady,
+                                 parallel_limit=7.2)
+    assert both["steady"]["steady_vs_parallel_limit"] == 0.9 and both["steady"]["limit_scaling"] == 0.889
+    assert ("0.80x the limit's rate (0.90x the rate of the limit's loop run on every core at once, which reaches"
+            " 0.89x of the limit)") in summary.render([both], {})
+
+
+def test_the_limit_arm_runs_its_loop_on_every_core_at_once(tmp_path: Path) -> None:
+    """`benchmarks.limit.run` measures the single-core loop, then `cores` copies of it released together:
+    each copy covers every row, and the parallel limit is stated against the ideal one."""
+    from benchmarks import data, limit
+
+    data._ensure_model((64, 16, 1), tmp_path / "m.pt")
+    (tmp_path / "in").mkdir()
+    for index in range(2):
+        data._write_file(tmp_path / "in" / f"part-{index}.parquet", index, 2_000)
+    result = limit.run(tmp_path / "m.pt", tmp_path / "in", tmp_path / "out")
+    assert result["rows"] == 4_000 and result["cores"] >= 1
+    parallel = result["parallel"]
+    assert parallel["copies"] == result["cores"] and len(parallel["single_core_seconds_each"]) == result["cores"]
+    assert parallel["seconds"] > 0 and parallel["scaling"] > 0
+    total = sum(e["total"] for e in parallel["single_core_seconds_each"]) / result["cores"]
+    assert parallel["scaling"] == pytest.approx(result["single_core_seconds"]["total"] / total, abs=0.01)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-0.parquet", "part-1.parquet"]  # copies gone
