@@ -105,7 +105,8 @@ def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm
     job = ReplicaJob(model=str(chosen.model), model_sha256=plan.model.sha256, input=str(chosen.input),
                      output=str(out), features=plan.columns.features, passthrough=plan.columns.passthrough,
                      list_column=False, width=plan.columns.width, prediction_column="prediction",
-                     keep_features=False, cpus=cpus, generation=1, invalid_rows=plan.config.invalid_rows)
+                     keep_features=False, cpus=cpus, generation=1, invalid_rows=plan.config.invalid_rows,
+                     batch_size=plan.config.batch_size)
     pa.set_cpu_count(max(1, int(cpus)))  # as the actor does in its own process
     replica = Replica(0, job, in_driver=True)
     resolve(str(out))
