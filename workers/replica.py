@@ -529,7 +529,11 @@ class Replica:
                 item.release()  # submit has consumed (CPU) or copied (GPU) the stacked features
                 if pending is not None:
                     rows_out += write(*pending)
-                pending = (data, handle)
+                    pending = None
+                if item.predicted is not None:  # predicted in its decoding thread: written now, not a batch
+                    rows_out += write(data, handle)  # later (the writer ended each shard a batch behind)
+                else:  # a submitted pass (a GPU's runs on): collected once the next batch is submitted
+                    pending = (data, handle)
             if pending is not None:
                 rows_out += write(*pending)
             background.wait()
