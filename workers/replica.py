@@ -175,6 +175,7 @@ class Replica:
         self._spares = Spares()  # stacking buffers kept from shard to shard (no fresh pages per shard)
         self._shard_columns: tuple[ReplicaJob, list[str], list[str]] | None = None  # `_columns`
         self._schemas: tuple[Any, ...] | None = None  # `_output_schema`'s last answer
+        self._fitted: tuple[ReplicaJob, pa.Schema] | None = None  # the last schema `workers.fit.misfit` passed
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
@@ -343,9 +344,12 @@ class Replica:
             parquet = open_parquet(self.source, task["path"], task["input"])
         except ShardDataError as exc:  # as the driver's plan fails it: row groups (0, 0), no rows
             return self._result({**task, "rows_in": 0}, started, error=footer_error(task["input"], exc.__cause__ or exc))
-        shards = plan_file(parquet, task, self.job)
+        schema, job = parquet.schema_arrow, self.job
+        fitted = self._fitted
+        shards = plan_file(parquet, task, job, fits=fitted is not None and fitted[0] is job and fitted[1].equals(schema))
         if isinstance(shards, str):
             return self._result({**task, "rows_in": 0}, started, error=shards)
+        self._fitted = (job, schema)
         parts = [self._process(shard, log, parquet) for shard in shards]
         failed = [part["error"] for part in parts if part["status"] != "committed"]
         return {"id": task["id"], "replica": self.index, "started": started, "finished": parts[-1]["finished"],
@@ -451,10 +455,13 @@ class Replica:
         parquet = parquet if parquet is not None else open_parquet(self.source, task["path"], uri)
         schema = parquet.schema_arrow
         columns, written = self._columns()
-        names = schema.names
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise ShardDataError(f"{uri}: missing column(s) {missing}")
+        fitted = self._fitted
+        if fitted is None or fitted[0] is not job or not (fitted[1] is schema or fitted[1].equals(schema)):
+            # (else `misfit` passed this schema)
+            names = schema.names
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise ShardDataError(f"{uri}: missing column(s) {missing}")
         rejected_rel = f"{job.rejected_dir}/{task['output']}"
         rejected: ShardWriter | None = None
         rows_out = rows_rejected = 0

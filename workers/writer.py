@@ -78,12 +78,7 @@ class ShardWriter:
             sink = self._staged.stream
         # Dictionary encoding pays off for repeated strings; on floats and unique ids it
         # only costs time (measured: it doubled the write time of an id + prediction file).
-        self._writer = pq.ParquetWriter(
-            sink,
-            self.schema,
-            compression="snappy",
-            use_dictionary=[f.name for f in self.schema if _wants_dictionary(f.type)],
-        )
+        self._writer = pq.ParquetWriter(sink, self.schema, compression="snappy", use_dictionary=_dictionary(self.schema))
         return self
 
     def write(self, batch: pa.RecordBatch) -> None:
@@ -179,6 +174,21 @@ class Background:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+
+
+_last_dictionary: tuple[pa.Schema, list[str]] | None = None  # `_dictionary`'s last answer
+
+
+def _dictionary(schema: pa.Schema) -> list[str]:
+    """The columns of `schema` to dictionary-encode (kept for the next file: a replica's tiny shards share
+    one output schema object)."""
+    global _last_dictionary
+    last = _last_dictionary
+    if last is not None and last[0] is schema:
+        return last[1]
+    names = [f.name for f in schema if _wants_dictionary(f.type)]
+    _last_dictionary = (schema, names)
+    return names
 
 
 def _wants_dictionary(kind: pa.DataType) -> bool:
