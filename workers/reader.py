@@ -9,7 +9,6 @@ not readable Parquet raises `ShardDataError`.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -61,6 +60,8 @@ class ParquetSource(pq.ParquetFile):
         # path resolution, a map of every nested column path): ~15 us of a tiny file's ~1 ms (the map is made
         # by the first read that names columns, `_nested_paths_by_prefix`)
         self.location, self.path, self.uri = location, path, uri
+        self._schema: pa.Schema | None = None
+        self._paths: dict[str, list[int]] | None = None
         self.handle = location.fs.open_input_file(path)
         try:
             if location.is_local and self.handle.size() <= SMALL_FILE_BYTES:
@@ -77,15 +78,21 @@ class ParquetSource(pq.ParquetFile):
             self.handle.close()
             raise
 
-    @functools.cached_property
+    @property
     def _nested_paths_by_prefix(self) -> dict[str, list[int]]:  # type: ignore[override]
-        return self._build_nested_paths()
+        paths = self._paths
+        if paths is None:
+            paths = self._paths = self._build_nested_paths()
+        return paths
 
-    @functools.cached_property
+    @property
     def schema_arrow(self) -> pa.Schema:  # type: ignore[override]
         """The file's Arrow schema, converted once (`pq.ParquetFile` converts the footer's schema again, ~10 us,
         at each use: a shard's plan, its columns and its output schema each look)."""
-        return self.reader.schema_arrow
+        schema = self._schema
+        if schema is None:
+            schema = self._schema = self.reader.schema_arrow
+        return schema
 
     def reopen(self, *, attempts: int = RETRY_ATTEMPTS, base_delay: float = RETRY_BASE_DELAY) -> ParquetSource:
         """A fresh handle on the same file (its footer is reused, not read again).

@@ -180,6 +180,7 @@ class Replica:
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
         self._model: Future[Forward | NumpyForward] = self._loader.submit(self._load)
+        self._loaded: Forward | NumpyForward | None = None  # its result, once `forward` had it
         self._loader.shutdown(wait=False)
         self.state = State.READY
 
@@ -262,7 +263,10 @@ class Replica:
     @property
     def forward(self) -> Forward | NumpyForward:
         """The loaded model (waits for the background load; raises its error)."""
-        return self._model.result()
+        loaded = self._loaded
+        if loaded is None:
+            loaded = self._loaded = self._model.result()  # then no lock per shard
+        return loaded
 
     def configure(self, job: ReplicaJob) -> None:
         """The planned job, for a replica started before the plan was done (`pipelines.startup`)."""
@@ -480,7 +484,7 @@ class Replica:
             items = iter(batches)
             # The first batch is decoded (inline for a tiny shard) before the model is waited for: the
             # first shard decodes while torch and the model load.
-            first = next(items, None) if not self._model.done() else None
+            first = next(items, None) if self._loaded is None and not self._model.done() else None
             forward = self.forward
             out_schema, splits = self._output_schema(schema, written, forward)
             writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema,

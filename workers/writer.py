@@ -133,10 +133,12 @@ class Background:
 
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
-        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...], Future[object]] | None] = \
-            queue.SimpleQueue()
-        self._thread = threads.start("write", self._loop) if enabled else None
+        self._thread: threads.Call | None = None
         self._futures: collections.deque[Future[object]] = collections.deque()
+        if enabled:  # (a tiny shard's, in line, makes no queue)
+            self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...], Future[object]] | None] \
+                = queue.SimpleQueue()
+            self._thread = threads.start("write", self._loop)
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
