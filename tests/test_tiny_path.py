@@ -111,3 +111,28 @@ def test_a_lane_child_starts_with_mallocs_cache_tuned_and_the_users_settings_kep
     assert mine == f"{MALLOC_TUNABLES}:glibc.malloc.tcache_count=7"  # glibc takes the last: the user's wins
     assert "GLIBC_TUNABLES" not in os.environ or environment(os.environ)["GLIBC_TUNABLES"].endswith(
         os.environ["GLIBC_TUNABLES"])
+
+
+@pytest.mark.parametrize("schema", [
+    pa.schema([("id", pa.int64()), ("prediction", pa.float32())]),
+    pa.schema([("s", pa.string()), ("t", pa.timestamp("us", "UTC")), ("prediction", pa.list_(pa.float32(), 2))]),
+])
+def test_a_tiny_shards_file_is_byte_for_byte_what_the_streaming_writer_makes(tmp_path: Path, schema: pa.Schema) -> None:
+    location = resolve(str(tmp_path))
+    rows = 50
+    columns = {
+        "id": pa.array(range(rows), pa.int64()), "s": pa.array(["a", "b"] * 25),
+        "t": pa.array(np.arange(rows, dtype=np.int64), pa.int64()).cast(pa.timestamp("us", "UTC")),
+    }
+    arrays = [columns[f.name] if f.name in columns else (
+        pa.array(np.linspace(0, 1, rows, dtype=np.float32)) if f.type == pa.float32()
+        else pa.FixedSizeListArray.from_arrays(pa.array(np.linspace(0, 1, 2 * rows, dtype=np.float32)), 2))
+        for f in schema]
+    batch = pa.record_batch(arrays, schema=schema)
+    for name, in_memory in (("tiny", True), ("streamed", False)):
+        with ShardWriter(location, location.join(f"{name}.parquet"), schema, in_memory=in_memory) as writer:
+            writer.write(batch)
+            writer.finish()
+            writer.publish()
+    assert (tmp_path / "tiny.parquet").read_bytes() == (tmp_path / "streamed.parquet").read_bytes()
+    assert pq.read_table(tmp_path / "tiny.parquet").equals(pa.Table.from_batches([batch]))
