@@ -33,7 +33,8 @@ def spans_of(rows: Sequence[int], *, shard_rows: int, rel: str, output: str) -> 
             for first, stop in split_row_groups(rows, shard_rows)]
 
 
-def plan_file(parquet: pq.ParquetFile, task: dict[str, Any], job: Any, *, fits: bool = False) -> list[dict[str, Any]] | str:
+def plan_file(parquet: pq.ParquetFile, task: dict[str, Any], job: Any, *,
+              fits: bool = False) -> list[dict[str, Any]] | str:
     """The shards (tasks) of a lazy task's file, or why the file does not fit the job (`workers.fit.misfit`).
 
     `job`: the run's `ReplicaJob` (its columns). `fits`: the caller knows the file's schema fits the job

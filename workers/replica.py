@@ -348,9 +348,9 @@ class Replica:
             parquet = open_parquet(self.source, task["path"], task["input"])
         except ShardDataError as exc:  # as the driver's plan fails it: row groups (0, 0), no rows
             return self._result({**task, "rows_in": 0}, started, error=footer_error(task["input"], exc.__cause__ or exc))
-        schema, job = parquet.schema_arrow, self.job
-        fitted = self._fitted
-        shards = plan_file(parquet, task, job, fits=fitted is not None and fitted[0] is job and fitted[1].equals(schema))
+        schema, job, fitted = parquet.schema_arrow, self.job, self._fitted
+        known = fitted is not None and fitted[0] is job and fitted[1].equals(schema)  # many tiny files, one schema
+        shards = plan_file(parquet, task, job, fits=known)
         if isinstance(shards, str):
             return self._result({**task, "rows_in": 0}, started, error=shards)
         self._fitted = (job, schema)
