@@ -323,6 +323,9 @@ class decode:  # noqa: N801 - used like a generator function
                 yield item  # type: ignore[misc]
 
     def close(self) -> None:
+        if self._tiny:  # no thread, nothing waits: only its buffers (if it made any) to hand back
+            self._pool.retire()
+            return
         self._stop.set()
         self._pool.wake()
         for thread in self._threads:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +48,21 @@ class Batch:
     first_row: int  # index in the file of the batch's first row (before deleted rows were dropped)
 
 
+class _once:  # noqa: N801 - used like a decorator
+    """An attribute computed on first use and then kept in the instance (`functools.cached_property` without its
+    lock, taken at each first use in Python 3.11: a `ParquetSource` is used from one thread at a time)."""
+
+    def __init__(self, compute: Callable[[Any], Any]) -> None:
+        self.compute, self.name = compute, compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
+
+
 class ParquetSource(pq.ParquetFile):
     """A Parquet file opened from a `Location` that can open itself again after a transient error.
 
@@ -60,8 +76,6 @@ class ParquetSource(pq.ParquetFile):
         # path resolution, a map of every nested column path): ~15 us of a tiny file's ~1 ms (the map is made
         # by the first read that names columns, `_nested_paths_by_prefix`)
         self.location, self.path, self.uri = location, path, uri
-        self._schema: pa.Schema | None = None
-        self._paths: dict[str, list[int]] | None = None
         self.handle = location.fs.open_input_file(path)
         try:
             if location.is_local and self.handle.size() <= SMALL_FILE_BYTES:
@@ -78,21 +92,15 @@ class ParquetSource(pq.ParquetFile):
             self.handle.close()
             raise
 
-    @property
-    def _nested_paths_by_prefix(self) -> dict[str, list[int]]:  # type: ignore[override]
-        paths = self._paths
-        if paths is None:
-            paths = self._paths = self._build_nested_paths()
-        return paths
+    @_once
+    def _nested_paths_by_prefix(self) -> dict[str, list[int]]:
+        return self._build_nested_paths()
 
-    @property
-    def schema_arrow(self) -> pa.Schema:  # type: ignore[override]
+    @_once
+    def schema_arrow(self) -> pa.Schema:
         """The file's Arrow schema, converted once (`pq.ParquetFile` converts the footer's schema again, ~10 us,
         at each use: a shard's plan, its columns and its output schema each look)."""
-        schema = self._schema
-        if schema is None:
-            schema = self._schema = self.reader.schema_arrow
-        return schema
+        return self.reader.schema_arrow
 
     def reopen(self, *, attempts: int = RETRY_ATTEMPTS, base_delay: float = RETRY_BASE_DELAY) -> ParquetSource:
         """A fresh handle on the same file (its footer is reused, not read again).
