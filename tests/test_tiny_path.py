@@ -136,3 +136,15 @@ def test_a_tiny_shards_file_is_byte_for_byte_what_the_streaming_writer_makes(tmp
             writer.publish()
     assert (tmp_path / "tiny.parquet").read_bytes() == (tmp_path / "streamed.parquet").read_bytes()
     assert pq.read_table(tmp_path / "tiny.parquet").equals(pa.Table.from_batches([batch]))
+
+
+def test_files_read_one_after_another_get_their_own_columns_whatever_the_last_files_layout(tmp_path: Path) -> None:
+    nested = pa.table({"id": pa.array(range(5)), "s": pa.array([{"x": i, "y": -i} for i in range(5)]),
+                       "v": pa.array([0.5 * i for i in range(5)])})
+    flat = pa.table({"id": pa.array(range(5)), "v": pa.array([2.0 * i for i in range(5)])})
+    location = resolve(str(tmp_path))
+    for name, table in (("a", nested), ("b", flat), ("c", nested), ("d", nested), ("e", flat)):
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+        source = open_parquet(location, location.join(f"{name}.parquet"), name)
+        assert source.read_row_group(0, columns=["v", "id"]).equals(table.select(["v", "id"]))
+        assert source.read_row_group(0, columns=["v"]).equals(table.select(["v"]))

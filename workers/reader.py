@@ -96,6 +96,21 @@ class ParquetSource(pq.ParquetFile):
     def _nested_paths_by_prefix(self) -> dict[str, list[int]]:
         return self._build_nested_paths()
 
+    # The leaf columns of the last columns asked for, and the Arrow schema of the file they were found in.
+    _last_indices: tuple[pa.Schema, tuple[str, ...], list[int]] | None = None
+
+    def _get_column_indices(self, column_names: Any, use_pandas_metadata: bool = False) -> Any:
+        """`pq.ParquetFile`'s, kept for the next file of an equal Arrow schema (many tiny files, one schema:
+        the leaf columns under each top-level field follow from its Arrow type, so they are the same)."""
+        if column_names is None or use_pandas_metadata:
+            return super()._get_column_indices(column_names, use_pandas_metadata)
+        names, last, schema = tuple(column_names), ParquetSource._last_indices, self.schema_arrow
+        if last is not None and last[1] == names and last[0].equals(schema):
+            return list(last[2])
+        indices = super()._get_column_indices(column_names)
+        ParquetSource._last_indices = (schema, names, list(indices))
+        return indices
+
     @_once
     def schema_arrow(self) -> pa.Schema:
         """The file's Arrow schema, converted once (`pq.ParquetFile` converts the footer's schema again, ~10 us,
