@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from workers.lane_child import environment
 from workers.replica import ReplicaJob, State
 
 
@@ -52,7 +53,8 @@ class ProcessReplica:
     def __init__(self, index: int, job: ReplicaJob, *, numpy_forward: bool) -> None:
         self.index = index
         mine, theirs = socket.socketpair()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH"))))}
+        path = os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH"))))
+        env = environment({**os.environ, "PYTHONPATH": path})  # with glibc's malloc tuned for tiny files
         # Started from the caller's thread: the child dies when that thread ends (PR_SET_PDEATHSIG), so the lane
         # starts its replicas from the thread that runs it to the end (`pipelines.lane.run_in_driver`).
         self.process = subprocess.Popen([sys.executable, "-m", "workers.lane_child", str(theirs.fileno()),

@@ -159,6 +159,7 @@ class decode:  # noqa: N801 - used like a generator function
         self._stop = threading.Event()
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
         self._inline: Callable[[], None] | None = None
+        self._tiny = inline and not list_column  # stacked by `_tensor` (see there)
         if inline:  # a tiny shard: decoded whole in the caller's thread on the first `next`; no thread started
             count, depth = 1, 1 << 20  # the queue and the buffers take all its batches (made on first use)
         if count > 1 and not isinstance(parquet, ParquetSource):
@@ -231,6 +232,14 @@ class decode:  # noqa: N801 - used like a generator function
                             slot.fail(exc)
                             raise
                         continue
+                    if self._tiny:  # a tiny shard: one batch, stacked by Arrow in one call when it can
+                        stacked = _tensor(batch.data, features, check_invalid)
+                        if stacked is not None:
+                            matrix, bad = stacked
+                            predicted = None if predict is None else predict(matrix, bad)
+                            if not self._put(out, Decoded(batch, matrix, bad, predicted)):
+                                return
+                            continue
                     taken = None
                     if not list_column:
                         taken = self._pool.take(k)
@@ -314,6 +323,9 @@ class decode:  # noqa: N801 - used like a generator function
                 yield item  # type: ignore[misc]
 
     def close(self) -> None:
+        if self._tiny:  # no thread, nothing waits: only its buffers (if it made any) to hand back
+            self._pool.retire()
+            return
         self._stop.set()
         self._pool.wake()
         for thread in self._threads:
@@ -336,6 +348,30 @@ class _InlineQueue(collections.deque):  # type: ignore[type-arg]
 
     def get(self) -> object:
         return self.popleft()
+
+
+def _tensor(data: pa.RecordBatch, features: Sequence[str], check: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """A tiny batch's (rows, width) float32 feature matrix and bad-row mask (as `stack_checked`), stacked by
+    Arrow in one call (`RecordBatch.to_tensor`: ~10 us against ~30 us a column at a time for 8 columns of
+    100 rows); None when Arrow cannot, or stacks to another type than float32 (a float64 or int32 column:
+    its values are then converted by `stack_checked`, rounding each once, as for any other shard).
+
+    Columns that stack to float32 hold float32 values or small integers (float16, int8/16, uint8/16),
+    converted exactly either way; nulls become NaN (invalid rows), as `stack_checked` makes them.
+    """
+    try:
+        matrix = np.asarray(data.select(features).to_tensor(null_to_nan=True, row_major=False))
+    except (pa.ArrowException, TypeError, ValueError, KeyError):  # a type it cannot stack: `stack_checked` says
+        return None
+    if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[1] != len(features):
+        return None
+    if not check:
+        return matrix, None
+    finite = np.isfinite(matrix)  # a few hundred values: one pass, no sums (nor their warnings to silence)
+    if finite.all():
+        return matrix, None
+    bad = ~finite.all(axis=1)
+    return matrix, bad
 
 
 def _second_handle(parquet: pq.ParquetFile) -> pq.ParquetFile:

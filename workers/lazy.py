@@ -33,15 +33,18 @@ def spans_of(rows: Sequence[int], *, shard_rows: int, rel: str, output: str) -> 
             for first, stop in split_row_groups(rows, shard_rows)]
 
 
-def plan_file(parquet: pq.ParquetFile, task: dict[str, Any], job: Any) -> list[dict[str, Any]] | str:
+def plan_file(parquet: pq.ParquetFile, task: dict[str, Any], job: Any, *,
+              fits: bool = False) -> list[dict[str, Any]] | str:
     """The shards (tasks) of a lazy task's file, or why the file does not fit the job (`workers.fit.misfit`).
 
-    `job`: the run's `ReplicaJob` (its columns)."""
-    read = list(dict.fromkeys([*job.passthrough, *job.features, *job.categorical]))
-    error = misfit(parquet.schema_arrow, task["input"], read, job.features, job.list_column, job.width,
-                   job.categorical)
-    if error is not None:
-        return error
+    `job`: the run's `ReplicaJob` (its columns). `fits`: the caller knows the file's schema fits the job
+    (the same as a file's before that fit: many tiny files, one schema), so it is not checked again."""
+    if not fits:
+        read = list(dict.fromkeys([*job.passthrough, *job.features, *job.categorical]))
+        error = misfit(parquet.schema_arrow, task["input"], read, job.features, job.list_column, job.width,
+                       job.categorical)
+        if error is not None:
+            return error
     meta = parquet.metadata
     rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     tasks = []

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow._parquet import ParquetReader
 
 from basis.errors import ShardDataError, StorageError
 from basis.masks import keep_mask
@@ -46,6 +48,21 @@ class Batch:
     first_row: int  # index in the file of the batch's first row (before deleted rows were dropped)
 
 
+class _once:  # noqa: N801 - used like a decorator
+    """An attribute computed on first use and then kept in the instance (`functools.cached_property` without its
+    lock, taken at each first use in Python 3.11: a `ParquetSource` is used from one thread at a time)."""
+
+    def __init__(self, compute: Callable[[Any], Any]) -> None:
+        self.compute, self.name = compute, compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
+
+
 class ParquetSource(pq.ParquetFile):
     """A Parquet file opened from a `Location` that can open itself again after a transient error.
 
@@ -55,6 +72,9 @@ class ParquetSource(pq.ParquetFile):
     """
 
     def __init__(self, location: Location, path: str, uri: str, *, metadata: pq.FileMetaData | None = None) -> None:
+        # `pq.ParquetFile.__init__`'s work without what it does for every file that a shard never uses (its
+        # path resolution, a map of every nested column path): ~15 us of a tiny file's ~1 ms (the map is made
+        # by the first read that names columns, `_nested_paths_by_prefix`)
         self.location, self.path, self.uri = location, path, uri
         self.handle = location.fs.open_input_file(path)
         try:
@@ -62,12 +82,40 @@ class ParquetSource(pq.ParquetFile):
                 data = self.handle.read_buffer()
                 self.handle.close()
                 self.handle = pa.BufferReader(data)
+            self._close_source = False  # as `ParquetFile` for a handle it was given: closed by its owner
+            self.common_metadata = None
+            self.reader = ParquetReader()
             # pre_buffer coalesces a row group's column chunks into few large reads on object stores
-            super().__init__(self.handle, metadata=metadata, pre_buffer=not location.is_local
-                             and not isinstance(self.handle, pa.BufferReader))
+            self.reader.open(self.handle, metadata=metadata, arrow_extensions_enabled=True,
+                             pre_buffer=not location.is_local and not isinstance(self.handle, pa.BufferReader))
         except BaseException:
             self.handle.close()
             raise
+
+    @_once
+    def _nested_paths_by_prefix(self) -> dict[str, list[int]]:
+        return self._build_nested_paths()
+
+    # The leaf columns of the last columns asked for, and the Arrow schema of the file they were found in.
+    _last_indices: tuple[pa.Schema, tuple[str, ...], list[int]] | None = None
+
+    def _get_column_indices(self, column_names: Any, use_pandas_metadata: bool = False) -> Any:
+        """`pq.ParquetFile`'s, kept for the next file of an equal Arrow schema (many tiny files, one schema:
+        the leaf columns under each top-level field follow from its Arrow type, so they are the same)."""
+        if column_names is None or use_pandas_metadata:
+            return super()._get_column_indices(column_names, use_pandas_metadata)
+        names, last, schema = tuple(column_names), ParquetSource._last_indices, self.schema_arrow
+        if last is not None and last[1] == names and last[0].equals(schema):
+            return list(last[2])
+        indices = super()._get_column_indices(column_names)
+        ParquetSource._last_indices = (schema, names, list(indices))
+        return indices
+
+    @_once
+    def schema_arrow(self) -> pa.Schema:
+        """The file's Arrow schema, converted once (`pq.ParquetFile` converts the footer's schema again, ~10 us,
+        at each use: a shard's plan, its columns and its output schema each look)."""
+        return self.reader.schema_arrow
 
     def reopen(self, *, attempts: int = RETRY_ATTEMPTS, base_delay: float = RETRY_BASE_DELAY) -> ParquetSource:
         """A fresh handle on the same file (its footer is reused, not read again).

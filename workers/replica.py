@@ -175,10 +175,12 @@ class Replica:
         self._spares = Spares()  # stacking buffers kept from shard to shard (no fresh pages per shard)
         self._shard_columns: tuple[ReplicaJob, list[str], list[str]] | None = None  # `_columns`
         self._schemas: tuple[Any, ...] | None = None  # `_output_schema`'s last answer
+        self._fitted: tuple[ReplicaJob, pa.Schema] | None = None  # the last schema `workers.fit.misfit` passed
         # Importing torch and loading the model take ~1 s; they run in the background so
         # the first shard's file is opened and decoded meanwhile (pyarrow releases the GIL).
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-infer-load")
         self._model: Future[Forward | NumpyForward] = self._loader.submit(self._load)
+        self._loaded: Forward | NumpyForward | None = None  # its result, once `forward` had it
         self._loader.shutdown(wait=False)
         self.state = State.READY
 
@@ -261,7 +263,10 @@ class Replica:
     @property
     def forward(self) -> Forward | NumpyForward:
         """The loaded model (waits for the background load; raises its error)."""
-        return self._model.result()
+        loaded = self._loaded
+        if loaded is None:
+            loaded = self._loaded = self._model.result()  # then no lock per shard
+        return loaded
 
     def configure(self, job: ReplicaJob) -> None:
         """The planned job, for a replica started before the plan was done (`pipelines.startup`)."""
@@ -343,9 +348,12 @@ class Replica:
             parquet = open_parquet(self.source, task["path"], task["input"])
         except ShardDataError as exc:  # as the driver's plan fails it: row groups (0, 0), no rows
             return self._result({**task, "rows_in": 0}, started, error=footer_error(task["input"], exc.__cause__ or exc))
-        shards = plan_file(parquet, task, self.job)
+        schema, job, fitted = parquet.schema_arrow, self.job, self._fitted
+        known = fitted is not None and fitted[0] is job and fitted[1].equals(schema)  # many tiny files, one schema
+        shards = plan_file(parquet, task, job, fits=known)
         if isinstance(shards, str):
             return self._result({**task, "rows_in": 0}, started, error=shards)
+        self._fitted = (job, schema)
         parts = [self._process(shard, log, parquet) for shard in shards]
         failed = [part["error"] for part in parts if part["status"] != "committed"]
         return {"id": task["id"], "replica": self.index, "started": started, "finished": parts[-1]["finished"],
@@ -451,10 +459,13 @@ class Replica:
         parquet = parquet if parquet is not None else open_parquet(self.source, task["path"], uri)
         schema = parquet.schema_arrow
         columns, written = self._columns()
-        names = schema.names
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise ShardDataError(f"{uri}: missing column(s) {missing}")
+        fitted = self._fitted
+        if fitted is None or fitted[0] is not job or not (fitted[1] is schema or fitted[1].equals(schema)):
+            # (else `misfit` passed this schema)
+            names = schema.names
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise ShardDataError(f"{uri}: missing column(s) {missing}")
         rejected_rel = f"{job.rejected_dir}/{task['output']}"
         rejected: ShardWriter | None = None
         rows_out = rows_rejected = 0
@@ -473,7 +484,7 @@ class Replica:
             items = iter(batches)
             # The first batch is decoded (inline for a tiny shard) before the model is waited for: the
             # first shard decodes while torch and the model load.
-            first = next(items, None) if not self._model.done() else None
+            first = next(items, None) if self._loaded is None and not self._model.done() else None
             forward = self.forward
             out_schema, splits = self._output_schema(schema, written, forward)
             writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema,

@@ -17,6 +17,7 @@ from types import TracebackType
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import _parquet
 
 from basis.storage import Location, StagedFile
 from workers import threads
@@ -66,7 +67,7 @@ class ShardWriter:
         self.in_memory = in_memory
         self._staged: StagedFile | None = None
         self._memory: pa.BufferOutputStream | None = None
-        self._writer: pq.ParquetWriter | None = None
+        self._writer: pq.ParquetWriter | _parquet.ParquetWriter | None = None
         self._published = False
 
     def __enter__(self) -> ShardWriter:
@@ -78,18 +79,23 @@ class ShardWriter:
             sink = self._staged.stream
         # Dictionary encoding pays off for repeated strings; on floats and unique ids it
         # only costs time (measured: it doubled the write time of an id + prediction file).
-        self._writer = pq.ParquetWriter(
-            sink,
-            self.schema,
-            compression="snappy",
-            use_dictionary=[f.name for f in self.schema if _wants_dictionary(f.type)],
-        )
+        if self.in_memory:  # `pq.ParquetWriter`'s own writer with its settings, without its per-file wrapping
+            self._writer = _parquet.ParquetWriter(sink, self.schema, use_dictionary=_dictionary(self.schema),
+                                                  **_WRITER_SETTINGS)
+        else:
+            self._writer = pq.ParquetWriter(sink, self.schema, compression="snappy",
+                                            use_dictionary=_dictionary(self.schema))
         return self
 
     def write(self, batch: pa.RecordBatch) -> None:
         if self._writer is None:
             raise RuntimeError("ShardWriter.write called outside its `with` block")
-        self._writer.write_batch(batch)
+        if self.in_memory:
+            if not batch.schema.equals(self.schema):  # as `pq.ParquetWriter.write_batch` checks
+                raise ValueError(f"batch schema does not match the file's:\n{batch.schema}\nvs.\n{self.schema}")
+            self._writer.write_table(pa.Table.from_batches([batch]))
+        else:
+            self._writer.write_batch(batch)
         self.rows += batch.num_rows
 
     def finish(self) -> tuple[int, str]:
@@ -138,10 +144,12 @@ class Background:
 
     def __init__(self, *, enabled: bool) -> None:
         self.enabled = enabled
-        self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...], Future[object]] | None] = \
-            queue.SimpleQueue()
-        self._thread = threads.start("write", self._loop) if enabled else None
+        self._thread: threads.Call | None = None
         self._futures: collections.deque[Future[object]] = collections.deque()
+        if enabled:  # (a tiny shard's, in line, makes no queue)
+            self._queue: queue.SimpleQueue[tuple[Callable[..., object], tuple[object, ...], Future[object]] | None] \
+                = queue.SimpleQueue()
+            self._thread = threads.start("write", self._loop)
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -179,6 +187,28 @@ class Background:
             self._queue.put(None)
             self._thread.join()
             self._thread = None
+
+
+# What `pq.ParquetWriter` (pyarrow 26) passes its `_parquet.ParquetWriter` for compression="snappy" and its other
+# defaults; the rest of the writer's arguments default to the same there. A tiny shard's file (`in_memory`) is
+# written by that writer directly: the same bytes (tests/test_tiny_path.py), ~10 us less a file.
+_WRITER_SETTINGS: dict[str, object] = {"compression": "snappy", "version": "2.6", "write_statistics": True,
+                                       "use_deprecated_int96_timestamps": False, "writer_engine_version": "V2",
+                                       "data_page_version": "1.0", "use_compliant_nested_type": True,
+                                       "store_schema": True, "write_page_index": False, "write_page_checksum": False}
+_last_dictionary: tuple[pa.Schema, list[str]] | None = None  # `_dictionary`'s last answer
+
+
+def _dictionary(schema: pa.Schema) -> list[str]:
+    """The columns of `schema` to dictionary-encode (kept for the next file: a replica's tiny shards share
+    one output schema object)."""
+    global _last_dictionary
+    last = _last_dictionary
+    if last is not None and last[0] is schema:
+        return last[1]
+    names = [f.name for f in schema if _wants_dictionary(f.type)]
+    _last_dictionary = (schema, names)
+    return names
 
 
 def _wants_dictionary(kind: pa.DataType) -> bool:
