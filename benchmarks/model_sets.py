@@ -59,7 +59,8 @@ def _run(model: str | dict[str, str], data: Path, out: Path, *, numpy_forward: b
     committed. The CPU seconds (all threads) are the steadier figure on a shared machine."""
     import pipelines
     from basis.storage import absolute
-    from workers.replica import Replica, ReplicaJob
+    from workers.replica import Replica
+    from workers.replica_job import ReplicaJob
 
     shutil.rmtree(out, ignore_errors=True)
     started, cpu = time.perf_counter(), time.process_time()

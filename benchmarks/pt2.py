@@ -51,7 +51,8 @@ def _run(model: Path, data: Path, out: Path, *, numpy_forward: bool, cpus: float
     """Rows per second of every shard of `data`, run in this process."""
     import pipelines
     from basis.storage import absolute
-    from workers.replica import Replica, ReplicaJob
+    from workers.replica import Replica
+    from workers.replica_job import ReplicaJob
 
     shutil.rmtree(out, ignore_errors=True)
     plan = pipelines.plan(model=str(model), input=str(data), output=str(out))

@@ -48,7 +48,8 @@ def profile(workload: str = "data", scale: float = 0.25) -> dict[str, Any]:
     from workers.model import MLP, read_model
     from workers.reader import iter_batches, open_parquet
     from workers.stacking import stack_checked
-    from workers.replica import Replica, ReplicaJob, default_batch_size
+    from workers.replica import Replica
+    from workers.replica_job import ReplicaJob, default_batch_size
     from workers.writer import ShardWriter, output_schema, prediction_array, prediction_type
 
     pa.set_cpu_count(1)

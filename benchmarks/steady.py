@@ -94,7 +94,8 @@ def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm
     from basis.storage import resolve
     from pipelines.config import JobConfig
     from pipelines.prepare import prepare
-    from workers.replica import Replica, ReplicaJob
+    from workers.replica import Replica
+    from workers.replica_job import ReplicaJob
 
     chosen = ensure(workloads(scale)[workload])
     out = OUT / "steady"

@@ -85,7 +85,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
         from pipelines.lane import run_in_driver
         from pipelines.lane import share_strings
         from pipelines.startup import lane_on_numpy, lane_processes, lane_resources
-        from workers.replica import ReplicaJob, default_batch_size
+        from workers.replica_job import ReplicaJob, default_batch_size
 
         # the shards to run, handed over to the lane or the scheduler: each made as it is taken, dropped once
         # its result is in

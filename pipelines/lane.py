@@ -38,7 +38,8 @@ from pipelines.bundle import BUNDLE_SHARDS, share, take
 from pipelines.lane_processes import ProcessReplica, ReplicaDied
 from basis.errors import StorageError
 from pipelines.plan import DEFAULT_SHARD_ROWS, Shard
-from workers.replica import Replica, ReplicaJob, State
+from workers.replica import Replica
+from workers.replica_job import ReplicaJob, State
 
 logger = logging.getLogger(__name__)
 

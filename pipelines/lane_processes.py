@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.lane_child import environment
-from workers.replica import ReplicaJob, State
+from workers.replica_job import ReplicaJob, State
 
 
 class ReplicaStartError(RuntimeError):

@@ -29,7 +29,7 @@ from pipelines.cluster import ReplicaResources, draining_nodes
 from basis.errors import ModelError
 from pipelines.metrics import RunMetrics
 from pipelines.plan import Shard
-from workers.replica import ReplicaJob
+from workers.replica_job import ReplicaJob
 
 logger = logging.getLogger(__name__)
 

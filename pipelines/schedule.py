@@ -54,7 +54,8 @@ from basis.errors import ModelError, ResourceError, StorageError
 from pipelines.metrics import RunMetrics
 from pipelines.plan import DEFAULT_SHARD_ROWS, Shard
 from pipelines.pool import Call, ReplicaPool, Slot
-from workers.replica import Replica, ReplicaJob
+from workers.replica import Replica
+from workers.replica_job import ReplicaJob
 
 logger = logging.getLogger(__name__)
 

@@ -272,7 +272,7 @@ def replica_paths(cfg: JobConfig, model: Any, source: Any, sink: Any) -> dict[st
 def provisional_job(cfg: JobConfig, model: Any, source: Any, sink: Any, cpus: float) -> Any:
     """A `ReplicaJob` with all a replica needs to start and load its model, before the plan says the rest
     (`Replica.configure` gives it the planned job: columns, generation, the job's digest)."""
-    from workers.replica import ReplicaJob
+    from workers.replica_job import ReplicaJob
 
     members = _members(cfg, model)
     return ReplicaJob(

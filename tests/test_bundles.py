@@ -144,7 +144,8 @@ def test_a_bundle_commits_in_order_and_nothing_after_a_shard_that_raised(
     import threading
 
     import workers.replica
-    from workers.replica import Replica, ReplicaJob
+    from workers.replica import Replica
+    from workers.replica_job import ReplicaJob
 
     monkeypatch.setattr(workers.replica, "STAGE_LOCAL", not local)
 

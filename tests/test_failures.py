@@ -22,7 +22,7 @@ from pipelines.commit import MANIFEST, SUCCESS
 from basis.errors import ResourceError
 from pipelines.plan import Shard
 from pipelines.schedule import Scheduler
-from workers.replica import ReplicaJob
+from workers.replica_job import ReplicaJob
 
 pytestmark = pytest.mark.usefixtures("ray_shared")
 

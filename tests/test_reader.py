@@ -15,7 +15,8 @@ import pytest
 from conftest import save_mlp
 
 import pipelines
-from workers.replica import Replica, ReplicaJob
+from workers.replica import Replica
+from workers.replica_job import ReplicaJob
 
 BATCH = 8  # rows per batch in the thread x batches grid
 GROUPS = 16  # row groups per file: every thread count up to 16 gets row groups of its own

@@ -17,7 +17,8 @@ import pytest
 from conftest import reference, save_mlp
 
 import pipelines
-from workers.replica import Replica, ReplicaJob
+from workers.replica import Replica
+from workers.replica_job import ReplicaJob
 from workers.stacking import can_hold_invalid, feature_matrix, invalid_rows, stack_checked
 
 

@@ -18,7 +18,8 @@ from conftest import REPO, save_mlp
 
 import pipelines
 from workers import threads
-from workers.replica import Replica, ReplicaJob
+from workers.replica import Replica
+from workers.replica_job import ReplicaJob
 from workers.writer import Background
 
 

@@ -389,7 +389,8 @@ def test_the_lane_reads_weights_without_torch_equal_to_the_torch_loaders() -> No
 
 @pytest.mark.parametrize("numpy_forward", [True, False], ids=["numpy", "torch"])
 def test_a_replica_refuses_a_model_changed_since_planning(tmp_path: Path, numpy_forward: bool) -> None:
-    from workers.replica import Replica, ReplicaJob
+    from workers.replica import Replica
+    from workers.replica_job import ReplicaJob
 
     model = tmp_path / "m.pt"
     save_mlp(model, [4, 3, 1])

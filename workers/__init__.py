@@ -34,7 +34,8 @@ if "pyarrow" not in sys.modules:  # a replica's process (the driver has Arrow lo
             for _option, _value in _MALLOPT:
                 ctypes.CDLL("libc.so.6").mallopt(_option, _value)
 
-from workers.replica import Replica, ReplicaJob  # noqa: E402 - after the allocator settings
+from workers.replica import Replica  # noqa: E402 - after the allocator settings
+from workers.replica_job import ReplicaJob  # noqa: E402 - after the allocator settings
 
 __all__ = ["MLP", "ModelSpec", "Replica", "ReplicaJob", "inspect_model", "read_model"]
 
