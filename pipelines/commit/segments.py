@@ -56,10 +56,11 @@ _PLAIN = [name for name in SCHEMA.names if name not in ("first", "stop", "extra"
 _KNOWN = {*_PLAIN, "row_groups"}
 
 
-def entries_table(entries: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Entries (manifest dicts) as a table of `SCHEMA`."""
+def entries_table(entries: Iterable[Mapping[str, Any]], *, status: Sequence[str] | None = None) -> pa.Table:
+    """Entries (manifest dicts) as a table of `SCHEMA`; `status`: each entry's status in place of its own
+    (no entry copied to set it)."""
     columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
-    plain = [(name, columns[name]) for name in _PLAIN]
+    plain = [(name, columns[name]) for name in _PLAIN if status is None or name != "status"]
     first, stop, extra = columns["first"], columns["stop"], columns["extra"]
     for entry in entries:
         for name, column in plain:
@@ -69,6 +70,8 @@ def entries_table(entries: Iterable[Mapping[str, Any]]) -> pa.Table:
         stop.append(bounds[1])
         rest = None if _KNOWN.issuperset(entry) else {k: v for k, v in entry.items() if k not in _KNOWN}
         extra.append(json.dumps(rest, sort_keys=True) if rest else None)
+    if status is not None:
+        columns["status"] = list(status)
     return pa.table(columns, schema=SCHEMA)
 
 
