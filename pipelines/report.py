@@ -142,40 +142,57 @@ class RunResults:
 
 
 class Spans:
-    """The timeline's spans, kept as columns (the times and counts in typed arrays: ~80 bytes a shard, not
-    a tuple of objects' ~200; 100,000 shards: ~12 MiB of the driver fewer); read back as `RunResults._SPAN`
-    tuples, in order."""
+    """The timeline's spans, kept as columns: each id's UTF-8 bytes in one buffer, the status as a code,
+    the times and counts in typed arrays, an error only where there is one (~90 bytes a shard, not a
+    tuple of objects' ~200, nor three lists of objects' ~150; 100,000 shards: ~6 MiB of the driver fewer
+    than those lists); read back as `RunResults._SPAN` tuples, in order."""
 
     def __init__(self) -> None:
-        self._objects: tuple[list[Any], ...] = ([], [], [])  # id, status, error
+        self._ids = bytearray()  # every id's UTF-8 bytes, one after another
+        self._id_ends = array.array("q")  # where each id's bytes end in `_ids`
+        self._status = array.array("H")  # an index into `_statuses`
+        self._statuses: list[Any] = []  # each status seen, once
+        self._errors: dict[int, Any] = {}  # span index -> its error (none for most)
         self._times = array.array("d")  # started, finished: two a span
         self._counts = array.array("q")  # replica, rows_in, rows_out, call: four a span
-        self._big: dict[int, tuple[Any, ...]] = {}  # a span whose counts are not plain integers, whole
+        self._big: dict[int, tuple[Any, ...]] = {}  # a span whose id or counts do not fit the columns, whole
 
     def append(self, result: Mapping[str, Any]) -> None:
-        index = len(self._objects[0])
-        for column, key in zip(self._objects, ("id", "status", "error")):
-            column.append(result.get(key))
+        index = len(self._id_ends)
+        status = result.get("status")
+        if status not in self._statuses:
+            self._statuses.append(status)
+        self._status.append(self._statuses.index(status))
+        error = result.get("error")
+        if error is not None:
+            self._errors[index] = error
         self._times.extend((result["started"], result["finished"]))
         counts = [result.get(key) for key in ("replica", "rows_in", "rows_out", "call")]
-        if all(type(value) is int for value in counts):  # else (a failed shard with no call) kept whole
+        span_id = result.get("id")
+        if type(span_id) is str and all(type(value) is int for value in counts):
+            self._ids += span_id.encode()
             self._counts.extend(counts)
-        else:
+        else:  # a failed shard with no call, say: kept whole
             self._counts.extend((0, 0, 0, 0))
             self._big[index] = tuple(result.get(k) for k in RunResults._SPAN)
+        self._id_ends.append(len(self._ids))
 
     def __len__(self) -> int:
-        return len(self._objects[0])
+        return len(self._id_ends)
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
-        ids, statuses, errors = self._objects
-        times, counts = self._times, self._counts
-        for i in range(len(ids)):
+        ids, ends, codes, statuses = self._ids, self._id_ends, self._status, self._statuses
+        times, counts, errors = self._times, self._counts, self._errors
+        start = 0
+        for i in range(len(ends)):
+            end = ends[i]
             if i in self._big:
                 yield self._big[i]
-                continue
-            replica, rows_in, rows_out, call = counts[4 * i:4 * i + 4]
-            yield (ids[i], statuses[i], replica, times[2 * i], times[2 * i + 1], rows_in, rows_out, errors[i], call)
+            else:
+                replica, rows_in, rows_out, call = counts[4 * i:4 * i + 4]
+                yield (ids[start:end].decode(), statuses[codes[i]], replica, times[2 * i], times[2 * i + 1],
+                       rows_in, rows_out, errors.get(i), call)
+            start = end
 
 
 def write_timeline(path: str, spans: Iterable[tuple[Any, ...]]) -> None:
