@@ -47,3 +47,23 @@ def test_spans_read_back_as_added_non_ascii_ids_errors_and_odd_counts_included()
         spans.append(result)
     assert len(spans) == 4
     assert list(spans) == [tuple(r.get(k) for k in RunResults._SPAN) for r in added]
+
+
+def test_each_span_is_written_as_json_dumps_would_write_its_event(tmp_path: Path) -> None:
+    """The spans' events are formatted directly (not a dict each through `json.dumps`): the file reads back
+    as the events' dicts would, byte for byte, whatever the values (non-ASCII, quotes, None, floats)."""
+    spans = [
+        ("caf\u00e9 \"x\"\\y:0-1", "committed", -1, 10.25, 10.5, 3, 3, None, 0),
+        ("\U0001f600:1-2", "failed", -2, 10.0, 11.0, 5, 0, "boom\n\u00e9", None),
+        ("b:0-1", "failed", 0, 12.5, 12.0000004, None, 0, "x", 7),
+        ("c:0-1", "committed", 3, 13.0, 14.0, 2**40, 1.5, None, True),
+    ]
+    path = tmp_path / "timeline.json"
+    write_timeline(str(path), spans)
+    origin = 10.0
+    events = [{"name": s[0], "cat": s[1], "ph": "X", "pid": 0, "tid": s[2], "ts": round((s[3] - origin) * 1e6),
+               "dur": round((s[4] - s[3]) * 1e6),
+               "args": {"rows_in": s[5], "rows_out": s[6], "error": s[7], "call": s[8]}} for s in spans]
+    events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": f"replica {t}"}}
+               for t in (-2, -1, 0, 3)]
+    assert path.read_bytes() == b'{"traceEvents":[' + ",".join(json.dumps(e) for e in events).encode() + b"]}"

@@ -65,11 +65,12 @@ EDGE_ROWS = 1024
 @dataclass
 class Written:
     """What a checkpoint wrote: the root's segments, each with the table written into it or, for a segment
-    kept as it was, its number in the old root (`refs` None: the entries went inline, as `inline`)."""
+    kept as it was, its number in the old root (`refs` None: the entries went inline, as `inline`: made a
+    table only by `rebased`, the end of a run never needs it)."""
 
     refs: list[dict[str, Any]] | None
     sources: list[pa.Table | int]
-    inline: pa.Table | None = None
+    inline: list[dict[str, Any]] | None = None
 
 
 def write_checkpoint(output: Location, files: Entries, extras: Sequence[Mapping[str, Any]], root: dict[str, Any],
@@ -85,7 +86,7 @@ def write_checkpoint(output: Location, files: Entries, extras: Sequence[Mapping[
                            json.dumps({"format": FORMAT, **root, "shards": entries}, separators=(",", ":")).encode())
         if files.refs or next(segment_files(output), None) is not None:
             delete_unreferenced(output, ())  # an output that shrank, or a killed checkpoint's segments
-        return Written(None, [], entries_table(entries))
+        return Written(None, [], entries)
     placed = _write_segments(output, files, extras, generation, check_lock)
     refs = [ref for ref, _ in placed]
     check_lock()
@@ -102,7 +103,7 @@ def rebased(output: Location, files: Entries, written: Written) -> Entries:
     it after a mid-run checkpoint, and the next checkpoint rewrites only what changed since this one."""
     if written.refs is None:
         assert written.inline is not None
-        table = written.inline
+        table = entries_table(written.inline)
         return Entries(table, alive=pc.equal(table["status"], COMMITTED).to_numpy(zero_copy_only=False), unique=True)
     tables, alive = [], []
     for ref, source in zip(written.refs, written.sources):

@@ -162,7 +162,7 @@ class Recorder:
             self.state.files = rebased(self.output, self.state.files, written)
         self.check_lock()
         held = self._confirmed | self._held
-        bundles = bundles_of(self.output, self.generation)
+        bundles = bundles_of(self.output, self.generation, held)
         done = [path for path, (tokens, sealed) in bundles.items() if sealed and tokens <= held]
         in_bundles = set().union(*(tokens for tokens, _ in bundles.values()))
         self._held = set().union(*(tokens & held for path, (tokens, sealed) in bundles.items()
