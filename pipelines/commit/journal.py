@@ -247,7 +247,8 @@ class SegmentWriter:
         if not self.buffer:
             return
         path = self.output.join(f"{JOURNAL_DIR}/g{self.generation:06d}-d-{self.sequence:08d}.json")
-        write_bytes_atomic(self.output.fs, path, json.dumps({"generation": self.generation, "ops": self.buffer}).encode())
+        ops = ", ".join([_op_json(op) for op in self.buffer])
+        write_bytes_atomic(self.output.fs, path, f'{{"generation": {self.generation:d}, "ops": [{ops}]}}'.encode())
         self.sequence += 1
         self.buffer = []
         self.written.append(path)
@@ -257,6 +258,24 @@ class SegmentWriter:
         (a mid-run checkpoint holds them now)."""
         written, self.written = self.written, []
         return self.sequence - 1, written
+
+
+def _op_json(op: dict[str, Any]) -> str:
+    """`json.dumps(op)`; a confirmation (most of a run's records) formatted directly (half the CPU).
+
+        >>> _op_json({"op": "confirm", "token": "a1", "attempts": 2}) == json.dumps({"op": "confirm", "token": "a1",
+        ...                                                                          "attempts": 2})
+        True
+    """
+    if (len(op) == 3 and op.get("op") == "confirm" and type(op.get("token")) is str
+            and type(op.get("attempts")) is int and list(op) == _CONFIRM_KEYS):
+        return _CONFIRM % (_encode_string(op["token"]), op["attempts"])
+    return json.dumps(op)
+
+
+_CONFIRM_KEYS = ["op", "token", "attempts"]
+_CONFIRM = '{"op": "confirm", "token": %s, "attempts": %d}'
+_encode_string = json.encoder.encode_basestring_ascii  # as `json.dumps` writes a string
 
 
 def clear_journal(output: Location, paths: Iterable[str] = ()) -> None:
