@@ -338,8 +338,8 @@ _MMAP_THRESHOLD = 128 * 1024  # glibc's default, fixed
 
 
 def fixed_mmap_threshold() -> None:
-    """Blocks of 128 KiB or more come from their own mappings for the rest of the run, returned whole when
-    freed (glibc's `mallopt(M_MMAP_THRESHOLD)`; elsewhere a no-op).
+    """Blocks of 128 KiB or more come from their own mappings from here on (the driver's process: glibc's
+    default threshold, kept fixed), returned whole when freed (`mallopt(M_MMAP_THRESHOLD)`; elsewhere a no-op).
 
     Left to itself glibc raises the threshold (up to 32 MiB) each time such a block is freed: planning's
     and each checkpoint's big temporaries (lists and dict tables of 20,000 entries, segments' bytes) then
