@@ -218,3 +218,36 @@ def test_a_record_whose_write_fails_ends_its_file_and_says_where(tmp_path: Path,
     journal = read_journal(output, after=0)
     assert sorted(journal.generations[1].commits) == ["a" * 24, "c" * 24]
     assert journal.unsealed == {first}  # kept to the end of the run, its one whole record read
+
+
+
+def test_the_drivers_journal_file_is_its_records_as_json_and_a_checkpoint_reads_folded_tokens_unparsed(
+        tmp_path: Path) -> None:
+    """The driver writes its confirmations formatted directly: the file is byte for byte what `json.dumps`
+    wrote. A checkpoint learns a bundle file's tokens without parsing the records the root holds already
+    (`bundles_of`'s `held`), and still parses the others: a broken record is not counted."""
+    from pipelines.commit.journal import SegmentWriter, bundles_of
+
+    output = resolve(str(tmp_path / "out"))
+    writer = SegmentWriter(output, 3)
+    ops = [{"op": "begin", "header": {"model": {"sha256": "s"}}, "overwrite": False},
+           {"op": "confirm", "token": "t\u00e9\"1", "attempts": 1}, {"op": "confirm", "attempts": 2, "token": "t2"},
+           {"op": "fail", "entry": {"id": "a:0-1", "error": "boom"}}, {"op": "confirm", "token": "t3", "attempts": 3}]
+    for op in ops:
+        writer.add(op)
+    writer.flush()
+    (written,) = writer.fold()[1]
+    assert Path(written).read_bytes() == json.dumps({"generation": 3, "ops": ops}).encode()
+
+    log = CommitLog(output, 3)
+    tokens = [letter * 64 for letter in "abc"]
+    for token in tokens:
+        log.write(token, {"id": f"{token[0]}:0-1", "output": f"{token[0]}-0.parquet", "rel": token[0],
+                          "fingerprint": "f"}, "digest")
+    log.seal()
+    (path, (found, sealed)), = bundles_of(output, 3).items()
+    assert found == set(tokens) and sealed
+    with open(path, "ab") as file:  # a broken record (not JSON) after the seal
+        file.write(b'{"generation": 3, "token": "' + b"d" * 64 + b'", "entry": {"id": \n')
+    assert bundles_of(output, 3, held={tokens[0], tokens[1]}) == {path: (set(tokens), True)}
+    assert bundles_of(output, 3) == {path: (set(tokens), True)}

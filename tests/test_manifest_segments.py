@@ -272,3 +272,55 @@ def test_a_mid_run_checkpoint_appends_its_tail_though_a_few_stragglers_dirty_the
     assert [ref["entries"] for ref in tail] == [16, 4] and tuple(tail[0]["first"]) == ("r020", 0)
     table = pa.concat_tables([pq.read_table(tmp_path / "out" / ref["path"]) for ref in second.refs])
     assert table["rel"].to_pylist() == [f"r{i:03d}" for i in range(40)]  # each entry once, in key order
+
+
+def test_a_checkpoint_of_entries_come_out_of_order_writes_them_in_manifest_order(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint orders its new entries once, as dicts, and hands each rewritten range and the tail a
+    slice of them (no copy per range): entries committed out of key order, into several old segments and
+    past the last key, non-ASCII names (ordered by their UTF-8 bytes, as Arrow sorts), and a failed entry
+    beside a committed one of the same key come out as sorting every entry in Arrow would place them,
+    each once, and load back the same."""
+    from pipelines.commit import checkpoint
+    from pipelines.commit.checkpoint import rebased, write_checkpoint
+    from pipelines.commit.entries import Entries
+    from pipelines.commit.segments import entries_table, sorted_table
+
+    monkeypatch.setattr(segments, "INLINE_MAX", 0)
+    monkeypatch.setattr(segments, "SEGMENT_ROWS", 8)
+    monkeypatch.setattr(checkpoint, "EDGE_ROWS", 2)
+    output = resolve(str(tmp_path / "out"))
+    names = ["a", "b", "c", "z", "\u00e9", "\u4e2d", "\U0001f600", "Z", "a\u00e9", "ab"]
+
+    def entry(name: str, i: int, status: str = "committed") -> dict:
+        return {"id": f"{name}/{i:02d}:0-1", "input": f"/in/{name}/{i:02d}", "rel": f"{name}/{i:02d}",
+                "fingerprint": "f", "file_row_groups": 1, "row_groups": [0, 1], "rows_in": 1, "rows_out": 1,
+                "rows_rejected": 0, "output": f"{name}/{i:02d}-0.parquet", "bytes": 10, "sha256": "0" * 64,
+                "status": status, "attempts": 1, "error": None if status == "committed" else "boom",
+                "generation": 1}
+
+    files = Entries()
+    for name in names[:4]:
+        for i in range(0, 12, 2):
+            files[entry(name, i)["output"]] = entry(name, i)
+    first = write_checkpoint(output, files, [], {"generation": 1}, 1, lambda: None)
+    files = rebased(output, files, first)
+    assert first.refs is not None and len(first.refs) >= 3
+    later = [entry(name, i) for name in reversed(names) for i in range(11, 0, -2)]  # odd keys, last first
+    later += [entry("b", 2), entry("c", 4)]  # replaced (committed again)
+    for e in later:
+        files[e["output"]] = e
+    extras = [{**entry(name, i, status), "output": f"{name}/{i:02d}-1.parquet"}  # keys of committed entries
+              for name, i, status in (("b", 3, "failed"), ("\u00e9", 5, "pending"))]
+    expected = sorted_table(entries_table([*({**e, "status": "committed"} for e in files.values()), *extras]))
+    committed = {e["output"]: e for e in files.values()}
+    second = write_checkpoint(output, files, extras, {"generation": 1}, 1, lambda: None)
+    assert second.refs is not None
+    table = pa.concat_tables([pq.read_table(tmp_path / "out" / ref["path"]) for ref in second.refs])
+    assert table.select(segments.SCHEMA.names).equals(expected.select(segments.SCHEMA.names))
+    assert table["status"].to_pylist().count("committed") == len(committed) == 4 * 6 + 10 * 6
+    assert table["rel"].to_pylist()[:3] == ["Z/01", "Z/03", "Z/05"]  # byte order: "Z" before "a"
+    state = rebased(output, files, second)
+    fields = ("id", "input", "rel", "row_groups", "rows_out", "output", "sha256", "generation")
+    assert {path: {k: state[path][k] for k in fields} for path in state} == \
+        {path: {k: e[k] for k in fields} for path, e in committed.items()}  # loads back the same, each once

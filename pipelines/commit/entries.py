@@ -264,7 +264,7 @@ class Entries(MutableMapping[str, dict[str, Any]]):
             rows = rows[self.alive]
         if not self.changed:
             return base, rows
-        changed = entries_table(self.changed.values()).select(list(columns))
+        changed = entries_table(self.changed.values(), columns=columns)
         return (pa.concat_tables([base, changed]),
                 np.concatenate([rows, -1 - np.arange(len(self.changed), dtype=np.int64)]))
 

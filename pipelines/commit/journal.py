@@ -172,15 +172,43 @@ def bundle_records(data: bytes | None, skip: Container[str] = ()) -> tuple[list[
     return records, sealed
 
 
-def bundles_of(output: Location, generation: int) -> dict[str, tuple[set[str], bool]]:
+def bundles_of(output: Location, generation: int, held: Container[str] = ()) -> dict[str, tuple[set[str], bool]]:
     """Per bundle file of `generation` in the journal: the tokens of its whole records and whether it is
-    sealed (a mid-run checkpoint deletes the sealed files whose records it folded)."""
+    sealed (a mid-run checkpoint deletes the sealed files whose records it folded). A record whose token
+    is in `held` (the root holds its entry) is known by its token, not parsed (a checkpoint at 100,000
+    files parsed ~20,000 records it had folded: ~0.15 s of the driver each)."""
     paths = [info.path for info in _listing(output) if (named := _name(info)) and named[:2] == (generation, "b")]
     found = {}
     for path, data in zip(paths, _read_all(output, paths)):
-        records, sealed = bundle_records(data)
-        found[path] = ({record["token"] for record in records}, sealed)
+        found[path] = _bundle_tokens(data, held)
     return found
+
+
+def _bundle_tokens(data: bytes | None, held: Container[str]) -> tuple[set[str], bool]:
+    """`bundle_records`' tokens and whether sealed; a line whose token is `held` is not parsed.
+
+        >>> tokens, sealed = _bundle_tokens(b'{"generation": 1, "token": "a1", "entry": {}}\\n'
+        ...     b'{"token": "b2", "entry": {"id": "x", "output": "o", "rel": "r", "fingerprint": "f"}}\\n'
+        ...     b'{"token": "c3", "entry": {"id": "x", "output": "o", "rel": "r", "fingerprint": "f"}}', {"a1"})
+        >>> sorted(tokens), sealed
+        (['a1', 'b2'], False)
+    """
+    if not data:
+        return set(), False
+    tokens, sealed = set(), False
+    for line in data.split(b"\n")[:-1]:  # the last piece: empty, or a line cut short
+        start = line.find(_TOKEN) + len(_TOKEN)
+        if start >= len(_TOKEN):  # `write_commit`'s records begin {"generation": G, "token": "<hex>"
+            token = line[start:start + 64].split(b'"', 1)[0].decode("ascii", "replace")
+            if token in held:
+                tokens.add(token)
+                continue
+        record = _parse(line, "c")
+        if record is not None:
+            tokens.add(record["token"])
+        elif line.startswith(b'{"' + SEALED.encode()):
+            sealed = True
+    return tokens, sealed
 
 
 def _parse(data: bytes | None, kind: str) -> dict[str, Any] | None:
@@ -219,7 +247,8 @@ class SegmentWriter:
         if not self.buffer:
             return
         path = self.output.join(f"{JOURNAL_DIR}/g{self.generation:06d}-d-{self.sequence:08d}.json")
-        write_bytes_atomic(self.output.fs, path, json.dumps({"generation": self.generation, "ops": self.buffer}).encode())
+        ops = ", ".join([_op_json(op) for op in self.buffer])
+        write_bytes_atomic(self.output.fs, path, f'{{"generation": {self.generation:d}, "ops": [{ops}]}}'.encode())
         self.sequence += 1
         self.buffer = []
         self.written.append(path)
@@ -229,6 +258,24 @@ class SegmentWriter:
         (a mid-run checkpoint holds them now)."""
         written, self.written = self.written, []
         return self.sequence - 1, written
+
+
+def _op_json(op: dict[str, Any]) -> str:
+    """`json.dumps(op)`; a confirmation (most of a run's records) formatted directly (half the CPU).
+
+        >>> _op_json({"op": "confirm", "token": "a1", "attempts": 2}) == json.dumps({"op": "confirm", "token": "a1",
+        ...                                                                          "attempts": 2})
+        True
+    """
+    if (len(op) == 3 and op.get("op") == "confirm" and type(op.get("token")) is str
+            and type(op.get("attempts")) is int and list(op) == _CONFIRM_KEYS):
+        return _CONFIRM % (_encode_string(op["token"]), op["attempts"])
+    return json.dumps(op)
+
+
+_CONFIRM_KEYS = ["op", "token", "attempts"]
+_CONFIRM = '{"op": "confirm", "token": %s, "attempts": %d}'
+_encode_string = json.encoder.encode_basestring_ascii  # as `json.dumps` writes a string
 
 
 def clear_journal(output: Location, paths: Iterable[str] = ()) -> None:

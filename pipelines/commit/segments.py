@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -56,20 +57,29 @@ _PLAIN = [name for name in SCHEMA.names if name not in ("first", "stop", "extra"
 _KNOWN = {*_PLAIN, "row_groups"}
 
 
-def entries_table(entries: Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Entries (manifest dicts) as a table of `SCHEMA`."""
-    columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
-    plain = [(name, columns[name]) for name in _PLAIN]
-    first, stop, extra = columns["first"], columns["stop"], columns["extra"]
+def entries_table(entries: Iterable[Mapping[str, Any]], *, status: Sequence[str] | None = None,
+                  columns: Sequence[str] | None = None) -> pa.Table:
+    """Entries (manifest dicts) as a table of `SCHEMA` (only its `columns`, when given); `status`: each
+    entry's status in place of its own (no entry copied to set it)."""
+    names = SCHEMA.names if columns is None else list(columns)
+    table: dict[str, list[Any]] = {name: [] for name in names}
+    plain = [(name, table[name]) for name in _PLAIN if name in table and (status is None or name != "status")]
+    first, stop, extra = table.get("first"), table.get("stop"), table.get("extra")
     for entry in entries:
         for name, column in plain:
             column.append(entry.get(name))
-        bounds = entry["row_groups"]
-        first.append(bounds[0])
-        stop.append(bounds[1])
-        rest = None if _KNOWN.issuperset(entry) else {k: v for k, v in entry.items() if k not in _KNOWN}
-        extra.append(json.dumps(rest, sort_keys=True) if rest else None)
-    return pa.table(columns, schema=SCHEMA)
+        if first is not None or stop is not None:
+            bounds = entry["row_groups"]
+            if first is not None:
+                first.append(bounds[0])
+            if stop is not None:
+                stop.append(bounds[1])
+        if extra is not None:
+            rest = None if _KNOWN.issuperset(entry) else {k: v for k, v in entry.items() if k not in _KNOWN}
+            extra.append(json.dumps(rest, sort_keys=True) if rest else None)
+    if status is not None and "status" in table:
+        table["status"] = list(status)
+    return pa.table(table, schema=SCHEMA if columns is None else pa.schema([SCHEMA.field(n) for n in names]))
 
 
 def table_entries(table: pa.Table) -> list[dict[str, Any]]:
@@ -94,6 +104,8 @@ def sorted_table(table: pa.Table) -> pa.Table:
         return table
     pending = pc.not_equal(table["status"], "committed")
     order = pc.sort_indices(table.append_column("pending", pending), sort_keys=_ORDER)
+    if (np.diff(order.to_numpy()) == 1).all():
+        return table  # in order already (a checkpoint's new entries): no copy
     return table.take(order)
 
 
