@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 # records keeps `_journal/` at ~20,000 small files and a killed run's replay at seconds. Tests lower them.
 CHECKPOINT_RECORDS = 20_000
 CHECKPOINT_SECONDS = 300.0
+# From this many planned shards the driver's memory is its per-entry structures: its process keeps glibc's mmap
+# threshold fixed (`fixed_mmap_threshold`). Fewer are big shards, whose forward passes (a replica in the driver
+# lane) allocate MiB a batch that a raised threshold keeps off fresh mappings; and a caller's process is left be.
+FIXED_MMAP_SHARDS = 2_000
 
 
 class Recorder:
@@ -99,7 +103,8 @@ class Recorder:
         self._older = [path for path in state.journal.files if path not in state.journal.unsealed]
         self._held: set[str] = set()  # tokens folded by a checkpoint whose bundle file is still there
         self.checkpoints = 0
-        fixed_mmap_threshold()
+        if len(self.planned) >= FIXED_MMAP_SHARDS:
+            fixed_mmap_threshold()
 
     def begin(self, *, overwrite: bool, stale: Sequence[str] = ()) -> None:
         """The run's first records, before any shard is dispatched: its header (and whether it overwrites,
@@ -340,6 +345,7 @@ _MMAP_THRESHOLD = 128 * 1024  # glibc's default, fixed
 def fixed_mmap_threshold() -> None:
     """Blocks of 128 KiB or more come from their own mappings from here on (the driver's process: glibc's
     default threshold, kept fixed), returned whole when freed (`mallopt(M_MMAP_THRESHOLD)`; elsewhere a no-op).
+    For the rest of the process: glibc cannot go back to adjusting it.
 
     Left to itself glibc raises the threshold (up to 32 MiB) each time such a block is freed: planning's
     and each checkpoint's big temporaries (lists and dict tables of 20,000 entries, segments' bytes) then
