@@ -49,37 +49,60 @@ class Head:
 
 @pytest.fixture(scope="module")
 def head() -> Iterator[Head]:
-    gcs, dash, agent, agent_grpc, client, metrics, env_agent, node_mgr, obj_mgr = _free_ports(9)
-    low = 40000 + (os.getpid() % 200) * 100
+    """A `ray start --head` of its own on 127.0.0.1, stopped after the module. A head that exits while it
+    starts (a port `_free_ports` found free taken in between) is started once more on other ports; its
+    output is kept so that a head that never comes up says why."""
     temp = tempfile.mkdtemp(prefix="bi-ray-", dir="/tmp")
+    try:
+        for attempt in range(2):
+            process, dash, gcs, metrics = _start_head(temp, attempt)
+            try:
+                if _came_up(process, dash, attempt == 1, Path(temp) / f"head-{attempt}.log"):
+                    yield Head(gcs, dash, metrics, process)
+                    return
+            finally:
+                stop_group(process)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _start_head(temp: str, attempt: int) -> tuple[subprocess.Popen[bytes], int, int, int]:
+    gcs, dash, agent, agent_grpc, client, metrics, env_agent, node_mgr, obj_mgr = _free_ports(9)
+    low = 40000 + (os.getpid() % 100 + 100 * attempt) * 100
     # As with an activated venv: the head (and so the job driver) finds `batch-infer` and `python` on PATH.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(RAY).parent}{os.pathsep}{os.environ['PATH']}"}
-    process = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
-         f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
-         f"--min-worker-port={low}", f"--max-worker-port={low + 99}", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2):
-                    break
-            except urllib.error.HTTPError:  # 401 without a token: the dashboard is up
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("ray start --head did not come up") from None
+    with open(Path(temp) / f"head-{attempt}.log", "wb") as log:
+        process = subprocess.Popen(
+            [RAY, "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+             f"--dashboard-agent-grpc-port={agent_grpc}", f"--ray-client-server-port={client}",
+             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+             f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}",
+             f"--min-worker-port={low}", f"--max-worker-port={low + 99}", f"--temp-dir={temp}",
+             "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    return process, dash, gcs, metrics
+
+
+def _came_up(process: subprocess.Popen[bytes], dash: int, last: bool, log: Path) -> bool:
+    """Whether the head's dashboard answers within 120 s; False if it exited first and `last` is not set."""
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2):
+                return True
+        except urllib.error.HTTPError:  # 401 without a token: the dashboard is up
+            return True
+        except OSError:
+            if process.poll() is not None:
+                if not last:
+                    return False
+            elif time.monotonic() <= deadline:
                 time.sleep(1)
-        yield Head(gcs, dash, metrics, process)
-    finally:
-        stop_group(process)
-        shutil.rmtree(temp, ignore_errors=True)
+                continue
+            tail = log.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"ray start --head did not come up (exit {process.poll()}):\n{tail}") from None
 
 
 @pytest.fixture
