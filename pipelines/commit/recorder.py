@@ -195,8 +195,11 @@ class Recorder:
     def complete(self) -> bool:
         """Every planned shard committed with its rows reconciled, and nothing else under the output
         but the kept predictions of vanished inputs."""
-        return (self._planned_complete() and not self._not_current() and not self.state.retiring
-                and not self.foreign)
+        return self._complete(self._planned_complete(), self._not_current())
+
+    def _complete(self, planned: bool, not_current: Sequence[str]) -> bool:
+        """`complete`, given whether the planned shards are (`_planned_complete`) and what is not current."""
+        return planned and not not_current and not self.state.retiring and not self.foreign
 
     def finish(self) -> bool:
         """Compact the manifest; when the run is complete delete stale files and write `_SUCCESS` last."""
@@ -218,7 +221,7 @@ class Recorder:
                 # a table's own data files stay: older versions of the table still reference them, and the
                 # table's maintenance (VACUUM, expire_snapshots / remove_orphan_files) removes them
             self.state.retiring.clear()
-        complete = planned and not self.state.retiring and not self.foreign  # `complete`, each part found once
+        complete = self._complete(planned, not_current=())  # each part found once: retired, none is left
         extras = self._extras()
         # The planned shards' columns (~13 MiB at 100,000 shards) go before the output's listing comes
         # (`sweep_temps`: ~10 MiB more): the driver's peak is the larger of the two, not their sum.
