@@ -83,7 +83,7 @@ class ShardWriter:
             self._writer = _parquet.ParquetWriter(sink, self.schema, use_dictionary=_dictionary(self.schema),
                                                   **_WRITER_SETTINGS)
         else:
-            self._writer = pq.ParquetWriter(sink, self.schema, compression="snappy",
+            self._writer = pq.ParquetWriter(sink, self.schema, compression=_WRITER_SETTINGS["compression"],
                                             use_dictionary=_dictionary(self.schema))
         return self
 
