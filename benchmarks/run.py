@@ -194,7 +194,11 @@ def _summary_row(
     parallels = [r["details"]["parallel"]["seconds"] for r in runs.get("limit", [])
                  if whole is None and r["details"].get("parallel")]
     parallel = statistics.median(parallels) if parallels else None
-    return {**summary.summarise_row(label, seconds, workload.rows, steady, parallel_limit=parallel),
+    paired = None
+    if whole is None and runs.get("batch-infer") and len(runs.get("limit", [])) == len(runs["batch-infer"]):
+        paired = summary.paired_ratio([r["details"].get("steady") for r in runs["batch-infer"]],
+                                      [r["seconds"] for r in runs["limit"]], workload.rows)
+    return {**summary.summarise_row(label, seconds, workload.rows, steady, parallel_limit=parallel, paired=paired),
             "name": workload.name}
 
 
@@ -245,7 +249,7 @@ def _measure(
     }
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for rep in range(reps):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+        for name in _order(names, rep):
             output = OUT / workload.name / name
             shutil.rmtree(output, ignore_errors=True)
             gc.collect()
@@ -282,6 +286,21 @@ def _measure(
                 flush=True,
             )
     return runs
+
+
+def _order(names: list[str], rep: int) -> list[str]:
+    """Repetition `rep`'s order: the systems rotated by one per repetition, the limit right after batch-infer
+    (their ratio is the issue's target, and this machine's speed drifts within minutes: `summary.paired_ratio`).
+
+    >>> [_order(["batch-infer", "ray-data", "daft", "limit"], rep) for rep in range(3)]
+    [['batch-infer', 'limit', 'ray-data', 'daft'], ['ray-data', 'daft', 'batch-infer', 'limit'], ['daft', 'batch-infer', 'limit', 'ray-data']]
+    """
+    turn = rep % len(names)
+    order = names[turn:] + names[:turn]
+    if "limit" in order and "batch-infer" in order:
+        order.remove("limit")
+        order.insert(order.index("batch-infer") + 1, "limit")
+    return order
 
 
 def _summarise(workload: Workload, runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:

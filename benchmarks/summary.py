@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import statistics
+
 from typing import Any
 
 COLUMNS = ("batch-infer", "ray-data", "daft", "floor", "limit")
@@ -39,14 +41,16 @@ def workload_label(description: str, widths: tuple[int, ...], rows: int, files: 
 
 
 def summarise_row(label: str, seconds: dict[str, float], rows: int,
-                  steady: dict[str, float] | None = None, *, parallel_limit: float | None = None) -> dict[str, Any]:
+                  steady: dict[str, float] | None = None, *, parallel_limit: float | None = None,
+                  paired: float | None = None) -> dict[str, Any]:
     """One table row from the median seconds per system (systems not run are absent).
 
     ``steady``: batch-infer's median steady-state rows/s and start-up seconds
     (`steady_state`); with the limit it gives ``steady_vs_limit``, the steady
     rate as a fraction of the limit's, and with ``parallel_limit`` (the limit's
     seconds with every core running a copy of its loop: `benchmarks.limit.concurrent`)
-    ``steady_vs_parallel_limit``.
+    ``steady_vs_parallel_limit``. ``paired``: the median over repetitions of each one's steady rate
+    against the limit measured right after it (`paired_ratio`), given as ``steady_vs_limit_paired``.
     """
     ours = seconds.get("batch-infer")
     peers = {name: seconds[name] for name in PEERS if name in seconds}
@@ -56,6 +60,8 @@ def summarise_row(label: str, seconds: dict[str, float], rows: int,
         if parallel_limit:
             steady["steady_vs_parallel_limit"] = round(steady["rows_per_second"] * parallel_limit / rows, 3)
             steady["limit_scaling"] = round(seconds["limit"] / parallel_limit, 3)
+        if paired is not None:
+            steady["steady_vs_limit_paired"] = round(paired, 3)
     return {
         "metric": "summary",
         "workload": label,
@@ -67,6 +73,20 @@ def summarise_row(label: str, seconds: dict[str, float], rows: int,
         "vs_best_peer": round(peers[best] / ours, 3) if ours and best else None,
         "steady": steady,
     }
+
+
+def paired_ratio(steadies: list[dict[str, Any] | None], limits: list[float], rows: int) -> float | None:
+    """The median of each repetition's steady rate against its own limit (``limits``: the limit's seconds
+    measured right after that repetition's batch-infer run): this machine's speed drifts by 10-20% within
+    minutes, and medians taken per arm compare runs made minutes apart. None without a pair.
+
+    Example:
+        >>> steadies = [{"rows_per_second": 4.0e6}, None, {"rows_per_second": 4.4e6}, {"rows_per_second": 4.2e6}]
+        >>> paired_ratio(steadies, [6.4, 6.0, 6.0, 6.4], 32_000_000)  # 0.8, 0.825, 0.84
+        0.825
+    """
+    ratios = [s["rows_per_second"] * limit / rows for s, limit in zip(steadies, limits) if s]
+    return round(statistics.median(ratios), 3) if ratios else None
 
 
 def steady_state(spans: list[dict[str, Any]], seconds: float) -> dict[str, Any] | None:
@@ -137,6 +157,9 @@ def render(rows: list[dict[str, Any]], notes: dict[str, str]) -> str:
             if "steady_vs_parallel_limit" in steady:
                 share += (f" ({steady['steady_vs_parallel_limit']:.2f}x the rate of the limit's loop run on every core"
                           f" at once, which reaches {steady['limit_scaling']:.2f}x of the limit)")
+            if "steady_vs_limit_paired" in steady:
+                share += (f"; {steady['steady_vs_limit_paired']:.2f}x as the median of each repetition against the"
+                          f" limit measured right after it")
             lines.append(f"batch-infer, {row['workload']}: steady state {_count(steady['rows_per_second'], 2)} rows/s"
                          f"{share}; start-up (actor start, torch import, first shards) {steady['start_up_seconds']:.2f} s")
     lines += [f"{LABELS.get(name, name)}: {text}" for name, text in notes.items()]

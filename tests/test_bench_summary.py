@@ -73,6 +73,27 @@ def test_the_table_states_the_steady_rate_against_the_limits() -> None:
             " 0.89x of the limit)") in summary.render([both], {})
 
 
+def test_each_repetition_measures_the_limit_right_after_batch_infer_and_the_table_pairs_them() -> None:
+    names = ["batch-infer", "ray-data", "daft", "floor", "limit"]
+    orders = [run._order(names, rep) for rep in range(5)]
+    for order in orders:
+        assert sorted(order) == sorted(names)
+        assert order[order.index("batch-infer") + 1] == "limit"
+    assert [order[0] for order in orders] == ["batch-infer", "ray-data", "daft", "floor", "batch-infer"]
+    assert run._order(["ray-data", "limit"], 1) == ["limit", "ray-data"]  # no batch-infer: rotated only
+    # Per-arm medians pair the slowest batch-infer run with the fastest limit here (0.75x); each repetition
+    # against its own limit gives 0.8x, 0.8x and 0.9x.
+    steadies = [{"rows_per_second": 4.0e6}, {"rows_per_second": 3.6e6}, {"rows_per_second": 4.5e6}]
+    paired = summary.paired_ratio(steadies, [6.4, 7.111, 6.4], 32_000_000)
+    assert paired == 0.8
+    assert summary.paired_ratio([None, None], [6.4, 6.4], 32_000_000) is None
+    steady = {"rows_per_second": 4.0e6, "start_up_seconds": 2.5}
+    row = summary.summarise_row("data-bound", {"batch-infer": 10.5, "limit": 6.0}, 32_000_000, steady, paired=paired)
+    assert row["steady"]["steady_vs_limit"] == 0.75 and row["steady"]["steady_vs_limit_paired"] == 0.8
+    assert ("0.75x the limit's rate; 0.80x as the median of each repetition against the limit measured right"
+            " after it") in summary.render([row], {})
+
+
 def test_the_limit_arm_runs_its_loop_on_every_core_at_once(tmp_path: Path) -> None:
     """`benchmarks.limit.run` measures the single-core loop, then `cores` copies of it released together:
     each copy covers every row, and the parallel limit is stated against the ideal one."""
