@@ -16,24 +16,33 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 _ACTIVATION_BYTES = 4 << 20  # the widest activation of a chunk stays in cache (as workers.device)
+_quiet_thread: int | None = None  # the thread whose numpy error state `quiet_thread` set (`submit` needs no context)
+
+
+def quiet_thread() -> None:
+    """Ignore float overflow and invalid-value errors in numpy for good in the calling thread (numpy's error
+    state is per thread), so `NumpyForward.submit` there runs without an `errstate` context per call (a lane
+    child's main thread: its own process, a tiny batch a call, ~2 us a call). Other threads keep their own."""
+    global _quiet_thread
+    np.seterr(over="ignore", invalid="ignore")
+    _quiet_thread = threading.get_ident()
 
 
 def _sigmoid(h: np.ndarray) -> None:
-    """In place, without overflow: e^min(x, 0) / (1 + e^-|x|), which is 1 / (1 + e^-x) for x >= 0 and
-    e^x / (1 + e^x) below. Whole-array ufuncs only: masked writes (`h[x < 0] *= ...`, `copyto(where=)`)
-    cost 3-10x the arithmetic (a 256 x 16384 chunk: 94 ms with a mask, 10 ms without)."""
-    e = np.abs(h)
-    np.negative(e, out=e)
-    np.exp(e, out=e)
-    e += 1.0
-    np.minimum(h, 0, out=h)  # NaN stays NaN, as torch.sigmoid
+    """In place, as torch computes it on the CPU: 1 / (1 + e^-x). e^-x overflows to inf below x = -88.7
+    (ignored: `submit` runs under `errstate(over="ignore")`), giving 0 there, as torch's float32 kernel
+    does; NaN stays NaN, -inf gives 0 and inf 1. Four whole-array ufuncs (masked writes, `h[x < 0] *= ...`,
+    cost 3-10x the arithmetic; on a tiny batch each ufunc call is most of its cost)."""
+    np.negative(h, out=h)
     np.exp(h, out=h)
-    h /= e
+    h += 1.0
+    np.reciprocal(h, out=h)
 
 
 def _softmax(h: np.ndarray) -> None:
@@ -91,26 +100,35 @@ class NumpyForward:
         rows = matrix.shape[0]
         out = np.empty((rows, self.outputs), dtype=np.float32)
         features = matrix.T  # (width, rows): C-contiguous when matrix is a stacked buffer's transpose
-        with np.errstate(over="ignore", invalid="ignore"):
-            for start in range(0, rows, self.max_rows):
-                chunk = features[:, start : start + self.max_rows]
-                first = None
-                if self._first is not None:  # every model's first layer in one product
-                    first = self._first[0] @ chunk
-                    if self._first[1] is not None:
-                        first += self._first[1]
-                column = row = 0
-                for stack, activations in self.models:
-                    h = chunk
-                    for index, ((weight, bias), activate) in enumerate(zip(stack, activations)):
-                        if index == 0 and first is not None:
-                            h = first[row : row + weight.shape[0]]  # this model's rows: a contiguous view
-                            row += weight.shape[0]
-                        else:
-                            h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
-                            if bias is not None:
-                                h += bias
-                        activate(h)
-                    out[start : start + h.shape[1], column : column + h.shape[0]] = h.T
-                    column += h.shape[0]
+        if _quiet_thread == threading.get_ident():  # `quiet_thread` set numpy's error state for good here
+            self._layers(features, out)
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._layers(features, out)
         return lambda: out
+
+    def _layers(self, features: np.ndarray, out: np.ndarray) -> None:
+        """`submit`'s pass of `features` ((width, rows)) through every model into `out` ((rows, outputs))."""
+        rows = features.shape[1]
+        for start in range(0, rows, self.max_rows):
+            chunk = features[:, start : start + self.max_rows]
+            first = None
+            if self._first is not None:  # every model's first layer in one product
+                first = self._first[0] @ chunk
+                if self._first[1] is not None:
+                    first += self._first[1]
+            column = row = 0
+            for stack, activations in self.models:
+                h = chunk
+                for index, ((weight, bias), activate) in enumerate(zip(stack, activations)):
+                    if index == 0 and first is not None:
+                        h = first[row : row + weight.shape[0]]  # this model's rows: a contiguous view
+                        row += weight.shape[0]
+                    else:
+                        h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
+                        if bias is not None:
+                            h += bias
+                    activate(h)
+                out[start : start + h.shape[1], column : column + h.shape[0]] = h.T
+                column += h.shape[0]
+
