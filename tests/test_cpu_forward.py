@@ -47,7 +47,7 @@ def test_a_quiet_thread_submits_without_a_context_and_others_keep_theirs() -> No
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             seen["quiet"] = forward.submit(x)()
-            seen["quiet_thread"] = workers.cpu_forward._quiet_thread == threading.get_ident()
+            seen["quiet_thread"] = workers.cpu_forward._here.quiet
 
     def other() -> None:  # numpy's error state is per thread: this one's is the default, `submit` sets its own
         with warnings.catch_warnings():
@@ -55,15 +55,34 @@ def test_a_quiet_thread_submits_without_a_context_and_others_keep_theirs() -> No
             seen["other"] = forward.submit(x)()
             seen["other_state"] = np.geterr()["over"]
 
-    before = workers.cpu_forward._quiet_thread
-    try:
-        for target in (quiet, other):
-            thread = threading.Thread(target=target)
-            thread.start()
-            thread.join()
-    finally:
-        workers.cpu_forward._quiet_thread = before
+    for target in (quiet, other):  # one after the other: the second may get the first's thread id
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
     assert seen["quiet_thread"] is True
     assert seen["other_state"] == "warn"
     np.testing.assert_array_equal(seen["quiet"], want)
     np.testing.assert_array_equal(seen["other"], want)
+
+
+@pytest.mark.parametrize("rows", [100, 3_000])  # one chunk; several (max_rows 1,024 for these widths)
+def test_a_model_sets_columns_are_each_models_own_forward(rows: int) -> None:
+    """A set's first layers run as one stacked product (with sigmoid layers kept negated): each model's
+    columns are that model's forward alone, bit for bit, and a tiny batch's view equals the chunked copy."""
+    rng = np.random.default_rng(8)
+
+    def layers(widths: list[int]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        return [(rng.standard_normal((b, a)).astype(np.float32), rng.standard_normal(b).astype(np.float32))
+                for a, b in zip(widths, widths[1:])]
+
+    a, b = layers([6, 9, 1]), layers([6, 4, 3])
+    x = rng.standard_normal((rows, 6)).astype(np.float32) * 40
+    x[3, 2] = np.nan
+    both = NumpyForward(a, "sigmoid", "sigmoid", more=[b]).submit(x)()
+    alone = [NumpyForward(m, "sigmoid", "sigmoid").submit(x)() for m in (a, b)]
+    assert both.shape == (rows, 4)
+    np.testing.assert_array_equal(both[:, :1], alone[0])
+    np.testing.assert_array_equal(both[:, 1:], alone[1])
+    forward = NumpyForward(a, "sigmoid", "sigmoid")
+    forward.max_rows = 64  # the same rows in chunks of 64, through `_layers`' copy
+    np.testing.assert_array_equal(forward.submit(x)(), alone[0])
