@@ -80,6 +80,8 @@ class NumpyForward:
                  output_activation: str, *, more: Sequence[list[tuple[np.ndarray, np.ndarray | None]]] = ()) -> None:
         self.models = [self._model(stack, activation, output_activation) for stack in (layers, *more)]
         self.layers, self.activations = self.models[0]
+        # one model with layers: its last activation is a fresh array, never the caller's (reused) matrix
+        self._alone = len(self.models) == 1 and len(self.layers) > 0
         self.each = [int(stack[-1][0].shape[0]) for stack, _ in self.models]
         self.outputs = sum(self.each)
         widest = max(int(w.shape[0]) for stack, _ in self.models for w, _ in stack)
@@ -112,7 +114,7 @@ class NumpyForward:
         """The (rows, outputs) float32 predictions of a (rows, width) batch (computed now; call to collect)."""
         rows = matrix.shape[0]
         features = matrix.T  # (width, rows): C-contiguous when matrix is a stacked buffer's transpose
-        if rows <= self.max_rows and len(self.models) == 1:  # one chunk of one model (a tiny batch): its last
+        if rows <= self.max_rows and self._alone:  # one chunk of one model (a tiny batch): its last
             out = self._one(features)  # activation's (outputs, rows), handed out transposed, not copied
         else:
             out = np.empty((rows, self.outputs), dtype=np.float32)
