@@ -16,24 +16,39 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
 _ACTIVATION_BYTES = 4 << 20  # the widest activation of a chunk stays in cache (as workers.device)
+_here = threading.local()  # `quiet`: this thread's numpy error state was set by `quiet_thread`
+
+
+def quiet_thread() -> None:
+    """Ignore float overflow and invalid-value errors in numpy for good in the calling thread (numpy's error
+    state is per thread), so `NumpyForward.submit` there runs without an `errstate` context per call (a lane
+    child's main thread: its own process, a tiny batch a call, ~2 us a call). Other threads keep their own."""
+    np.seterr(over="ignore", invalid="ignore")
+    _here.quiet = True  # per thread object (a thread's id may be reused by a later thread; this may not)
 
 
 def _sigmoid(h: np.ndarray) -> None:
-    """In place, without overflow: e^min(x, 0) / (1 + e^-|x|), which is 1 / (1 + e^-x) for x >= 0 and
-    e^x / (1 + e^x) below. Whole-array ufuncs only: masked writes (`h[x < 0] *= ...`, `copyto(where=)`)
-    cost 3-10x the arithmetic (a 256 x 16384 chunk: 94 ms with a mask, 10 ms without)."""
-    e = np.abs(h)
-    np.negative(e, out=e)
-    np.exp(e, out=e)
-    e += 1.0
-    np.minimum(h, 0, out=h)  # NaN stays NaN, as torch.sigmoid
+    """In place, as torch computes it on the CPU: 1 / (1 + e^-x). e^-x overflows to inf below x = -88.7
+    (ignored: `submit` runs under `errstate(over="ignore")`), giving 0 there, as torch's float32 kernel
+    does; NaN stays NaN, -inf gives 0 and inf 1. Whole-array ufuncs only (masked writes, `h[x < 0] *= ...`,
+    cost 3-10x the arithmetic; on a tiny batch each ufunc call is most of its cost)."""
+    np.negative(h, out=h)
+    _sigmoid_of_negated(h)
+
+
+def _sigmoid_of_negated(h: np.ndarray) -> None:
+    """`_sigmoid` of -h, in place: a layer followed by a sigmoid keeps its weights and bias negated
+    (`NumpyForward._model`), so its product is already -x, bit for bit (negation is exact, and a sum of
+    negated terms is the negated sum in any order): one ufunc call less a layer."""
     np.exp(h, out=h)
-    h /= e
+    h += 1.0
+    np.reciprocal(h, out=h)
 
 
 def _softmax(h: np.ndarray) -> None:
@@ -65,6 +80,8 @@ class NumpyForward:
                  output_activation: str, *, more: Sequence[list[tuple[np.ndarray, np.ndarray | None]]] = ()) -> None:
         self.models = [self._model(stack, activation, output_activation) for stack in (layers, *more)]
         self.layers, self.activations = self.models[0]
+        # one model with layers: its last activation is a fresh array, never the caller's (reused) matrix
+        self._alone = len(self.models) == 1 and len(self.layers) > 0
         self.each = [int(stack[-1][0].shape[0]) for stack, _ in self.models]
         self.outputs = sum(self.each)
         widest = max(int(w.shape[0]) for stack, _ in self.models for w, _ in stack)
@@ -82,35 +99,71 @@ class NumpyForward:
     @staticmethod
     def _model(layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str, output_activation: str
                ) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], list[Callable[[np.ndarray], None]]]:
-        stack = [(np.ascontiguousarray(w, dtype=np.float32),
-                  None if b is None else np.asarray(b, dtype=np.float32)[:, None]) for w, b in layers]
-        return stack, [_ACTIVATIONS[activation]] * (len(layers) - 1) + [_ACTIVATIONS[output_activation]]
+        """A model's layers as used (float32, biases as columns) and each one's activation; a layer followed
+        by a sigmoid is kept negated, with `_sigmoid_of_negated` (the same values, one ufunc call less)."""
+        names = [activation] * (len(layers) - 1) + [output_activation]
+        stack, activations = [], []
+        for (w, b), name in zip(layers, names):
+            sign = -1.0 if name == "sigmoid" else 1.0
+            stack.append((np.ascontiguousarray(np.asarray(w, dtype=np.float32) * np.float32(sign)),
+                          None if b is None else np.asarray(b, dtype=np.float32)[:, None] * np.float32(sign)))
+            activations.append(_sigmoid_of_negated if name == "sigmoid" else _ACTIVATIONS[name])
+        return stack, activations
 
     def submit(self, matrix: np.ndarray) -> Callable[[], np.ndarray]:
         """The (rows, outputs) float32 predictions of a (rows, width) batch (computed now; call to collect)."""
         rows = matrix.shape[0]
-        out = np.empty((rows, self.outputs), dtype=np.float32)
         features = matrix.T  # (width, rows): C-contiguous when matrix is a stacked buffer's transpose
-        with np.errstate(over="ignore", invalid="ignore"):
-            for start in range(0, rows, self.max_rows):
-                chunk = features[:, start : start + self.max_rows]
-                first = None
-                if self._first is not None:  # every model's first layer in one product
-                    first = self._first[0] @ chunk
-                    if self._first[1] is not None:
-                        first += self._first[1]
-                column = row = 0
-                for stack, activations in self.models:
-                    h = chunk
-                    for index, ((weight, bias), activate) in enumerate(zip(stack, activations)):
-                        if index == 0 and first is not None:
-                            h = first[row : row + weight.shape[0]]  # this model's rows: a contiguous view
-                            row += weight.shape[0]
-                        else:
-                            h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
-                            if bias is not None:
-                                h += bias
-                        activate(h)
-                    out[start : start + h.shape[1], column : column + h.shape[0]] = h.T
-                    column += h.shape[0]
+        if rows <= self.max_rows and self._alone:  # one chunk of one model (a tiny batch): its last
+            out = self._one(features)  # activation's (outputs, rows), handed out transposed, not copied
+        else:
+            out = np.empty((rows, self.outputs), dtype=np.float32)
+            if getattr(_here, "quiet", False):  # `quiet_thread` set numpy's error state for good here
+                self._layers(features, out)
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    self._layers(features, out)
         return lambda: out
+
+    def _one(self, features: np.ndarray) -> np.ndarray:
+        """The one model's (rows, outputs) predictions of a chunk of (width, rows) `features`, as a view."""
+        if not getattr(_here, "quiet", False):
+            with np.errstate(over="ignore", invalid="ignore"):
+                return self._one_quiet(features)
+        return self._one_quiet(features)
+
+    def _one_quiet(self, features: np.ndarray) -> np.ndarray:
+        h = features
+        stack, activations = self.models[0]
+        for (weight, bias), activate in zip(stack, activations):
+            h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
+            if bias is not None:
+                h += bias
+            activate(h)
+        return h.T
+
+    def _layers(self, features: np.ndarray, out: np.ndarray) -> None:
+        """`submit`'s pass of `features` ((width, rows)) through every model into `out` ((rows, outputs))."""
+        rows = features.shape[1]
+        for start in range(0, rows, self.max_rows):
+            chunk = features[:, start : start + self.max_rows]
+            first = None
+            if self._first is not None:  # every model's first layer in one product
+                first = self._first[0] @ chunk
+                if self._first[1] is not None:
+                    first += self._first[1]
+            column = row = 0
+            for stack, activations in self.models:
+                h = chunk
+                for index, ((weight, bias), activate) in enumerate(zip(stack, activations)):
+                    if index == 0 and first is not None:
+                        h = first[row : row + weight.shape[0]]  # this model's rows: a contiguous view
+                        row += weight.shape[0]
+                    else:
+                        h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
+                        if bias is not None:
+                            h += bias
+                    activate(h)
+                out[start : start + h.shape[1], column : column + h.shape[0]] = h.T
+                column += h.shape[0]
+

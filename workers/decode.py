@@ -45,12 +45,13 @@ class _Buffers:
     first use, so a short shard never allocates them all.
     """
 
-    def __init__(self, shape: tuple[int, int], threads: int, own: int, shared: int, stop: threading.Event,
-                 spares: Spares | None = None) -> None:
+    def __init__(self, shape: tuple[int, int], threads: int, own: int, shared: int, stop: threading.Event | _Flag,
+                 spares: Spares | None = None, *, inline: bool = False) -> None:
         self.shape, self.own, self.shared = shape, own, shared
         self._stop = stop
         self._spares = spares
-        self._ready = threading.Condition()
+        # inline (a tiny shard decoded in its caller's thread): one thread takes and gives, never waits
+        self._ready: threading.Condition | _Alone = _Alone() if inline else threading.Condition()
         self._free: list[list[np.ndarray]] = [[] for _ in range(threads + 1)]  # per thread; the last: shared
         self._made = [0] * (threads + 1)
 
@@ -111,6 +112,37 @@ class Decoded:
             self._buffer = None
 
 
+class _Flag:
+    """`threading.Event`'s `set`/`is_set` for a decode used by one thread only (inline: a tiny shard)."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class _Alone:
+    """`threading.Condition` for one thread, which never waits on it (`_Buffers` of an inline decode)."""
+
+    def __enter__(self) -> _Alone:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def notify_all(self) -> None:
+        return None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        raise RuntimeError("an inline decode waited for a buffer: none is ever out when it takes one")
+
+
 class decode:  # noqa: N801 - used like a generator function
     """A shard's batches decoded, stacked and checked on `threads` threads, handed out in order.
 
@@ -156,7 +188,8 @@ class decode:  # noqa: N801 - used like a generator function
                  predict: Callable[[np.ndarray, np.ndarray | None], Any] | None = None,
                  spares: Spares | None = None) -> None:
         self.row_groups = row_groups
-        self._stop = threading.Event()
+        # inline: one thread does all (no Event's Condition and lock made per tiny file, ~2-3 us)
+        self._stop: threading.Event | _Flag = _Flag() if inline else threading.Event()
         count = max(1, min(threads, row_groups[1] - row_groups[0]))
         self._inline: Callable[[], None] | None = None
         self._tiny = inline and not list_column  # stacked by `_tensor` (see there)
@@ -175,7 +208,7 @@ class decode:  # noqa: N801 - used like a generator function
             meta = parquet.metadata
             batch_size = min(batch_size, max(1, sum(meta.row_group(i).num_rows for i in range(*row_groups))))
         self._pool = _Buffers((width, batch_size), count, own, max(0, count * depth + 2 - own * count), self._stop,
-                              None if inline else spares)
+                              None if inline else spares, inline=inline)
         # predicted batches of a row group read whole may be taken by a thread with none of its own left
         self._offers = Offers(count) if predict is not None and not inline and count > 1 else None
         # with offers, room for a row group's end marker too: a thread whose whole last row group waits in

@@ -109,9 +109,11 @@ class _Outbox:
 def serve(conn: Connection) -> None:
     import pyarrow as pa
 
+    from workers.cpu_forward import quiet_thread
     from workers.replica import Replica
 
     pa.set_cpu_count(1)  # one core per process: the lane runs one of these per CPU
+    quiet_thread()  # its bundles run in this thread: the numpy forward needs no error-state context a batch
     _, index, job, numpy_forward, send_every = conn.recv()
     replica = Replica(index, job, in_driver=True, numpy_forward=numpy_forward)
     conn.send(("ready",))

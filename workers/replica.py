@@ -324,7 +324,8 @@ class Replica:
             for task in tasks:
                 try:
                     result = self._process(task, log) if ahead is None else next(ahead)()
-                    results.append({**result, "call": call})  # which of this replica's calls (a bundle)
+                    result["call"] = call  # which of this replica's calls (a bundle); the result is ours
+                    results.append(result)
                 except BaseException:
                     if results:
                         yield results
