@@ -183,6 +183,7 @@ def measure(n: int, sets: list[str]) -> dict[str, Any]:
         "driver_cpu_seconds": full["driver_cpu_seconds"],
         "tree_cpu_seconds": full["tree_cpu_seconds"],
         "cpu_ms_per_shard": round(1000 * full["tree_cpu_seconds"] / n, 3),
+        "kernel_cpu_ms_per_shard": round(1000 * full["kernel_cpu_seconds"] / n, 3),
         "shards_per_call": full["shards_per_call"],
         "path": _path(full["report"]),
         "manifest_bytes": before.st_size + _tree_bytes(output / "_manifest"),  # the root and its segments
@@ -243,6 +244,7 @@ def _launch(
         seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the driver and the descendants it waited for
     waited = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    kernel = after.ru_stime - children.ru_stime  # of which in the kernel (file creation: see `RETIRED`)
     processes._check(proc.returncode, cmd, log.name)
     report = json.loads(base.with_suffix(".json").read_text())
     return {
@@ -252,6 +254,7 @@ def _launch(
         "driver_peak_rss_bytes": peak,
         "driver_cpu_seconds": round(cpu, 2),
         "tree_cpu_seconds": round(max(waited, tree.seconds), 2),
+        "kernel_cpu_seconds": round(kernel, 2),
         "shards_per_call": _shards_per_call(trace) if timeline else None,
         "input_files_opened": None if opens.files is None else len(opens.files),
         "report": report,
@@ -380,18 +383,20 @@ def _print(results: list[dict[str, Any]]) -> None:
     print(f"\ntable scale: one {ROWS_PER_FILE}-row file per shard, MLP 8-16-1, "
           f"{' '.join(RUN_FLAGS) or 'default replicas and CPUs'}")
     print(f"{'files':>8} {'run s':>8} {'shards/s':>9} {'steady/s':>9} {'driver MiB':>11} {'manifest MB':>12} "
-          f"{'tick s':>7} {'1% tick s':>10} {'driver CPU s':>13} {'CPU ms/shard':>13} {'shards/call':>12}")
+          f"{'tick s':>7} {'1% tick s':>10} {'driver CPU s':>13} {'CPU ms/shard':>13} {'kernel':>7} {'shards/call':>12}")
     for r in results:
         steady = "-" if r["steady_shards_per_second"] is None else f"{r['steady_shards_per_second']:,.0f}"
         per_call = "-" if r["shards_per_call"] is None else f"{r['shards_per_call']:,.1f}"
+        kernel = "-" if r.get("kernel_cpu_ms_per_shard") is None else f"{r['kernel_cpu_ms_per_shard']:.2f}"
         print(f"{r['files']:>8,} {r['run_seconds']:>8.2f} {r['shards_per_second']:>9,.0f} {steady:>9} "
               f"{r['driver_peak_rss_bytes'] / mib:>11,.0f} {r['manifest_bytes'] / 1e6:>12.2f} "
               f"{r['unchanged_tick_seconds']:>7.2f} {r['changed_tick_seconds']:>10.2f} "
-              f"{r['driver_cpu_seconds']:>13.1f} {r['cpu_ms_per_shard']:>13.2f} {per_call:>12}")
+              f"{r['driver_cpu_seconds']:>13.1f} {r['cpu_ms_per_shard']:>13.2f} {kernel:>7} {per_call:>12}")
     print("(shards/s: files / whole-process seconds; steady/s: from the first committed file to _SUCCESS; "
           "tick: same command, unchanged input; 1% tick: after rewriting 1% of the files; CPU ms/shard: the whole "
           "process tree's CPU (driver, Ray, replicas) per file, what a busy machine's other work does not inflate "
-          "much; shards/call: shards per replica call)")
+          "much; kernel: of which in the kernel, mostly creating files, which this machine's ext4 makes several "
+          "times dearer for minutes after many files were deleted nearby; shards/call: shards per replica call)")
     for r in results:
         print(f"{r['files']:,} files ran in: {r['path']}")
     for r in results:

@@ -39,6 +39,25 @@ def test_scaling_ratio_against_10000(capsys: pytest.CaptureFixture[str]) -> None
     assert "driver peak RSS 200 MiB" in out
 
 
+def test_the_table_gives_the_kernels_share_of_the_cpu_per_file(capsys: pytest.CaptureFixture[str]) -> None:
+    row = {"files": 100_000, "run_seconds": 50.0, "shards_per_second": 2000.0, "steady_shards_per_second": 2100.0,
+           "driver_peak_rss_bytes": 250 << 20, "manifest_bytes": 4_830_000, "unchanged_tick_seconds": 1.6,
+           "unchanged_tick_input_files_opened": 0, "changed_tick_seconds": 4.0, "driver_cpu_seconds": 11.0,
+           "cpu_ms_per_shard": 0.9, "kernel_cpu_ms_per_shard": 0.28, "shards_per_call": 63.8,
+           "path": "driver lane, 2 child replica processes", "problems": []}
+    tables._print([row])
+    out = capsys.readouterr().out
+    header, line = [text for text in out.splitlines() if "files" in text and "shards/s" in text][0], \
+        [text for text in out.splitlines() if text.strip().startswith("100,000")][0]
+    assert header.split()[-2:] == ["kernel", "shards/call"]
+    assert line.split()[-3:] == ["0.90", "0.28", "63.8"]
+    assert "kernel: of which in the kernel" in out
+    older = {key: value for key, value in row.items() if key != "kernel_cpu_ms_per_shard"}  # a result saved before
+    tables._print([older])
+    assert [text for text in capsys.readouterr().out.splitlines()
+            if text.strip().startswith("100,000")][0].split()[-3:] == ["0.90", "-", "63.8"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
 def test_open_watch_counts_file_opens_not_listings(tmp_path: Path) -> None:
     (tmp_path / "d0").mkdir()
