@@ -84,5 +84,5 @@ def test_a_model_sets_columns_are_each_models_own_forward(rows: int) -> None:
     np.testing.assert_array_equal(both[:, :1], alone[0])
     np.testing.assert_array_equal(both[:, 1:], alone[1])
     forward = NumpyForward(a, "sigmoid", "sigmoid")
-    forward.max_rows = 64  # the same rows in chunks of 64, through `_layers`' copy
+    forward.max_rows = 64  # the same rows in chunks of 64, through the chunked copy into `out`
     np.testing.assert_array_equal(forward.submit(x)(), alone[0])

@@ -33,19 +33,14 @@ def quiet_thread() -> None:
     _here.quiet = True  # per thread object (a thread's id may be reused by a later thread; this may not)
 
 
-def _sigmoid(h: np.ndarray) -> None:
-    """In place, as torch computes it on the CPU: 1 / (1 + e^-x). e^-x overflows to inf below x = -88.7
-    (ignored: `submit` runs under `errstate(over="ignore")`), giving 0 there, as torch's float32 kernel
-    does; NaN stays NaN, -inf gives 0 and inf 1. Whole-array ufuncs only (masked writes, `h[x < 0] *= ...`,
-    cost 3-10x the arithmetic; on a tiny batch each ufunc call is most of its cost)."""
-    np.negative(h, out=h)
-    _sigmoid_of_negated(h)
-
-
 def _sigmoid_of_negated(h: np.ndarray) -> None:
-    """`_sigmoid` of -h, in place: a layer followed by a sigmoid keeps its weights and bias negated
-    (`NumpyForward._model`), so its product is already -x, bit for bit (negation is exact, and a sum of
-    negated terms is the negated sum in any order): one ufunc call less a layer."""
+    """The sigmoid of -h, in place, as torch computes the sigmoid of x on the CPU: 1 / (1 + e^-x). Its layer
+    keeps its weights and bias negated (`_NEGATED`, `NumpyForward._model`), so the layer's product is already
+    -x, bit for bit (negation is exact, and a sum of negated terms is the negated sum in any order): one
+    ufunc call less a layer. e^-x overflows to inf below x = -88.7 (ignored: `submit` runs with numpy's
+    overflow errors off), giving 0 there, as torch's float32 kernel does; NaN stays NaN, -inf gives 0 and
+    inf 1. Whole-array ufuncs only (masked writes, `h[x < 0] *= ...`, cost 3-10x the arithmetic; on a tiny
+    batch each ufunc call is most of its cost)."""
     np.exp(h, out=h)
     h += 1.0
     np.reciprocal(h, out=h)
@@ -59,12 +54,13 @@ def _softmax(h: np.ndarray) -> None:
 
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], None]] = {
-    "sigmoid": _sigmoid,
+    "sigmoid": _sigmoid_of_negated,
     "relu": lambda h: np.maximum(h, 0, out=h),  # NaN stays NaN, as torch.relu
     "tanh": lambda h: np.tanh(h, out=h),
     "none": lambda h: None,
     "softmax": _softmax,
 }
+_NEGATED = frozenset({"sigmoid"})  # activations applied to their layer's negated product
 
 
 class NumpyForward:
@@ -100,51 +96,32 @@ class NumpyForward:
     def _model(layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str, output_activation: str
                ) -> tuple[list[tuple[np.ndarray, np.ndarray | None]], list[Callable[[np.ndarray], None]]]:
         """A model's layers as used (float32, biases as columns) and each one's activation; a layer followed
-        by a sigmoid is kept negated, with `_sigmoid_of_negated` (the same values, one ufunc call less)."""
+        by an activation in `_NEGATED` (the sigmoid) is kept negated (the same values, one ufunc call less)."""
         names = [activation] * (len(layers) - 1) + [output_activation]
-        stack, activations = [], []
+        stack = []
         for (w, b), name in zip(layers, names):
-            sign = -1.0 if name == "sigmoid" else 1.0
-            stack.append((np.ascontiguousarray(np.asarray(w, dtype=np.float32) * np.float32(sign)),
-                          None if b is None else np.asarray(b, dtype=np.float32)[:, None] * np.float32(sign)))
-            activations.append(_sigmoid_of_negated if name == "sigmoid" else _ACTIVATIONS[name])
-        return stack, activations
+            sign = np.float32(-1.0 if name in _NEGATED else 1.0)
+            stack.append((np.ascontiguousarray(np.asarray(w, dtype=np.float32) * sign),
+                          None if b is None else np.asarray(b, dtype=np.float32)[:, None] * sign))
+        return stack, [_ACTIVATIONS[name] for name in names]
 
     def submit(self, matrix: np.ndarray) -> Callable[[], np.ndarray]:
         """The (rows, outputs) float32 predictions of a (rows, width) batch (computed now; call to collect)."""
-        rows = matrix.shape[0]
         features = matrix.T  # (width, rows): C-contiguous when matrix is a stacked buffer's transpose
-        if rows <= self.max_rows and self._alone:  # one chunk of one model (a tiny batch): its last
-            out = self._one(features)  # activation's (outputs, rows), handed out transposed, not copied
+        if getattr(_here, "quiet", False):  # `quiet_thread` set numpy's error state for good here
+            out = self._pass(features)
         else:
-            out = np.empty((rows, self.outputs), dtype=np.float32)
-            if getattr(_here, "quiet", False):  # `quiet_thread` set numpy's error state for good here
-                self._layers(features, out)
-            else:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    self._layers(features, out)
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = self._pass(features)
         return lambda: out
 
-    def _one(self, features: np.ndarray) -> np.ndarray:
-        """The one model's (rows, outputs) predictions of a chunk of (width, rows) `features`, as a view."""
-        if not getattr(_here, "quiet", False):
-            with np.errstate(over="ignore", invalid="ignore"):
-                return self._one_quiet(features)
-        return self._one_quiet(features)
-
-    def _one_quiet(self, features: np.ndarray) -> np.ndarray:
-        h = features
-        stack, activations = self.models[0]
-        for (weight, bias), activate in zip(stack, activations):
-            h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
-            if bias is not None:
-                h += bias
-            activate(h)
-        return h.T
-
-    def _layers(self, features: np.ndarray, out: np.ndarray) -> None:
-        """`submit`'s pass of `features` ((width, rows)) through every model into `out` ((rows, outputs))."""
+    def _pass(self, features: np.ndarray) -> np.ndarray:
+        """(rows, outputs) predictions of (width, rows) `features`, every model over each cache-sized chunk."""
         rows = features.shape[1]
+        if rows <= self.max_rows and self._alone:  # one chunk of one model (a tiny batch): its last
+            stack, activations = self.models[0]  # activation's (outputs, rows), handed out transposed
+            return self._through(stack, activations, features).T
+        out = np.empty((rows, self.outputs), dtype=np.float32)
         for start in range(0, rows, self.max_rows):
             chunk = features[:, start : start + self.max_rows]
             first = None
@@ -154,16 +131,26 @@ class NumpyForward:
                     first += self._first[1]
             column = row = 0
             for stack, activations in self.models:
-                h = chunk
-                for index, ((weight, bias), activate) in enumerate(zip(stack, activations)):
-                    if index == 0 and first is not None:
-                        h = first[row : row + weight.shape[0]]  # this model's rows: a contiguous view
-                        row += weight.shape[0]
-                    else:
-                        h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
-                        if bias is not None:
-                            h += bias
-                    activate(h)
+                mine = None
+                if first is not None:  # this model's rows: a contiguous view
+                    mine = first[row : row + stack[0][0].shape[0]]
+                    row += mine.shape[0]
+                h = self._through(stack, activations, chunk, mine)
                 out[start : start + h.shape[1], column : column + h.shape[0]] = h.T
                 column += h.shape[0]
+        return out
 
+    @staticmethod
+    def _through(stack: list[tuple[np.ndarray, np.ndarray | None]], activations: list[Callable[[np.ndarray], None]],
+                 h: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
+        """(width, rows) `h` through one model's layers: its (outputs, rows) last activation, never `h` itself
+        when the model has a layer; `first`: its first layer's product (with bias), already computed."""
+        for index, ((weight, bias), activate) in enumerate(zip(stack, activations)):
+            if index == 0 and first is not None:
+                h = first
+            else:
+                h = weight @ h  # (out, in) @ (in, chunk) -> (out, chunk)
+                if bias is not None:
+                    h += bias
+            activate(h)
+        return h
