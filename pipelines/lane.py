@@ -91,13 +91,24 @@ def run_in_driver(job: ReplicaJob, shards: Sequence[Shard], on_result: Callable[
 def _drive(lane: _Lane, pending: collections.deque[Shard], on_result: Callable[[Shard, dict[str, Any]], None],
            bundle_rows: int, *, lanes: int, stop: list[str]) -> None:
     """Bundles from `pending` through `lane` until none is left or a lane met an error that stops them all
-    (then every shard left fails with it)."""
-    while True:
+    (then every shard left fails with it). A lane of a child process keeps the next bundle queued in its
+    child (`_Lane.run`'s `following`)."""
+
+    def following() -> list[Shard] | None:
         with lane.lock:
             if stop or not pending:
+                return None
+            return take(pending, rows=bundle_rows, most=share(len(pending), lanes * calls) if lanes > 1 else BUNDLE_SHARDS)
+
+    calls = 2 if lane.processes else 1  # bundles a lane holds at once: one in hand, one queued behind it
+    while True:
+        bundle, sent = lane.queued, lane.queued is not None  # sent to the child already: run it first
+        lane.queued = None
+        if bundle is None:
+            bundle = following()
+            if bundle is None:
                 return
-            bundle = take(pending, rows=bundle_rows, most=share(len(pending), lanes) if lanes > 1 else BUNDLE_SHARDS)
-        error = lane.run(bundle, pending, on_result)
+        error = lane.run(bundle, pending, on_result, sent=sent, following=following if lane.processes else None)
         if error:
             with lane.lock:
                 lane.ended = f"lost: {error}"
@@ -190,6 +201,7 @@ class _Lane:
         self._attempts: collections.Counter[str] = collections.Counter() if sibling is None else sibling._attempts
         # shard id -> kind of each failed attempt
         self._kinds: dict[str, list[str]] = collections.defaultdict(list) if sibling is None else sibling._kinds
+        self.queued: list[Shard] | None = None  # a bundle queued in the child behind the one `run` has in hand
 
     def _fresh(self, before: Any = None) -> Any:
         """A new replica: in this process (taking `before`'s storage clients), or in a child process."""
@@ -202,14 +214,20 @@ class _Lane:
         return default_timeout(self.shard_timeout, self._slowest, shard.rows_in)
 
     def run(self, bundle: list[Shard], pending: collections.deque[Shard],
-            on_result: Callable[[Shard, dict[str, Any]], None]) -> str:
+            on_result: Callable[[Shard, dict[str, Any]], None], *, sent: bool = False,
+            following: Callable[[], list[Shard] | None] | None = None) -> str:
         """One bundle on a thread of its own, each shard's result handed to `on_result` as it comes. A shard
         that stalls, meets a storage error or loses its child process ends the bundle: it goes back to the
         front of `pending` (or fails past `max_attempts`), and the shards after it too, uncharged. Returns
-        the error that stops the lane ("" when it goes on)."""
+        the error that stops the lane ("" when it goes on).
+
+        A child's lane (`sent`: the bundle is queued in the child already) queues the bundle `following`
+        gives behind this one (`queued`, run next), so the child never waits for the driver between two
+        bundles. When this one ends early, the child never starts that one (killed, or it drops the bundles
+        behind one that raised: `pipelines.lane_processes`) and its shards go back to `pending`, uncharged."""
         results: queue.SimpleQueue[tuple[dict[str, Any], BaseException | None]] = queue.SimpleQueue()
-        replica, tasks = self.replica, [shard.to_task() for shard in bundle]
-        if self.processes:
+        replica, tasks = self.replica, [] if sent else [shard.to_task() for shard in bundle]
+        if self.processes and not sent:
             try:
                 replica.wait_ready()  # a child's start (imports) is not its first shard's time
             except ReplicaDied as exc:  # killed while it started: as a dead replica, a fresh one takes the bundle
@@ -225,9 +243,19 @@ class _Lane:
                     pending.extendleft(reversed(bundle[1:]))
                 return message
 
+        after = self.queued = following() if following is not None else None
+
         def work() -> None:
             try:
-                for done in replica.process_bundle(tasks):  # a list per shard
+                if self.processes:  # send this bundle (unless queued already) and the one after it
+                    if not sent:
+                        replica.send(tasks)
+                    if after is not None:
+                        replica.send([shard.to_task() for shard in after])
+                    stream = replica.receive()
+                else:
+                    stream = replica.process_bundle(tasks)
+                for done in stream:  # a list per shard
                     for result in done:
                         results.put((result, None))
             except BaseException as exc:  # noqa: BLE001 - handed to the lane
@@ -253,12 +281,14 @@ class _Lane:
                 return ""
             if isinstance(error, StorageError):  # transient storage: retried like on a Ray replica
                 logger.warning("driver: storage error on shard %s (attempt %d): %s", shard.id, attempts, error)
+                self._give_back_queued(pending)
                 self._again(bundle[position:], pending, on_result, STORAGE, f"{error}")
                 return ""
             if error is not None:  # not the shard's fault: the model does not load here, or a bug
                 message = f"{type(error).__name__}: {error}"
                 logger.error("driver: shard %s: %s", shard.id, message)
                 on_result(shard, shard.failed(attempts, f"replica error: {message}"))
+                self._give_back_queued(pending)
                 with self.lock:
                     pending.extendleft(reversed(bundle[position + 1:]))
                 return message
@@ -273,11 +303,20 @@ class _Lane:
             self._kinds.pop(shard.id, None)
         return ""
 
+    def _give_back_queued(self, pending: collections.deque[Shard]) -> None:
+        """The bundle queued behind the one that ended early never starts (its child was killed, or drops it:
+        it raised): its shards go back, uncharged, behind that one's, which the caller puts in front of them."""
+        queued, self.queued = self.queued, None
+        if queued:
+            with self.lock:
+                pending.extendleft(reversed(queued))
+
     def _replace(self, left: list[Shard], pending: collections.deque[Shard],
                  on_result: Callable[[Shard, dict[str, Any]], None], kind: str, reason: str) -> None:
         """The replica is lost (`kind`) with `left[0]` in hand: given up, a fresh one takes its place, and
         the shards go back as `_again` says."""
         self.abandon(f"{kind}: {reason}")
+        self._give_back_queued(pending)  # once the child is killed: it can start nothing more
         self.replica = self._fresh(self.replica)
         self._again(left, pending, on_result, kind, reason)
 

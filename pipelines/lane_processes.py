@@ -14,6 +14,13 @@ driver keeps the clock, the retries and the records, as for its own replica.
 `process_bundle` yields the shards' results as the child sends them,
 `abandon` kills the child (a stalled shard can never commit after it), `close`
 ends it and keeps its counters for the report.
+
+The lane keeps a second bundle queued in the child (`send` it, then `receive` each bundle's results
+in the order sent): the child starts it the moment the first is done, instead of waiting for the
+driver to record the first one's last results and send another (3-10 ms a bundle of ~45 ms: 12% of
+each child's time at 100,000 tiny files). A bundle that raises in the child ends its `epoch`: the
+child drops every bundle of that epoch still queued behind it (the driver puts their shards back),
+and the driver's bundles after the error carry the next epoch.
 """
 
 from __future__ import annotations
@@ -66,8 +73,9 @@ class ProcessReplica:
         self.state = State.READY
         self._stats: dict[str, Any] = {"node": "driver", "device": "cpu", "pid": self.process.pid, "shards": 0,
                                        "rows": 0, "busy_seconds": 0.0, "peak_rss_bytes": 0}
-        self._lock = threading.Lock()  # one bundle at a time; `close` waits for it
+        self._lock = threading.Lock()  # one reader at a time; `close` waits for it
         self._ready = False
+        self._epoch = 0  # of the bundles sent from now on: a bundle that raised ends its epoch (module doc)
 
     def wait_ready(self) -> None:
         """Waits for the child's imports (not a shard's time: the lane's clock starts after this); raises
@@ -90,12 +98,21 @@ class ProcessReplica:
 
     def process_bundle(self, tasks: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
         """The child's results for `tasks`, a list at a time; raises what the bundle raised there
-        (`EOFError` or `OSError` when the child is gone: it was abandoned, or it died)."""
+        (`ReplicaDied` when the child is gone: it was abandoned, or it died). Nothing else may be queued."""
+        self.send(tasks)
+        return self.receive()
+
+    def send(self, tasks: list[dict[str, Any]]) -> None:
+        """Queue a bundle in the child, behind those sent before it; `receive` gives its results in turn."""
+        try:
+            self.conn.send(("bundle", self._epoch, tasks))
+        except OSError as exc:
+            raise self._died() from exc
+
+    def receive(self) -> Iterator[list[dict[str, Any]]]:
+        """The results of the oldest bundle sent and not received yet, a list at a time; raises what it raised
+        in the child, which then drops the bundles queued behind it (their shards are the caller's to put back)."""
         with self._lock:
-            try:
-                self.conn.send(("bundle", tasks))
-            except OSError as exc:
-                raise self._died() from exc
             while True:
                 try:
                     message = self.conn.recv()
@@ -105,7 +122,10 @@ class ProcessReplica:
                     yield message[1]
                     continue
                 self._stats = message[-1]
+                if message[0] == "dropped":  # a bundle queued behind one that raised: already given back
+                    continue
                 if message[0] == "error":
+                    self._epoch += 1
                     raise message[1]
                 return
 

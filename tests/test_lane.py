@@ -223,6 +223,87 @@ def _run_losing_one_child(tmp_path: Path, killed: list[int]) -> None:
     assert not lane_children(os.getpid())
 
 
+def test_a_child_drops_the_bundle_queued_behind_one_that_raised_and_takes_the_next_epochs(tmp_path: Path) -> None:
+    """A lane keeps a second bundle queued in its child (`pipelines.lane_processes`). When the first raises
+    (here an OSError: a file where its second shard's output directory goes), the child must not start the
+    one queued behind it, whose shards the lane puts back for a retry: it drops it, and runs the bundle sent
+    after the driver saw the error. Nothing of the dropped bundle is written; the first shard stays committed."""
+    from journal_files import commit_records
+
+    from workers.replica_job import ReplicaJob
+
+    for i in range(6):
+        write_files(tmp_path / "in" / f"s{i}", [20], features=4, row_group_size=20, start=i * 20, seed=i)
+    save_mlp(tmp_path / "m.pt", [4, 8, 1])
+    out = tmp_path / "out"
+    plan = pipelines.plan(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out))
+    shards = plan.todo
+    assert [Path(s.path).parent.name for s in shards] == [f"s{i}" for i in range(6)]
+    blocked = out / Path(shards[1].output).parent
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("")
+    job = ReplicaJob(model=str(tmp_path / "m.pt"), model_sha256=plan.model.sha256, input=str(tmp_path / "in"),
+                     output=str(out), features=plan.columns.features, passthrough=plan.columns.passthrough,
+                     list_column=False, width=4, prediction_column="prediction", keep_features=False, cpus=1.0,
+                     job_digest="d" * 64)
+    child = pipelines.lane_processes.ProcessReplica(0, job, numpy_forward=True)
+    try:
+        child.wait_ready()
+        child.send([s.to_task() for s in shards[0:2]])
+        child.send([s.to_task() for s in shards[2:4]])  # queued behind the first, in the same epoch
+        first: list[dict] = []
+        with pytest.raises(NotADirectoryError):
+            for done in child.receive():
+                first.extend(done)
+        assert [(r["id"], r["status"]) for r in first] == [(shards[0].id, "committed")]
+        child.send([s.to_task() for s in shards[4:6]])  # the next epoch
+        after = [r for done in child.receive() for r in done]
+        assert [(r["id"], r["status"]) for r in after] == [(shards[4].id, "committed"), (shards[5].id, "committed")]
+        assert child.stats()["shards"] == 3
+    finally:
+        child.close()
+    records = sorted(record["entry"]["id"] for _, record in commit_records(out))
+    assert records == sorted([shards[0].id, shards[4].id, shards[5].id])
+    published = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    assert published == sorted([shards[0].output, shards[4].output, shards[5].output])
+    assert child.process.returncode is not None
+
+
+def test_an_error_in_a_childs_bundle_gives_back_the_bundle_queued_behind_it_and_nothing_is_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child's bundle that raises (here an OSError: a file where one shard's output directory goes, which is
+    no shard's data problem, so it ends the lane) ends there; the bundle queued behind it in that child is
+    dropped there and goes back to the queue, so it fails with the rest instead of vanishing or committing
+    behind the driver's back. Every shard is accounted for once, as committed or failed, and what committed
+    is in the output once."""
+    monkeypatch.setattr(pipelines.startup, "LANE_PROCESS_SHARDS", 20)
+    save_mlp(tmp_path / "m.pt", [8, 16, 1])
+    for i in range(40):
+        write_files(tmp_path / "in" / f"s{i:02d}", [25], features=8, row_group_size=100, start=25 * i, seed=i)
+    out = tmp_path / "out"
+    plan = pipelines.plan(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out))
+    blocked = out / Path(plan.todo[20].output).parent  # made a file once the run is under way: NotADirectoryError
+    committed = Recorder.committed
+
+    def block_once(self: Recorder, entry: dict, *rest: object) -> object:
+        if not blocked.exists():
+            blocked.write_text("")
+        return committed(self, entry, *rest)
+
+    monkeypatch.setattr(Recorder, "committed", block_once)
+    report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out),
+                           progress=False)
+    assert report.status == "failed" and report.shards_done + report.shards_failed == 40, report.to_dict()
+    assert report.shards_failed >= 2  # the shard that raised, and at least the bundle queued behind it
+    assert any("NotADirectoryError" in e["error"] for e in report.errors), report.errors
+    manifest = json.loads((out / "_manifest.json").read_text())
+    committed = [e["id"] for e in manifest["shards"] if e["status"] == "committed"]
+    assert len(committed) == len(set(committed)) == report.shards_done
+    ids = read_output(out)["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 25 * report.shards_done  # each committed row once, nothing else
+    assert not lane_children(os.getpid())
+
+
 def _lane_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("batch-infer-lane-")]
 

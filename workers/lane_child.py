@@ -11,10 +11,11 @@ seconds). It dies with the driver (PR_SET_PDEATHSIG), so a
 killed or stalled run leaves nothing that could commit behind it.
 
 Messages (pickled, `multiprocessing.connection`): driver -> child
-``("start", index, job, numpy_forward, send_every)``, ``("bundle", tasks)``, ``("close",)``;
+``("start", index, job, numpy_forward, send_every)``, ``("bundle", epoch, tasks)``, ``("close",)``;
 child -> driver ``("ready",)`` once its imports are done, ``("results", [result, ...])`` (every result of a
 bundle once, in order, in one or more lists), ``("done", stats)`` after a bundle, ``("error", exception, stats)``
-when a bundle raised, ``("closed", stats)``.
+when a bundle raised, ``("dropped", stats)`` for a bundle of the epoch of one that raised (queued behind it
+before the driver knew: never started), ``("closed", stats)``.
 """
 
 from __future__ import annotations
@@ -118,16 +119,22 @@ def serve(conn: Connection) -> None:
     replica = Replica(index, job, in_driver=True, numpy_forward=numpy_forward)
     conn.send(("ready",))
     outbox = _Outbox(conn, send_every)
+    failed = None  # the epoch of the last bundle that raised: the bundles queued behind it are dropped
     while True:
         message = conn.recv()
         if message[0] == "close":
             replica.close()
             outbox.send(("closed", replica.stats()))
             return
+        _, epoch, tasks = message
+        if epoch == failed:
+            outbox.send(("dropped", replica.stats()))
+            continue
         try:
-            for results in replica.process_bundle(message[1]):
+            for results in replica.process_bundle(tasks):
                 outbox.add(results)
         except Exception as exc:  # noqa: BLE001 - the driver decides (a storage error is retried)
+            failed = epoch
             outbox.send(("error", _sendable(exc), replica.stats()))
         else:
             outbox.send(("done", replica.stats()))
