@@ -34,7 +34,8 @@ from pipelines.config import JobConfig
 from basis.errors import ConfigError, InputError
 from basis.masks import decode as decode_mask
 from basis.masks import deleted_between
-from basis.storage import Location, is_hidden, read_parquet_footer
+from basis.storage import Location, read_parquet_footer
+from basis.listing import is_hidden
 from pipelines.shards import CommittedSpans, InputFile, InputFiles, Shard, Shards, Span
 from pipelines.tables import DataFile, DataFiles, Source
 from workers.lazy import spans_of

@@ -41,15 +41,8 @@ from pipelines.plan import (
 from pipelines.tables import DataFiles, Source, catalog_record, open_source
 from pipelines.tables.history import check_removals
 from pipelines.tables.sink import Sink, open_sink, output_schema
-from basis.storage import (
-    Location,
-    absolute,
-    check_output_path,
-    output_refused,
-    overlaps,
-    redact,
-    search_root,
-)
+from basis.storage import Location, absolute, check_output_path, output_refused, redact
+from basis.listing import overlaps, search_root
 
 logger = logging.getLogger(__name__)
 

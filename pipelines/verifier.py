@@ -54,15 +54,8 @@ from pipelines.commit import COMMITTED, SUCCESS, State, file_sha256, is_data_fil
 from basis.errors import ConfigError
 from basis.record import JOURNAL_DIR
 from pipelines.rounding import rounding_scale, tolerance
-from basis.storage import (
-    Location,
-    existing_infos,
-    is_temp,
-    list_files,
-    read_parquet_footer,
-    relative_to,
-    resolve,
-)
+from basis.storage import Location, is_temp, read_parquet_footer, resolve
+from basis.listing import existing_infos, list_files, relative_to
 
 _THREADS = 16
 # Absolute and relative tolerance per precision for recomputed predictions, on top of what rounding

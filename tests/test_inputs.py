@@ -17,7 +17,8 @@ from conftest import cli, read_output, save_mlp, write_files
 import pipelines
 from pipelines.commit import SUCCESS
 from basis.errors import OutputConflictError
-from basis.storage import list_files, resolve
+from basis.storage import resolve
+from basis.listing import list_files
 
 
 def _job(tmp_path: Path, rows: list[int], **extra: object) -> dict[str, object]:

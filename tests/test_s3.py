@@ -27,13 +27,12 @@ from basis.storage import (
     Location,
     StagedFile,
     delete_file,
-    list_files,
     read_bytes,
     read_parquet_footer,
     resolve,
-    sweep_temps,
     write_bytes_atomic,
 )
+from basis.listing import list_files, sweep_temps
 from workers.reader import iter_batches, open_parquet
 from workers.writer import ShardWriter
 

@@ -24,16 +24,13 @@ from basis.storage import (
     Location,
     StagedFile,
     atomic_sink,
-    glob_matcher,
     is_temp,
-    list_files,
     read_bytes,
     read_parquet_footer,
     resolve,
-    static_prefix,
-    sweep_temps,
     write_bytes_atomic,
 )
+from basis.listing import glob_matcher, list_files, static_prefix, sweep_temps
 from workers import reader
 from workers.decode import decode
 from workers.reader import ParquetSource, iter_batches, open_parquet

@@ -31,7 +31,8 @@ from pipelines.plan import (
     resolve_columns,
     split_row_groups,
 )
-from basis.storage import list_files, resolve, static_prefix
+from basis.storage import resolve
+from basis.listing import list_files, static_prefix
 from workers.model import MLP, parse_layers, read_model
 from workers.reader import feature_matrix, invalid_rows
 

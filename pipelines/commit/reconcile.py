@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from basis.storage import Location, existing_infos, is_hidden, is_temp
+from basis.storage import Location, is_temp
+from basis.listing import existing_infos, is_hidden
 from pipelines.commit.entries import KeyIndex
 from pipelines.commit.manifest import COMMITTED
 from pipelines.commit.state import REJECTED_DIR, State

@@ -29,14 +29,8 @@ from pipelines.commit.journal import SegmentWriter, bundles_of, clear_journal, r
 from pipelines.commit.manifest import FAILED
 from pipelines.plan import Shard, planning_memory
 from pipelines.shards import Shards
-from basis.storage import (
-    Location,
-    delete_file,
-    existing_infos,
-    relative_to,
-    sweep_temps,
-    write_bytes_atomic,
-)
+from basis.storage import Location, delete_file, write_bytes_atomic
+from basis.listing import existing_infos, relative_to, sweep_temps
 
 from pipelines.commit.state import _V1_DEFAULTS, REJECTED_DIR, SUCCESS, State, job_digest, shard_entry
 

@@ -6,7 +6,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from basis.errors import InputError
-from basis.storage import Location, list_files, relative_to
+from basis.storage import Location
+from basis.listing import list_files, relative_to
 from pipelines.tables import DataFiles, Source
 
 
