@@ -93,14 +93,14 @@ def _drive(lane: _Lane, pending: collections.deque[Shard], on_result: Callable[[
     """Bundles from `pending` through `lane` until none is left or a lane met an error that stops them all
     (then every shard left fails with it). A lane of a child process keeps the next bundle queued in its
     child (`_Lane.run`'s `following`)."""
+    calls = lanes * (2 if lane.processes else 1)  # bundles out at once: a child's lane queues one more
 
     def following() -> list[Shard] | None:
         with lane.lock:
             if stop or not pending:
                 return None
-            return take(pending, rows=bundle_rows, most=share(len(pending), lanes * calls) if lanes > 1 else BUNDLE_SHARDS)
+            return take(pending, rows=bundle_rows, most=share(len(pending), calls) if lanes > 1 else BUNDLE_SHARDS)
 
-    calls = 2 if lane.processes else 1  # bundles a lane holds at once: one in hand, one queued behind it
     while True:
         bundle, sent = lane.queued, lane.queued is not None  # sent to the child already: run it first
         lane.queued = None
