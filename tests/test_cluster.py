@@ -212,10 +212,12 @@ def test_run_metrics_on_the_heads_prometheus_endpoint(head: Head, tmp_path: Path
     assert stopped is not None, "the job ended before a replica could be stopped; make it longer"
     report = json.loads((tmp_path / "stdout").read_text())
     assert report["shards_done"] == 32 and report["rows_in"] == 8000
-    # While it ran: the pool up, shards committed (not all yet), the wait for the first replica counted.
+    # While it ran: the pool up, shards committed, the wait for the first replica counted. (Not "fewer than
+    # all": on a busy machine the head's metrics can lag by more than the run's 12 s window, and a scrape
+    # made while the run went on has then seen all 32 committed: a fresh-clone CI run did, once in eight.)
     assert during, f"no progress with this output's tag while the run was going; last scrape: {seen}"
     assert 1 <= during["ray_batch_infer_replicas_running"] <= 2
-    assert 0 < during["ray_batch_infer_shards_committed_total"] < 32, during
+    assert 0 < during["ray_batch_infer_shards_committed_total"] <= 32, during
     assert during["ray_batch_infer_rows_total"] == 250 * during["ray_batch_infer_shards_committed_total"]
     assert during["ray_batch_infer_capacity_wait_seconds_total"] > 0
     # After it: the driver's last export (on disconnect) leaves the counters exact on the head.
