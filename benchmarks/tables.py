@@ -19,7 +19,9 @@ repository root:
    what other processes on a busy machine take is not counted, and the last
    0.25 s of a process killed at the end may be) and so the CPU
    milliseconds per shard, the
-   shards per call (bundles, from the run's timeline), the manifest's bytes
+   shards per call (bundles, from the run's timeline) and the share of the
+   replicas' time between two calls (``call_gaps``: waiting on the driver, from
+   the timeline too), the manifest's bytes
    (``_manifest.json`` and its segments under ``_manifest/``), files left in ``_journal/``;
 2. the same command again (unchanged tick): wall seconds, shards done (0),
    manifest untouched, input files opened (0: no footer read, via inotify);
@@ -185,6 +187,7 @@ def measure(n: int, sets: list[str]) -> dict[str, Any]:
         "cpu_ms_per_shard": round(1000 * full["tree_cpu_seconds"] / n, 3),
         "kernel_cpu_ms_per_shard": round(1000 * full["kernel_cpu_seconds"] / n, 3),
         "shards_per_call": full["shards_per_call"],
+        "call_gaps": full["call_gaps"],
         "path": _path(full["report"]),
         "manifest_bytes": before.st_size + _tree_bytes(output / "_manifest"),  # the root and its segments
         "journal_files_left": journal_left,
@@ -255,7 +258,7 @@ def _launch(
         "driver_cpu_seconds": round(cpu, 2),
         "tree_cpu_seconds": round(max(waited, tree.seconds), 2),
         "kernel_cpu_seconds": round(kernel, 2),
-        "shards_per_call": _shards_per_call(trace) if timeline else None,
+        **(_calls(trace) if timeline else {"shards_per_call": None, "call_gaps": None}),
         "input_files_opened": None if opens.files is None else len(opens.files),
         "report": report,
     }
@@ -298,13 +301,26 @@ class _Tree:
         return sum(self.cpu.values())
 
 
-def _shards_per_call(trace: Path) -> float | None:
-    """Mean shards per replica call in a run's timeline (each shard's span names its replica and call)."""
+def _calls(trace: Path) -> dict[str, float | None]:
+    """From a run's timeline (each shard's span names its replica and call): the mean shards per replica call,
+    and `call_gaps`, the share of the replicas' time spent between two calls, from the end of a call's last
+    shard to the start of the next call's first (a replica waiting on the driver), over each replica's time
+    from its first shard's start to its last one's end. None for both from a version before bundles."""
     spans = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
     if not spans or any(e["args"].get("call") is None for e in spans):  # a version before bundles: not told
-        return None
+        return {"shards_per_call": None, "call_gaps": None}
     calls = collections.Counter((e["tid"], e["args"]["call"]) for e in spans)
-    return round(len(spans) / len(calls), 1)
+    replicas: dict[Any, list[tuple[float, float, Any]]] = collections.defaultdict(list)
+    for e in spans:
+        replicas[e["tid"]].append((e["ts"], e["ts"] + e["dur"], e["args"]["call"]))
+    gaps = wall = 0.0
+    for shards in replicas.values():
+        shards.sort()
+        wall += max(end for _, end, _ in shards) - shards[0][0]
+        gaps += sum(max(0.0, after[0] - before[1]) for before, after in zip(shards, shards[1:])
+                    if after[2] != before[2])
+    return {"shards_per_call": round(len(spans) / len(calls), 1),
+            "call_gaps": round(gaps / wall, 3) if wall > 0 else None}
 
 
 class _NoWatch:
@@ -383,20 +399,23 @@ def _print(results: list[dict[str, Any]]) -> None:
     print(f"\ntable scale: one {ROWS_PER_FILE}-row file per shard, MLP 8-16-1, "
           f"{' '.join(RUN_FLAGS) or 'default replicas and CPUs'}")
     print(f"{'files':>8} {'run s':>8} {'shards/s':>9} {'steady/s':>9} {'driver MiB':>11} {'manifest MB':>12} "
-          f"{'tick s':>7} {'1% tick s':>10} {'driver CPU s':>13} {'CPU ms/shard':>13} {'kernel':>7} {'shards/call':>12}")
+          f"{'tick s':>7} {'1% tick s':>10} {'driver CPU s':>13} {'CPU ms/shard':>13} {'kernel':>7} {'shards/call':>12} "
+          f"{'gaps':>6}")
     for r in results:
         steady = "-" if r["steady_shards_per_second"] is None else f"{r['steady_shards_per_second']:,.0f}"
         per_call = "-" if r["shards_per_call"] is None else f"{r['shards_per_call']:,.1f}"
         kernel = "-" if r.get("kernel_cpu_ms_per_shard") is None else f"{r['kernel_cpu_ms_per_shard']:.2f}"
+        gaps = "-" if r.get("call_gaps") is None else f"{100 * r['call_gaps']:.1f}%"
         print(f"{r['files']:>8,} {r['run_seconds']:>8.2f} {r['shards_per_second']:>9,.0f} {steady:>9} "
               f"{r['driver_peak_rss_bytes'] / mib:>11,.0f} {r['manifest_bytes'] / 1e6:>12.2f} "
               f"{r['unchanged_tick_seconds']:>7.2f} {r['changed_tick_seconds']:>10.2f} "
-              f"{r['driver_cpu_seconds']:>13.1f} {r['cpu_ms_per_shard']:>13.2f} {kernel:>7} {per_call:>12}")
+              f"{r['driver_cpu_seconds']:>13.1f} {r['cpu_ms_per_shard']:>13.2f} {kernel:>7} {per_call:>12} {gaps:>6}")
     print("(shards/s: files / whole-process seconds; steady/s: from the first committed file to _SUCCESS; "
           "tick: same command, unchanged input; 1% tick: after rewriting 1% of the files; CPU ms/shard: the whole "
           "process tree's CPU (driver, Ray, replicas) per file, what a busy machine's other work does not inflate "
           "much; kernel: of which in the kernel, mostly creating files, which this machine's ext4 makes several "
-          "times dearer for minutes after many files were deleted nearby; shards/call: shards per replica call)")
+          "times dearer for minutes after many files were deleted nearby; shards/call: shards per replica call; "
+          "gaps: the replicas' time between two calls, waiting on the driver)")
     for r in results:
         print(f"{r['files']:,} files ran in: {r['path']}")
     for r in results:

@@ -43,19 +43,39 @@ def test_the_table_gives_the_kernels_share_of_the_cpu_per_file(capsys: pytest.Ca
     row = {"files": 100_000, "run_seconds": 50.0, "shards_per_second": 2000.0, "steady_shards_per_second": 2100.0,
            "driver_peak_rss_bytes": 250 << 20, "manifest_bytes": 4_830_000, "unchanged_tick_seconds": 1.6,
            "unchanged_tick_input_files_opened": 0, "changed_tick_seconds": 4.0, "driver_cpu_seconds": 11.0,
-           "cpu_ms_per_shard": 0.9, "kernel_cpu_ms_per_shard": 0.28, "shards_per_call": 63.8,
+           "cpu_ms_per_shard": 0.9, "kernel_cpu_ms_per_shard": 0.28, "shards_per_call": 63.8, "call_gaps": 0.046,
            "path": "driver lane, 2 child replica processes", "problems": []}
     tables._print([row])
     out = capsys.readouterr().out
     header, line = [text for text in out.splitlines() if "files" in text and "shards/s" in text][0], \
         [text for text in out.splitlines() if text.strip().startswith("100,000")][0]
-    assert header.split()[-2:] == ["kernel", "shards/call"]
-    assert line.split()[-3:] == ["0.90", "0.28", "63.8"]
-    assert "kernel: of which in the kernel" in out
-    older = {key: value for key, value in row.items() if key != "kernel_cpu_ms_per_shard"}  # a result saved before
-    tables._print([older])
+    assert header.split()[-3:] == ["kernel", "shards/call", "gaps"]
+    assert line.split()[-4:] == ["0.90", "0.28", "63.8", "4.6%"]
+    assert "kernel: of which in the kernel" in out and "gaps: the replicas' time between two calls" in out
+    older = {key: value for key, value in row.items() if key not in ("kernel_cpu_ms_per_shard", "call_gaps")}
+    tables._print([older])  # a result saved before those columns
     assert [text for text in capsys.readouterr().out.splitlines()
-            if text.strip().startswith("100,000")][0].split()[-3:] == ["0.90", "-", "63.8"]
+            if text.strip().startswith("100,000")][0].split()[-4:] == ["0.90", "-", "63.8", "-"]
+
+
+def test_the_call_gaps_are_each_replicas_time_between_two_calls(tmp_path: Path) -> None:
+    """The share of the replicas' time between the end of a call's last shard and the start of the next call's
+    first (what showed a lane child waiting on the driver 12% of its time), from a run's timeline: gaps inside a
+    call do not count, nor the time before a replica's first shard."""
+    import json
+
+    def span(replica: int, call: int, start: float, end: float) -> dict[str, object]:
+        return {"ph": "X", "tid": replica, "ts": start, "dur": end - start, "args": {"call": call, "rows_in": 100}}
+
+    trace = tmp_path / "t.timeline.json"
+    trace.write_text(json.dumps({"traceEvents": [
+        {"ph": "M", "name": "thread_name", "tid": -1},
+        span(-1, 1, 100, 110), span(-1, 1, 112, 120), span(-1, 2, 130, 140), span(-1, 2, 140, 150),  # 10 of 50
+        span(-2, 1, 0, 30), span(-2, 2, 30, 50),  # none: its second call starts as the first ends
+    ]}))
+    assert tables._calls(trace) == {"shards_per_call": 1.5, "call_gaps": round(10 / 100, 3)}
+    trace.write_text(json.dumps({"traceEvents": [{"ph": "X", "tid": -1, "ts": 0, "dur": 5, "args": {}}]}))
+    assert tables._calls(trace) == {"shards_per_call": None, "call_gaps": None}  # before bundles: not told
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify")
