@@ -11,9 +11,9 @@ starts one child process per CPU (a Python that imports pyarrow and numpy:
 driver keeps the clock, the retries and the records, as for its own replica.
 
 `ProcessReplica` stands for a child where `pipelines.lane` holds a `Replica`:
-`process_bundle` yields the shards' results as the child sends them,
-`abandon` kills the child (a stalled shard can never commit after it), `close`
-ends it and keeps its counters for the report.
+`send` queues a bundle in it and `receive` yields the shards' results as the
+child sends them, `abandon` kills the child (a stalled shard can never commit
+after it), `close` ends it and keeps its counters for the report.
 
 The lane keeps a second bundle queued in the child (`send` it, then `receive` each bundle's results
 in the order sent): the child starts it the moment the first is done, instead of waiting for the
@@ -95,12 +95,6 @@ class ProcessReplica:
                               f"signal {-code} before it was ready")
         raise ReplicaStartError(f"the driver lane's child replica {self.index} (pid {self.process.pid}) did not "
                                 f"start within {START_SECONDS:g} s" + (f" (exit {code})" if code is not None else ""))
-
-    def process_bundle(self, tasks: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-        """The child's results for `tasks`, a list at a time; raises what the bundle raised there
-        (`ReplicaDied` when the child is gone: it was abandoned, or it died). Nothing else may be queued."""
-        self.send(tasks)
-        return self.receive()
 
     def send(self, tasks: list[dict[str, Any]]) -> None:
         """Queue a bundle in the child, behind those sent before it; `receive` gives its results in turn."""
