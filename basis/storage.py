@@ -1,7 +1,7 @@
 """Paths and URIs through `pyarrow.fs`, so `s3://...` behaves like a local path.
 
-Used by the driver (listing, manifest, lock) and by replicas (reading shards,
-committing output files). Nothing here imports Ray or torch.
+Used by the driver (manifest, lock; listing is `basis.listing`) and by replicas
+(reading shards, committing output files). Nothing here imports Ray or torch.
 
 Object stores fail transiently (throttling, 5xx, resets, timeouts). Every
 operation here retries those (`basis.retry`) and raises `StorageError`
