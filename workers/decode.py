@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import queue
 import threading
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 import workers.reader as reader
 from basis.retry import retry_transient
 from workers.handoff import Offers, Slot
+from workers.plain_pages import Plan, plain_columns
 from workers.reader import Batch, ParquetSource, _decoded_bytes, _leaf_types, _leaves, iter_batches
 from workers.stacking import Spares, stack_checked
 from workers.threads import Call, start as start_thread
@@ -186,7 +188,7 @@ class decode:  # noqa: N801 - used like a generator function
                  check_invalid: bool, threads: int = 1, depth: int = 2, deleted: np.ndarray | None = None,
                  inline: bool = False,
                  predict: Callable[[np.ndarray, np.ndarray | None], Any] | None = None,
-                 spares: Spares | None = None) -> None:
+                 spares: Spares | None = None, stack_only: bool = False) -> None:
         self.row_groups = row_groups
         # inline: one thread does all (no Event's Condition and lock made per tiny file, ~2-3 us)
         self._stop: threading.Event | _Flag = _Flag() if inline else threading.Event()
@@ -221,12 +223,17 @@ class decode:  # noqa: N801 - used like a generator function
         # whether read whole or streamed) are read whole without sizing them: no leaves, 0 bytes
         leaves = [] if inline else _leaves(parquet.metadata, columns)
         types = [] if inline else _leaf_types(parquet)
+        # features needed only stacked, of a file of flat float32 columns: decoded straight into their matrix
+        plan = None
+        if stack_only and not inline and not list_column and isinstance(parquet, ParquetSource):
+            plan = plain_columns(parquet.metadata, parquet.schema_arrow, features, check=check_invalid)
+        self._feature_fields = [] if plan is None else [parquet.schema_arrow.field(name) for name in features]
         for k in range(count):
             handle = parquet if k == 0 else _second_handle(parquet)
             mine = range(row_groups[0] + k, row_groups[1], count)
             args = (k, handle, mine, self._queues[k], columns, batch_size, uri, features, list_column, width,
                     check_invalid, count == 1 and threads >= 2, reader.DECODE_BUDGET_BYTES // (2 * count), leaves,
-                    types, deleted, predict)
+                    types, deleted, predict, plan)
             if inline:
                 self._inline = functools.partial(self._produce, *args)  # run by the first `next`, in its thread
                 continue
@@ -237,13 +244,13 @@ class decode:  # noqa: N801 - used like a generator function
                  batch_size: int, uri: str, features: Sequence[str], list_column: bool, width: int,
                  check_invalid: bool, use_threads: bool, whole_bytes: int, leaves: list[int],
                  types: list[tuple[pa.DataType, int] | None], deleted: np.ndarray | None,
-                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None) -> None:
+                 predict: Callable[[np.ndarray, np.ndarray | None], Any] | None, plan: Plan | None) -> None:
         offers, done = self._offers, False
         try:
             for rg in mine:
                 batches: Iterable[Batch | Slot[Decoded]] = iter_batches(
                     parquet, (rg, rg + 1), columns, batch_size, uri, use_threads=use_threads,
-                    whole_bytes=whole_bytes, leaves=leaves, types=types, deleted=deleted)
+                    whole_bytes=whole_bytes, leaves=leaves, types=types, deleted=deleted, plain=plan)
                 if offers is not None and _decoded_bytes(parquet.metadata.row_group(rg), leaves, types) <= whole_bytes:
                     slots = [Slot[Decoded](batch) for batch in batches]  # read whole: its batches are slices of it
                     offers.offer(k, slots)
@@ -256,8 +263,9 @@ class decode:  # noqa: N801 - used like a generator function
                         if not offers.claim(k, slot):  # type: ignore[union-attr]
                             continue
                         try:
-                            taken = None if list_column else self._pool.take(k)
-                            if taken is None and not list_column:
+                            direct = list_column or slot.batch.stacked is not None  # no buffer to stack into
+                            taken = None if direct else self._pool.take(k)
+                            if taken is None and not direct:
                                 return  # stopped
                             slot.fill(self._stack(slot.batch, taken, features, list_column, width, check_invalid,
                                                   predict))
@@ -274,7 +282,7 @@ class decode:  # noqa: N801 - used like a generator function
                                 return
                             continue
                     taken = None
-                    if not list_column:
+                    if not list_column and batch.stacked is None:
                         taken = self._pool.take(k)
                         if taken is None:
                             return  # stopped
@@ -300,6 +308,8 @@ class decode:  # noqa: N801 - used like a generator function
                list_column: bool, width: int, check_invalid: bool,
                predict: Callable[[np.ndarray, np.ndarray | None], Any] | None) -> Decoded:
         """One batch stacked into the `taken` buffer (none for a list column), checked and predicted."""
+        if batch.stacked is not None:
+            return self._stacked(batch, batch.stacked, taken, check_invalid, predict)
         buffer, home = (None, 0) if taken is None else taken
         view = None if buffer is None else buffer[:, : batch.data.num_rows]
         matrix, bad = stack_checked(batch.data, features, list_column, width, view, check=check_invalid)
@@ -308,6 +318,25 @@ class decode:  # noqa: N801 - used like a generator function
             self._pool.give(buffer, home)  # consumed by the forward pass: nothing reads it again
             buffer, matrix = None, None
         return Decoded(batch, matrix, bad, predicted, buffer, self._pool, home)
+
+    def _stacked(self, batch: Batch, stacked: np.ndarray, taken: tuple[np.ndarray | None, int] | None,
+                 check_invalid: bool, predict: Callable[[np.ndarray, np.ndarray | None], Any] | None) -> Decoded:
+        """A batch whose features came stacked from their pages (`workers.plain_pages`): checked from its
+        row sums and predicted. A row it rejects gets its features back in the batch's data (the rejected
+        rows' file holds them): float32 values without a null, so the matrix holds them exactly."""
+        if taken is not None and taken[0] is not None:  # a buffer a helping thread took before it saw the batch
+            self._pool.give(taken[0], taken[1])
+        matrix = stacked.T  # (rows, width), column-major view
+        bad = None
+        if check_invalid and batch.sums is not None and not np.isfinite(batch.sums).all():
+            finite = np.isfinite(matrix).all(axis=1)
+            if not finite.all():
+                bad = ~finite
+                schema = pa.schema([*batch.data.schema, *self._feature_fields])
+                data = pa.RecordBatch.from_arrays([*batch.data.columns, *map(pa.array, stacked)], schema=schema)
+                batch = dataclasses.replace(batch, data=data)
+        predicted = None if predict is None else predict(matrix, bad)
+        return Decoded(batch, None if predicted is not None and bad is None else matrix, bad, predicted)
 
     def _steal(self, k: int, offers: Offers, features: Sequence[str], list_column: bool, width: int,
                check_invalid: bool, predict: Callable[[np.ndarray, np.ndarray | None], Any] | None) -> None:

@@ -24,6 +24,7 @@ from basis.errors import ShardDataError, StorageError
 from basis.masks import keep_mask
 from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
 from basis.storage import Location
+from workers.plain_pages import Plan, stack_row_group
 from workers.stacking import Spares, describe_invalid, feature_matrix, invalid_rows
 
 __all__ = ["Batch", "ParquetSource", "Spares", "describe_invalid", "feature_matrix", "invalid_rows", "iter_batches",
@@ -46,6 +47,10 @@ class Batch:
     data: pa.RecordBatch
     row_group: int
     first_row: int  # index in the file of the batch's first row (before deleted rows were dropped)
+    # (features, rows) float32: the features decoded straight from their pages (`workers.plain_pages`),
+    # then not in `data`; with the check, `sums` holds each row's sum of them
+    stacked: np.ndarray | None = None
+    sums: np.ndarray | None = None
 
 
 class _once:  # noqa: N801 - used like a decorator
@@ -158,8 +163,13 @@ def iter_batches(
     attempts: int = RETRY_ATTEMPTS,
     base_delay: float = RETRY_BASE_DELAY,
     deleted: np.ndarray | None = None,
+    plain: Plan | None = None,
 ) -> Iterator[Batch]:
     """Record batches of at most `batch_size` rows, row group by row group, in order.
+
+    `plain` (a local file's, `workers.plain_pages`): a row group read whole has those feature columns
+    decoded straight into a matrix when its pages allow, given as each batch's `stacked` columns
+    instead of in its `data`; any other row group (or a file with deleted rows) has them in `data`.
 
     `deleted`: the file's deleted row positions (sorted, `basis.masks`): those rows are
     dropped from the batches (a table's deletion vector or position deletes), so only
@@ -182,17 +192,26 @@ def iter_batches(
     leaves = _leaves(meta, columns) if leaves is None else leaves
     types = _leaf_types(parquet) if types is None else types
     whole_bytes = DECODE_BUDGET_BYTES // 2 if whole_bytes is None else whole_bytes
+    rest = [] if plain is None else [name for name in columns if name not in plain.names]  # left to pyarrow
+    if not (rest and deleted is None and isinstance(parquet, ParquetSource) and parquet.location.is_local):
+        plain = None  # (without a column of its own, pyarrow would not say how many rows a row group has)
     for rg in range(*row_groups):
         whole = _decoded_bytes(meta.row_group(rg), leaves, types) <= whole_bytes
         yielded = 0  # rows of this row group already handed out
         failures = 0  # transient failures since the last decoded batch
         skip = 0  # rows to drop from the front after re-opening
         batches: Iterator[pa.RecordBatch] | None = None
+        stacked: tuple[np.ndarray, np.ndarray | None] | None = None
+        at = 0  # where `batches`' next batch starts in the row group
         while True:
             try:
                 if batches is None:
+                    at = 0
                     if whole:
-                        table = parquet.read_row_group(rg, columns=list(columns), use_threads=use_threads)
+                        if plain is not None:
+                            stacked = stack_row_group(parquet.handle, meta.row_group(rg), plain)
+                        table = parquet.read_row_group(rg, columns=list(columns) if stacked is None else rest,
+                                                       use_threads=use_threads)
                         batches = iter(table.to_batches(max_chunksize=batch_size))
                     else:
                         batches = iter(parquet.iter_batches(batch_size=batch_size, row_groups=[rg],
@@ -217,17 +236,22 @@ def iter_batches(
             if data is None:
                 break
             failures = 0
+            begin, at = at, at + data.num_rows
             if data.num_rows == 0:
                 continue
             if skip:  # re-decoded after a failure: drop what was yielded before it
                 dropped = min(skip, data.num_rows)
                 skip -= dropped
                 data = data.slice(dropped)
+                begin += dropped
                 if data.num_rows == 0:
                     continue
             count = data.num_rows
             keep = None if deleted is None else keep_mask(deleted, first_row, count)
-            if keep is None:
+            if stacked is not None:  # (no deleted rows)
+                matrix, sums = stacked
+                yield Batch(data, rg, first_row, matrix[:, begin:at], None if sums is None else sums[begin:at])
+            elif keep is None:
                 yield Batch(data, rg, first_row)
             elif keep.any():
                 yield Batch(data.filter(pa.array(keep)), rg, first_row)

@@ -397,7 +397,7 @@ class Replica:
                          threads=threads, inline=tiny,
                          deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,
                          predict=self._predict if threads >= 2 and not job.categorical else None,
-                         spares=self._spares)
+                         spares=self._spares, stack_only=not set(job.features) & set(written))
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches:
             items = iter(batches)

@@ -1,0 +1,222 @@
+"""Issue 15, item 2: flat float32 feature columns decoded from their PLAIN pages straight into the stacking matrix
+(`workers/plain_pages.py`): the same values as pyarrow's decode, bit for bit, for every codec and page version it
+takes; everything else (dictionary pages, nulls, other types, nesting) left to pyarrow; and a whole run over such
+files predicting, rejecting and failing exactly as a run over the same rows in files it does not take."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import reference, save_mlp
+
+import pipelines
+import workers.reader
+from basis.storage import resolve
+from workers.plain_pages import _all_defined, _Unsupported, plain_columns, stack_plain
+from workers.reader import ParquetSource, iter_batches
+
+
+def _values(rows: int, width: int, seed: int) -> np.ndarray:
+    """(width, rows) float32 with the values a decoder may get wrong: NaN, +-inf, -0.0, subnormals, extremes."""
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal((width, rows)).astype(np.float32)
+    specials = np.array([np.nan, np.inf, -np.inf, -0.0, 1e-45, -3.4e38, 3.4e38], np.float32)
+    values[0, : len(specials)] = specials
+    values[-1, rows - 3:] = [np.nan, 1e-40, -0.0]
+    return values
+
+
+def _write(path: Path, values: np.ndarray, *, nullable: bool = True, **options: Any) -> pa.Table:
+    width, rows = values.shape
+    schema = pa.schema([pa.field("id", pa.int64(), nullable=nullable)]
+                       + [pa.field(f"f{j}", pa.float32(), nullable=nullable) for j in range(width)])
+    table = pa.Table.from_arrays([pa.array(np.arange(rows)), *map(pa.array, values)], schema=schema)
+    pq.write_table(table, path, **{"use_dictionary": False, **options})
+    return table
+
+
+def _stack(path: Path, width: int, group: int = 0) -> tuple[bool, np.ndarray, np.ndarray]:
+    parquet = pq.ParquetFile(path)
+    meta = parquet.metadata
+    plan = plain_columns(meta, parquet.schema_arrow, [f"f{j}" for j in range(width)], check=True)
+    assert plan is not None
+    rows = meta.row_group(group).num_rows
+    matrix, sums = np.full((width, rows), 7.0, np.float32), np.full(rows, 7.0, np.float32)
+    with pa.OSFile(str(path)) as handle:
+        done = stack_plain(handle, meta.row_group(group), plan, matrix, sums)
+    return done, matrix, sums
+
+
+@pytest.mark.parametrize("compression", ["snappy", "zstd", "gzip", "brotli", "lz4", "none"])
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+@pytest.mark.parametrize("nullable", [True, False])
+def test_plain_pages_decode_bit_for_bit_what_pyarrow_decodes(tmp_path: Path, compression: str, version: str,
+                                                            nullable: bool) -> None:
+    values = _values(5000, 6, seed=1)
+    path = tmp_path / "p.parquet"
+    # small pages: many per chunk, the last one short
+    _write(path, values, nullable=nullable, compression=compression, data_page_version=version,
+           data_page_size=3000, row_group_size=4500)
+    parquet = pq.ParquetFile(path)
+    assert parquet.metadata.row_group(0).column(1).compression == {"none": "UNCOMPRESSED"}.get(
+        compression, compression.upper())
+    for group, (start, stop) in enumerate([(0, 4500), (4500, 5000)]):
+        done, matrix, sums = _stack(path, 6, group)
+        assert done
+        expected = values[:, start:stop]
+        np.testing.assert_array_equal(matrix.view(np.uint32), expected.view(np.uint32))  # NaN payloads, -0.0
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.testing.assert_array_equal(sums, expected.sum(axis=0, dtype=np.float32))
+
+
+def test_a_chunk_it_does_not_take_is_left_to_pyarrow(tmp_path: Path) -> None:
+    values = _values(2000, 3, seed=2)
+    _write(tmp_path / "dict.parquet", values, use_dictionary=True)
+    assert not _stack(tmp_path / "dict.parquet", 3)[0]  # a dictionary page
+    with_null = pa.table({"id": pa.array(np.arange(2000)), "f0": pa.array(values[0]),
+                          "f1": pa.array(values[1], mask=np.arange(2000) == 1999), "f2": pa.array(values[2])})
+    pq.write_table(with_null, tmp_path / "null.parquet", use_dictionary=False)
+    assert not _stack(tmp_path / "null.parquet", 3)[0]  # the last value of f1 is null
+    # the file's part: a float64, a nested float32, a list: no plan at all
+    for column in (pa.array(values[0].astype(np.float64)),
+                   pa.StructArray.from_arrays([pa.array(values[0])], ["x"]),
+                   pa.array(list(values.T[:, :2]), pa.list_(pa.float32()))):
+        table = pa.table({"id": pa.array(np.arange(2000)), "f0": column})
+        pq.write_table(table, tmp_path / "other.parquet", use_dictionary=False)
+        parquet = pq.ParquetFile(tmp_path / "other.parquet")
+        assert plain_columns(parquet.metadata, parquet.schema_arrow, ["f0"], check=True) is None
+
+
+def _run(count: int, value: int) -> bytes:
+    """An RLE run: its header (count << 1) as a ULEB128 varint, then the value in one byte."""
+    header, out = count << 1, bytearray()
+    while header >= 0x80:
+        out.append(header & 0x7F | 0x80)
+        header >>= 7
+    return bytes([*out, header, value])
+
+
+def test_definition_levels_are_read_as_the_hybrid_encoding_writes_them() -> None:
+    _all_defined(memoryview(_run(20000, 1)), 20000)  # an RLE run of ones, its header a 3-byte varint
+    _all_defined(memoryview(bytes([(2 << 1) | 1, 0xFF, 0x0F])), 12)  # bit-packed: 12 ones, then padding
+    _all_defined(memoryview(bytes([(1 << 1) | 1, 0xFF]) + _run(50, 1)), 58)  # bit-packed then RLE
+    for levels, count in ((_run(100, 0), 100),  # an RLE run of nulls
+                          (bytes([(2 << 1) | 1, 0xFF, 0x07]), 12),  # the 12th value null
+                          (_run(10, 1), 11)):  # fewer levels than values
+        with pytest.raises(_Unsupported):
+            _all_defined(memoryview(levels), count)
+
+
+def test_a_row_group_with_a_null_is_decoded_by_pyarrow_and_the_others_stacked(tmp_path: Path) -> None:
+    values = _values(3000, 4, seed=3)
+    mask = np.zeros(3000, bool)
+    mask[1500] = True  # in the second of three row groups
+    table = pa.table({"id": pa.array(np.arange(3000)), **{f"f{j}": pa.array(values[j], mask=mask if j == 2 else None)
+                                                          for j in range(4)}})
+    pq.write_table(table, tmp_path / "p.parquet", use_dictionary=False, row_group_size=1000)
+    location = resolve(str(tmp_path / "p.parquet"))
+    parquet = ParquetSource(location, location.path, str(tmp_path / "p.parquet"))
+    names = [f"f{j}" for j in range(4)]
+    plan = plain_columns(parquet.metadata, parquet.schema_arrow, names, check=True)
+    batches = list(iter_batches(parquet, (0, 3), ["id", *names], 400, "p", plain=plan))
+    assert [b.row_group for b in batches] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [b.stacked is not None for b in batches] == [True] * 3 + [False] * 3 + [True] * 3
+    for batch in batches:
+        rows = np.arange(batch.first_row, batch.first_row + batch.data.num_rows)
+        assert batch.data.column("id").to_pylist() == rows.tolist()
+        if batch.stacked is None:
+            assert batch.data.schema.names == ["id", *names]
+            continue
+        assert batch.data.schema.names == ["id"]
+        np.testing.assert_array_equal(batch.stacked, values[:, rows])
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.testing.assert_array_equal(batch.sums, values[:, rows].sum(axis=0, dtype=np.float32))
+
+
+@pytest.mark.parametrize("mode", ["quarantine", "keep", "fail"])
+def test_a_run_over_plain_pages_predicts_and_rejects_as_one_over_dictionary_pages(tmp_path: Path,
+                                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                                  mode: str) -> None:
+    rows, width = 6000, 5
+    values = _values(rows, width, seed=4)
+    values[:, 2600] = 1.0
+    values[3, 2600] = np.nan  # (values[0] holds the specials in rows 0-6, values[-1] a NaN at rows - 3)
+    if mode == "fail":  # the first invalid row in the second row group's second batch
+        values[0, :7] = values[-1, rows - 3:] = 0.5
+    model = save_mlp(tmp_path / "m.pt", [width, 8, 1], seed=6)
+    stacked: list[bool] = []
+    decode_plain = workers.reader.stack_row_group
+
+    def spy(*args: Any) -> Any:
+        done = decode_plain(*args)
+        stacked.append(done is not None)
+        return done
+
+    monkeypatch.setattr(workers.reader, "stack_row_group", spy)
+    results = {}
+    for pages in ("plain", "dictionary"):
+        (tmp_path / pages).mkdir()
+        _write(tmp_path / pages / "p.parquet", values, use_dictionary=pages == "dictionary", row_group_size=2000)
+        for cpus in (1, 2):
+            out = tmp_path / f"out-{pages}-{cpus}"
+            run = lambda: pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / pages),  # noqa: E731
+                                        output=str(out), features=[f"f{j}" for j in range(width)], batch_size=512,
+                                        cpus_per_replica=cpus, invalid_rows=mode, progress=False)
+            report = run()
+            if mode == "fail":
+                assert report.status == "failed" and report.shards_failed == 1
+                results[pages, cpus] = report.errors[0]["error"]
+                continue
+            assert report.complete
+            output = pq.read_table(out / "p-00000.parquet")
+            rejected = (pq.read_table(out / "_rejected" / "p-00000.parquet")
+                        if (out / "_rejected").exists() else None)
+            results[pages, cpus] = (output, rejected)
+    assert any(stacked) and not all(stacked)  # both paths ran: plain pages stacked, dictionary ones not
+    for cpus in (1, 2):
+        plain, dictionary = results["plain", cpus], results["dictionary", cpus]
+        if mode == "fail":
+            assert plain.replace("/plain/", "/dictionary/") == dictionary, (plain, dictionary)
+            assert "plain/p.parquet: row 2600 (row group 1): null, NaN or inf in feature 'f3'" in plain, plain
+            continue
+        assert plain[0].column_names == dictionary[0].column_names == ["id", "prediction"]
+        assert plain[0]["id"].equals(dictionary[0]["id"])
+        np.testing.assert_allclose(plain[0]["prediction"].to_numpy(), dictionary[0]["prediction"].to_numpy(),
+                                   rtol=1e-6)
+        if mode == "keep":
+            assert plain[1] is None and plain[0].num_rows == rows
+            continue
+        bad = ~np.isfinite(values).all(axis=0)
+        # the rejected rows with their features, exact (NaN payloads too), and the same reasons
+        assert plain[1].schema.equals(dictionary[1].schema)
+        assert plain[1].column_names == ["id", *(f"f{j}" for j in range(width)), "reason"]
+        assert plain[1]["id"].to_pylist() == dictionary[1]["id"].to_pylist() == np.flatnonzero(bad).tolist()
+        assert plain[1]["reason"].to_pylist() == dictionary[1]["reason"].to_pylist()
+        for table in (plain[1], dictionary[1]):
+            rejected = np.stack([table[f"f{j}"].to_numpy() for j in range(width)])
+            np.testing.assert_array_equal(rejected.view(np.uint32), values[:, bad].view(np.uint32))
+        good = np.flatnonzero(~bad)
+        assert plain[0]["id"].to_pylist() == good.tolist()
+        expected = reference(model, values[:, good].T)[:, 0]
+        np.testing.assert_allclose(plain[0]["prediction"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_features_written_out_are_decoded_by_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _values(3000, 3, seed=5)
+    values[:, :8] = values[:, -3:] = 0.5  # no invalid row
+    (tmp_path / "in").mkdir()
+    _write(tmp_path / "in" / "p.parquet", values, row_group_size=1000)
+    save_mlp(tmp_path / "m.pt", [3, 4, 1], seed=1)
+    calls: list[object] = []
+    monkeypatch.setattr(workers.reader, "stack_row_group", lambda *args: calls.append(args))
+    report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                           features=["f0", "f1", "f2"], keep_features=True, batch_size=256, progress=False)
+    assert report.complete and calls == []
+    output = pq.read_table(tmp_path / "out" / "p-00000.parquet")
+    np.testing.assert_array_equal(output["f1"].to_numpy(), values[1])
