@@ -18,7 +18,7 @@ from conftest import reference, save_mlp
 import pipelines
 import workers.reader
 from basis.storage import resolve
-from workers.plain_pages import _all_defined, _Unsupported, plain_columns, stack_plain
+from workers.plain_pages import _all_defined, _Unsupported, plain_columns, stack_row_group
 from workers.reader import ParquetSource, iter_batches
 
 
@@ -41,16 +41,14 @@ def _write(path: Path, values: np.ndarray, *, nullable: bool = True, **options: 
     return table
 
 
-def _stack(path: Path, width: int, group: int = 0) -> tuple[bool, np.ndarray, np.ndarray]:
+def _stack(path: Path, width: int, group: int = 0,
+           open_file: Any = pa.OSFile) -> tuple[np.ndarray, np.ndarray] | None:
     parquet = pq.ParquetFile(path)
     meta = parquet.metadata
     plan = plain_columns(meta, parquet.schema_arrow, [f"f{j}" for j in range(width)], check=True)
     assert plan is not None
-    rows = meta.row_group(group).num_rows
-    matrix, sums = np.full((width, rows), 7.0, np.float32), np.full(rows, 7.0, np.float32)
-    with pa.OSFile(str(path)) as handle:
-        done = stack_plain(handle, meta.row_group(group), plan, matrix, sums)
-    return done, matrix, sums
+    with open_file(str(path)) as handle:
+        return stack_row_group(handle, meta.row_group(group), plan)
 
 
 @pytest.mark.parametrize("compression", ["snappy", "zstd", "gzip", "brotli", "lz4", "none"])
@@ -66,23 +64,29 @@ def test_plain_pages_decode_bit_for_bit_what_pyarrow_decodes(tmp_path: Path, com
     parquet = pq.ParquetFile(path)
     assert parquet.metadata.row_group(0).column(1).compression == {"none": "UNCOMPRESSED"}.get(
         compression, compression.upper())
-    for group, (start, stop) in enumerate([(0, 4500), (4500, 5000)]):
-        done, matrix, sums = _stack(path, 6, group)
-        assert done
-        expected = values[:, start:stop]
-        np.testing.assert_array_equal(matrix.view(np.uint32), expected.view(np.uint32))  # NaN payloads, -0.0
-        with np.errstate(invalid="ignore", over="ignore"):
-            np.testing.assert_array_equal(sums, expected.sum(axis=0, dtype=np.float32))
+    # read into the thread's scratch buffer, or sliced from a file in memory or memory-mapped
+    in_memory = lambda name: pa.BufferReader(Path(name).read_bytes())  # noqa: E731
+    for open_file in (pa.OSFile, pa.memory_map, in_memory):
+        for group, (start, stop) in enumerate([(0, 4500), (4500, 5000)]):
+            stacked = _stack(path, 6, group, open_file)
+            assert stacked is not None
+            matrix, sums = stacked
+            expected = values[:, start:stop]
+            np.testing.assert_array_equal(matrix.view(np.uint32), expected.view(np.uint32))  # NaN payloads, -0.0
+            with np.errstate(invalid="ignore", over="ignore"):
+                np.testing.assert_array_equal(sums, expected.sum(axis=0, dtype=np.float32))
 
 
 def test_a_chunk_it_does_not_take_is_left_to_pyarrow(tmp_path: Path) -> None:
     values = _values(2000, 3, seed=2)
     _write(tmp_path / "dict.parquet", values, use_dictionary=True)
-    assert not _stack(tmp_path / "dict.parquet", 3)[0]  # a dictionary page
+    assert _stack(tmp_path / "dict.parquet", 3) is None  # a dictionary page
     with_null = pa.table({"id": pa.array(np.arange(2000)), "f0": pa.array(values[0]),
                           "f1": pa.array(values[1], mask=np.arange(2000) == 1999), "f2": pa.array(values[2])})
     pq.write_table(with_null, tmp_path / "null.parquet", use_dictionary=False)
-    assert not _stack(tmp_path / "null.parquet", 3)[0]  # the last value of f1 is null
+    assert _stack(tmp_path / "null.parquet", 3) is None  # its statistics count a null
+    pq.write_table(with_null, tmp_path / "null.parquet", use_dictionary=False, write_statistics=False)
+    assert _stack(tmp_path / "null.parquet", 3) is None  # no statistics: the page's levels hold the null
     # the file's part: a float64, a nested float32, a list: no plan at all
     for column in (pa.array(values[0].astype(np.float64)),
                    pa.StructArray.from_arrays([pa.array(values[0])], ["x"]),
