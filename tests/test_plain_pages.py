@@ -18,7 +18,7 @@ from conftest import reference, save_mlp
 import pipelines
 import workers.reader
 from basis.storage import resolve
-from workers.plain_pages import _all_defined, _Unsupported, plain_columns, stack_row_group
+from workers.plain_pages import plain_columns, stack_row_group
 from workers.reader import ParquetSource, iter_batches
 
 
@@ -85,8 +85,10 @@ def test_a_chunk_it_does_not_take_is_left_to_pyarrow(tmp_path: Path) -> None:
                           "f1": pa.array(values[1], mask=np.arange(2000) == 1999), "f2": pa.array(values[2])})
     pq.write_table(with_null, tmp_path / "null.parquet", use_dictionary=False)
     assert _stack(tmp_path / "null.parquet", 3) is None  # its statistics count a null
-    pq.write_table(with_null, tmp_path / "null.parquet", use_dictionary=False, write_statistics=False)
-    assert _stack(tmp_path / "null.parquet", 3) is None  # no statistics: the page's levels hold the null
+    for version in ("1.0", "2.0"):  # no statistics: the page with the null holds one value fewer than rows
+        pq.write_table(with_null, tmp_path / "null.parquet", use_dictionary=False, write_statistics=False,
+                       data_page_version=version)
+        assert _stack(tmp_path / "null.parquet", 3) is None
     # the file's part: a float64, a nested float32, a list: no plan at all
     for column in (pa.array(values[0].astype(np.float64)),
                    pa.StructArray.from_arrays([pa.array(values[0])], ["x"]),
@@ -104,17 +106,6 @@ def _run(count: int, value: int) -> bytes:
         out.append(header & 0x7F | 0x80)
         header >>= 7
     return bytes([*out, header, value])
-
-
-def test_definition_levels_are_read_as_the_hybrid_encoding_writes_them() -> None:
-    _all_defined(memoryview(_run(20000, 1)), 20000)  # an RLE run of ones, its header a 3-byte varint
-    _all_defined(memoryview(bytes([(2 << 1) | 1, 0xFF, 0x0F])), 12)  # bit-packed: 12 ones, then padding
-    _all_defined(memoryview(bytes([(1 << 1) | 1, 0xFF]) + _run(50, 1)), 58)  # bit-packed then RLE
-    for levels, count in ((_run(100, 0), 100),  # an RLE run of nulls
-                          (bytes([(2 << 1) | 1, 0xFF, 0x07]), 12),  # the 12th value null
-                          (_run(10, 1), 11)):  # fewer levels than values
-        with pytest.raises(_Unsupported):
-            _all_defined(memoryview(levels), count)
 
 
 def test_a_row_group_with_a_null_is_decoded_by_pyarrow_and_the_others_stacked(tmp_path: Path) -> None:

@@ -55,29 +55,23 @@ class Plan(NamedTuple):
 
 def plain_columns(meta: pq.FileMetaData, schema: pa.Schema, names: Sequence[str], *, check: bool) -> Plan | None:
     """The `Plan` for `names` when every one is a top-level float32 column stored as Parquet FLOAT (the
-    file's part of the decision; each row group's chunks are checked by `stack_plain`); None when one
-    is not."""
+    file's part of the decision; each row group's chunks are checked by `stack_row_group`); None when
+    one is not."""
     parquet_schema = meta.schema
+    leaves = {}  # top-level leaf column name -> (index, its schema)
+    for i in range(len(parquet_schema)):
+        column = parquet_schema.column(i)
+        leaves[column.path] = (i, column)
     plan = []
     for name in names:
         index = schema.get_field_index(name)
-        if index < 0 or schema.field(index).type != pa.float32():
+        if index < 0 or schema.field(index).type != pa.float32() or name not in leaves:
             return None
-        leaf = _leaf_of(parquet_schema, name)
-        if leaf is None:
-            return None
-        column = parquet_schema.column(leaf)
+        leaf, column = leaves[name]
         if column.physical_type != "FLOAT" or column.max_repetition_level != 0 or column.max_definition_level > 1:
             return None
         plan.append((leaf, column.max_definition_level))
     return Plan(tuple(names), tuple(plan), check)
-
-
-def _leaf_of(parquet_schema: pq.ParquetSchema, name: str) -> int | None:
-    for i in range(len(parquet_schema)):
-        if parquet_schema.column(i).path == name:
-            return i
-    return None
 
 
 class Page(NamedTuple):
@@ -195,8 +189,6 @@ def _page_table(chunk: memoryview) -> list[Page]:
             page = header.get(8)
             if not isinstance(page, dict) or page.get(4) != _PLAIN or page.get(6, 0) != 0:
                 raise _Unsupported("not a PLAIN data page")
-            if page.get(2, 0):
-                raise _Unsupported("a null")
             levels = page.get(5, 0)
             pages.append(Page(page[1], at, size, header[2] - levels, levels, page.get(7, True)))
         elif kind == _DICTIONARY_PAGE:
@@ -209,53 +201,26 @@ def _page_table(chunk: memoryview) -> list[Page]:
 
 
 def _values(chunk: memoryview, page: Page, codec: pa.Codec | None, max_def: int) -> np.ndarray:
-    """A page's values, (count,) float32 (raises `_Unsupported` when its levels hold a null)."""
+    """A page's values, (count,) float32. Raises `_Unsupported` unless the page holds exactly `count`
+    values: a PLAIN page stores no value for a null, so a page with a null holds fewer (the levels
+    themselves need not be read)."""
     body = chunk[page.start: page.start + page.size]
     if page.levels < 0:  # v1: levels and values compressed together
         data = body if codec is None else _bytes(codec.decompress(body, page.uncompressed))
-        start = 0
-        if max_def:  # the levels' byte length (4 bytes, little-endian), then the levels
-            levels = int.from_bytes(data[:4], "little")
-            _all_defined(data[4: 4 + levels], page.count)
-            start = 4 + levels
+        # the levels' byte length (4 bytes, little-endian) and the levels, then the values
+        start = 4 + int.from_bytes(data[:4], "little") if max_def else 0
     else:  # v2: the levels uncompressed, before the (maybe compressed) values
-        if max_def:
-            _all_defined(body[: page.levels], page.count)
         values = body[page.levels:]
         data = values if codec is None or not page.compressed else _bytes(codec.decompress(values, page.uncompressed))
         start = 0
-    if len(data) - start < 4 * page.count:
-        raise _Unsupported("fewer values than the page header says")
+    if len(data) - start != 4 * page.count:
+        raise _Unsupported("a null, or not the values the page header says")
     return np.frombuffer(data, dtype="<f4", count=page.count, offset=start)
 
 
 def _bytes(buffer: pa.Buffer) -> memoryview:
     """A buffer's bytes as unsigned ints (a `pa.Buffer` exports signed chars)."""
     return memoryview(buffer).cast("B")
-
-
-def _all_defined(levels: memoryview, count: int) -> None:
-    """Raises `_Unsupported` unless the first `count` definition levels (RLE/bit-packed hybrid, bit
-    width 1) are all 1: no null."""
-    at, seen, end = 0, 0, len(levels)
-    while seen < count:
-        if at >= end:
-            raise _Unsupported("fewer levels than values")
-        run, at = _varint(levels, at)
-        if run & 1:  # bit-packed: run >> 1 groups of 8 values, one byte each at width 1
-            groups = run >> 1
-            bits = np.unpackbits(np.frombuffer(levels, np.uint8, groups, at), bitorder="little")
-            needed = min(8 * groups, count - seen)
-            if not bits[:needed].all():
-                raise _Unsupported("a null")
-            at += groups
-            seen += needed
-        else:  # a run of one value, in one byte
-            if levels[at] != 1:
-                raise _Unsupported("a null")
-            at += 1
-            seen += run >> 1
-    return None
 
 
 def _varint(data: memoryview, at: int) -> tuple[int, int]:
@@ -297,8 +262,16 @@ def _page_header(data: memoryview, at: int) -> tuple[dict[int, object], int]:
         if kind == 5 or kind == 6 or kind == 4:  # i32, i64, i16: a zigzag varint
             raw = data[at]
             at += 1
-            if raw >= 0x80:
-                raw, at = _varint(data, at - 1)
+            if raw >= 0x80:  # (page sizes and value counts: 2-3 bytes, read here, not by a call)
+                raw &= 0x7F
+                shift = 7
+                while True:
+                    byte = data[at]
+                    at += 1
+                    raw |= (byte & 0x7F) << shift
+                    if byte < 0x80:
+                        break
+                    shift += 7
             if fields is not None:
                 fields[field] = (raw >> 1) ^ -(raw & 1)
         elif kind == 8:  # binary: its length, then its bytes
