@@ -5,6 +5,8 @@ files predicting, rejecting and failing exactly as a run over the same rows in f
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 from conftest import reference, save_mlp
 
 import pipelines
+import workers.plain_pages
 import workers.reader
 from basis.storage import resolve
 from workers.plain_pages import plain_columns, stack_row_group
@@ -215,3 +218,34 @@ def test_features_written_out_are_decoded_by_pyarrow(tmp_path: Path, monkeypatch
     assert report.complete and calls == []
     output = pq.read_table(tmp_path / "out" / "p-00000.parquet")
     np.testing.assert_array_equal(output["f1"].to_numpy(), values[1])
+
+
+def test_one_thread_of_a_shard_decodes_pages_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two decoding threads take turns in the page loop (`Plan.turn`), each still decoding its own row groups."""
+    values = _values(8000, 4, seed=7)
+    values[:, :8] = values[:, -3:] = 0.5
+    (tmp_path / "in").mkdir()
+    _write(tmp_path / "in" / "p.parquet", values, row_group_size=1000)
+    save_mlp(tmp_path / "m.pt", [4, 4, 1], seed=2)
+    inside, most, threads = [0], [0], set()
+    lock = threading.Lock()
+    decode_pages = workers.plain_pages._decode
+
+    def spy(*args: Any) -> Any:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            threads.add(threading.get_ident())
+        time.sleep(0.02)  # long enough for the other thread to arrive meanwhile
+        try:
+            return decode_pages(*args)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(workers.plain_pages, "_decode", spy)
+    report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                           features=[f"f{j}" for j in range(4)], batch_size=256, cpus_per_replica=2,
+                           shard_rows=8000, progress=False)
+    assert report.complete and report.rows_out == 8000
+    assert len(threads) == 2 and most[0] == 1

@@ -54,6 +54,8 @@ class Plan(NamedTuple):
     names: tuple[str, ...]
     leaves: tuple[tuple[int, int], ...]  # per name: its leaf column index and maximum definition level (0 or 1)
     check: bool  # whether the stacked rows' sums are kept, for the invalid-row check
+    # held while a row group is decoded: one of a shard's threads at a time (see `stack_row_group`)
+    turn: threading.Lock
 
 
 def plain_columns(meta: pq.FileMetaData, schema: pa.Schema, names: Sequence[str], *, check: bool) -> Plan | None:
@@ -74,7 +76,7 @@ def plain_columns(meta: pq.FileMetaData, schema: pa.Schema, names: Sequence[str]
         if column.physical_type != "FLOAT" or column.max_repetition_level != 0 or column.max_definition_level > 1:
             return None
         plan.append((leaf, column.max_definition_level))
-    return Plan(tuple(names), tuple(plan), check)
+    return Plan(tuple(names), tuple(plan), check, threading.Lock())
 
 
 class Page(NamedTuple):
@@ -94,35 +96,46 @@ def stack_row_group(handle: pa.NativeFile, group: pq.RowGroupMetaData,
     with `plan.check` their (rows,) sums, each column added right after its copy (see
     `workers.stacking.stack_checked`); None when a chunk is not one this module decodes (a dictionary
     page, another encoding than PLAIN, a codec pyarrow has none for, statistics that count a null, a
-    page whose levels hold a null, a page that does not decode as its header says): the caller then
+    page with a null (fewer values than rows), a page that does not decode as its header says): the caller then
     decodes the row group with pyarrow, which also gives a corrupt chunk its error.
 
     Column after column, its chunk is read (one read, into a buffer the thread reuses: still in cache
     when its pages are decompressed) and its pages decoded into its row of the matrix. The matrix and
     sums come from pyarrow's memory pool, which reuses the memory of the row groups before (a fresh
     64 MiB array from numpy is faulted in and zeroed by the kernel, row group after row group).
+
+    One thread of a shard decodes at a time (`plan.turn`): the page loop is Python, ~3,200 pages per
+    million rows, and two threads in it at once wait on each other for the interpreter, while one
+    thread's forward passes and writes (torch, pyarrow) run beside another's decoding without it. On
+    the data-bound job, one at a time took 10% less CPU and 3% less time per row (8 alternating pairs).
     """
     rows, width = group.num_rows, len(plan.leaves)
-    chunks, codecs = [], []
+    chunks: list[pq.ColumnChunkMetaData] = []
+    codecs: list[pa.Codec | None] = []
     for leaf, max_def in plan.leaves:  # the footer's part first: nothing decoded for a row group it refuses
         chunk = group.column(leaf)
         if (chunk.has_dictionary_page or chunk.file_path or chunk.num_values != rows
                 or not _ENCODINGS.issuperset(chunk.encodings)):
             return None
         if max_def and chunk.is_stats_set and chunk.statistics.has_null_count and chunk.statistics.null_count:
-            return None  # (a count of 0 is not trusted: every page's levels are read)
-        compression = chunk.compression
-        codec = None if compression == "UNCOMPRESSED" else _CODEC_CACHE.get(compression)
-        if codec is None and compression != "UNCOMPRESSED":
-            codec = _codec(compression)
-        if codec is False:
+            return None  # (a count of 0 is not trusted: every page's values are counted)
+        try:
+            codecs.append(_codec(chunk.compression))
+        except _Unsupported:
             return None
         chunks.append(chunk)
-        codecs.append(codec)
     matrix = np.frombuffer(pa.allocate_buffer(4 * width * rows), np.float32).reshape(width, rows)
     sums = np.frombuffer(pa.allocate_buffer(4 * rows), np.float32) if plan.check else None
+    with plan.turn:
+        return _decode(handle, chunks, codecs, plan.leaves, matrix, sums)
+
+
+def _decode(handle: pa.NativeFile, chunks: list[pq.ColumnChunkMetaData], codecs: list[pa.Codec | None],
+            leaves: Sequence[tuple[int, int]], matrix: np.ndarray,
+            sums: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+    rows = matrix.shape[1]
     try:
-        for i, (chunk, codec, (_, max_def), row) in enumerate(zip(chunks, codecs, plan.leaves, matrix)):
+        for i, (chunk, codec, (_, max_def), row) in enumerate(zip(chunks, codecs, leaves, matrix)):
             data = _read(handle, chunk.data_page_offset, chunk.total_compressed_size)
             filled = 0
             for page in _page_table(data):
@@ -164,14 +177,20 @@ def _read(handle: pa.NativeFile, offset: int, size: int) -> memoryview:
     return memoryview(scratch)[:size]
 
 
-_CODEC_CACHE: dict[str, pa.Codec | bool] = {}
+_CODEC_CACHE: dict[str, pa.Codec] = {}
 
 
-def _codec(compression: str) -> pa.Codec | bool:
-    """pyarrow's codec for a chunk's compression, kept; False when it has none."""
-    name = _CODECS.get(compression)
-    codec = pa.Codec(name) if name is not None and pa.Codec.is_available(name) else False
-    _CODEC_CACHE[compression] = codec
+def _codec(compression: str) -> pa.Codec | None:
+    """pyarrow's codec for a chunk's compression (kept), None for an uncompressed chunk; raises
+    `_Unsupported` when pyarrow has none."""
+    if compression == "UNCOMPRESSED":
+        return None
+    codec = _CODEC_CACHE.get(compression)
+    if codec is None:
+        name = _CODECS.get(compression)
+        if name is None or not pa.Codec.is_available(name):
+            raise _Unsupported(f"no codec for {compression}")
+        codec = _CODEC_CACHE[compression] = pa.Codec(name)
     return codec
 
 
