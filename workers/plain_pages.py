@@ -96,8 +96,8 @@ def stack_row_group(handle: pa.NativeFile, group: pq.RowGroupMetaData,
     with `plan.check` their (rows,) sums, each column added right after its copy (see
     `workers.stacking.stack_checked`); None when a chunk is not one this module decodes (a dictionary
     page, another encoding than PLAIN, a codec pyarrow has none for, statistics that count a null, a
-    page with a null (fewer values than rows), a page that does not decode as its header says): the caller then
-    decodes the row group with pyarrow, which also gives a corrupt chunk its error.
+    page with a null, so fewer values than rows, or a page that does not decode as its header says):
+    the caller then decodes the row group with pyarrow, which also gives a corrupt chunk its error.
 
     Column after column, its chunk is read (one read, into a buffer the thread reuses: still in cache
     when its pages are decompressed) and its pages decoded into its row of the matrix. The matrix and
