@@ -28,7 +28,7 @@ from basis.retry import retry_transient
 from workers.handoff import Offers, Slot
 from workers.plain_pages import Plan, plain_columns
 from workers.reader import Batch, ParquetSource, _decoded_bytes, _leaf_types, _leaves, iter_batches
-from workers.stacking import Spares, stack_checked
+from workers.stacking import Spares, bad_rows, stack_checked
 from workers.threads import Call, start as start_thread
 
 _ROW_GROUP_DONE = object()  # a decoding thread's marker: one row group's batches end here
@@ -330,14 +330,11 @@ class decode:  # noqa: N801 - used like a generator function
         if taken is not None and taken[0] is not None:  # a buffer a helping thread took before it saw the batch
             self._pool.give(taken[0], taken[1])
         matrix = stacked.T  # (rows, width), column-major view
-        bad = None
-        if check_invalid and batch.sums is not None and not np.isfinite(batch.sums).all():
-            finite = np.isfinite(matrix).all(axis=1)
-            if not finite.all():
-                bad = ~finite
-                schema = pa.schema([*batch.data.schema, *self._feature_fields])
-                data = pa.RecordBatch.from_arrays([*batch.data.columns, *map(pa.array, stacked)], schema=schema)
-                batch = dataclasses.replace(batch, data=data)
+        bad = bad_rows(matrix, batch.sums) if check_invalid and batch.sums is not None else None
+        if bad is not None:
+            schema = pa.schema([*batch.data.schema, *self._feature_fields])
+            data = pa.RecordBatch.from_arrays([*batch.data.columns, *map(pa.array, stacked)], schema=schema)
+            batch = dataclasses.replace(batch, data=data)
         predicted = None if predict is None else predict(matrix, bad)
         return Decoded(batch, None if predicted is not None and bad is None else matrix, bad, predicted)
 

@@ -87,10 +87,7 @@ def stack_checked(batch: pa.RecordBatch, features: Sequence[str], list_column: b
                 else:
                     sums += row
     matrix = buffer.T
-    if sums is None or np.isfinite(sums).all():
-        return matrix, None
-    bad = ~np.isfinite(matrix).all(axis=1)
-    return matrix, bad if bad.any() else None
+    return matrix, None if sums is None else bad_rows(matrix, sums)
 
 
 def invalid_rows(matrix: np.ndarray) -> np.ndarray | None:
@@ -98,6 +95,12 @@ def invalid_rows(matrix: np.ndarray) -> np.ndarray | None:
     # One cheap pass first: a row's sum is finite unless a value is non-finite (or it overflows).
     with np.errstate(invalid="ignore", over="ignore"):
         sums = matrix.T.sum(axis=0) if not matrix.flags.c_contiguous else matrix.sum(axis=1)
+    return bad_rows(matrix, sums)
+
+
+def bad_rows(matrix: np.ndarray, sums: np.ndarray) -> np.ndarray | None:
+    """The rows of a (rows, width) matrix holding a non-finite value, from its per-row `sums`: None when
+    every sum is finite, else each row checked value by value (a finite row's sum may have overflowed)."""
     if np.isfinite(sums).all():
         return None
     bad = ~np.isfinite(matrix).all(axis=1)
