@@ -86,15 +86,14 @@ def feature_table(ids: np.ndarray, features: int, seed: int) -> pa.Table:
 
 
 def write_files(root: Path, rows_per_file: Sequence[int], features: int, *, row_group_size: int,
-                seed: int = 0, start: int = 0, use_dictionary: bool = True) -> list[Path]:
-    """Several Parquet files with consecutive ids; returns their paths in order. `use_dictionary` False:
-    the features in PLAIN pages (as `make bench`'s data, read by `workers.plain_pages`)."""
+                seed: int = 0, start: int = 0) -> list[Path]:
+    """Several Parquet files with consecutive ids; returns their paths in order."""
     root.mkdir(parents=True, exist_ok=True)
     paths, next_id = [], start
     for i, rows in enumerate(rows_per_file):
         table = feature_table(np.arange(next_id, next_id + rows), features, seed + i)
         path = root / f"part-{i:04d}.parquet"
-        pq.write_table(table, path, row_group_size=row_group_size, use_dictionary=use_dictionary)
+        pq.write_table(table, path, row_group_size=row_group_size)
         paths.append(path)
         next_id += rows
     return paths

@@ -54,8 +54,6 @@ from pipelines.commit import MANIFEST, SUCCESS
 TRACE = os.environ.get("BATCH_INFER_HISTORY_TRACE")  # set it to print each step (debugging a history)
 NAMES = ["part-0.parquet", "part-1.parquet", "part-2.parquet", "sub/part-0.parquet", "sub/deep/x.parquet"]
 JOB = {"replicas": 2, "cpus_per_replica": 0.5, "batch_size": 32}
-# one replica of two CPUs: a bundle's big shards (more rows than a batch) staged overlapped (`workers.staging`)
-OVERLAPPING = {"replicas": 1, "cpus_per_replica": 2, "batch_size": 16}
 JOBS = [("m1", "sigmoid"), ("m2", "sigmoid"), ("m1", "none")]  # (model, output_activation): what makes predictions
 FOREIGN = "zz-foreign.parquet"
 _OUTPUT_NAME = re.compile(r"^(?P<stem>.+)-\d{5}(?:-[0-9a-f]{8})?\.parquet$")
@@ -74,7 +72,6 @@ class Histories(RuleBasedStateMachine):
         self.misfit: set[str] = set()  # broken names that hold readable Parquet with a feature column of text
         self.next_id = 0
         self.shard_rows = 100
-        self.replicas = JOB  # the run's replicas (and batch size)
         self.job = JOBS[0]  # what the user runs with now
         self.output_jobs = {JOBS[0]}  # what the output may be bound to (two: a killed run may or may not have begun)
         # What the output may hold per input path: versions since it last certainly held one (the last, when in
@@ -90,7 +87,7 @@ class Histories(RuleBasedStateMachine):
         model, activation = self.job
         return {"model": str(self.root / f"{model}.pt"), "input": str(self.root / "in"),
                 "output": str(self.root / "out"), "shard_rows": self.shard_rows, "output_activation": activation,
-                **self.replicas, **extra}
+                **JOB, **extra}
 
     @initialize(rows=st.lists(st.integers(0, 240), min_size=2, max_size=3), row_group_size=st.integers(15, 120))
     def a_committed_table(self, rows: list[int], row_group_size: int) -> None:
@@ -204,12 +201,6 @@ class Histories(RuleBasedStateMachine):
     def change_shard_rows(self, shard_rows: int) -> None:
         self.shard_rows = shard_rows
 
-    @rule(replicas=st.sampled_from([JOB, OVERLAPPING]))
-    def change_the_replicas(self, replicas: dict[str, object]) -> None:
-        self.replicas = replicas
-        if TRACE:
-            print(f"replicas {replicas}", flush=True)
-
     # --- the job and the output change --------------------------------------------------------------
 
     @rule(job=st.sampled_from(JOBS))
@@ -294,7 +285,7 @@ class Histories(RuleBasedStateMachine):
         lane child": the first child is killed as soon as it exists, while it still imports (the OOM killer at
         start: it is a dead replica, not one that cannot start)."""
         model, activation = self.job
-        replicas = [f"--{key.replace('_', '-')}={value}" for key, value in self.replicas.items()] if where == "ray" else []
+        replicas = ["--replicas", "2", "--cpus-per-replica", "0.5", "--batch-size", "32"] if where == "ray" else []
         args = ["run", "--model", str(self.root / f"{model}.pt"), "--input", str(self.root / "in"), "--output",
                 str(self.root / "out"), "--shard-rows", str(self.shard_rows), *replicas,
                 "--output-activation", activation, *(["--overwrite"] if overwrite else [])]

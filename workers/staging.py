@@ -53,10 +53,9 @@ def commit_in_order(tasks: list[dict[str, Any]], pool: ThreadPoolExecutor, worke
         opened = gates[index + 1].set if overlapped and index + 1 < len(tasks) else _nothing
         try:
             if overlapped:
-                while not gates[index].wait(0.1) and not stopped.is_set():
-                    pass  # the staging before this one is still decoding
-                if stopped.is_set():
-                    raise _Stopped
+                while not gates[index].wait(0.1):  # the staging before this one is still decoding
+                    if stopped.is_set():
+                        raise _Stopped
             started = time.time()
             files = contextlib.ExitStack()
             try:
