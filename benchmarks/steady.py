@@ -17,9 +17,6 @@ left out) during the measured shards and adds ``runnable``: the share of samples
 threads running or ready to run. Under 2 (with 2 CPUs) is time the replica leaves a core idle,
 whatever else the machine runs.
 
-``--bundle N`` hands the measured shards over N at a time (`Replica.process_bundle`, as the
-lane bundles them: big shards are then staged overlapped, see `workers.staging`).
-
 ``--workload data-1x --scale 1`` runs `make bench`'s shard layout (1M-row shards of four
 250k-row row groups, four batches each); ``data`` at 0.25 has one batch per row group.
 
@@ -90,10 +87,8 @@ class Runnable:
 
 
 def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm: int = 2,
-            repeat: int = 1, options: dict[str, Any] | None = None, runnable: bool = False,
-            bundle: int = 1) -> dict[str, Any]:
-    """Wall and CPU seconds per million rows of a replica's shards after `warm` shards (medians of `repeat`),
-    in calls of `bundle` shards (`Replica.process_bundle`, as the lane sends them)."""
+            repeat: int = 1, options: dict[str, Any] | None = None, runnable: bool = False) -> dict[str, Any]:
+    """Wall and CPU seconds per million rows of a replica's shards after `warm` shards (medians of `repeat`)."""
     import pyarrow as pa
 
     from basis.storage import resolve
@@ -124,12 +119,10 @@ def measure(workload: str = "data", scale: float = 0.25, cpus: float = 2.0, warm
     for n in range(repeat):
         wall, before, main = time.perf_counter(), _usage(), time.thread_time()
         with sampled if sampled is not None and n == 0 else contextlib.nullcontext():
-            measured = shards[warm:]
-            for at in range(0, len(measured), bundle):
-                for results in replica.process_bundle(measured[at:at + bundle]):
-                    failed = [r for r in results if r["status"] != "committed"]
-                    if failed:
-                        raise RuntimeError(failed[0])
+            for task in shards[warm:]:
+                result = replica.process(task)
+                if result["status"] != "committed":
+                    raise RuntimeError(result)
         walls.append(time.perf_counter() - wall)
         mains.append(time.thread_time() - main)
         after = _usage()
@@ -157,7 +150,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus", type=float, default=2.0)
     parser.add_argument("--warm", type=int, default=2, help="shards run first and not counted")
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--bundle", type=int, default=1, help="shards per call (process_bundle)")
     parser.add_argument("--profile", type=float, default=0.0, help="sleep this long first (attach py-spy)")
     parser.add_argument("--runnable", action="store_true", help="sample how many threads run or wait to run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="job config keys")
@@ -167,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"pid {os.getpid()}", flush=True)
         time.sleep(args.profile)
     print(json.dumps(measure(args.workload, args.scale, args.cpus, args.warm, args.repeat, options,
-                             runnable=args.runnable, bundle=args.bundle)))
+                             runnable=args.runnable)))
 
 
 if __name__ == "__main__":

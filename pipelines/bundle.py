@@ -6,10 +6,7 @@ lane, cost about as much again. So shards go out in bundles: the next shard,
 then the ones after it in plan order while the bundle holds at most `rows` rows
 (the run's `shard_rows`: a call does about a default shard's work) and at most
 `most` shards (`BUNDLE_SHARDS`, less near the end of the queue so every replica
-gets a share). Big shards (`rows` / 2 rows or more) go together, at most `big`
-in a call (1, alone, unless the replicas overlap them: `BIG_SHARDS` for a CPU
-replica with several cores, which decodes the next one while it finishes the
-one before, see `workers.staging`).
+gets a share). A shard of `rows` rows or more goes alone.
 
 A bundle changes how shards travel, not how they commit: the replica commits
 each shard on its own (its journal record, then its files) and its result
@@ -22,9 +19,6 @@ No Ray here: the driver lane runs without it.
     >>> pending = deque(_example([100] * 5 + [900, 100, 1000, 100]))
     >>> [[s.rows_in for s in take(pending, rows=1000, most=3)] for _ in range(5)]
     [[100, 100, 100], [100, 100], [900, 100], [1000], [100]]
-    >>> pending = deque(_example([1000, 600, 1000, 100, 1000, 900, 100]))
-    >>> [[s.rows_in for s in take(pending, rows=1000, big=8)] for _ in range(4)]
-    [[1000, 600, 1000], [100], [1000, 900], [100]]
 """
 
 from __future__ import annotations
@@ -41,27 +35,16 @@ if TYPE_CHECKING:
     from pipelines.shards import Shards
 
 BUNDLE_SHARDS = 64  # at most this many shards in one call
-# at most this many big shards in one call to a replica that overlaps them: 7 of 8 shards' starts and ends
-# hidden (a replica's steady state on the data-bound job: 0.18-0.20 against 0.23 wall s per million rows
-# one shard a call), while a call still holds a few seconds' work, not a replica's share of the run
-BIG_SHARDS = 8
 _MAKE = 512  # a `ShardQueue` makes this many `Shard`s at a time
 
 
-def take(pending: deque[Shard], *, rows: int, most: int = BUNDLE_SHARDS, alone: Container[str] = (),
-         big: int = 1) -> list[Shard]:
+def take(pending: deque[Shard], *, rows: int, most: int = BUNDLE_SHARDS, alone: Container[str] = ()) -> list[Shard]:
     """The next call's shards, taken from the front of `pending` (which must not be empty). A shard whose
-    id is in `alone` goes in a call of its own; big shards (`rows` / 2 or more) go at most `big` a call."""
+    id is in `alone` goes in a call of its own."""
     bundle = [pending.popleft()]
     total = bundle[0].rows_in
     if bundle[0].id in alone:
         return bundle
-    if big > 1 and 2 * total >= rows:
-        while (pending and len(bundle) < min(most, big) and 2 * pending[0].rows_in >= rows
-               and pending[0].id not in alone):
-            bundle.append(pending.popleft())
-        if len(bundle) > 1:
-            return bundle
     while pending and len(bundle) < most and total + pending[0].rows_in <= rows and pending[0].id not in alone:
         total += pending[0].rows_in
         bundle.append(pending.popleft())
@@ -128,16 +111,6 @@ class ShardQueue(deque[Shard]):
     def rows(self) -> int:
         """The rows of the shards left (a lazy shard's estimated)."""
         return int(self._shards.rows[self._rest[self._next:]].sum()) + sum(s.rows_in for s in super().__iter__())
-
-
-def big_shards(cpus: float, gpus: float = 0.0) -> int:
-    """`take`'s `big` for replicas of `cpus` CPUs and `gpus` GPUs: `BIG_SHARDS` where a replica overlaps its
-    big shards (a CPU replica with two cores or more, `Replica._staged_ahead`), else 1.
-
-    >>> big_shards(2.0), big_shards(1.0), big_shards(4.0, gpus=1.0)
-    (8, 1, 1)
-    """
-    return BIG_SHARDS if gpus == 0 and int(cpus) >= 2 else 1
 
 
 def share(pending: int, calls: int) -> int:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pipelines.attempts import DIED, STALLED, STORAGE, attempts_error, default_timeout
-from pipelines.bundle import BUNDLE_SHARDS, big_shards, share, take
+from pipelines.bundle import BUNDLE_SHARDS, share, take
 from pipelines.lane_processes import ProcessReplica, ReplicaDied
 from basis.errors import StorageError
 from pipelines.plan import DEFAULT_SHARD_ROWS, Shard
@@ -94,14 +94,12 @@ def _drive(lane: _Lane, pending: collections.deque[Shard], on_result: Callable[[
     (then every shard left fails with it). A lane of a child process keeps the next bundle queued in its
     child (`_Lane.run`'s `following`)."""
     calls = lanes * (2 if lane.processes else 1)  # bundles out at once: a child's lane queues one more
-    big = big_shards(lane.job.cpus)  # (a child's replica has one CPU: its big shards go one a call)
 
     def following() -> list[Shard] | None:
         with lane.lock:
             if stop or not pending:
                 return None
-            return take(pending, rows=bundle_rows, most=share(len(pending), calls) if lanes > 1 else BUNDLE_SHARDS,
-                        big=big)
+            return take(pending, rows=bundle_rows, most=share(len(pending), calls) if lanes > 1 else BUNDLE_SHARDS)
 
     while True:
         bundle, sent = lane.queued, lane.queued is not None  # sent to the child already: run it first

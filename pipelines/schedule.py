@@ -47,7 +47,7 @@ import ray
 import ray.exceptions
 
 from pipelines.attempts import DIED, STALLED, STORAGE, attempts_error, default_timeout
-from pipelines.bundle import big_shards, share, take
+from pipelines.bundle import share, take
 from pipelines.autoscaler import AutoscalerRequest
 from pipelines.cluster import ReplicaResources
 from basis.errors import ModelError, ResourceError, StorageError
@@ -168,7 +168,6 @@ class Scheduler:
         for slot in sorted(ready, key=lambda s: (bool(s.queue), s.shards)):
             while self._pending and len(slot.queue) < (self.in_flight if len(self._pending) > starting else 1):
                 shards = take(self._pending, rows=self.bundle_rows, most=share(len(self._pending), calls),
-                              big=big_shards(self.resources.num_cpus, self.resources.num_gpus),
                               alone=self._alone)
                 for shard in shards:
                     self._attempts[shard.id] += 1  # refunded if the replica is lost before it starts this shard

@@ -178,9 +178,6 @@ class decode:  # noqa: N801 - used like a generator function
     `stack_only` (the features are written nowhere, only predicted): a local file's flat float32 feature
     columns are decoded from their PLAIN pages straight into a row group's matrix (`workers.plain_pages`),
     whose batches are then views of it with no stacking buffer; a row group it cannot decode goes to pyarrow.
-    `on_decoded()` is called once every row group has been read (by the thread that read the last one;
-    batches may still be stacking and predicting), or once its threads have stopped, whichever comes first:
-    the replica then starts the next shard of its bundle (`workers.staging`, overlapped).
 
     Example:
         >>> with decode(parquet, (0, 4), cols, 65536, uri, features=f, list_column=False, width=64,
@@ -194,8 +191,7 @@ class decode:  # noqa: N801 - used like a generator function
                  check_invalid: bool, threads: int = 1, depth: int = 2, deleted: np.ndarray | None = None,
                  inline: bool = False,
                  predict: Callable[[np.ndarray, np.ndarray | None], Any] | None = None,
-                 spares: Spares | None = None, stack_only: bool = False,
-                 on_decoded: Callable[[], None] | None = None) -> None:
+                 spares: Spares | None = None, stack_only: bool = False) -> None:
         self.row_groups = row_groups
         # inline: one thread does all (no Event's Condition and lock made per tiny file, ~2-3 us)
         self._stop: threading.Event | _Flag = _Flag() if inline else threading.Event()
@@ -235,9 +231,6 @@ class decode:  # noqa: N801 - used like a generator function
         if stack_only and not inline and not list_column and isinstance(parquet, ParquetSource):
             plan = plain_columns(parquet.metadata, parquet.schema_arrow, features, check=check_invalid)
         self._feature_fields = [] if plan is None else [parquet.schema_arrow.field(name) for name in features]
-        self._on_decoded = on_decoded
-        self._decoding = count  # threads not done decoding their row groups (see `_decoded`)
-        self._decoding_lock = threading.Lock()
         for k in range(count):
             handle = parquet if k == 0 else _second_handle(parquet)
             mine = range(row_groups[0] + k, row_groups[1], count)
@@ -255,7 +248,7 @@ class decode:  # noqa: N801 - used like a generator function
                  check_invalid: bool, use_threads: bool, whole_bytes: int, leaves: list[int],
                  types: list[tuple[pa.DataType, int] | None], deleted: np.ndarray | None,
                  predict: Callable[[np.ndarray, np.ndarray | None], Any] | None, plan: Plan | None) -> None:
-        offers, done, decoded = self._offers, False, False
+        offers, done = self._offers, False
         try:
             for rg in mine:
                 batches: Iterable[Batch | Slot[Decoded]] = iter_batches(
@@ -265,8 +258,6 @@ class decode:  # noqa: N801 - used like a generator function
                     slots = [Slot[Decoded](batch) for batch in batches]  # read whole: its batches are slices of it
                     offers.offer(k, slots)
                     batches = slots
-                    if rg == mine[-1]:  # its last row group read: only its batches' stacking and forward left
-                        decoded = self._decoded(decoded)
                 for batch in batches:
                     if isinstance(batch, Slot):  # queued in order; stacked here unless a thread took it meanwhile
                         slot = batch
@@ -303,7 +294,6 @@ class decode:  # noqa: N801 - used like a generator function
                         return
                 if not self._put(out, _ROW_GROUP_DONE):
                     return
-            decoded = self._decoded(decoded)
             if offers is not None:
                 offers.done(k)
                 done = True
@@ -311,24 +301,11 @@ class decode:  # noqa: N801 - used like a generator function
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(out, exc)
         finally:
-            self._decoded(decoded)
             if offers is not None and not done:
                 offers.done(k)
             if k > 0 and isinstance(parquet, ParquetSource):  # a second handle, opened for this thread
                 with contextlib.suppress(Exception):
                     parquet.handle.close()
-
-    def _decoded(self, already: bool) -> bool:
-        """A decoding thread has read all its row groups (`already`: it said so before); the last one to
-        say so calls `on_decoded` (the shard's rows are all decoded: the next shard may start)."""
-        if already:
-            return True
-        with self._decoding_lock:
-            self._decoding -= 1
-            last = self._decoding == 0
-        if last and self._on_decoded is not None:
-            self._on_decoded()
-        return True
 
     def _stack(self, batch: Batch, taken: tuple[np.ndarray | None, int] | None, features: Sequence[str],
                list_column: bool, width: int, check_invalid: bool,

@@ -85,7 +85,6 @@ class Replica:
         self.rows = 0
         self.calls = 0  # `process_bundle` calls
         self.busy_seconds = 0.0
-        self._finished = 0.0  # when the last shard's result was made
         self._torch_threads = 0  # torch's threads before this replica set its own (CPU)
         self._numpy_forward = numpy_forward and in_driver
         self._category_limits: tuple[int | None, ...] = ()  # per categorical column, from the loaded program
@@ -296,9 +295,7 @@ class Replica:
         else:
             result.update(status="failed", error=error)
         finished = time.time()
-        # (a bundle's overlapped shards: the time since the one before it finished, so busy never exceeds the wall)
-        self.busy_seconds += max(0.0, finished - max(started, self._finished))
-        self._finished = finished
+        self.busy_seconds += finished - started
         result["finished"] = finished
         return result
 
@@ -346,19 +343,13 @@ class Replica:
     def _staged_ahead(self, tasks: list[dict[str, Any]],
                       log: CommitLog) -> Generator[Callable[[], dict[str, Any]], None, None] | None:
         """Per task, in order, a call that commits it once staged and returns its result (as `process`);
-        the stagings run on threads of their own: tiny shards up to `cores` ahead, big ones (each more than
-        a forward batch) overlapped, the next one decoding while this one finishes (`workers.staging`). None
-        when the bundle is better done one shard at a time: one CPU, a GPU, tiny and big shards mixed, tiny
-        local files, a forward that keeps its state between calls.
-
-        Overlapped, two 1M-row shards of the data-bound job at a time, a replica's steady state took
-        X against Y wall seconds per million rows one shard at a time."""
+        the stagings run up to `cores` ahead on threads of their own. None when the bundle is better done
+        one shard at a time: one CPU, a GPU, a shard of more than a forward batch, a forward that keeps
+        its state between calls."""
         workers = min(cores(self.job.cpus), len(tasks))
-        big = [task["rows_in"] > self.batch_size for task in tasks]
-        overlapped = len(tasks) >= 2 and all(big)
-        if workers < 2 or self.gpu_ids or any(task.get("lazy") for task in tasks) or (any(big) and not overlapped):
+        if workers < 2 or self.gpu_ids or any(task["rows_in"] > self.batch_size or task.get("lazy") for task in tasks):
             return None
-        if not overlapped and self.source.is_local and self.output.is_local and not STAGE_LOCAL:
+        if self.source.is_local and self.output.is_local and not STAGE_LOCAL:
             return None  # measured on a quiet 2-core box, 10,000 local files: no faster than one at a time, +35% CPU
         if not self._model.done() or self._model.exception() is not None:
             return None  # the first bundle waits on the model in line (and raises its error there)
@@ -378,16 +369,11 @@ class Replica:
             entry, token = self._commit(task, staged, log)
             return self._result(task, started, entry=entry, token=token)
 
-        if overlapped:
-            return commit_in_order(tasks, self._stagers, workers, commit=commit, overlapped=True,
-                                   stage=lambda task, files, decoded: self._stage(task, files, decoded=decoded))
         return commit_in_order(tasks, self._stagers, workers, self._stage, commit)
 
-    def _stage(self, task: dict[str, Any], files: contextlib.ExitStack, parquet: Any = None,
-               decoded: Callable[[], None] | None = None) -> _Staged:
+    def _stage(self, task: dict[str, Any], files: contextlib.ExitStack, parquet: Any = None) -> _Staged:
         """Read, predict and write one shard's files under hidden temporary names (entered in `files`, which
-        discards them unless `_commit` publishes them); nothing is visible yet. `decoded()` is called once its
-        row groups are all read (`decode`'s `on_decoded`)."""
+        discards them unless `_commit` publishes them); nothing is visible yet."""
         job, uri = self.job, task["input"]
         parquet = parquet if parquet is not None else open_parquet(self.source, task["path"], uri)
         schema = parquet.schema_arrow
@@ -411,7 +397,7 @@ class Replica:
                          threads=threads, inline=tiny,
                          deleted=decode_mask(task["deleted"]) if task.get("deleted") else None,
                          predict=self._predict if threads >= 2 and not job.categorical else None,
-                         spares=self._spares, stack_only=not set(job.features) & set(written), on_decoded=decoded)
+                         spares=self._spares, stack_only=not set(job.features) & set(written))
         pending: tuple[pa.RecordBatch, Callable[[], np.ndarray]] | None = None
         with batches:
             items = iter(batches)

@@ -1,4 +1,4 @@
-"""A bundle's shards staged side by side and committed in order (`Replica.process_bundle`).
+"""A bundle's tiny shards staged side by side and committed in order (`Replica.process_bundle`).
 
 Staging a shard (read, predict, write its files under hidden temporary names) runs on
 a pool's threads, up to `workers` + 1 shards ahead: pyarrow's decoding and encoding and
@@ -7,12 +7,6 @@ on files of a hundred rows. Committing (the journal record, then the files under
 final names) stays in the caller's thread, one shard after the other in bundle order, so
 a shard after one that raised never commits: when the caller stops early, the stagings
 still queued are cancelled and those running drop their temporary files when done.
-
-Big shards are staged `overlapped`: each shard's staging starts once the one before it has
-decoded its rows, so a replica's cores decode the next shard while the last row groups of
-this one are predicted, written and committed, instead of idling through each shard's
-start (one thread decoding its first row group) and end (its last forward passes, the
-file's close, the commit).
 """
 
 from __future__ import annotations
@@ -20,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,58 +26,41 @@ _Outcome = tuple[float, contextlib.ExitStack, Any]  # (started, its files, what 
 
 
 def commit_in_order(tasks: list[dict[str, Any]], pool: ThreadPoolExecutor, workers: int,
-                    stage: Callable[..., Staged],
+                    stage: Callable[[dict[str, Any], contextlib.ExitStack], Staged],
                     commit: Callable[[dict[str, Any], float, Staged | str], dict[str, Any]],
-                    *, overlapped: bool = False) -> Generator[Callable[[], dict[str, Any]], None, None]:
+                    ) -> Generator[Callable[[], dict[str, Any]], None, None]:
     """Per task, in order, a call that commits it once staged and returns its result.
 
     `stage(task, files)` enters what it writes in `files` (closing it discards them) and raises
     `ShardDataError` for the shard's own data problem; `commit(task, started, staged)` gets that
     problem's message in place of `staged`. Anything else `stage` raises is raised by the call.
-
-    `overlapped`: `stage(task, files, decoded)` calls `decoded()` once its rows are decoded, and the
-    next task's staging waits for that (or for the staging's end), so at most two stagings run and
-    the second one only decodes while the first finishes. `workers` is then 1.
     """
-    gates = [threading.Event() for _ in tasks] if overlapped else []
-    stopped = threading.Event()
 
-    def run(task: dict[str, Any], index: int) -> _Outcome:
-        opened = gates[index + 1].set if overlapped and index + 1 < len(tasks) else _nothing
+    def run(task: dict[str, Any]) -> _Outcome:
+        started = time.time()
+        files = contextlib.ExitStack()
         try:
-            if overlapped:
-                while not gates[index].wait(0.1):  # the staging before this one is still decoding
-                    if stopped.is_set():
-                        raise _Stopped
-            started = time.time()
-            files = contextlib.ExitStack()
-            try:
-                return started, files, (stage(task, files, opened) if overlapped else stage(task, files))
-            except ShardDataError as exc:
-                files.close()
-                return started, files, str(exc)
-            except BaseException:
-                files.close()
-                raise
-        finally:
-            opened()  # (a staging that raised, or ended without saying: the next one starts)
+            return started, files, stage(task, files)
+        except ShardDataError as exc:
+            files.close()
+            return started, files, str(exc)
+        except BaseException:
+            files.close()
+            raise
 
     def discard(future: Future[_Outcome]) -> None:
         if not future.cancelled() and future.exception() is None:
             future.result()[1].close()  # its temporary files go
 
-    if overlapped:
-        gates[0].set()
-        workers = 1
     queued: collections.deque[tuple[dict[str, Any], Future[_Outcome]]] = collections.deque()
-    waiting = iter(enumerate(tasks))
+    waiting = iter(tasks)
     try:
-        for index, task in itertools.islice(waiting, workers + 1):
-            queued.append((task, pool.submit(run, task, index)))
+        for task in itertools.islice(waiting, workers + 1):
+            queued.append((task, pool.submit(run, task)))
         while queued:
             task, future = queued.popleft()
-            for index, more in itertools.islice(waiting, 1):
-                queued.append((more, pool.submit(run, more, index)))
+            for more in itertools.islice(waiting, 1):
+                queued.append((more, pool.submit(run, more)))
 
             def call(task: dict[str, Any] = task, future: Future[_Outcome] = future) -> dict[str, Any]:
                 started, files, staged = future.result()  # raises what staging raised (not the data's)
@@ -93,15 +69,6 @@ def commit_in_order(tasks: list[dict[str, Any]], pool: ThreadPoolExecutor, worke
 
             yield call
     finally:  # ended early (a shard raised, the call was dropped): the stagings left commit nothing
-        stopped.set()
         for _, future in queued:
             future.cancel()
             future.add_done_callback(discard)
-
-
-class _Stopped(Exception):
-    """A staging that was still waiting for its turn when the bundle ended: it never started."""
-
-
-def _nothing() -> None:
-    return None
