@@ -57,8 +57,11 @@ def _stack(path: Path, width: int, group: int = 0,
 @pytest.mark.parametrize("compression", ["snappy", "zstd", "gzip", "brotli", "lz4", "none"])
 @pytest.mark.parametrize("version", ["1.0", "2.0"])
 @pytest.mark.parametrize("nullable", [True, False])
-def test_plain_pages_decode_bit_for_bit_what_pyarrow_decodes(tmp_path: Path, compression: str, version: str,
-                                                            nullable: bool) -> None:
+def test_plain_pages_decode_bit_for_bit_what_pyarrow_decodes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            compression: str, version: str, nullable: bool) -> None:
+    into = []  # pages decompressed straight into the matrix (`_into`: snappy and zstd)
+    real = workers.plain_pages._into
+    monkeypatch.setattr(workers.plain_pages, "_into", lambda *args: into.append(real(*args)) or into[-1])
     values = _values(5000, 6, seed=1)
     path = tmp_path / "p.parquet"
     # small pages: many per chunk, the last one short
@@ -78,6 +81,42 @@ def test_plain_pages_decode_bit_for_bit_what_pyarrow_decodes(tmp_path: Path, com
             np.testing.assert_array_equal(matrix.view(np.uint32), expected.view(np.uint32))  # NaN payloads, -0.0
             with np.errstate(invalid="ignore", over="ignore"):
                 np.testing.assert_array_equal(sums, expected.sum(axis=0, dtype=np.float32))
+    # (a v2 page the writer left uncompressed, random floats snappy cannot shrink, is copied as it is)
+    assert (into and (version == "2.0" or all(into))) if compression in ("snappy", "zstd") else not into
+
+
+@pytest.mark.parametrize("version", ["1.0", "2.0"])
+def test_a_page_decompressed_in_place_leaves_the_bytes_before_it_as_they_were(tmp_path: Path, version: str) -> None:
+    """`_into` decompresses a v1 page's levels into the bytes before its values and puts them back; with no
+    room before them it declines (the caller copies), and a page with a null is refused either way."""
+    from workers.plain_pages import _SLACK, _into, _page_table, _read, _Unsupported
+
+    values = np.tile(_values(300, 1, seed=4), 10)  # repeats: compressed pages in v2 too (random floats are not)
+    _write(tmp_path / "p.parquet", values, compression="snappy", data_page_version=version, data_page_size=4000)
+    chunk = pq.ParquetFile(tmp_path / "p.parquet").metadata.row_group(0).column(1)
+    data = _read(pa.OSFile(str(tmp_path / "p.parquet")), chunk.data_page_offset, chunk.total_compressed_size)
+    pages = _page_table(data)
+    assert len(pages) > 2
+    memory = np.full(_SLACK + 4 * 3000, 0xAB, np.uint8)
+    at = _SLACK
+    for page in pages:
+        assert _into(workers.plain_pages._INTO["SNAPPY"], data, page, 1, memory, at)
+        at += 4 * page.count
+    assert (memory[:_SLACK] == 0xAB).all()  # the slack before the first page, put back
+    np.testing.assert_array_equal(memory[_SLACK:].view(np.uint32), values[0].view(np.uint32))
+    if version == "1.0":  # its levels need room before the values: none at the very start
+        assert not _into(workers.plain_pages._INTO["SNAPPY"], data, pages[0], 1, memory, 0)
+    with_null = pa.table({"f0": pa.array(values[0], mask=np.arange(3000) == 7)})
+    pq.write_table(with_null, tmp_path / "n.parquet", use_dictionary=False, write_statistics=False,
+                   data_page_version=version, compression="snappy")
+    chunk = pq.ParquetFile(tmp_path / "n.parquet").metadata.row_group(0).column(0)
+    data = _read(pa.OSFile(str(tmp_path / "n.parquet")), chunk.data_page_offset, chunk.total_compressed_size)
+    memory[:] = 0xAB
+    with pytest.raises(_Unsupported):
+        for page in _page_table(data):
+            if not _into(workers.plain_pages._INTO["SNAPPY"], data, page, 1, memory, _SLACK):
+                raise _Unsupported("declined: the caller's own check refuses it")
+    assert (memory[:_SLACK] == 0xAB).all()
 
 
 def test_a_chunk_it_does_not_take_is_left_to_pyarrow(tmp_path: Path) -> None:
