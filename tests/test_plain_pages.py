@@ -94,7 +94,8 @@ def test_a_page_decompressed_in_place_leaves_the_bytes_before_it_as_they_were(tm
     values = np.tile(_values(300, 1, seed=4), 10)  # repeats: compressed pages in v2 too (random floats are not)
     _write(tmp_path / "p.parquet", values, compression="snappy", data_page_version=version, data_page_size=4000)
     chunk = pq.ParquetFile(tmp_path / "p.parquet").metadata.row_group(0).column(1)
-    data = _read(pa.OSFile(str(tmp_path / "p.parquet")), chunk.data_page_offset, chunk.total_compressed_size)
+    with pa.OSFile(str(tmp_path / "p.parquet")) as handle:
+        data = _read(handle, chunk.data_page_offset, chunk.total_compressed_size)
     pages = _page_table(data)
     assert len(pages) > 2
     memory = np.full(_SLACK + 4 * 3000, 0xAB, np.uint8)
@@ -110,7 +111,8 @@ def test_a_page_decompressed_in_place_leaves_the_bytes_before_it_as_they_were(tm
     pq.write_table(with_null, tmp_path / "n.parquet", use_dictionary=False, write_statistics=False,
                    data_page_version=version, compression="snappy")
     chunk = pq.ParquetFile(tmp_path / "n.parquet").metadata.row_group(0).column(0)
-    data = _read(pa.OSFile(str(tmp_path / "n.parquet")), chunk.data_page_offset, chunk.total_compressed_size)
+    with pa.OSFile(str(tmp_path / "n.parquet")) as handle:
+        data = _read(handle, chunk.data_page_offset, chunk.total_compressed_size)
     memory[:] = 0xAB
     with pytest.raises(_Unsupported):
         for page in _page_table(data):

@@ -270,11 +270,7 @@ def _into(into: Callable[[object, object], int], chunk: memoryview, page: Page, 
     if page.levels >= 0:  # v2: the levels uncompressed, before the values
         if not page.compressed or page.uncompressed != size:
             return False
-        try:
-            written = into(body[page.levels:], memory[at: at + size])
-        except Exception as exc:  # noqa: BLE001 - cramjam's errors: not a page we can read
-            raise _Unsupported(f"decompressing a page: {exc}") from exc
-        if written != size:
+        if _decompress(into, body[page.levels:], memory[at: at + size]) != size:
             raise _Unsupported("a null, or not the values the page header says")
         return True
     ahead = page.uncompressed - size  # v1: the levels' bytes, when the page holds no null
@@ -282,15 +278,21 @@ def _into(into: Callable[[object, object], int], chunk: memoryview, page: Page, 
         return False
     kept = memory[at - ahead: at].copy()
     try:
-        written = into(body, memory[at - ahead: at + size])
+        written = _decompress(into, body, memory[at - ahead: at + size])
         levels = int.from_bytes(memory[at - ahead: at - ahead + 4], "little") if max_def else -4
-    except Exception as exc:  # noqa: BLE001 - cramjam's errors: not a page we can read
-        raise _Unsupported(f"decompressing a page: {exc}") from exc
     finally:
         memory[at - ahead: at] = kept
     if written != page.uncompressed or levels + 4 != ahead:
         raise _Unsupported("a null, or not the values the page header says")
     return True
+
+
+def _decompress(into: Callable[[object, object], int], source: memoryview, target: np.ndarray) -> int:
+    """`into(source, target)`: the bytes it wrote; raises `_Unsupported` for any error of cramjam's."""
+    try:
+        return into(source, target)
+    except Exception as exc:  # noqa: BLE001 - cramjam's errors: not a page we can read
+        raise _Unsupported(f"decompressing a page: {exc}") from exc
 
 
 def _bytes(buffer: pa.Buffer) -> memoryview:
