@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pipelines import interrupts
 from pipelines.config import BOOL_KEYS, KEY_DOCS, LIST_KEYS, JobConfig, KeyDoc, read_yaml
 from basis.errors import BatchInferError, ConfigError, StorageError
 from basis.storage import redact
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.command, getattr(args, "verbose", False))
     # SIGTERM (cron timeouts, Kubernetes, `ray job stop`) unwinds like Ctrl-C: the manifest is
     # flushed, replicas are stopped and the lock is released before exiting 130.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupts.interrupt)
     try:
         return int(args.handler(args))
     except BatchInferError as exc:
@@ -60,10 +61,6 @@ def entry() -> None:
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _parser() -> argparse.ArgumentParser:

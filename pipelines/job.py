@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines import interrupts
 from pipelines.bundle import ShardQueue
 from pipelines.commit import COMMITTED, REJECTED_DIR, SUCCESS, Recorder, remove_success
 from pipelines.config import JobConfig
@@ -63,7 +64,7 @@ def run(
     metrics = RunMetrics()
     # A run sure to use Ray starts it, and its replicas, while it plans (`pipelines.startup`); a refusal
     # stops them on the way out; a run that plans no work never starts it.
-    with Startup(cfg, metrics=metrics) as startup:
+    with interrupts.remembered(), Startup(cfg, metrics=metrics) as startup:
         return _run(cfg, startup, metrics, started, timeline=timeline, progress=progress)
 
 
@@ -183,6 +184,7 @@ def _run(cfg: JobConfig, startup: Any, metrics: Any, started: float, *, timeline
                 recorder.flush(force=True)
         else:
             begin()
+        interrupts.check()  # a signal whose KeyboardInterrupt was swallowed: no `_SUCCESS` after it
         complete = recorder.finish()
         seconds = time.perf_counter() - started
         report = _report(p, done, replicas, seconds, complete=complete)

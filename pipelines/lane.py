@@ -33,6 +33,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pipelines import interrupts
 from pipelines.attempts import DIED, STALLED, STORAGE, attempts_error, default_timeout
 from pipelines.bundle import BUNDLE_SHARDS, share, take
 from pipelines.lane_processes import ProcessReplica, ReplicaDied
@@ -102,6 +103,7 @@ def _drive(lane: _Lane, pending: collections.deque[Shard], on_result: Callable[[
             return take(pending, rows=bundle_rows, most=share(len(pending), calls) if lanes > 1 else BUNDLE_SHARDS)
 
     while True:
+        interrupts.check()
         bundle, sent = lane.queued, lane.queued is not None  # sent to the child already: run it first
         lane.queued = None
         if bundle is None:
@@ -156,6 +158,7 @@ def _run_on_processes(job: ReplicaJob, pending: collections.deque[Shard],
         for thread in threads:
             while thread.is_alive():
                 thread.join(0.5)  # short waits: Ctrl-C reaches this thread between them
+                interrupts.check()
         if failures:
             raise failures[0]
     except BaseException:

@@ -46,6 +46,7 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from pipelines import interrupts
 from pipelines.attempts import DIED, STALLED, STORAGE, attempts_error, default_timeout
 from pipelines.bundle import share, take
 from pipelines.autoscaler import AutoscalerRequest
@@ -132,6 +133,7 @@ class Scheduler:
         try:
             self.pool.start()
             while self._pending or self._refs:
+                interrupts.check()  # a Ctrl-C that Ray's finalizer of a dropped stream swallowed
                 self.pool.maintain(queued=len(self._pending))
                 self._dispatch(on_started)
                 stuck = self._stuck()
