@@ -56,6 +56,8 @@ def entry() -> None:
     logging are flushed first.
     """
     code = main()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the run is over: a signal now would only lose its exit code
+        signal.signal(sig, signal.SIG_IGN)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

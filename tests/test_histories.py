@@ -50,6 +50,7 @@ from test_failures import signal_a_busy_replica
 
 import pipelines
 from pipelines.commit import MANIFEST, SUCCESS
+from pipelines.lock import LOCK
 
 TRACE = os.environ.get("BATCH_INFER_HISTORY_TRACE")  # set it to print each step (debugging a history)
 NAMES = ["part-0.parquet", "part-1.parquet", "part-2.parquet", "sub/part-0.parquet", "sub/deep/x.parquet"]
@@ -275,9 +276,12 @@ class Histories(RuleBasedStateMachine):
         assert _files(self.root / "out") == before
 
     @rule(commits=st.integers(0, 6), overwrite=st.booleans(), checkpoints=st.booleans(),
-          where=st.sampled_from(["ray", "lane children", "a lane child", "a starting lane child"]))
-    def kill_the_driver(self, commits: int, overwrite: bool, checkpoints: bool, where: str) -> None:
-        """SIGKILL `batch-infer run` once `commits` shard records are in the journal (or it ended); with
+          where=st.sampled_from(["ray", "lane children", "a lane child", "a starting lane child"]),
+          how=st.sampled_from(["SIGKILL", "SIGINT", "SIGTERM"]))
+    def kill_the_driver(self, commits: int, overwrite: bool, checkpoints: bool, where: str, how: str) -> None:
+        """Signal `batch-infer run` once `commits` shard records are in the journal (or it ended): `how`,
+        SIGKILL, or Ctrl-C or SIGTERM, which unwind (the journal flushed, replicas stopped, the lock released,
+        exit 130; a Ctrl-C once let a run go on to `_SUCCESS`, see test_signals); with
         `checkpoints`, the run checkpoints its journal into the manifest after every record, and is killed
         once it wrote one or two mid-run roots. `where` the run's replicas are: two Ray replicas, or the
         driver lane's child processes (`pipelines.lane_processes`, bundle journal files); "a lane child":
@@ -309,7 +313,8 @@ class Histories(RuleBasedStateMachine):
         command = (["-c", "; ".join(["import sys", *patches, "from pipelines.cli import entry",
                                      "sys.argv[0] = 'batch-infer'", "entry()"])] if patches else ["-m", "pipelines"])
         process = subprocess.Popen([sys.executable, *command, *args], cwd=REPO, start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         seen: set[str] = set()
         roots: set[str] = set()  # the mid-run roots seen (a checkpoint deletes the commit records it holds)
@@ -339,12 +344,18 @@ class Histories(RuleBasedStateMachine):
                 os.kill(killed, signal.SIGKILL)
                 if process.wait(timeout=120) not in (0, 1):  # 1: a broken input's shard failed
                     raise AssertionError(f"a lane child killed: the run exited {process.returncode}")
+        elif how != "SIGKILL" and where in ("ray", "lane children") and process.poll() is None:
+            how = f"{how} (sent while it ran)"
+            process.send_signal(getattr(signal, how.split()[0]))
+            code = process.wait(timeout=120)  # 0 or 1: it ended as the signal came
+            assert code in (0, 1, 130), f"{how} to a running driver: exit {code}"
+            assert not (self.root / "out" / LOCK).exists()  # the next tick runs
         ended = process.poll()
         # its header is recorded before any commit (and before any checkpoint)
         began = ended in (0, 1) or bool(seen | (records() - earlier)) or folded
         if TRACE:
             print(f"driver ({where}, overwrite={overwrite}, checkpoints={checkpoints}, checkpointed={folded}) "
-                  f"{f'child {killed}' if killed else ''} killed after "
+                  f"{f'child {killed}' if killed else how} after "
                   f">= {commits} commit record(s): exit {ended}, "
                   f"began {began}", flush=True)
         _kill_group(process)
