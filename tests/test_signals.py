@@ -134,3 +134,31 @@ def test_a_signal_python_swallows_in_a_finalizer_still_stops_the_run(tmp_path: P
     assert not (out / SUCCESS).exists() and not (out / LOCK).exists()
     committed = len(list(out.glob("*.parquet")))
     assert 0 < committed < 200, committed  # stopped in the middle: the shards already committed are kept
+
+
+def test_a_run_through_the_api_leaves_the_callers_sigint_handler_as_it_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pipelines
+    from pipelines import interrupts
+    from pipelines.report import Progress
+
+    save_mlp(tmp_path / "m.pt", [4, 8, 1])
+    write_files(tmp_path / "in", [300], features=4, row_group_size=100)
+    during: list[object] = []  # the handler as each shard is recorded
+    update = Progress.update
+    monkeypatch.setattr(Progress, "update", lambda *args, **kwargs: (during.append(signal.getsignal(signal.SIGINT)),
+                                                                     update(*args, **kwargs))[1])
+
+    def own(signum: int, frame: object) -> None:  # a caller's own: left alone, before, during and after
+        raise AssertionError("no signal is sent here")
+
+    for n, handler in enumerate((signal.default_int_handler, own)):
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"),
+                                   output=str(tmp_path / f"out-{n}"), progress=False)
+            assert report.succeeded and signal.getsignal(signal.SIGINT) is handler
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert during and during[-1] is (interrupts.interrupt if handler is signal.default_int_handler else own)
