@@ -8,6 +8,7 @@ so nothing they hold can finish while the driver stops.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -80,12 +81,13 @@ def test_a_signal_stops_a_run_with_shards_in_flight_within_seconds(
 # next, and in a finalizer it prints "Exception ignored in" and the interrupt is gone. Under Ray the
 # finalizer is Ray's own for a finished call's stream, which the scheduler drops on the main thread:
 # unforced, about 1 SIGINT in 75 sent to a driver dropping many streams was lost there (Ray 2.60; CI
-# once exited 0 with `_SUCCESS` after Ctrl-C, in test_elastic). In the driver lane it is any
-# object's, dropped as a shard's result is recorded.
+# once exited 0 with `_SUCCESS` after Ctrl-C, in test_elastic). In the driver lane, and while the
+# last commit writes the manifest, it is any object's.
 SWALLOWED_DRIVER = """
 import signal, sys, threading
 from pathlib import Path
 from ray._private.object_ref_generator import ObjectRefGenerator
+from pipelines.commit import recorder
 from pipelines.report import Progress
 
 output, fired = Path(sys.argv[sys.argv.index("--output") + 1]), []
@@ -106,34 +108,46 @@ def finalizing(method):
 class Dropped:
     __del__ = finalizing(lambda self: None)
 
-if {lane}:
-    update = Progress.update
-    Progress.update = lambda self, *args, **kwargs: (Dropped(), update(self, *args, **kwargs))[1]
-else:
+def dropping(function):
+    return lambda *args, **kwargs: (Dropped(), function(*args, **kwargs))[1]
+
+if {where!r} == "ray":
     ObjectRefGenerator.__del__ = finalizing(ObjectRefGenerator.__del__)
+elif {where!r} == "driver-lane":
+    Progress.update = dropping(Progress.update)
+else:  # the manifest is written, the journal goes, and `_SUCCESS` would come next
+    recorder.clear_journal = dropping(recorder.clear_journal)
 from pipelines.cli import entry
 entry()
 """
 
 
-@pytest.mark.parametrize(("sig", "lane"), [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
-                         ids=["SIGINT-ray", "SIGTERM-ray", "SIGINT-driver-lane"])
-def test_a_signal_python_swallows_in_a_finalizer_still_stops_the_run(tmp_path: Path, sig: int, lane: bool) -> None:
+@pytest.mark.parametrize(("sig", "where"), [(signal.SIGINT, "ray"), (signal.SIGTERM, "ray"),
+                                            (signal.SIGINT, "driver-lane"), (signal.SIGTERM, "last-commit")],
+                         ids=["SIGINT-ray", "SIGTERM-ray", "SIGINT-driver-lane", "SIGTERM-last-commit"])
+def test_a_signal_python_swallows_in_a_finalizer_still_stops_the_run(tmp_path: Path, sig: int, where: str) -> None:
     save_mlp(tmp_path / "m.pt", [4, 8, 1])
     write_files(tmp_path / "in", [1000] * 20, features=4, row_group_size=100)
     out = tmp_path / "out"
-    run = subprocess.run(
-        [sys.executable, "-c", SWALLOWED_DRIVER.format(sig=int(sig), lane=lane), "run", "--model",
-         str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output", str(out), "--shard-rows", "100",
-         *([] if lane else ["--replicas", "2", "--cpus-per-replica", "0.5"])],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    args = ["run", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output", str(out),
+            "--shard-rows", "100", *(["--replicas", "2", "--cpus-per-replica", "0.5"] if where == "ray" else [])]
+    run = subprocess.run([sys.executable, "-c", SWALLOWED_DRIVER.format(sig=int(sig), where=where), *args],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "Exception ignored in" in run.stderr, run.stderr[-3000:]  # swallowed where it was meant to be
-    assert ("driver process" in run.stderr) == lane, run.stderr[-3000:]
+    assert ("driver process" in run.stderr) == (where != "ray"), run.stderr[-3000:]
     assert run.returncode == 130, (run.returncode, run.stderr[-3000:])
     assert not (out / SUCCESS).exists() and not (out / LOCK).exists()
     committed = len(list(out.glob("*.parquet")))
-    assert 0 < committed < 200, committed  # stopped in the middle: the shards already committed are kept
+    if where != "last-commit":
+        assert 0 < committed < 200, committed  # stopped in the middle: the shards already committed are kept
+        return
+    assert committed == 200  # every shard in the manifest, no `_SUCCESS`: the rerun runs none and writes it
+    rerun = subprocess.run([sys.executable, "-m", "pipelines", *args, "--json"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0 and (out / SUCCESS).exists(), rerun.stderr[-3000:]
+    report = json.loads(rerun.stdout)
+    assert report["shards_done"] == 0 and report["shards_skipped"] == 200, report
 
 
 def test_a_run_through_the_api_leaves_the_callers_sigint_handler_as_it_found_it(

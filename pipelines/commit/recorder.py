@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from basis.record import commit_path
+from pipelines import interrupts
 from pipelines.commit.checkpoint import committed_rows, rebased, write_checkpoint
 from pipelines.commit.journal import SegmentWriter, bundles_of, clear_journal, read_journal
 from pipelines.commit.manifest import FAILED
@@ -227,6 +228,7 @@ class Recorder:
                          self.check_lock)
         clear_journal(self.output)
         if complete:
+            interrupts.check()  # a signal swallowed while the manifest was written: no `_SUCCESS` (a rerun writes it)
             self.check_lock()
             write_bytes_atomic(self.output.fs, self.output.join(SUCCESS), b"")
         return complete
