@@ -192,8 +192,8 @@ def test_a_run_over_plain_pages_predicts_and_rejects_as_one_over_dictionary_page
     stacked: list[bool] = []
     decode_plain = workers.reader.stack_row_group
 
-    def spy(*args: Any) -> Any:
-        done = decode_plain(*args)
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        done = decode_plain(*args, **kwargs)
         stacked.append(done is not None)
         return done
 
@@ -253,7 +253,7 @@ def test_features_written_out_are_decoded_by_pyarrow(tmp_path: Path, monkeypatch
     _write(tmp_path / "in" / "p.parquet", values, row_group_size=1000)
     save_mlp(tmp_path / "m.pt", [3, 4, 1], seed=1)
     calls: list[object] = []
-    monkeypatch.setattr(workers.reader, "stack_row_group", lambda *args: calls.append(args))
+    monkeypatch.setattr(workers.reader, "stack_row_group", lambda *args, **kwargs: calls.append(args))
     report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                            features=["f0", "f1", "f2"], keep_features=True, batch_size=256, progress=False)
     assert report.complete and calls == []
@@ -290,3 +290,41 @@ def test_one_thread_of_a_shard_decodes_pages_at_a_time(tmp_path: Path, monkeypat
                            shard_rows=8000, progress=False)
     assert report.complete and report.rows_out == 8000
     assert len(threads) == 2 and most[0] == 1
+
+
+def test_a_remote_row_group_is_read_in_one_window_unless_other_columns_lie_between(tmp_path: Path) -> None:
+    """`remote`: the feature chunks in one read; with a large column between two of them, pyarrow's
+    reads (which fetch only what they need) are left the row group."""
+    values = _values(4000, 2, seed=7)
+    text = pa.array([f"{i:064d}" for i in range(4000)])  # ~260 kB a row group, between f0 and f1
+    for name, columns in (("together", {"f0": values[0], "f1": values[1], "s": text}),
+                          ("apart", {"f0": values[0], "s": text, "f1": values[1]})):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table(columns), path, use_dictionary=False, compression="none", row_group_size=2000)
+        parquet = pq.ParquetFile(path)
+        plan = plain_columns(parquet.metadata, parquet.schema_arrow, ["f0", "f1"], check=False)
+        assert plan is not None
+        reads: list[int] = []
+        with pa.OSFile(str(path)) as handle:
+            stacked = [stack_row_group(_Counted(handle, reads), parquet.metadata.row_group(g), plan, remote=True)
+                       for g in range(2)]
+        if name == "apart":
+            assert stacked == [None, None] and reads == []  # nothing fetched: pyarrow reads it
+            continue
+        assert len(reads) == 2  # one read a row group
+        matrix = np.concatenate([s[0] for s in stacked], axis=1)  # type: ignore[index]
+        assert matrix.tobytes() == values.tobytes()
+
+
+class _Counted:
+    """A file whose `read_buffer` calls are counted (their sizes), as a remote file's requests."""
+
+    def __init__(self, handle: pa.NativeFile, reads: list[int]) -> None:
+        self.handle, self.reads = handle, reads
+
+    def seek(self, offset: int) -> int:
+        return self.handle.seek(offset)
+
+    def read_buffer(self, size: int) -> pa.Buffer:
+        self.reads.append(size)
+        return self.handle.read_buffer(size)

@@ -33,6 +33,7 @@ from basis.storage import (
     write_bytes_atomic,
 )
 from basis.listing import list_files, sweep_temps
+from workers.plain_pages import plain_columns
 from workers.reader import iter_batches, open_parquet
 from workers.writer import ShardWriter
 
@@ -190,6 +191,35 @@ def test_reader_resumes_on_s3_after_transient_errors(s3: FaultProxy, s3_server: 
     assert len(s3.injected("GET")) == 4
 
 
+def test_feature_pages_on_s3_come_in_one_ranged_read_per_row_group_that_is_retried(
+    s3: FaultProxy, s3_server: S3Server
+) -> None:
+    """Flat float32 features written without dictionaries are decoded from their pages
+    (`workers.plain_pages`) on S3 too: a row group's feature chunks come in one ranged GET,
+    retried like any read, and the rows are pyarrow's, bit for bit, each once and in order."""
+    table = features(1000, 8)
+    with s3_server.filesystem().open_output_stream(f"{BUCKET}/pages/t.parquet") as sink:
+        pq.write_table(table, sink, row_group_size=250, use_dictionary=False)
+    location = direct(s3, "pages/t.parquet")
+    parquet = open_parquet(location, location.path, "s3://pages/t.parquet", base_delay=0.01)
+    names = [f"f{j}" for j in range(8)]
+    plan = plain_columns(parquet.metadata, parquet.schema_arrow, names, check=True)
+    assert plan is not None
+    starts = [min(parquet.metadata.row_group(rg).column(j + 1).data_page_offset for j in range(8)) for rg in range(4)]
+    s3.fail("GET", r"/pages/t\.parquet", header=("Range", f"^bytes={starts[1]}-"), times=2)  # row group 1's, twice
+    s3.requests.clear()
+    batches = list(iter_batches(parquet, (0, 4), ["id", *names], 250, "s3://pages/t.parquet", base_delay=0.01,
+                                plain=plan))
+    assert all(b.stacked is not None for b in batches) and len(batches) == 4  # every row group from its pages
+    assert [i for b in batches for i in b.data.column("id").to_pylist()] == table.column("id").to_pylist()
+    stacked = np.concatenate([b.stacked for b in batches], axis=1)
+    expected = np.stack([table.column(name).to_numpy() for name in names])
+    assert stacked.tobytes() == expected.tobytes()
+    windows = [r for r in s3.requests if r.method == "GET" and r.range.startswith(tuple(f"bytes={s}-" for s in starts))]
+    assert [r.status for r in windows] == [206, 503, 503, 206, 206, 206], windows  # one read a row group, retried
+    assert len(s3.injected("GET")) == 2
+
+
 def test_reads_that_keep_failing_raise_storage_error_not_a_data_error(s3: FaultProxy, s3_server: S3Server) -> None:
     put_table(s3_server, "flaky/t.parquet", features(1000, 3), row_group_size=250)
     location = direct(s3, "flaky/t.parquet")
@@ -290,6 +320,26 @@ def test_end_to_end_on_s3_and_a_rerun_does_nothing(s3: FaultProxy, s3_server: S3
     writes = [r.path for r in s3.requests if r.method in ("PUT", "POST") and "_LOCK" not in r.path
               and not r.path.endswith("/")]
     assert writes == []  # only the lock was written
+
+
+def test_a_run_over_plain_pages_on_s3_reads_them_in_windows_and_retries_them(
+    s3: FaultProxy, s3_server: S3Server, ray_shared: None, tmp_path: Path
+) -> None:
+    """The replicas decode feature pages written without dictionaries straight from S3 (one ranged
+    GET of a row group's feature chunks, `workers.plain_pages`); those GETs fail and are retried."""
+    model = save_mlp(tmp_path / "m.pt", [4, 8, 1])
+    tables = [features(600, 4, start=i * 600, seed=i) for i in range(2)]
+    for i, table in enumerate(tables):
+        with s3_server.filesystem().open_output_stream(f"{BUCKET}/windows/in/part-{i}.parquet") as sink:
+            pq.write_table(table, sink, row_group_size=200, use_dictionary=False)
+    meta = pq.read_metadata(f"{BUCKET}/windows/in/part-0.parquet", filesystem=s3_server.filesystem())
+    window = min(meta.row_group(1).column(j).data_page_offset for j in range(1, 5))  # past the id chunk
+    s3.fail("GET", r"/windows/in/part-0\.parquet", header=("Range", f"^bytes={window}-"), times=3)
+    report = run(model=str(tmp_path / "m.pt"), input=s3.uri("windows/in"), output=s3.uri("windows/out"),
+                 shard_rows=400, batch_size=64)  # shards of two row groups, several batches: not the tiny path
+    assert (report.status, report.shards_done, report.rows_out) == ("succeeded", 4, 1200), report.errors
+    assert len(s3.injected("GET")) == 3  # requested by the page decoder alone: pyarrow's reads start at the id
+    check_predictions(s3_server, "windows/out/", model, pa.concat_tables(tables))
 
 
 def test_transient_faults_during_a_run_are_retried_not_data_errors(s3: FaultProxy, s3_server: S3Server,

@@ -175,7 +175,7 @@ class decode:  # noqa: N801 - used like a generator function
     a thread with no row group of its own left stacks and predicts batches of another's (a shard's last
     row group was one thread's alone while the other waited), taking one only with a buffer free at once;
     its owner queues every batch's slot in order, so the order and the buffer guarantees are unchanged.
-    `stack_only` (the features are written nowhere, only predicted): a local file's flat float32 feature
+    `stack_only` (the features are written nowhere, only predicted): a file's flat float32 feature
     columns are decoded from their PLAIN pages straight into a row group's matrix (`workers.plain_pages`),
     whose batches are then views of it with no stacking buffer; a row group it cannot decode goes to pyarrow.
 

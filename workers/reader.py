@@ -167,7 +167,7 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Record batches of at most `batch_size` rows, row group by row group, in order.
 
-    `plain` (a local file's, `workers.plain_pages`): a row group read whole has those feature columns
+    `plain` (`workers.plain_pages`): a row group read whole has those feature columns
     decoded straight into a matrix when its pages allow, given as each batch's `stacked` columns
     instead of in its `data`; any other row group (or a file with deleted rows) has them in `data`.
 
@@ -193,8 +193,9 @@ def iter_batches(
     types = _leaf_types(parquet) if types is None else types
     whole_bytes = DECODE_BUDGET_BYTES // 2 if whole_bytes is None else whole_bytes
     rest = [] if plain is None else [name for name in columns if name not in plain.names]  # left to pyarrow
-    if not (rest and deleted is None and isinstance(parquet, ParquetSource) and parquet.location.is_local):
+    if not (rest and deleted is None and isinstance(parquet, ParquetSource)):
         plain = None  # (without a column of its own, pyarrow would not say how many rows a row group has)
+    remote = isinstance(parquet, ParquetSource) and not parquet.location.is_local
     for rg in range(*row_groups):
         whole = _decoded_bytes(meta.row_group(rg), leaves, types) <= whole_bytes
         yielded = 0  # rows of this row group already handed out
@@ -209,7 +210,7 @@ def iter_batches(
                     at = 0
                     if whole:
                         if plain is not None:
-                            stacked = stack_row_group(parquet.handle, meta.row_group(rg), plain)
+                            stacked = stack_row_group(parquet.handle, meta.row_group(rg), plain, remote=remote)
                         table = parquet.read_row_group(rg, columns=list(columns) if stacked is None else rest,
                                                        use_threads=use_threads)
                         batches = iter(table.to_batches(max_chunksize=batch_size))
