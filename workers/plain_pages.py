@@ -131,17 +131,18 @@ def stack_row_group(handle: pa.NativeFile, group: pq.RowGroupMetaData, plan: Pla
         except _Unsupported:
             return None
         chunks.append(chunk)
+    source: pa.NativeFile | _Window = handle
     if remote:
         window = _Window.fetch(handle, chunks)
         if window is None:
             return None
-        handle = window
+        source = window
     # the matrix's bytes after `_SLACK` bytes of room for a first page's levels (see `_into`)
     memory = np.frombuffer(pa.allocate_buffer(_SLACK + 4 * width * rows), np.uint8)
     matrix = memory[_SLACK:].view(np.float32).reshape(width, rows)
     sums = np.frombuffer(pa.allocate_buffer(4 * rows), np.float32) if plan.check else None
     with plan.turn:
-        return _decode(handle, chunks, codecs, plan.leaves, memory, matrix, sums)
+        return _decode(source, chunks, codecs, plan.leaves, memory, matrix, sums)
 
 
 def _decode(handle: pa.NativeFile | _Window, chunks: list[pq.ColumnChunkMetaData], codecs: list[pa.Codec | None],
