@@ -21,7 +21,7 @@ import pipelines
 import workers.plain_pages
 import workers.reader
 from basis.storage import resolve
-from workers.plain_pages import plain_columns, stack_row_group
+from workers.plain_pages import plain_columns, prefetch, stack_row_group
 from workers.reader import ParquetSource, iter_batches
 
 
@@ -293,7 +293,7 @@ def test_one_thread_of_a_shard_decodes_pages_at_a_time(tmp_path: Path, monkeypat
 
 
 def test_a_remote_row_group_is_read_in_one_window_unless_other_columns_lie_between(tmp_path: Path) -> None:
-    """`remote`: the feature chunks in one read; with a large column between two of them, pyarrow's
+    """`prefetch`: the feature chunks in one read, decoded from it with no read of the file; with a large column between two of them, pyarrow's
     reads (which fetch only what they need) are left the row group."""
     values = _values(4000, 2, seed=7)
     text = pa.array([f"{i:064d}" for i in range(4000)])  # ~260 kB a row group, between f0 and f1
@@ -306,12 +306,16 @@ def test_a_remote_row_group_is_read_in_one_window_unless_other_columns_lie_betwe
         assert plan is not None
         reads: list[int] = []
         with pa.OSFile(str(path)) as handle:
-            stacked = [stack_row_group(_Counted(handle, reads), parquet.metadata.row_group(g), plan, remote=True)
-                       for g in range(2)]
+            windows = []
+            for g in range(2):  # one fetch at a time on a handle, as the reader's
+                fetching = prefetch(_Counted(handle, reads), parquet.metadata.row_group(g), plan)
+                windows.append(None if fetching is None else fetching.result())
         if name == "apart":
-            assert stacked == [None, None] and reads == []  # nothing fetched: pyarrow reads it
+            assert windows == [None, None] and reads == []  # nothing fetched: pyarrow reads it
             continue
         assert len(reads) == 2  # one read a row group
+        stacked = [stack_row_group(None, parquet.metadata.row_group(g), plan, window=w)  # type: ignore[arg-type]
+                   for g, w in enumerate(windows)]
         matrix = np.concatenate([s[0] for s in stacked], axis=1)  # type: ignore[index]
         assert matrix.tobytes() == values.tobytes()
 

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -93,7 +94,7 @@ class Page(NamedTuple):
 
 
 def stack_row_group(handle: pa.NativeFile, group: pq.RowGroupMetaData, plan: Plan, *,
-                    remote: bool = False) -> tuple[np.ndarray, np.ndarray | None] | None:
+                    window: _Window | None = None) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The row group's `plan` columns decoded into a new (columns, rows) float32 matrix, in order, and
     with `plan.check` their (rows,) sums, each column added right after its copy (see
     `workers.stacking.stack_checked`); None when a chunk is not one this module decodes (a dictionary
@@ -111,15 +112,49 @@ def stack_row_group(handle: pa.NativeFile, group: pq.RowGroupMetaData, plan: Pla
     thread's forward passes and writes (torch, pyarrow) run beside another's decoding without it. On
     the data-bound job, one at a time took 10% less CPU and 3% less time per row (8 alternating pairs).
 
-    `remote` (an object store's file): the chunks are fetched first, outside the turn, in one ranged
-    read of the bytes from the first to the last (`_Window`), not a request per column; a row group
-    whose chunks lie far apart (other columns between them) is left to pyarrow, whose `pre_buffer`
-    coalesces the ranges it needs. An error of that read is raised, for the caller's retries.
+    `window`: an object store's file's chunks, fetched beforehand (`prefetch`), read from instead of
+    `handle`.
     """
     rows, width = group.num_rows, len(plan.leaves)
+    found = _chunks(group, plan)
+    if found is None:
+        return None
+    chunks, codecs = found
+    # the matrix's bytes after `_SLACK` bytes of room for a first page's levels (see `_into`)
+    memory = np.frombuffer(pa.allocate_buffer(_SLACK + 4 * width * rows), np.uint8)
+    matrix = memory[_SLACK:].view(np.float32).reshape(width, rows)
+    sums = np.frombuffer(pa.allocate_buffer(4 * rows), np.float32) if plan.check else None
+    with plan.turn:
+        return _decode(handle if window is None else window, chunks, codecs, plan.leaves, memory, matrix, sums)
+
+
+def prefetch(handle: pa.NativeFile, group: pq.RowGroupMetaData,
+             plan: Plan) -> concurrent.futures.Future[_Window | None] | None:
+    """An object store's file: the row group's feature chunks fetched on a thread of their own, in one
+    ranged read of the bytes from the first to the last (`_Window`), not a request per column, while
+    the caller reads the other columns (both requests at once, as pyarrow's `pre_buffer` makes them);
+    the result goes to `stack_row_group`, outside the turn. None, for pyarrow to read it all, when the
+    row group is not one this module decodes or its chunks lie far apart (other columns between them).
+    An error of the read is raised by the future's `result`, for the caller's retries.
+
+    The read seeks and reads `handle` while pyarrow reads it positionally (`ReadAt`, which moves no
+    position) on the caller's thread: no read of one moves the other's. One fetch at a time on a
+    handle (two would move each other's position).
+    """
+    found = _chunks(group, plan)
+    if found is None or not _Window.close(found[0]):
+        return None
+    return _fetcher().submit(_Window.fetch, handle, found[0])
+
+
+def _chunks(group: pq.RowGroupMetaData,
+            plan: Plan) -> tuple[list[pq.ColumnChunkMetaData], list[pa.Codec | None]] | None:
+    """The row group's chunks of `plan`'s columns and their codecs, from the footer alone; None when
+    one is not a chunk this module decodes."""
+    rows = group.num_rows
     chunks: list[pq.ColumnChunkMetaData] = []
     codecs: list[pa.Codec | None] = []
-    for leaf, max_def in plan.leaves:  # the footer's part first: nothing decoded for a row group it refuses
+    for leaf, max_def in plan.leaves:
         chunk = group.column(leaf)
         if (chunk.has_dictionary_page or chunk.file_path or chunk.num_values != rows
                 or not _ENCODINGS.issuperset(chunk.encodings)):
@@ -131,18 +166,7 @@ def stack_row_group(handle: pa.NativeFile, group: pq.RowGroupMetaData, plan: Pla
         except _Unsupported:
             return None
         chunks.append(chunk)
-    source: pa.NativeFile | _Window = handle
-    if remote:
-        window = _Window.fetch(handle, chunks)
-        if window is None:
-            return None
-        source = window
-    # the matrix's bytes after `_SLACK` bytes of room for a first page's levels (see `_into`)
-    memory = np.frombuffer(pa.allocate_buffer(_SLACK + 4 * width * rows), np.uint8)
-    matrix = memory[_SLACK:].view(np.float32).reshape(width, rows)
-    sums = np.frombuffer(pa.allocate_buffer(4 * rows), np.float32) if plan.check else None
-    with plan.turn:
-        return _decode(source, chunks, codecs, plan.leaves, memory, matrix, sums)
+    return chunks, codecs
 
 
 def _decode(handle: pa.NativeFile | _Window, chunks: list[pq.ColumnChunkMetaData], codecs: list[pa.Codec | None],
@@ -181,18 +205,39 @@ class _Window:
         self.data, self.start = data, start
 
     @classmethod
+    def close(cls, chunks: Sequence[pq.ColumnChunkMetaData]) -> bool:
+        """Whether `chunks` lie close enough together to be fetched as one range."""
+        start, end = cls._span(chunks)
+        return end - start <= sum(chunk.total_compressed_size for chunk in chunks) * (1 + cls.SPARE)
+
+    @staticmethod
+    def _span(chunks: Sequence[pq.ColumnChunkMetaData]) -> tuple[int, int]:
+        return (min(chunk.data_page_offset for chunk in chunks),
+                max(chunk.data_page_offset + chunk.total_compressed_size for chunk in chunks))
+
+    @classmethod
     def fetch(cls, handle: pa.NativeFile, chunks: Sequence[pq.ColumnChunkMetaData]) -> _Window | None:
-        """The window over `chunks`, or None when they lie too far apart or the file ends first."""
-        start = min(chunk.data_page_offset for chunk in chunks)
-        end = max(chunk.data_page_offset + chunk.total_compressed_size for chunk in chunks)
-        if end - start > sum(chunk.total_compressed_size for chunk in chunks) * (1 + cls.SPARE):
-            return None
+        """The window over `chunks`, or None when the file ends first."""
+        start, end = cls._span(chunks)
         handle.seek(start)
         data = handle.read_buffer(end - start)
         return cls(data, start) if data.size == end - start else None
 
     def slice(self, offset: int, size: int) -> memoryview:
         return _bytes(self.data.slice(offset - self.start, size))
+
+
+_FETCHER: concurrent.futures.ThreadPoolExecutor | None = None
+_FETCHER_LOCK = threading.Lock()
+
+
+def _fetcher() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that fetch windows: one per decoding thread of a replica is enough (4)."""
+    global _FETCHER
+    with _FETCHER_LOCK:
+        if _FETCHER is None:
+            _FETCHER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="batch-infer-fetch")
+        return _FETCHER
 
 
 _SCRATCH = threading.local()  # per thread: the buffer its chunks are read into

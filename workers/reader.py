@@ -24,7 +24,7 @@ from basis.errors import ShardDataError, StorageError
 from basis.masks import keep_mask
 from basis.retry import RETRY_ATTEMPTS, RETRY_BASE_DELAY, backoff, is_transient, retry_transient
 from basis.storage import Location
-from workers.plain_pages import Plan, stack_row_group
+from workers.plain_pages import Plan, prefetch, stack_row_group
 from workers.stacking import Spares, describe_invalid, feature_matrix, invalid_rows
 
 __all__ = ["Batch", "ParquetSource", "Spares", "describe_invalid", "feature_matrix", "invalid_rows", "iter_batches",
@@ -209,10 +209,21 @@ def iter_batches(
                 if batches is None:
                     at = 0
                     if whole:
-                        if plain is not None:
-                            stacked = stack_row_group(parquet.handle, meta.row_group(rg), plain, remote=remote)
-                        table = parquet.read_row_group(rg, columns=list(columns) if stacked is None else rest,
-                                                       use_threads=use_threads)
+                        table, stacked = None, None
+                        if plain is not None and remote:  # its feature chunks fetched while the rest is read
+                            fetching = prefetch(parquet.handle, meta.row_group(rg), plain)
+                            if fetching is not None:
+                                table = parquet.read_row_group(rg, columns=rest, use_threads=use_threads)
+                                window = fetching.result()
+                                if window is not None:
+                                    stacked = stack_row_group(parquet.handle, meta.row_group(rg), plain,
+                                                              window=window)
+                        elif plain is not None:
+                            stacked = stack_row_group(parquet.handle, meta.row_group(rg), plain)
+                        if stacked is None:
+                            table = parquet.read_row_group(rg, columns=list(columns), use_threads=use_threads)
+                        elif table is None:
+                            table = parquet.read_row_group(rg, columns=rest, use_threads=use_threads)
                         batches = iter(table.to_batches(max_chunksize=batch_size))
                     else:
                         batches = iter(parquet.iter_batches(batch_size=batch_size, row_groups=[rg],
