@@ -332,3 +332,33 @@ class _Counted:
     def read_buffer(self, size: int) -> pa.Buffer:
         self.reads.append(size)
         return self.handle.read_buffer(size)
+
+
+def test_a_forked_child_fetches_windows_with_threads_of_its_own(tmp_path: Path) -> None:
+    """A program that forks after a run on an object store: the child's windows still come."""
+    import os
+
+    values = _values(1000, 2, seed=8)
+    path = tmp_path / "p.parquet"
+    _write(path, values)
+    parquet = pq.ParquetFile(path)
+    plan = plain_columns(parquet.metadata, parquet.schema_arrow, ["f0", "f1"], check=False)
+    assert plan is not None
+    with pa.OSFile(str(path)) as handle:
+        assert prefetch(handle, parquet.metadata.row_group(0), plan).result() is not None  # type: ignore[union-attr]
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its window comes within 10 s
+        try:
+            with pa.OSFile(str(path)) as handle:
+                future = prefetch(handle, parquet.metadata.row_group(0), plan)
+                os._exit(0 if future is not None and future.result(timeout=10) is not None else 1)
+        except BaseException:
+            os._exit(2)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:  # a child stuck for another reason fails, not hangs
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child did not end within 60 s")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(done[1]) == 0

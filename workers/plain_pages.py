@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -238,6 +239,15 @@ def _fetcher() -> concurrent.futures.ThreadPoolExecutor:
         if _FETCHER is None:
             _FETCHER = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="batch-infer-fetch")
         return _FETCHER
+
+
+def _forget_fetcher() -> None:
+    """A forked child has none of its parent's threads: a pool it inherited would take work and never run it."""
+    global _FETCHER, _FETCHER_LOCK
+    _FETCHER, _FETCHER_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_fetcher)
 
 
 _SCRATCH = threading.local()  # per thread: the buffer its chunks are read into
