@@ -362,3 +362,35 @@ def test_a_forked_child_fetches_windows_with_threads_of_its_own(tmp_path: Path) 
             raise AssertionError("the forked child did not end within 60 s")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_deleted_rows_are_left_out_of_pages_decoded_as_of_pyarrow_batches(tmp_path: Path) -> None:
+    """A file with deleted rows (a Delta deletion vector, Iceberg position deletes) is decoded from its
+    pages too: each batch holds the same live rows, ids and features, as pyarrow's path gives."""
+    values = _values(5000, 3, seed=9)
+    values[1, 4321] = np.nan  # an invalid row that stays live: its sum says so
+    _write(tmp_path / "p.parquet", values, row_group_size=2000)
+    location = resolve(str(tmp_path))
+    names = ["f0", "f1", "f2"]
+    deleted = np.array([0, 1, 2, 1999, 2000, 2500, *range(3000, 3300), 4999], np.int64)
+    got = {}
+    for plain in (True, False):
+        parquet = ParquetSource(location, str(tmp_path / "p.parquet"), "p.parquet")
+        plan = plain_columns(parquet.metadata, parquet.schema_arrow, names, check=True) if plain else None
+        batches = list(iter_batches(parquet, (0, 3), ["id", *names], 700, "p.parquet", deleted=deleted, plain=plan))
+        assert all((b.stacked is not None) == plain for b in batches)
+        ids = np.concatenate([b.data.column("id").to_numpy() for b in batches])
+        features = (np.concatenate([b.stacked for b in batches], axis=1) if plain else  # type: ignore[misc]
+                    np.stack([np.concatenate([b.data.column(n).to_numpy() for b in batches]) for n in names]))
+        sums = np.concatenate([b.sums for b in batches]) if plain else None  # type: ignore[misc]
+        got[plain] = ids, features, sums
+    live = np.setdiff1d(np.arange(5000), deleted)
+    for ids, features, _ in got.values():
+        np.testing.assert_array_equal(ids, live)
+        assert features.tobytes() == values[:, live].tobytes()
+    expected = values[0, live].copy()  # the check's sums: each column added after the one before
+    with np.errstate(invalid="ignore", over="ignore"):
+        for row in values[1:, live]:
+            expected += row
+    np.testing.assert_array_equal(got[True][2], expected)  # the live rows' own, the NaN in row 4321 too
+    assert not np.isfinite(expected[np.flatnonzero(live == 4321)[0]])

@@ -169,7 +169,7 @@ def iter_batches(
 
     `plain` (`workers.plain_pages`): a row group read whole has those feature columns
     decoded straight into a matrix when its pages allow, given as each batch's `stacked` columns
-    instead of in its `data`; any other row group (or a file with deleted rows) has them in `data`.
+    instead of in its `data`, the deleted rows left out of both; any other row group has them in `data`.
 
     `deleted`: the file's deleted row positions (sorted, `basis.masks`): those rows are
     dropped from the batches (a table's deletion vector or position deletes), so only
@@ -193,7 +193,7 @@ def iter_batches(
     types = _leaf_types(parquet) if types is None else types
     whole_bytes = DECODE_BUDGET_BYTES // 2 if whole_bytes is None else whole_bytes
     rest = [] if plain is None else [name for name in columns if name not in plain.names]  # left to pyarrow
-    if not (rest and deleted is None and isinstance(parquet, ParquetSource)):
+    if not (rest and isinstance(parquet, ParquetSource)):
         plain = None  # (without a column of its own, pyarrow would not say how many rows a row group has)
     remote = isinstance(parquet, ParquetSource) and not parquet.location.is_local
     for rg in range(*row_groups):
@@ -260,9 +260,13 @@ def iter_batches(
                     continue
             count = data.num_rows
             keep = None if deleted is None else keep_mask(deleted, first_row, count)
-            if stacked is not None:  # (no deleted rows)
-                matrix, sums = stacked
-                yield Batch(data, rg, first_row, matrix[:, begin:at], None if sums is None else sums[begin:at])
+            if stacked is not None:
+                matrix, sums = stacked[0][:, begin:at], None if stacked[1] is None else stacked[1][begin:at]
+                if keep is None:
+                    yield Batch(data, rg, first_row, matrix, sums)
+                elif keep.any():  # the live rows' columns, copied (`decode` reads them as a column-major view)
+                    yield Batch(data.filter(pa.array(keep)), rg, first_row, matrix[:, keep],
+                                None if sums is None else sums[keep])
             elif keep is None:
                 yield Batch(data, rg, first_row)
             elif keep.any():
