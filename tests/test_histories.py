@@ -107,7 +107,8 @@ class Histories(RuleBasedStateMachine):
         self.next_id += rows
         path = self.root / "in" / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path, row_group_size=row_group_size)
+        # every other version without dictionaries: its features decoded from their pages (`workers.plain_pages`)
+        pq.write_table(table, path, row_group_size=row_group_size, use_dictionary=seed % 2 == 0)
         self._now_holds(name, table)
 
     def _now_holds(self, name: str, table: pa.Table) -> None:
