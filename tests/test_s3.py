@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +49,9 @@ def direct(proxy: FaultProxy, key: str) -> Location:
     return Location(fs, location.path, location.uri, location.scheme)
 
 
-def put_table(server: S3Server, key: str, table: pa.Table, *, row_group_size: int) -> None:
+def put_table(server: S3Server, key: str, table: pa.Table, *, row_group_size: int, **options: Any) -> None:
     with server.filesystem().open_output_stream(f"{BUCKET}/{key}") as sink:
-        pq.write_table(table, sink, row_group_size=row_group_size)
+        pq.write_table(table, sink, row_group_size=row_group_size, **options)
 
 
 def features(rows: int, width: int, *, start: int = 0, seed: int = 0) -> pa.Table:
@@ -198,8 +199,7 @@ def test_feature_pages_on_s3_come_in_one_ranged_read_per_row_group_that_is_retri
     (`workers.plain_pages`) on S3 too: a row group's feature chunks come in one ranged GET,
     retried like any read, and the rows are pyarrow's, bit for bit, each once and in order."""
     table = features(1000, 8)
-    with s3_server.filesystem().open_output_stream(f"{BUCKET}/pages/t.parquet") as sink:
-        pq.write_table(table, sink, row_group_size=250, use_dictionary=False)
+    put_table(s3_server, "pages/t.parquet", table, row_group_size=250, use_dictionary=False)
     location = direct(s3, "pages/t.parquet")
     parquet = open_parquet(location, location.path, "s3://pages/t.parquet", base_delay=0.01)
     names = [f"f{j}" for j in range(8)]
@@ -330,8 +330,7 @@ def test_a_run_over_plain_pages_on_s3_reads_them_in_windows_and_retries_them(
     model = save_mlp(tmp_path / "m.pt", [4, 8, 1])
     tables = [features(600, 4, start=i * 600, seed=i) for i in range(2)]
     for i, table in enumerate(tables):
-        with s3_server.filesystem().open_output_stream(f"{BUCKET}/windows/in/part-{i}.parquet") as sink:
-            pq.write_table(table, sink, row_group_size=200, use_dictionary=False)
+        put_table(s3_server, f"windows/in/part-{i}.parquet", table, row_group_size=200, use_dictionary=False)
     meta = pq.read_metadata(f"{BUCKET}/windows/in/part-0.parquet", filesystem=s3_server.filesystem())
     window = min(meta.row_group(1).column(j).data_page_offset for j in range(1, 5))  # past the id chunk
     s3.fail("GET", r"/windows/in/part-0\.parquet", header=("Range", f"^bytes={window}-"), times=3)

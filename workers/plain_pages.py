@@ -117,7 +117,7 @@ def stack_row_group(handle: pa.NativeFile, group: pq.RowGroupMetaData, plan: Pla
     `handle`.
     """
     rows, width = group.num_rows, len(plan.leaves)
-    found = _chunks(group, plan)
+    found = _chunks(group, plan) if window is None else (window.chunks, window.codecs)
     if found is None:
         return None
     chunks, codecs = found
@@ -145,7 +145,7 @@ def prefetch(handle: pa.NativeFile, group: pq.RowGroupMetaData,
     found = _chunks(group, plan)
     if found is None or not _Window.close(found[0]):
         return None
-    return _fetcher().submit(_Window.fetch, handle, found[0])
+    return _fetcher().submit(_Window.fetch, handle, *found)
 
 
 def _chunks(group: pq.RowGroupMetaData,
@@ -198,12 +198,14 @@ def _decode(handle: pa.NativeFile | _Window, chunks: list[pq.ColumnChunkMetaData
 
 
 class _Window:
-    """The bytes of a row group's chunks, read from an object store in one request; `_read` slices them."""
+    """The bytes of a row group's chunks, read from an object store in one request; `_read` slices them.
+    It keeps the chunks and their codecs that `prefetch` found in the footer, for `stack_row_group`."""
 
     SPARE = 0.25  # at most this share of the bytes fetched belongs to no chunk of the plan
 
-    def __init__(self, data: pa.Buffer, start: int) -> None:
-        self.data, self.start = data, start
+    def __init__(self, data: pa.Buffer, start: int, chunks: list[pq.ColumnChunkMetaData],
+                 codecs: list[pa.Codec | None]) -> None:
+        self.data, self.start, self.chunks, self.codecs = data, start, chunks, codecs
 
     @classmethod
     def close(cls, chunks: Sequence[pq.ColumnChunkMetaData]) -> bool:
@@ -217,12 +219,13 @@ class _Window:
                 max(chunk.data_page_offset + chunk.total_compressed_size for chunk in chunks))
 
     @classmethod
-    def fetch(cls, handle: pa.NativeFile, chunks: Sequence[pq.ColumnChunkMetaData]) -> _Window | None:
+    def fetch(cls, handle: pa.NativeFile, chunks: list[pq.ColumnChunkMetaData],
+              codecs: list[pa.Codec | None]) -> _Window | None:
         """The window over `chunks`, or None when the file ends first."""
         start, end = cls._span(chunks)
         handle.seek(start)
         data = handle.read_buffer(end - start)
-        return cls(data, start) if data.size == end - start else None
+        return cls(data, start, chunks, codecs) if data.size == end - start else None
 
     def slice(self, offset: int, size: int) -> memoryview:
         return _bytes(self.data.slice(offset - self.start, size))

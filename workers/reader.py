@@ -210,15 +210,14 @@ def iter_batches(
                     at = 0
                     if whole:
                         table, stacked = None, None
-                        if plain is not None and remote:  # its feature chunks fetched while the rest is read
-                            fetching = prefetch(parquet.handle, meta.row_group(rg), plain)
-                            if fetching is not None:
-                                table = parquet.read_row_group(rg, columns=rest, use_threads=use_threads)
-                                window = fetching.result()
-                                if window is not None:
-                                    stacked = stack_row_group(parquet.handle, meta.row_group(rg), plain,
-                                                              window=window)
-                        elif plain is not None:
+                        fetching = (prefetch(parquet.handle, meta.row_group(rg), plain)
+                                    if plain is not None and remote else None)
+                        if fetching is not None:  # its feature chunks fetched while the rest is read
+                            table = parquet.read_row_group(rg, columns=rest, use_threads=use_threads)
+                            window = fetching.result()
+                            if window is not None:
+                                stacked = stack_row_group(parquet.handle, meta.row_group(rg), plain, window=window)
+                        elif plain is not None and not remote:
                             stacked = stack_row_group(parquet.handle, meta.row_group(rg), plain)
                         if stacked is None:
                             table = parquet.read_row_group(rg, columns=list(columns), use_threads=use_threads)
@@ -260,17 +259,15 @@ def iter_batches(
                     continue
             count = data.num_rows
             keep = None if deleted is None else keep_mask(deleted, first_row, count)
-            if stacked is not None:
-                matrix, sums = stacked[0][:, begin:at], None if stacked[1] is None else stacked[1][begin:at]
-                if keep is None:
-                    yield Batch(data, rg, first_row, matrix, sums)
-                elif keep.any():  # the live rows' columns, copied (`decode` reads them as a column-major view)
-                    yield Batch(data.filter(pa.array(keep)), rg, first_row, matrix[:, keep],
-                                None if sums is None else sums[keep])
-            elif keep is None:
-                yield Batch(data, rg, first_row)
-            elif keep.any():
-                yield Batch(data.filter(pa.array(keep)), rg, first_row)
+            if keep is None or keep.any():
+                matrix = sums = None
+                if stacked is not None:
+                    matrix, sums = stacked[0][:, begin:at], None if stacked[1] is None else stacked[1][begin:at]
+                if keep is not None:  # the live rows (a stacked matrix's columns copied: `decode` reads a view)
+                    data = data.filter(pa.array(keep))
+                    matrix = None if matrix is None else matrix[:, keep]
+                    sums = None if sums is None else sums[keep]
+                yield Batch(data, rg, first_row, matrix, sums)
             yielded += count
             first_row += count
 
