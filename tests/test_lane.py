@@ -282,15 +282,19 @@ def test_an_error_in_a_childs_bundle_gives_back_the_bundle_queued_behind_it_and_
         write_files(tmp_path / "in" / f"s{i:02d}", [25], features=8, row_group_size=100, start=25 * i, seed=i)
     out = tmp_path / "out"
     plan = pipelines.plan(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out))
-    blocked = out / Path(plan.todo[20].output).parent  # made a file once the run is under way: NotADirectoryError
-    committed = Recorder.committed
+    # Made a file once the run has begun (its journal written, no shard sent yet), so the run's start, which
+    # refuses files it did not write, has passed, and no child can have made the directory first: s20's
+    # bundle raises NotADirectoryError. (Made at the first commit, it raced the children, who were already
+    # writing s20's bundle: CI on 22e26c1.)
+    blocked = out / Path(plan.todo[20].output).parent
+    begin = Recorder.begin
 
-    def block_once(self: Recorder, entry: dict, *rest: object) -> object:
-        if not blocked.exists():
-            blocked.write_text("")
-        return committed(self, entry, *rest)
+    def begin_then_block(self: Recorder, *args: object, **kwargs: object) -> object:
+        began = begin(self, *args, **kwargs)
+        blocked.write_text("")
+        return began
 
-    monkeypatch.setattr(Recorder, "committed", block_once)
+    monkeypatch.setattr(Recorder, "begin", begin_then_block)
     report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(out),
                            progress=False)
     assert report.status == "failed" and report.shards_done + report.shards_failed == 40, report.to_dict()
