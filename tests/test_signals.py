@@ -115,6 +115,10 @@ if {where!r} == "ray":
     ObjectRefGenerator.__del__ = finalizing(ObjectRefGenerator.__del__)
 elif {where!r} == "driver-lane":
     Progress.update = dropping(Progress.update)
+elif {where!r} == "lane-children":  # the main thread only waits on the feeding threads, in short joins
+    import pipelines.startup
+    pipelines.startup.LANE_PROCESS_SHARDS = 20  # these 2,000 tiny shards run in the lane's child processes
+    threading.Thread.join = dropping(threading.Thread.join)
 else:  # the manifest is written, the journal goes, and `_SUCCESS` would come next
     recorder.clear_journal = dropping(recorder.clear_journal)
 from pipelines.cli import entry
@@ -123,31 +127,41 @@ entry()
 
 
 @pytest.mark.parametrize(("sig", "where"), [(signal.SIGINT, "ray"), (signal.SIGTERM, "ray"),
-                                            (signal.SIGINT, "driver-lane"), (signal.SIGTERM, "last-commit")],
-                         ids=["SIGINT-ray", "SIGTERM-ray", "SIGINT-driver-lane", "SIGTERM-last-commit"])
+                                            (signal.SIGINT, "driver-lane"), (signal.SIGTERM, "lane-children"),
+                                            (signal.SIGTERM, "last-commit")],
+                         ids=["SIGINT-ray", "SIGTERM-ray", "SIGINT-driver-lane", "SIGTERM-lane-children",
+                              "SIGTERM-last-commit"])
 def test_a_signal_python_swallows_in_a_finalizer_still_stops_the_run(tmp_path: Path, sig: int, where: str) -> None:
     save_mlp(tmp_path / "m.pt", [4, 8, 1])
-    write_files(tmp_path / "in", [1000] * 20, features=4, row_group_size=100)
+    # The lane's children run a tiny shard in ~1 ms: 2,000 shards of 10 rows keep them busy past the main
+    # thread's next turn (its joins wait 0.5 s). There the feeding threads' own check stops the run first, the
+    # join loop's is a backstop: without both, the children ran all 2,000 shards and only the last commit's
+    # check kept `_SUCCESS` away (this test then fails: 2,000 committed).
+    shard_rows = 10 if where == "lane-children" else 100
+    shards = 20_000 // shard_rows
+    write_files(tmp_path / "in", [1000] * 20, features=4, row_group_size=shard_rows)
     out = tmp_path / "out"
     args = ["run", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output", str(out),
-            "--shard-rows", "100", *(["--replicas", "2", "--cpus-per-replica", "0.5"] if where == "ray" else [])]
+            "--shard-rows", str(shard_rows),
+            *(["--replicas", "2", "--cpus-per-replica", "0.5"] if where == "ray" else [])]
     run = subprocess.run([sys.executable, "-c", SWALLOWED_DRIVER.format(sig=int(sig), where=where), *args],
                          cwd=REPO, capture_output=True, text=True, timeout=300,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "Exception ignored in" in run.stderr, run.stderr[-3000:]  # swallowed where it was meant to be
     assert ("driver process" in run.stderr) == (where != "ray"), run.stderr[-3000:]
+    assert ("of its children" in run.stderr) == (where == "lane-children"), run.stderr[-3000:]
     assert run.returncode == 130, (run.returncode, run.stderr[-3000:])
     assert not (out / SUCCESS).exists() and not (out / LOCK).exists()
     committed = len(list(out.glob("*.parquet")))
     if where != "last-commit":
-        assert 0 < committed < 200, committed  # stopped in the middle: the shards already committed are kept
+        assert 0 < committed < shards, committed  # stopped in the middle: the shards already committed are kept
         return
-    assert committed == 200  # every shard in the manifest, no `_SUCCESS`: the rerun runs none and writes it
+    assert committed == shards  # every shard in the manifest, no `_SUCCESS`: the rerun runs none and writes it
     rerun = subprocess.run([sys.executable, "-m", "pipelines", *args, "--json"], cwd=REPO, capture_output=True,
                            text=True, timeout=300)
     assert rerun.returncode == 0 and (out / SUCCESS).exists(), rerun.stderr[-3000:]
     report = json.loads(rerun.stdout)
-    assert report["shards_done"] == 0 and report["shards_skipped"] == 200, report
+    assert report["shards_done"] == 0 and report["shards_skipped"] == shards, report
 
 
 def test_a_run_through_the_api_leaves_the_callers_sigint_handler_as_it_found_it(
