@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import REPO, save_mlp
 
@@ -80,6 +81,51 @@ def test_a_replica_reuses_its_threads_from_shard_to_shard(tmp_path: Path) -> Non
         replica.close()
     ids = pa.concat_tables([pq.read_table(tmp_path / "out" / s.output) for s in plan.todo])["id"]
     assert ids.to_pylist() == list(range(1600))
+
+
+def test_a_cpu_forward_runs_side_by_side_in_the_decoding_threads_where_each_has_row_groups(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-CPU replica's forward of a compute-heavy MLP (`torch_threads`: 2): a shard of several row groups has
+    it run on one torch thread in each decoding thread at once; a shard of one row group, decoded by one
+    thread, on two torch threads in the shard's loop. The caller's torch threads are put back at the end."""
+    import torch
+
+    from workers.model import MLP
+
+    (tmp_path / "in").mkdir()
+    rng = np.random.default_rng(2)
+    for f, group in enumerate((100, 400)):  # 4 row groups, then 1
+        table = pa.table({"id": pa.array(np.arange(f * 400, (f + 1) * 400)),
+                          **{f"f{j}": rng.standard_normal(400).astype(np.float32) for j in range(64)}})
+        pq.write_table(table, tmp_path / "in" / f"p{f}.parquet", row_group_size=group)
+    save_mlp(tmp_path / "m.pt", [64, 256, 256, 1])
+    plan = pipelines.plan(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    assert [s.row_groups for s in plan.todo] == [(0, 4), (0, 1)]
+    job = ReplicaJob(model=str(tmp_path / "m.pt"), model_sha256=plan.model.sha256, input=str(tmp_path / "in"),
+                     output=str(tmp_path / "out"), features=plan.columns.features,
+                     passthrough=plan.columns.passthrough, list_column=False, width=64, prediction_column="prediction",
+                     keep_features=False, cpus=2, batch_size=50)
+    passes: list[tuple[bool, int]] = []  # per forward pass: in the shard's own thread?, torch's threads
+    columns = MLP.columns
+    monkeypatch.setattr(MLP, "columns", lambda self, x: (passes.append(
+        (threading.current_thread() is threading.main_thread(), torch.get_num_threads())), columns(self, x))[1])
+    callers = torch.get_num_threads()
+    torch.set_num_threads(3)
+    replica = Replica(0, job, in_driver=True)
+    try:
+        by_shard = []
+        for shard in plan.todo:
+            passes.clear()
+            assert replica.process(shard.to_task())["status"] == "committed"
+            by_shard.append(sorted(set(passes)))
+    finally:
+        replica.close()
+        assert torch.get_num_threads() == 3
+        torch.set_num_threads(callers)
+    # (a process that may run on one core only has one decoding thread and one torch thread)
+    assert by_shard == ([[(False, 1)], [(True, 2)]] if threads.cores(2) >= 2 else [[(True, 1)]] * 2), by_shard
+    out = pa.concat_tables([pq.read_table(tmp_path / "out" / s.output) for s in plan.todo])
+    assert out["id"].to_pylist() == list(range(800))
 
 
 def _env_after(code: str, extra: dict[str, str] | None = None) -> str:

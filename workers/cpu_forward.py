@@ -72,6 +72,10 @@ class NumpyForward:
 
     concurrent = False  # numpy's BLAS has its own threads: one caller at a time
 
+    def side_by_side(self) -> bool:
+        """Never: one caller at a time (`workers.device.Forward.side_by_side`)."""
+        return False
+
     def __init__(self, layers: list[tuple[np.ndarray, np.ndarray | None]], activation: str,
                  output_activation: str, *, more: Sequence[list[tuple[np.ndarray, np.ndarray | None]]] = ()) -> None:
         self.models = [self._model(stack, activation, output_activation) for stack in (layers, *more)]

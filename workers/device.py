@@ -200,6 +200,24 @@ class Forward:
         return (self.streams is None and torch.get_num_threads() == 1
                 and all(getattr(model, "reentrant", False) for model in self.models))
 
+    def side_by_side(self) -> bool:
+        """Whether the calling thread may run passes beside other threads' (`concurrent`), its torch threads
+        first made one where the models allow it: the CPU path and models that hold no state between calls.
+
+        torch's thread count is the calling thread's own (and new threads start from the count last set
+        anywhere), so a decoding thread sets its own rather than trusting what another thread set. Side by
+        side, each decoding thread runs its own batches on one torch thread: the compute-bound
+        64->256->256->1 on a 2-CPU replica, in process (`python -m benchmarks.steady --workload compute
+        --cpus 2`), ran at 652-670k rows/s for 2.6-2.8 CPU s per million rows, against 422-502k rows/s and
+        3.9-4.6 CPU s for one pass at a time on two torch threads (two threads of one matmul scale worse
+        than two matmuls).
+        """
+        if self.streams is not None or not all(getattr(model, "reentrant", False) for model in self.models):
+            return False
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        return True
+
     def buffer(self, rows: int) -> np.ndarray:
         """The next slot's host buffer as a contiguous (width, rows) float32 array, free to fill."""
         if rows > self.capacity:

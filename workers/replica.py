@@ -86,6 +86,8 @@ class Replica:
         self.calls = 0  # `process_bundle` calls
         self.busy_seconds = 0.0
         self._torch_threads = 0  # torch's threads before this replica set its own (CPU)
+        self._forward_threads = 0  # `torch_threads` for the loaded model(s) on the CPU (0: not loaded, or a GPU)
+        self._few_groups = False  # the shard being decoded has fewer row groups than decoding threads (`_predict`)
         self._numpy_forward = numpy_forward and in_driver
         self._category_limits: tuple[int | None, ...] = ()  # per categorical column, from the loaded program
         self._forward_lock = threading.Lock()  # shards staged side by side (`process_bundle`) share the forward
@@ -136,7 +138,8 @@ class Replica:
             self._category_limits = spec.category_limits
         if device.type == "cpu":
             self._torch_threads = torch.get_num_threads()  # put back on close (the driver lane's are its caller's)
-            torch.set_num_threads(torch_threads(cores(job.cpus), spec.layers))
+            self._forward_threads = torch_threads(cores(job.cpus), spec.layers)
+            torch.set_num_threads(self._forward_threads)
         self.device = str(device)
         logger.info("[replica %d] %s model loaded on %s (%s), batch_size=%d", self.index, spec.format, self.host,
                     device, self.batch_size)
@@ -170,9 +173,20 @@ class Replica:
         run it side by side; None leaves it to the shard's loop (a GPU, several torch threads, rows that
         fail the shard)."""
         forward = self.forward
-        if not forward.concurrent or (bad is not None and self.job.invalid_rows == "fail"):
+        if bad is not None and self.job.invalid_rows == "fail":
+            return None
+        if self._few_groups and self._forward_threads > 1:
+            return None  # one decoding thread has all the rows: the loop's torch threads take the forward
+        if not forward.side_by_side():
             return None
         return forward.submit(matrix if bad is None else matrix[~bad])
+
+    def _loop_threads(self) -> None:
+        """This thread's torch threads for a forward of a shard of few row groups (torch's count is per thread)."""
+        import torch
+
+        if torch.get_num_threads() != self._forward_threads:
+            torch.set_num_threads(self._forward_threads)
 
     def _check_unchanged(self, uri: str, planned: str, sha256: str) -> None:
         if sha256 != planned:
@@ -392,6 +406,8 @@ class Replica:
         # as threads started for it cost more than its work.
         tiny = task["rows_in"] <= self.batch_size
         threads = 1 if tiny else cores(job.cpus)  # the CPUs it reserved, as far as this process may use them
+        first_group, stop_group = task["row_groups"]
+        self._few_groups = stop_group - first_group < threads  # read by `_predict` in the decoding threads
         batches = decode(parquet, tuple(task["row_groups"]), columns, self.batch_size, uri, features=job.features,
                          list_column=job.list_column, width=job.width, check_invalid=job.invalid_rows != "keep",
                          threads=threads, inline=tiny,
@@ -405,6 +421,8 @@ class Replica:
             # first shard decodes while torch and the model load.
             first = next(items, None) if self._loaded is None and not self._model.done() else None
             forward = self.forward
+            if self._few_groups and self._forward_threads > 1:  # the forward runs here: on its torch threads
+                self._loop_threads()
             out_schema, splits = self._output_schema(schema, written, forward)
             writer = files.enter_context(ShardWriter(self.output, self.output.join(task["output"]), out_schema,
                                                            in_memory=tiny))

@@ -74,12 +74,14 @@ def default_batch_size(width: int, on_gpu: bool) -> int:
 
 
 def torch_threads(cpus: float, layers: tuple[tuple[int, int, bool], ...]) -> int:
-    """Threads for the CPU forward pass: the replica's CPUs in proportion to the forward's share of the work.
+    """Threads for a CPU forward pass run in the shard's loop: the replica's CPUs in proportion to the forward's
+    share of the work.
 
     The replica's other threads decode, stack and write; a forward that is a small part
     of the work (64->16->1) runs fastest on one thread (measured 2.99M rows/s against
     2.19M with two, on 2 CPUs), a large one (64->256->256->1) on all of them (0.69M
-    against 0.52M).
+    against 0.52M). A model that allows it runs in the decoding threads instead, one torch
+    thread each (`Forward.side_by_side`), unless a shard has fewer row groups than them.
 
     Example:
         >>> torch_threads(2, ((64, 16, True), (16, 1, True)))
