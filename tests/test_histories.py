@@ -316,9 +316,11 @@ class Histories(RuleBasedStateMachine):
             patches.append("import pipelines.startup; pipelines.startup.LANE_PROCESS_SHARDS = 1")
         command = (["-c", "; ".join(["import sys", *patches, "from pipelines.cli import entry",
                                      "sys.argv[0] = 'batch-infer'", "entry()"])] if patches else ["-m", "pipelines"])
-        process = subprocess.Popen([sys.executable, *command, *args], cwd=REPO, start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        log = self.root / "driver.log"  # what the driver said, for a failing step's message (not in `out`)
+        with log.open("w") as stderr:
+            process = subprocess.Popen([sys.executable, *command, *args], cwd=REPO, start_new_session=True,
+                                       stdout=subprocess.DEVNULL, stderr=stderr,
+                                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         seen: set[str] = set()
         roots: set[str] = set()  # the mid-run roots seen (a checkpoint deletes the commit records it holds)
@@ -352,7 +354,7 @@ class Histories(RuleBasedStateMachine):
             how = f"{how} (sent while it ran)"
             process.send_signal(getattr(signal, how.split()[0]))
             code = process.wait(timeout=120)  # 0 or 1: it ended as the signal came
-            assert code in (0, 1, 130), f"{how} to a running driver: exit {code}"
+            assert code in (0, 1, 130), f"{how} to a running driver: exit {code}: {log.read_text()[-3000:]}"
             assert not (self.root / "out" / LOCK).exists()  # the next tick runs
         ended = process.poll()
         # its header is recorded before any commit (and before any checkpoint)
