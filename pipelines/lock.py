@@ -83,7 +83,17 @@ class OutputLock:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> OutputLock:
-        self.acquire()
+        try:
+            self.acquire()
+        except BaseException:
+            # Ctrl-C or SIGTERM (KeyboardInterrupt) after the lock file was written and before `with` holds
+            # it: `__exit__` never runs, so the file is removed here if it is ours (the history machine's
+            # SIGTERM right as a run took its lock left it behind).
+            self._stop.set()
+            with contextlib.suppress(Exception):
+                self._file.replace(self.token, None)
+            self._acquired = False
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:

@@ -279,6 +279,12 @@ class Histories(RuleBasedStateMachine):
             assert all(n in self.broken for n in self.tables if n.startswith("sub/")), refused.value
         assert _files(self.root / "out") == before
 
+    def _holds_lock(self, pid: int) -> bool:
+        try:
+            return json.loads((self.root / "out" / LOCK).read_text()).get("pid") == pid
+        except (FileNotFoundError, ValueError):  # none yet, or caught half-written
+            return False
+
     @rule(commits=st.integers(0, 6), overwrite=st.booleans(), checkpoints=st.booleans(),
           where=st.sampled_from(["ray", "lane children", "a lane child", "a starting lane child"]),
           how=st.sampled_from(["SIGKILL", "SIGINT", "SIGTERM"]))
@@ -351,8 +357,13 @@ class Histories(RuleBasedStateMachine):
                 if process.wait(timeout=120) not in (0, 1):  # 1: a broken input's shard failed
                     raise AssertionError(f"a lane child killed: the run exited {process.returncode}")
         elif how != "SIGKILL" and where in ("ray", "lane children") and process.poll() is None:
+            # Ctrl-C or SIGTERM once the run has begun (the lock is its own): with no commit to wait for, sent at
+            # once it came before the CLI's handler (~0.2 s in) and the driver died of it (exit -15).
+            while not self._holds_lock(process.pid) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
             how = f"{how} (sent while it ran)"
-            process.send_signal(getattr(signal, how.split()[0]))
+            if process.poll() is None:
+                process.send_signal(getattr(signal, how.split()[0]))
             code = process.wait(timeout=120)  # 0 or 1: it ended as the signal came
             assert code in (0, 1, 130), f"{how} to a running driver: exit {code}: {log.read_text()[-3000:]}"
             assert not (self.root / "out" / LOCK).exists()  # the next tick runs

@@ -251,3 +251,35 @@ def test_object_store_lock_is_written_and_read_back(tmp_path: Path) -> None:
     with OutputLock(output):
         pass
     assert _leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("after", ["create", "heartbeat"])
+def test_an_interrupt_while_the_lock_is_taken_leaves_no_lock_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, after: str) -> None:
+    """Ctrl-C or SIGTERM (a KeyboardInterrupt) right after the lock file is written, before `with` holds the
+    lock, left the file behind (`__exit__` never ran): the history machine's SIGTERM as a run took its lock.
+    A live run's lock is never touched by a refused one."""
+    import pipelines.lock
+
+    out = tmp_path / "out"
+    if after == "create":  # the file is written, `create` has not returned
+        create = pipelines.lock._LocalLockFile.create
+
+        def interrupted(self: Any, *args: Any) -> Any:
+            create(self, *args)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(pipelines.lock._LocalLockFile, "create", interrupted)
+    else:  # `acquire` went as far as starting the heartbeat
+        monkeypatch.setattr(pipelines.lock.threading.Thread, "start", lambda self: (_ for _ in ()).throw(
+            KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        with OutputLock(resolve(str(out))):
+            raise AssertionError("never held")
+    assert not (out / LOCK).exists()
+    monkeypatch.undo()
+    with OutputLock(resolve(str(out))):  # the next run takes it
+        with pytest.raises(LockHeldError):
+            with OutputLock(resolve(str(out))):  # and a second one is refused, leaving the first's alone
+                pass
+        assert (out / LOCK).exists()
