@@ -197,8 +197,12 @@ class Forward:
         """Whether several threads may `submit` at once, each computing in its own thread: the CPU path
         with one torch thread and models that hold no state between calls (`MLP`). A GPU's slots and
         streams serve one caller; with more torch threads, two callers would oversubscribe the cores."""
-        return (self.streams is None and torch.get_num_threads() == 1
-                and all(getattr(model, "reentrant", False) for model in self.models))
+        return self._reentrant_cpu and torch.get_num_threads() == 1
+
+    @property
+    def _reentrant_cpu(self) -> bool:
+        """The CPU path with models that hold no state between calls (threads may run them at once)."""
+        return self.streams is None and all(getattr(model, "reentrant", False) for model in self.models)
 
     def side_by_side(self) -> bool:
         """Whether the calling thread may run passes beside other threads' (`concurrent`), its torch threads
@@ -212,7 +216,7 @@ class Forward:
         3.9-4.6 CPU s for one pass at a time on two torch threads (two threads of one matmul scale worse
         than two matmuls).
         """
-        if self.streams is not None or not all(getattr(model, "reentrant", False) for model in self.models):
+        if not self._reentrant_cpu:
             return False
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
