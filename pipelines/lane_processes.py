@@ -83,18 +83,21 @@ class ProcessReplica:
         start within `START_SECONDS` (or exited: its imports failed)."""
         if self._ready:
             return
+        if not self.conn.poll(START_SECONDS):
+            raise ReplicaStartError(f"the driver lane's child replica {self.index} (pid {self.process.pid}) did not "
+                                    f"start within {START_SECONDS:g} s")
         try:
-            if self.conn.poll(START_SECONDS) and self.conn.recv() == ("ready",):
+            if self.conn.recv() == ("ready",):
                 self._ready = True
                 return
         except (EOFError, OSError):
             pass
-        code = self.process.poll()
+        code = self._exit_code()  # its end of the socket closed: it has exited, or is exiting
         if code is not None and code < 0:
             raise ReplicaDied(f"the driver lane's child replica {self.index} (pid {self.process.pid}) was killed by "
                               f"signal {-code} before it was ready")
-        raise ReplicaStartError(f"the driver lane's child replica {self.index} (pid {self.process.pid}) did not "
-                                f"start within {START_SECONDS:g} s" + (f" (exit {code})" if code is not None else ""))
+        raise ReplicaStartError(f"the driver lane's child replica {self.index} (pid {self.process.pid}) ended "
+                                f"before it was ready ({'still running' if code is None else f'exit {code}'})")
 
     def send(self, tasks: list[dict[str, Any]]) -> None:
         """Queue a bundle in the child, behind those sent before it; `receive` gives its results in turn."""
@@ -124,13 +127,19 @@ class ProcessReplica:
                 return
 
     def _died(self) -> ReplicaDied:
-        try:
-            code: int | None = self.process.wait(timeout=5.0)
-        except subprocess.TimeoutExpired:
-            code = None
+        code = self._exit_code()
         how = "still running" if code is None else f"killed by signal {-code}" if code < 0 else f"exit {code}"
         return ReplicaDied(f"the driver lane's child replica {self.index} (pid {self.process.pid}) ended in the "
                            f"middle of a bundle ({how})")
+
+    def _exit_code(self) -> int | None:
+        """The child's exit status once its socket has closed; None if it is still running 5 s later. Waited
+        for, not polled: a killed process's files close before the kernel reports its exit (ci49: a child
+        killed as it started was polled "still running" and called one that never started, failing the run)."""
+        try:
+            return self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            return None
 
     def stats(self) -> dict[str, Any]:
         """The child's counters as it last sent them (after each bundle, and when it closed)."""

@@ -211,6 +211,33 @@ def test_a_child_replica_killed_while_it_starts_is_replaced_and_the_run_succeeds
     _run_losing_one_child(tmp_path, killed)
 
 
+def test_a_child_killed_before_it_was_ready_is_dead_even_before_its_exit_can_be_read(tmp_path: Path) -> None:
+    """A killed process's files close before the kernel reports its exit. A child killed before the lane
+    waited for it (ci49: killed at the run's 5th commit, before its lane's first bundle) was polled in that
+    gap, read as "still running", and called one that did not start: the lane ended, failing 19 shards.
+    Its exit is waited for: a dead replica, which a fresh child replaces."""
+    import signal
+
+    from workers.replica_job import ReplicaJob
+
+    save_mlp(tmp_path / "m.pt", [4, 8, 1])
+    write_files(tmp_path / "in", [20], features=4, row_group_size=20)
+    plan = pipelines.plan(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    job = ReplicaJob(model=str(tmp_path / "m.pt"), model_sha256=plan.model.sha256, input=str(tmp_path / "in"),
+                     output=str(tmp_path / "out"), features=plan.columns.features,
+                     passthrough=plan.columns.passthrough, list_column=False, width=4,
+                     prediction_column="prediction", keep_features=False, cpus=1.0, job_digest="d" * 64)
+    child = pipelines.lane_processes.ProcessReplica(0, job, numpy_forward=True)
+    try:
+        os.kill(child.process.pid, signal.SIGKILL)
+        child.process.poll = lambda: None  # type: ignore[method-assign] - the gap: files closed, no exit yet
+        with pytest.raises(pipelines.lane_processes.ReplicaDied, match="killed by signal 9 before it was ready"):
+            child.wait_ready()
+    finally:
+        child.abandon()
+    assert child.process.returncode == -signal.SIGKILL
+
+
 def _run_losing_one_child(tmp_path: Path, killed: list[int]) -> None:
     """Run the job in `tmp_path` (1,000 rows), during which a test kills one lane child: the run succeeds,
     one replica is lost as dead and two finish, each row is written once, and no child is left running."""
