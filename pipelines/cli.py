@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.command, getattr(args, "verbose", False))
     # SIGTERM (cron timeouts, Kubernetes, `ray job stop`) unwinds like Ctrl-C: the manifest is
     # flushed, replicas are stopped and the lock is released before exiting 130.
-    signal.signal(signal.SIGTERM, interrupts.interrupt)
+    signal.signal(signal.SIGTERM, interrupts.terminate)
     try:
         return int(args.handler(args))
     except BatchInferError as exc:

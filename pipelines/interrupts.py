@@ -25,6 +25,18 @@ def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def terminate(signum: int, frame: object) -> None:
+    """The CLI's SIGTERM handler: `interrupt`, once the alarm of Ray's fatal-signal handler is off.
+
+    Where SIGTERM came to the process while Ray's handler (absl's) was still in front of this one
+    (`pipelines.startup._restore_sigterm`), that handler armed a SIGALRM that aborts the process
+    3 s later (exit -6, the lock left): the unwind takes longer than that on a busy machine. The
+    CLI uses no alarm of its own.
+    """
+    signal.alarm(0)
+    interrupt(signum, frame)
+
+
 def check() -> None:
     """Raise `KeyboardInterrupt` again if a signal came whose own was swallowed on its way."""
     if _received is not None:

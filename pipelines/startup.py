@@ -186,6 +186,7 @@ class Startup:
                 _restore_sigterm(sigterm)
         else:
             self._ready.wait()
+            _restore_sigterm(signal.getsignal(signal.SIGTERM))  # Ray's core worker put absl's before it
             if self._error is not None:
                 raise self._error
         self._handed = True
@@ -256,8 +257,11 @@ def _restore_sigterm(handler: Any) -> None:
 
     `ray.init` on the main thread installs its own, which exits 1 at once (an embedded Ray's also
     kills its processes), under Ray's fatal-signal handler that logs and aborts: the lock, the
-    autoscaler request and the journal's last segment were left behind. (Started on a thread of
-    its own, while the driver plans, it installs none.)
+    autoscaler request and the journal's last segment were left behind. Started on a thread of
+    its own, while the driver plans, it installs no Python handler, but its core worker still puts
+    that fatal-signal handler (absl's) in front of the process's: it logs, hands the signal on, and
+    arms a 3 s SIGALRM that aborts, so a run that took longer to unwind exited -6 with its lock left.
+    Set again from the main thread, Python's handler is SIGTERM's only one.
     """
     if handler is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)

@@ -190,3 +190,65 @@ def test_a_run_through_the_api_leaves_the_callers_sigint_handler_as_it_found_it(
         finally:
             signal.signal(signal.SIGINT, previous)
         assert during and during[-1] is (interrupts.interrupt if handler is signal.default_int_handler else own)
+
+
+# SIGTERM first meets Ray's fatal-signal handler (absl's, which Ray's core worker installs when Ray starts
+# off the main thread, as a run that starts Ray while it plans does). It logs "*** SIGTERM received", hands
+# the signal on to the CLI's, and arms a 3 s SIGALRM that aborts the process, never disarmed: a run that
+# took longer than that to unwind exited -6 with its lock left (ci45, a busy 2-core box, in the history
+# machine). Here the unwind is made 4 s long, in the lock's release, and the signal comes after the first
+# shard is recorded, or while the driver plans with Ray already up (absl's handler still in front).
+SLOW_UNWIND_DRIVER = """
+import signal, time
+from pipelines.lock import OutputLock
+from pipelines.report import Progress
+from pipelines.startup import Startup
+
+release, update, wait, fired = OutputLock.__exit__, Progress.update, Startup.wait, []
+
+def slow_release(self, kind, *rest):
+    if kind is not None and issubclass(kind, KeyboardInterrupt):
+        time.sleep(4.0)
+    return release(self, kind, *rest)
+
+def terminate_once():
+    if not fired:
+        fired.append(True)
+        signal.raise_signal(signal.SIGTERM)
+
+def update_then_terminate(self, *args, **kwargs):
+    update(self, *args, **kwargs)
+    terminate_once()
+
+def terminate_once_started(self, *args):
+    self._ready.wait()
+    terminate_once()
+    return wait(self, *args)
+
+OutputLock.__exit__ = slow_release
+if {when!r} == "after-the-first-shard":
+    Progress.update = update_then_terminate
+else:
+    Startup.wait = terminate_once_started
+from pipelines.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("when", ["after-the-first-shard", "while-planning"])
+def test_a_sigterm_under_ray_that_takes_seconds_to_unwind_still_exits_130(tmp_path: Path, when: str) -> None:
+    save_mlp(tmp_path / "m.pt", [4, 8, 1])
+    write_files(tmp_path / "in", [400] * 4, features=4, row_group_size=100)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-c", SLOW_UNWIND_DRIVER.format(when=when), "run", "--model",
+                          str(tmp_path / "m.pt"), "--input", str(tmp_path / "in"), "--output", str(out),
+                          "--shard-rows", "100", "--replicas", "2", "--cpus-per-replica", "0.5"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 130, (run.returncode, run.stderr[-3000:])
+    assert "interrupted; committed shards are kept" in run.stderr, run.stderr[-3000:]
+    assert not (out / SUCCESS).exists() and not (out / LOCK).exists()
+    committed = len(list(out.glob("*.parquet")))
+    if when == "while-planning":  # Ray's handler was still in front of the CLI's, and no shard had run
+        assert "SIGTERM received" in run.stderr and committed == 0, (committed, run.stderr[-3000:])
+    else:  # the CLI's handler is SIGTERM's only one by then
+        assert "SIGTERM received" not in run.stderr and 0 < committed < 16, (committed, run.stderr[-3000:])
