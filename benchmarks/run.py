@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     others = [w for w in chosen if w is not small]
     timings = []
     if args.process_times and others:
-        timings = processes.process_times(others, process_names, args.set, daft, daft_options)
+        timings = processes.process_times(others, process_names, args.set, daft, daft_options, args.reps)
+        _print_cli_against_api(timings, runs)
     if "batch-infer" in args.systems and args.startup:
         startup = next((t for t in timings if t["system"] == "batch-infer"), None)
         startup = startup or next(iter(whole.get("batch-infer", [])), None)
@@ -98,6 +99,25 @@ def main(argv: list[str] | None = None) -> None:
     _warn_if_noisy([r for per_system in runs.values() for rs in per_system.values() for r in rs])
     for row in table:
         print(json.dumps(row))
+
+
+def _print_cli_against_api(timings: list[dict[str, Any]], runs: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
+    """Issue 15's first target: `batch-infer run`'s whole process against the same job through the API with
+    Ray already up (in-process medians), and the best peer's whole process against `batch-infer run`'s."""
+    for workload in sorted({t["workload"] for t in timings}):
+        whole = {t["system"]: t["seconds"] for t in timings if t["workload"] == workload}
+        api = [r["seconds"] for r in runs.get(workload, {}).get("batch-infer", [])]
+        if "batch-infer" not in whole or not api:
+            continue
+        cli, peers_ = whole["batch-infer"], {k: v for k, v in whole.items() if k != "batch-infer"}
+        line = f"{workload}: batch-infer run {cli:.2f} s against the API's {statistics.median(api):.2f} s: " \
+               f"{cli / statistics.median(api):.2f}x (target <= 1.1x)"
+        if peers_:
+            best = min(peers_, key=peers_.__getitem__)
+            line += f"; best peer's whole process ({best}) {peers_[best]:.2f} s: {peers_[best] / cli:.2f}x faster"
+        print(line)
+        print(json.dumps({"metric": "cli_against_api", "workload": workload, "cli_seconds": cli,
+                          "api_seconds": statistics.median(api), "ratio": round(cli / statistics.median(api), 3)}))
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -133,7 +153,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra batch-infer config key (value parsed as JSON), e.g. --set replicas=2",
     )
     for flag, text in [
-        ("process-times", "whole-process time of one run per system"),
+        ("process-times", "whole-process time per system (median of --reps runs)"),
         ("memory", "batch-infer replica peak RSS at 1x and 4x rows"),
         ("startup", "batch-infer CLI launch to first committed shard"),
     ]:

@@ -111,3 +111,19 @@ def test_the_limit_arm_runs_its_loop_on_every_core_at_once(tmp_path: Path) -> No
     total = sum(e["total"] for e in parallel["single_core_seconds_each"]) / result["cores"]
     assert parallel["scaling"] == pytest.approx(result["single_core_seconds"]["total"] / total, abs=0.01)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["part-0.parquet", "part-1.parquet"]  # copies gone
+
+
+def test_whole_process_times_are_medians_and_state_the_cli_against_the_api(capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15's first target from one `make bench`: a single whole-process run was off by 0.2x between two."""
+    from benchmarks import processes
+
+    runs = [{"workload": "data", "system": "batch-infer", "seconds": s, "first_output_seconds": 1.0}
+            for s in (17.3, 8.4, 9.3, 9.0)]
+    assert processes._median_run(runs)["seconds"] == 9.0  # the lower middle of an even count
+    assert processes._median_run(runs[:3])["seconds"] == 9.3
+    timings = [{"workload": "data", "system": "batch-infer", "seconds": 9.0},
+               {"workload": "data", "system": "daft", "seconds": 13.5},
+               {"workload": "data", "system": "ray-data", "seconds": 40.0}]
+    run._print_cli_against_api(timings, {"data": {"batch-infer": [{"seconds": s} for s in (8.0, 7.5, 9.5)]}})
+    line = capsys.readouterr().out.splitlines()[0]
+    assert "9.00 s against the API's 8.00 s: 1.12x" in line and "(daft) 13.50 s: 1.50x faster" in line, line
