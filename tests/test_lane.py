@@ -435,3 +435,43 @@ def test_the_lanes_default_shard_timeout_is_the_schedulers() -> None:
     assert attempts.default_timeout(None, 0.0, 1000) == attempts.TIMEOUT_FLOOR_SECONDS == 600.0
     assert attempts.default_timeout(None, 0.01, 10_000) == attempts.TIMEOUT_FACTOR * 0.01 * 10_000 == 1000.0
     assert attempts.default_timeout(7.0, 0.01, 10_000) == 7.0
+
+
+def test_a_bundle_of_local_files_asks_the_kernel_to_read_the_rest_ahead(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing in the page cache, 100,000 files of 100 rows went at 1,477 shards/s (2,415 cached): each
+    read waited on the disk in turn. A bundle hints every file but its first (read at once), each file once;
+    a file over `SMALL_FILE_BYTES` or one that cannot be opened is left alone, and nothing raises."""
+    import os
+
+    import workers.replica
+    from workers.reader import SMALL_FILE_BYTES
+
+    hinted: list[tuple[str, int]] = []
+    advise = os.posix_fadvise
+
+    def seen(fd: int, offset: int, length: int, advice: int) -> None:
+        hinted.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+        advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", seen)
+    small = [tmp_path / f"small-{i}" for i in range(2)]
+    for path in small:
+        path.write_bytes(b"x" * 100)
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (SMALL_FILE_BYTES + 1))
+    workers.replica.will_need([str(small[0]), str(big), str(tmp_path / "gone"), str(small[1])])
+    assert hinted == [(str(small[0]), os.POSIX_FADV_WILLNEED), (str(small[1]), os.POSIX_FADV_WILLNEED)]
+
+    bundles: list[list[str]] = []
+    will_need = workers.replica.will_need
+    monkeypatch.setattr(workers.replica, "will_need", lambda paths: (bundles.append(paths), will_need(paths)))
+    save_mlp(tmp_path / "m.pt", [4, 8, 1])
+    write_files(tmp_path / "in", [20] * 6, features=4, row_group_size=20)
+    report = pipelines.run(model=str(tmp_path / "m.pt"), input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+                           progress=False)
+    assert report.succeeded and report.rows_out == 120
+    inputs = sorted(str(p) for p in (tmp_path / "in").rglob("*.parquet"))
+    assert bundles and all(len(set(b)) == len(b) for b in bundles), bundles
+    # one bundle of the six files in the driver lane: the five after its first are hinted
+    assert sorted(p for b in bundles for p in b) == inputs[1:], (bundles, inputs)

@@ -33,7 +33,7 @@ from workers.categorical import category_codes, merge_invalid
 from workers.decode import decode
 from workers.fit import footer_error
 from workers.lazy import plan_file
-from workers.reader import Spares, describe_invalid, open_parquet
+from workers.reader import SMALL_FILE_BYTES, Spares, describe_invalid, open_parquet
 from workers.replica_job import Abandoned, ReplicaJob, State, default_batch_size, torch_threads
 from workers.staging import commit_in_order
 from workers.threads import cores
@@ -332,6 +332,9 @@ class Replica:
         """
         self.calls += 1
         call, results, last = self.calls, [], time.monotonic()
+        if self.source.is_local and len(tasks) > 1:  # the kernel reads the files ahead while the first is done
+            paths = list(dict.fromkeys(str(task["path"]) for task in tasks[1:]))
+            threading.Thread(target=will_need, args=(paths,), name="batch-infer-readahead", daemon=True).start()
         log = CommitLog(self.output, self.job.generation)  # the bundle's commit records, in one file
         ahead = self._staged_ahead(tasks, log)
         try:
@@ -533,3 +536,26 @@ class Replica:
         self._check_ready(uri)
         staged.writer.publish()
         return entry, token
+
+
+def will_need(paths: list[str]) -> None:
+    """Ask the kernel to start reading each of these local files of at most `SMALL_FILE_BYTES`
+    (`POSIX_FADV_WILLNEED`), so a bundle's reads do not each wait on the disk in turn.
+
+    Measured: 100,000 files of 100 rows with nothing in the page cache (after `drop_caches`; `make
+    bench`'s earlier jobs evict them the same way) ran at 1,477 shards/s against 2,415 with the files
+    cached, the CPUs idle a third of the time, waiting on one read after another. A file that cannot
+    be opened is left to the shard's own read, which reports it.
+    """
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if os.fstat(fd).st_size <= SMALL_FILE_BYTES:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
